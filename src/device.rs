@@ -1,0 +1,109 @@
+//! Choosing where to run: `cpu`, `cuda`, `cuda:N`, `metal` or `auto`, and the
+//! matching compute dtype (f32 on CPU; bf16 on CUDA and Metal).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::str::FromStr;
+
+/// A device request, as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// The N-th CUDA GPU.
+    Cuda(usize),
+    /// The Apple GPU.
+    Metal,
+    /// A GPU when one is present and compiled in, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Self::Cpu,
+            "cuda" | "gpu" => Self::Cuda(0),
+            "metal" | "mps" => Self::Metal,
+            "auto" => Self::Auto,
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => Self::Cuda(
+                    n.parse()
+                        .with_context(|| format!("bad CUDA ordinal in '{s}'"))?,
+                ),
+                None => bail!("unknown device '{s}': use cpu, cuda, cuda:N, metal or auto"),
+            },
+        })
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device, with a clear error when it is not compiled in or not present.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    bail!("--device cuda needs tuneforge built with `--features cuda`");
+                }
+                Device::new_cuda(n).with_context(|| {
+                    format!("opening CUDA device {n}: is an NVIDIA GPU and driver present?")
+                })
+            }
+            Self::Metal => {
+                if !cfg!(feature = "metal") {
+                    bail!("--device metal needs tuneforge built with `--features metal` on macOS");
+                }
+                Device::new_metal(0).context("opening the Metal device")
+            }
+            Self::Auto => {
+                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// The default compute dtype for a device: f32 on CPU, bf16 on GPUs.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("CPU".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert!("tpu"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("cuda:N"));
+        assert!(DeviceSpec::Auto.open().is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

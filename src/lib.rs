@@ -1,0 +1,43 @@
+//! # tuneforge
+//!
+//! Fine-tune small open-weight language models (SmolLM2, Qwen2.5, Llama 3.2
+//! class) locally with LoRA, on candle: on a laptop CPU, a CUDA GPU or Apple Metal.
+//!
+//! The modules follow the data's path:
+//! [`source`] (where a model comes from) → [`weights`] (tensors in HF layout) →
+//! [`model`] (the decoder) → [`tokenizer`] and [`chat`] → [`generate`].
+//!
+//! ```no_run
+//! use tuneforge::{GenerationConfig, LoadOptions, Message, Model};
+//!
+//! let model = Model::load("smollm2-135m-instruct", &LoadOptions::default())?;
+//! let answer = model.chat(
+//!     &[Message::user("What is LoRA?")],
+//!     &GenerationConfig::greedy(64),
+//!     &mut |piece| print!("{piece}"),
+//! )?;
+//! println!("\n{} tokens", answer.ids.len());
+//! # anyhow::Ok(())
+//! ```
+
+pub mod atomic;
+pub mod chat;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod model;
+pub mod pretrained;
+pub mod rng;
+pub mod source;
+#[cfg(test)]
+mod testing;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::Message;
+pub use config::{Architecture, ModelConfig};
+pub use device::DeviceSpec;
+pub use generate::{Generation, GenerationConfig};
+pub use model::CausalLm;
+pub use pretrained::{LoadOptions, Model};
+pub use tokenizer::Tokenizer;

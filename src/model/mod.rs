@@ -1,0 +1,475 @@
+//! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2, Mistral) in HF layout,
+//! written so that every linear can carry a LoRA adapter and every op backpropagates.
+
+pub mod linear;
+pub mod mask;
+pub mod ops;
+pub mod rope;
+
+pub use linear::Linear;
+
+use crate::config::ModelConfig;
+use crate::weights::{Weights, ROPE_FREQS};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use rope::RotaryTable;
+
+/// The seven linears of a decoder block, by their HF names.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Self-attention with grouped-query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU MLP.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder block: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Norm before attention.
+    pub input_layernorm: Tensor,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Tensor,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// Per-layer cached keys and values for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// How many positions are cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The inputs of one forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardInput {
+    /// Token ids, `[b, t]` u32.
+    pub ids: Tensor,
+    /// Rope positions, `[b, t]` u32 (they restart per example in packed rows).
+    pub positions: Tensor,
+    /// Additive attention mask, `[b or 1, 1, t, past + t]`.
+    pub mask: Tensor,
+}
+
+impl ForwardInput {
+    /// Plain causal input for `ids` (`[b, t]`) following `past` cached tokens.
+    pub fn causal(ids: &Tensor, past: usize, dtype: DType) -> candle_core::Result<Self> {
+        let (b, t) = ids.dims2()?;
+        let device = ids.device();
+        let positions = Tensor::arange(past as u32, (past + t) as u32, device)?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
+        Ok(Self {
+            ids: ids.clone(),
+            positions,
+            mask: mask::causal(t, past, dtype, device)?,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = ops::rope(&heads(self.q_proj.forward(x)?, h)?, cos, sin)?;
+        let mut k = ops::rope(&heads(self.k_proj.forward(x)?, kv)?, cos, sin)?;
+        let mut v = heads(self.v_proj.forward(x)?, kv)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying k/v: the g query heads that share
+        // a kv head are stacked along the time axis.
+        let g = h / kv;
+        let q = q.contiguous()?.reshape((b, kv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let out = probs
+            .reshape((b, kv, g * t, s))?
+            .matmul(&v)?
+            .reshape((b, h, t, hd))?;
+        self.o_proj
+            .forward(&out.transpose(1, 2)?.reshape((b, t, h * hd))?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// A decoder-only causal language model.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    /// The architecture hyperparameters.
+    pub config: ModelConfig,
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// The decoder blocks.
+    pub layers: Vec<Block>,
+    /// Final norm weight.
+    pub norm: Tensor,
+    /// The output projection; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    rotary: RotaryTable,
+    dtype: DType,
+}
+
+impl CausalLm {
+    /// Builds the model from HF-named weights, checking every shape against the config.
+    pub fn new(
+        config: &ModelConfig,
+        mut w: Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = config;
+        let (d, v, f) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let bias = c.architecture.has_qkv_bias();
+        fn linear(
+            w: &mut Weights,
+            name: &str,
+            out: usize,
+            inp: usize,
+            bias: bool,
+        ) -> Result<Linear> {
+            let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias {
+                Some(w.take(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        }
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = Attention {
+                q_proj: linear(&mut w, &format!("{p}.self_attn.q_proj"), qd, d, bias)?,
+                k_proj: linear(&mut w, &format!("{p}.self_attn.k_proj"), kvd, d, bias)?,
+                v_proj: linear(&mut w, &format!("{p}.self_attn.v_proj"), kvd, d, bias)?,
+                o_proj: linear(&mut w, &format!("{p}.self_attn.o_proj"), d, qd, false)?,
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: linear(&mut w, &format!("{p}.mlp.gate_proj"), f, d, false)?,
+                up_proj: linear(&mut w, &format!("{p}.mlp.up_proj"), f, d, false)?,
+                down_proj: linear(&mut w, &format!("{p}.mlp.down_proj"), d, f, false)?,
+            };
+            layers.push(Block {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
+                self_attn,
+                post_attention_layernorm: w
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                mlp,
+            });
+        }
+        let embed_tokens = w.take("model.embed_tokens.weight", &[v, d])?;
+        let norm = w.take("model.norm.weight", &[d])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::new(w.take("lm_head.weight", &[v, d])?, None))
+        };
+        let freq_factors = match w.get(ROPE_FREQS) {
+            Some(t) => Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let inv_freq = rope::inverse_frequencies(c, freq_factors.as_deref());
+        let rotary = RotaryTable::new(&inv_freq, c.max_position_embeddings, dtype, device)?;
+        Ok(Self {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            dtype,
+        })
+    }
+
+    /// A model with random weights (std 0.02, norms at 1), for tests and benchmarks.
+    pub fn random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut tensors = std::collections::HashMap::new();
+        let mut put = |name: String, shape: &[usize], ones: bool| -> Result<()> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| if ones { 1.0 } else { 0.02 * rng.normal() })
+                .collect();
+            tensors.insert(name, Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
+            Ok(())
+        };
+        let c = config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        put(
+            "model.embed_tokens.weight".into(),
+            &[c.vocab_size, d],
+            false,
+        )?;
+        put("model.norm.weight".into(), &[d], true)?;
+        if !c.tie_word_embeddings {
+            put("lm_head.weight".into(), &[c.vocab_size, d], false)?;
+        }
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (name, out, inp) in [
+                ("self_attn.q_proj", qd, d),
+                ("self_attn.k_proj", kvd, d),
+                ("self_attn.v_proj", kvd, d),
+                ("self_attn.o_proj", d, qd),
+                ("mlp.gate_proj", f, d),
+                ("mlp.up_proj", f, d),
+                ("mlp.down_proj", d, f),
+            ] {
+                put(format!("{p}.{name}.weight"), &[out, inp], false)?;
+                if c.architecture.has_qkv_bias()
+                    && ["q_proj", "k_proj", "v_proj"]
+                        .iter()
+                        .any(|s| name.ends_with(s))
+                {
+                    put(format!("{p}.{name}.bias"), &[out], false)?;
+                }
+            }
+            put(format!("{p}.input_layernorm.weight"), &[d], true)?;
+            put(format!("{p}.post_attention_layernorm.weight"), &[d], true)?;
+        }
+        Self::new(config, Weights::new(tensors, "random init"), dtype, device)
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Runs the decoder and returns the final-normed hidden states, `[b, t, hidden]`.
+    /// Pass a cache to decode incrementally.
+    pub fn forward_hidden(
+        &self,
+        input: &ForwardInput,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input.ids.dims2()?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        let max_pos = input.positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
+        if max_pos
+            .first()
+            .is_some_and(|&p| p as usize >= self.rotary.len())
+        {
+            anyhow::bail!(
+                "position {} is beyond the model's context window of {} tokens",
+                max_pos[0],
+                self.rotary.len()
+            );
+        }
+        let (cos, sin) = self.rotary.gather(&input.positions)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input.ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let eps = self.config.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
+            x = (x + layer.self_attn.forward(&h, &cos, &sin, &input.mask, slot)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Projects hidden states (`[..., hidden]`) to vocabulary logits (`[..., vocab]`).
+    /// Pass only the positions you need: the vocabulary is wide.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(hidden)?,
+            None => Linear::new(self.embed_tokens.clone(), None).forward(hidden)?,
+        })
+    }
+
+    /// Logits for every position of a plain causal batch, `[b, t, vocab]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let input = ForwardInput::causal(ids, 0, self.dtype)?;
+        self.logits(&self.forward_hidden(&input, None)?)
+    }
+
+    /// Logits of the last position, `[b, vocab]`, decoding incrementally with `cache`.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let input = ForwardInput::causal(ids, cache.len(), self.dtype)?;
+        let hidden = self.forward_hidden(&input, Some(cache))?;
+        let t = hidden.dim(1)?;
+        Ok(self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    /// Mean next-token cross-entropy of each row of `ids` (labels are the inputs shifted by one).
+    pub fn causal_lm_loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(ids)?.to_dtype(DType::F32)?;
+        let t = ids.dim(1)?;
+        let pred = logits.narrow(1, 0, t - 1)?;
+        let target = ids.narrow(1, 1, t - 1)?;
+        let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+        let picked = logp
+            .gather(&target.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?;
+        Ok(picked.neg()?.mean(D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Architecture;
+
+    #[test]
+    fn cached_decoding_matches_a_full_forward() {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let c = ModelConfig::tiny(arch);
+            let m = CausalLm::random(&c, 7, DType::F32, &Device::Cpu).unwrap();
+            let ids = Tensor::new(&[[3u32, 17, 42, 5, 9, 60]], &Device::Cpu).unwrap();
+            let full = m.forward(&ids).unwrap().squeeze(0).unwrap();
+            let mut cache = KvCache::default();
+            let first = m
+                .forward_last(&ids.narrow(1, 0, 4).unwrap(), &mut cache)
+                .unwrap();
+            let a = m
+                .forward_last(&ids.narrow(1, 4, 1).unwrap(), &mut cache)
+                .unwrap();
+            let b = m
+                .forward_last(&ids.narrow(1, 5, 1).unwrap(), &mut cache)
+                .unwrap();
+            for (row, got) in [(3, first), (4, a), (5, b)] {
+                let want = full.get(row).unwrap();
+                let diff: f32 = (want - got.squeeze(0).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(diff < 1e-4, "{arch:?} row {row}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_rows_equal_separate_rows() {
+        let c = ModelConfig::tiny(Architecture::Llama);
+        let m = CausalLm::random(&c, 3, DType::F32, &Device::Cpu).unwrap();
+        let dev = Device::Cpu;
+        let a = [5u32, 6, 7];
+        let b = [8u32, 9];
+        let packed = ForwardInput {
+            ids: Tensor::new(&[[5u32, 6, 7, 8, 9, 0]], &dev).unwrap(),
+            positions: Tensor::new(&[[0u32, 1, 2, 0, 1, 0]], &dev).unwrap(),
+            mask: mask::segments(&[vec![1, 1, 1, 2, 2, 0]], DType::F32, &dev).unwrap(),
+        };
+        let hp = m.forward_hidden(&packed, None).unwrap().squeeze(0).unwrap();
+        let ha = m
+            .forward_hidden(
+                &ForwardInput::causal(&Tensor::new(&[a], &dev).unwrap(), 0, DType::F32).unwrap(),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let hb = m
+            .forward_hidden(
+                &ForwardInput::causal(&Tensor::new(&[b], &dev).unwrap(), 0, DType::F32).unwrap(),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let sep = Tensor::cat(&[ha, hb], 0).unwrap();
+        let diff: f32 = (hp.narrow(0, 0, 5).unwrap() - sep)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

@@ -1,0 +1,111 @@
+//! A pretrained model ready to use: the decoder, its tokenizer and where it came
+//! from, loaded in one call from a name in `models.toml` or a path.
+
+use crate::chat::Message;
+use crate::config::ModelConfig;
+use crate::device::{default_dtype, DeviceSpec};
+use crate::generate::{generate, Generation, GenerationConfig};
+use crate::model::CausalLm;
+use crate::source::{self, ModelFiles, ResolvedModel};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Where to run.
+    pub device: DeviceSpec,
+    /// The compute dtype; by default f32 on CPU and bf16 on GPUs.
+    pub dtype: Option<DType>,
+}
+
+/// A loaded model: decoder, tokenizer and provenance.
+#[derive(Debug)]
+pub struct Model {
+    /// The decoder.
+    pub lm: CausalLm,
+    /// The tokenizer with its chat template.
+    pub tokenizer: Tokenizer,
+    /// Where the files came from.
+    pub source: ResolvedModel,
+}
+
+impl Model {
+    /// Loads a model by registry name (see `models.toml`) or path, trying each source
+    /// in turn: a local path, the Hub cache, a Hub download, then mirrors.
+    pub fn load(name: &str, options: &LoadOptions) -> Result<Self> {
+        let source = source::resolve(name)?;
+        let device = options.device.open()?;
+        let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
+        Self::from_files(source, dtype, &device)
+    }
+
+    /// Loads a model from already-resolved files.
+    pub fn from_files(source: ResolvedModel, dtype: DType, device: &Device) -> Result<Self> {
+        let (lm, tokenizer) = match &source.files {
+            ModelFiles::Gguf(path) => {
+                let mut file = std::fs::File::open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let content = gguf_file::Content::read(&mut file).with_context(|| {
+                    format!("{} is not a readable GGUF file (truncated, or an unsupported version or quantization)", path.display())
+                })?;
+                let config = ModelConfig::from_gguf(&content)
+                    .with_context(|| format!("reading the config of {}", path.display()))?;
+                let tokenizer = Tokenizer::from_gguf(&content)
+                    .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+                let weights = Weights::from_gguf(path, &content, &config, dtype, device)?;
+                (CausalLm::new(&config, weights, dtype, device)?, tokenizer)
+            }
+            ModelFiles::HfDir {
+                config,
+                tokenizer,
+                tokenizer_config,
+                weights,
+            } => {
+                let cfg = ModelConfig::from_hf_file(config)?;
+                let tok = Tokenizer::from_hf_files(
+                    tokenizer,
+                    tokenizer_config.as_deref(),
+                    &cfg.eos_token_ids,
+                )?;
+                let w = Weights::from_safetensors(weights, dtype, device)?;
+                (CausalLm::new(&cfg, w, dtype, device)?, tok)
+            }
+        };
+        Ok(Self {
+            lm,
+            tokenizer,
+            source,
+        })
+    }
+
+    /// The architecture hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.lm.config
+    }
+
+    /// The Hub repo id, when known (adapters record it as their base model).
+    pub fn repo_id(&self) -> Option<&str> {
+        self.source.repo.as_deref()
+    }
+
+    /// The token ids of a chat prompt ending with the assistant header.
+    pub fn chat_prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.tokenizer.apply_chat_template(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// Answers a conversation, streaming text to `on_text`.
+    pub fn chat(
+        &self,
+        messages: &[Message],
+        config: &GenerationConfig,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let ids = self.chat_prompt_ids(messages)?;
+        generate(&self.lm, &self.tokenizer, &ids, config, on_text)
+    }
+}

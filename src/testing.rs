@@ -1,0 +1,65 @@
+//! Helpers shared by the unit tests: seeded random tensors and a finite-difference
+//! gradient checker.
+
+#![cfg(test)]
+
+use candle_core::{DType, Device, Tensor, Var};
+
+/// A seeded standard-normal tensor in f32 on the CPU.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = crate::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Checks the gradient of `sum(f(x) * probe)` with respect to `x` against central
+/// finite differences in f64, for a random `x` of `shape`.
+pub fn check_gradient(
+    shape: &[usize],
+    seed: u64,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) {
+    let x64 = randn(shape, seed).to_dtype(DType::F64).unwrap();
+    let x = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+    let y = f(x.as_tensor()).unwrap();
+    let probe = randn(y.dims(), seed + 1000);
+    let loss = (y * &probe).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let analytic: Vec<f32> = grads
+        .get(x.as_tensor())
+        .expect("no gradient reached the input")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = x64.flatten_all().unwrap().to_vec1().unwrap();
+    let eval = |v: &[f64]| -> f64 {
+        let t = Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let y = f(&t).unwrap().to_dtype(DType::F64).unwrap();
+        let p = probe.to_dtype(DType::F64).unwrap();
+        (y * p)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let h = 1e-2;
+    for i in 0..base.len() {
+        let mut plus = base.clone();
+        plus[i] += h;
+        let mut minus = base.clone();
+        minus[i] -= h;
+        let numeric = (eval(&plus) - eval(&minus)) / (2.0 * h);
+        let a = analytic[i] as f64;
+        let tol = 2e-2 * (1.0 + numeric.abs());
+        assert!(
+            (a - numeric).abs() < tol,
+            "gradient {i}: analytic {a} vs finite difference {numeric}"
+        );
+    }
+}

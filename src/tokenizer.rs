@@ -1,0 +1,320 @@
+//! Tokenizers, exactly as the model's authors built them: from `tokenizer.json`
+//! (+ `tokenizer_config.json`) or rebuilt from GGUF metadata as a byte-level BPE
+//! with the pre-tokenizer that `tokenizer.ggml.pre` names.
+
+use crate::chat::{ChatTemplate, Message};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// GPT-2's split regex, as used by byte-level BPEs with `use_regex`.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer with its special tokens and chat template.
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat: Option<ChatTemplate>,
+    /// The beginning-of-sequence token text, if the model has one.
+    pub bos_token: Option<String>,
+    /// The end-of-sequence token text.
+    pub eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+    pad_id: u32,
+}
+
+/// A tokenized text with each token's byte span in it.
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// `(start, end)` byte offsets of each token in the text.
+    pub offsets: Vec<(usize, usize)>,
+}
+
+fn token_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, with the chat template and special tokens from
+    /// `tokenizer_config.json` (or a `chat_template.jinja` beside it) when present.
+    pub fn from_hf_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        eos_ids: &[u32],
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| anyhow!("loading tokenizer {}: {e}", tokenizer_json.display()))?;
+        let config: Value = match tokenizer_config {
+            Some(p) => serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
+            None => Value::Null,
+        };
+        let bos_token = config.get("bos_token").and_then(token_text);
+        let eos_token = config.get("eos_token").and_then(token_text);
+        let mut template = match config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        if template.is_none() {
+            let jinja = crate::atomic::parent_dir(tokenizer_json).join("chat_template.jinja");
+            if jinja.is_file() {
+                template = Some(
+                    std::fs::read_to_string(&jinja)
+                        .with_context(|| format!("reading {}", jinja.display()))?,
+                );
+            }
+        }
+        Self::assemble(inner, template, bos_token, eos_token, eos_ids)
+    }
+
+    /// Rebuilds the tokenizer from a GGUF file's `tokenizer.*` metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let get = |k: &str| {
+            md.get(k)
+                .with_context(|| format!("GGUF metadata has no {k}"))
+        };
+        let model = get("tokenizer.ggml.model")?.to_string()?;
+        if model != "gpt2" {
+            bail!(
+                "GGUF tokenizer type '{model}' is not supported: tuneforge rebuilds byte-level BPE \
+                 ('gpt2') tokenizers. Use the model's HF-layout folder (with tokenizer.json) instead."
+            );
+        }
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|t| t.to_i32())
+                .collect::<candle_core::Result<_>>()?,
+            None => vec![1; tokens.len()],
+        };
+        let merges: Vec<String> = get("tokenizer.ggml.merges")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()?;
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("default");
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |regex: &str| {
+            json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+        };
+        let (pre_tokenizer, ignore_merges) = match pre {
+            "smollm" => (json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
+            "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3_REGEX), true),
+            "qwen2" => (split(QWEN2_REGEX), false),
+            "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
+            other => bail!(
+                "GGUF pre-tokenizer '{other}' is not supported (known: smollm, llama-bpe, qwen2, gpt-2). \
+                 Use the model's HF-layout folder instead."
+            ),
+        };
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let added: Vec<Value> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
+            .map(|(i, (t, &ty))| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty == 3})
+            })
+            .collect();
+        let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let bos_id = token_id("tokenizer.ggml.bos_token_id");
+        let eos_id = token_id("tokenizer.ggml.eos_token_id");
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let post_processor = match (add_bos, name_of(bos_id)) {
+            (true, Some(bos)) => json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}}),
+            _ => Value::Null,
+        };
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        let template = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        let eos_ids: Vec<u32> = eos_id.into_iter().collect();
+        Self::assemble(inner, template, name_of(bos_id), name_of(eos_id), &eos_ids)
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        config_eos: &[u32],
+    ) -> Result<Self> {
+        let chat = template
+            .map(|t| {
+                ChatTemplate::new(
+                    &t,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+            })
+            .transpose()?;
+        let mut eos_ids: Vec<u32> = config_eos.to_vec();
+        // Chat models end a turn with an end-of-turn token; generation stops there too.
+        for t in [
+            eos_token.as_deref(),
+            Some("<|im_end|>"),
+            Some("<|eot_id|>"),
+            Some("<|endoftext|>"),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(id) = inner.token_to_id(t) {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
+        let pad_id = eos_ids.first().copied().unwrap_or(0);
+        Ok(Self {
+            inner,
+            chat,
+            bos_token,
+            eos_token,
+            eos_ids,
+            pad_id,
+        })
+    }
+
+    /// Token ids of `text`. `add_special_tokens` applies the post-processor (e.g. a BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, add_special_tokens)?.ids)
+    }
+
+    /// Token ids of `text` with each token's byte span.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<Encoding> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(Encoding {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
+    }
+
+    /// The text of `ids`, optionally without special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// The id of a token's text, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Tokens that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The token used for padding.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// The size of the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Whether the model ships a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.chat
+            .as_ref()
+            .context("this model has no chat template")?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` holding the chat template
+    /// and special tokens, for a merged HF-layout model.
+    pub fn save_hf(&self, dir: &Path, chat_template: Option<&str>) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        crate::atomic::write(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let config = json!({
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "chat_template": chat_template, "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        crate::atomic::write(
+            &dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
+    }
+}
