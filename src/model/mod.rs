@@ -384,7 +384,7 @@ impl CausalLm {
         let logits = self.forward(ids)?.to_dtype(DType::F32)?;
         let t = ids.dim(1)?;
         let pred = logits.narrow(1, 0, t - 1)?;
-        let target = ids.narrow(1, 1, t - 1)?;
+        let target = ids.narrow(1, 1, t - 1)?.contiguous()?;
         let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
         let picked = logp
             .gather(&target.unsqueeze(D::Minus1)?, D::Minus1)?

@@ -39,6 +39,7 @@ pub fn from_cache(id: &str, revision: &str) -> Result<ModelFiles> {
         })
     };
     let [config, tokenizer, tokenizer_config] = FILES.map(get);
+    let (config, tokenizer, tokenizer_config) = (config?, tokenizer?, tokenizer_config?);
     let weights = match repo.get(SINGLE) {
         Some(p) => vec![p],
         None => {
@@ -50,9 +51,9 @@ pub fn from_cache(id: &str, revision: &str) -> Result<ModelFiles> {
         }
     };
     Ok(ModelFiles::HfDir {
-        config: config?,
-        tokenizer: tokenizer?,
-        tokenizer_config: Some(tokenizer_config?),
+        config,
+        tokenizer,
+        tokenizer_config: Some(tokenizer_config),
         weights,
     })
 }

@@ -1,0 +1,225 @@
+//! Numerical parity with the reference implementation (transformers 5.23, float32)
+//! on SmolLM2-135M-Instruct's Q4_1 GGUF, fetched through the library's sources.
+
+mod common;
+
+use candle_core::{Device, IndexOp, Tensor, D};
+use common::{floats, ids, reference, smollm2};
+use tuneforge::{GenerationConfig, Message};
+
+const TOL: f64 = 1e-3;
+
+fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, reference {w} (tolerance {tol})"
+        );
+    }
+}
+
+#[test]
+fn token_ids_match() {
+    let model = smollm2();
+    for s in reference()["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        assert_eq!(
+            model.tokenizer.encode(text, false).unwrap(),
+            ids(&s["input_ids"]),
+            "{text:?}"
+        );
+        // add_special_tokens adds nothing for SmolLM2.
+        assert_eq!(
+            model.tokenizer.encode(text, true).unwrap(),
+            ids(&s["input_ids"]),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_prompt_renders_byte_identically() {
+    let rendered = smollm2()
+        .tokenizer
+        .apply_chat_template(&[Message::user("What is LoRA?")], true)
+        .unwrap();
+    assert_eq!(
+        rendered,
+        reference()["chat_template_rendered"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn logits_and_losses_match() {
+    let model = smollm2();
+    for s in reference()["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let input = Tensor::new(ids(&s["input_ids"]).as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.lm.forward(&input).unwrap().squeeze(0).unwrap();
+        let t = logits.dim(0).unwrap();
+        let row = |i: usize| -> Vec<f64> {
+            logits
+                .i(i)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (first, last) = (row(0), row(t - 1));
+        assert_close(
+            &format!("{text:?} first-position logits"),
+            &first[..5],
+            &floats(&s["first_pos_first5_logits"]),
+            TOL,
+        );
+        assert_close(
+            &format!("{text:?} last-position logits"),
+            &last[..5],
+            &floats(&s["last_pos_first5_logits"]),
+            TOL,
+        );
+        let top: Vec<f64> = ids(&s["last_pos_top5_ids"])
+            .iter()
+            .map(|&i| last[i as usize])
+            .collect();
+        assert_close(
+            &format!("{text:?} top-5 logits"),
+            &top,
+            &floats(&s["last_pos_top5_logits"]),
+            TOL,
+        );
+        let argmax = logits
+            .i(t - 1)
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        assert_eq!(argmax as u64, s["last_pos_argmax"].as_u64().unwrap());
+        let mean = last.iter().sum::<f64>() / last.len() as f64;
+        assert!(
+            (mean - s["last_pos_logits_mean"].as_f64().unwrap()).abs() < TOL,
+            "{text:?} logit mean {mean}"
+        );
+        let loss = model
+            .lm
+            .causal_lm_loss(&input)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0] as f64;
+        assert_close(
+            &format!("{text:?} loss"),
+            &[loss],
+            &[s["mean_loss"].as_f64().unwrap()],
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn batched_loss_on_synthetic_tokens_matches() {
+    let model = smollm2();
+    let b = &reference()["synthetic_batches"][0];
+    let (batch, seq) = (
+        b["batch"].as_u64().unwrap() as usize,
+        b["seq"].as_u64().unwrap() as usize,
+    );
+    let tokens = common::splitmix_batch(batch, seq, b["seed"].as_u64().unwrap(), 49152);
+    assert_eq!(&tokens[..8], ids(&b["first8"]).as_slice());
+    assert_eq!(
+        tokens.iter().map(|&t| t as u64).sum::<u64>(),
+        b["sum"].as_u64().unwrap()
+    );
+    let input = Tensor::from_vec(tokens, (batch, seq), &Device::Cpu).unwrap();
+    let losses = model
+        .lm
+        .causal_lm_loss(&input)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / batch as f64;
+    assert_close(
+        "synthetic batch loss",
+        &[mean],
+        &[b["base_mean_loss"].as_f64().unwrap()],
+        TOL,
+    );
+}
+
+#[test]
+fn dequantized_tensors_match_checksums() {
+    use candle_core::quantized::gguf_file;
+    let tuneforge::source::ModelFiles::Gguf(path) = &smollm2().source.files else {
+        panic!("the default model should come from its GGUF mirror here")
+    };
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let config = tuneforge::ModelConfig::from_gguf(&content).unwrap();
+    let weights = tuneforge::weights::Weights::from_gguf(
+        path,
+        &content,
+        &config,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for check in reference()["dequant_checks"].as_array().unwrap() {
+        let name = check["hf"].as_str().unwrap();
+        let t = weights
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor {name}"));
+        let shape: Vec<usize> = ids(&check["shape"]).iter().map(|&d| d as usize).collect();
+        assert_eq!(t.dims(), shape.as_slice(), "{name} shape");
+        let v: Vec<f64> = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let sum: f64 = v.iter().sum();
+        let mean_abs = v.iter().map(|x| x.abs()).sum::<f64>() / v.len() as f64;
+        assert_close(
+            &format!("{name} first5"),
+            &v[..5],
+            &floats(&check["first5"]),
+            1e-12,
+        );
+        assert_close(
+            &format!("{name} sum"),
+            &[sum],
+            &[check["sum_f64"].as_f64().unwrap()],
+            1e-6 * (1.0 + sum.abs()),
+        );
+        assert_close(
+            &format!("{name} mean |x|"),
+            &[mean_abs],
+            &[check["mean_abs_f64"].as_f64().unwrap()],
+            1e-9,
+        );
+    }
+}
+
+#[test]
+fn greedy_generation_matches_64_tokens() {
+    let model = smollm2();
+    let g = &reference()["greedy_generation"];
+    let prompt = ids(&reference()["strings"][2]["input_ids"]);
+    let mut streamed = String::new();
+    let out = tuneforge::generate::generate(
+        &model.lm,
+        &model.tokenizer,
+        &prompt,
+        &GenerationConfig::greedy(64),
+        &mut |piece| streamed.push_str(piece),
+    )
+    .unwrap();
+    assert_eq!(out.ids, ids(&g["ids"]));
+    assert_eq!(out.text, g["text"].as_str().unwrap());
+    assert_eq!(streamed, out.text, "the streamed pieces add up to the text");
+}
