@@ -25,6 +25,7 @@ pub mod chat;
 pub mod config;
 pub mod device;
 pub mod generate;
+pub mod memory;
 pub mod model;
 pub mod pretrained;
 pub mod rng;

@@ -32,7 +32,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, dims[dims.len() - 1]))?;
-        let mut y = flat.matmul(&self.weight.t()?)?;
+        let mut y = if super::gemv::applies(&flat, &self.weight) {
+            super::gemv::matmul_t(&flat, &self.weight)?
+        } else {
+            flat.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

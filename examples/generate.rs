@@ -1,0 +1,78 @@
+//! Streams a chat answer from a model.
+//!
+//! ```text
+//! cargo run --release --example generate -- --prompt "What is LoRA?"
+//! cargo run --release --example generate -- --model path/to/model.gguf --prompt "Hi" --temperature 0.7 --top-p 0.9
+//! ```
+
+use anyhow::Result;
+use clap::Parser;
+use std::io::Write;
+use tuneforge::{DeviceSpec, GenerationConfig, LoadOptions, Message, Model};
+
+#[derive(Parser)]
+#[command(about = "Generate a chat answer with a local model")]
+struct Args {
+    /// The user message.
+    #[arg(long)]
+    prompt: String,
+    /// A name from models.toml, an HF-layout folder or a .gguf file.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    model: String,
+    /// An optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// cpu, cuda, cuda:N, metal or auto.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Top-k sampling.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Top-p (nucleus) sampling.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let model = Model::load(
+        &args.model,
+        &LoadOptions {
+            device: args.device,
+            dtype: None,
+        },
+    )?;
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(args.prompt));
+    let config = GenerationConfig {
+        max_new_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_at_eos: true,
+    };
+    let mut stdout = std::io::stdout();
+    let out = model.chat(&messages, &config, &mut |piece| {
+        print!("{piece}");
+        let _ = stdout.flush();
+    })?;
+    eprintln!(
+        "\n[{} tokens, {:.1} tokens/s]",
+        out.ids.len(),
+        out.tokens_per_second()
+    );
+    Ok(())
+}
