@@ -12,6 +12,7 @@ use crate::weights::Weights;
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
+use std::path::Path;
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
@@ -92,6 +93,30 @@ impl Model {
         self.source.repo.as_deref()
     }
 
+    /// Saves the model in HF layout: `model.safetensors` (in `dtype`), `config.json`,
+    /// `tokenizer.json` and `tokenizer_config.json`. Each file is written atomically.
+    pub fn save_hf(&self, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tensors = self
+            .lm
+            .named_weights()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let path = dir.join("model.safetensors");
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .context("serialising the weights")?;
+        crate::atomic::write(&path, &bytes)?;
+        let mut config = self.config().to_hf_json();
+        config["torch_dtype"] = dtype_name(dtype).into();
+        crate::atomic::write(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        self.tokenizer
+            .save_hf(dir, self.tokenizer.chat_template_source())
+    }
+
     /// The token ids of a chat prompt ending with the assistant header.
     pub fn chat_prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let text = self.tokenizer.apply_chat_template(messages, true)?;
@@ -107,5 +132,14 @@ impl Model {
     ) -> Result<Generation> {
         let ids = self.chat_prompt_ids(messages)?;
         generate(&self.lm, &self.tokenizer, &ids, config, on_text)
+    }
+}
+
+/// The HF name of a dtype, for `torch_dtype`.
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
     }
 }

@@ -295,6 +295,11 @@ impl Tokenizer {
             .render(messages, add_generation_prompt)
     }
 
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat.as_ref().map(ChatTemplate::source)
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
@@ -316,5 +321,120 @@ impl Tokenizer {
             &dir.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gguf_file::Value as V;
+
+    /// GPT-2's printable stand-ins for the 256 byte values.
+    fn byte_chars() -> Vec<String> {
+        let mut n = 0;
+        (0u32..256)
+            .map(|b| {
+                let printable =
+                    (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+                let c = if printable {
+                    b
+                } else {
+                    n += 1;
+                    255 + n
+                };
+                char::from_u32(c).unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn tiny_gguf(pre: &str, add_bos: bool) -> gguf_file::Content {
+        let mut tokens = vec!["<s>".to_string(), "</s>".to_string()];
+        tokens.extend(byte_chars());
+        tokens.push("12".to_string());
+        let mut types = vec![3i32, 3];
+        types.extend(std::iter::repeat_n(1, tokens.len() - 2));
+        let strings = |v: &[String]| V::Array(v.iter().map(|s| V::String(s.clone())).collect());
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("tokenizer.ggml.model".into(), V::String("gpt2".into()));
+        metadata.insert("tokenizer.ggml.pre".into(), V::String(pre.into()));
+        metadata.insert("tokenizer.ggml.tokens".into(), strings(&tokens));
+        metadata.insert(
+            "tokenizer.ggml.token_type".into(),
+            V::Array(types.into_iter().map(V::I32).collect()),
+        );
+        metadata.insert(
+            "tokenizer.ggml.merges".into(),
+            strings(&["1 2".to_string()]),
+        );
+        metadata.insert("tokenizer.ggml.bos_token_id".into(), V::U32(0));
+        metadata.insert("tokenizer.ggml.eos_token_id".into(), V::U32(1));
+        metadata.insert("tokenizer.ggml.add_bos_token".into(), V::Bool(add_bos));
+        metadata.insert(
+            "tokenizer.chat_template".into(),
+            V::String(
+                "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+                    .into(),
+            ),
+        );
+        gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    fn pieces(t: &Tokenizer, text: &str) -> Vec<String> {
+        let ids = t.encode(text, false).unwrap();
+        ids.iter()
+            .map(|&i| t.inner().id_to_token(i).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_split_digits_as_their_models_do() {
+        let id_12 = 2 + 256;
+        // llama3 keeps up to three digits together, so the "12" merge applies.
+        let llama3 = Tokenizer::from_gguf(&tiny_gguf("llama-bpe", true)).unwrap();
+        assert_eq!(pieces(&llama3, "12"), vec!["12"]);
+        // qwen2 and smollm split every digit, so it cannot.
+        for pre in ["qwen2", "smollm"] {
+            let t = Tokenizer::from_gguf(&tiny_gguf(pre, false)).unwrap();
+            assert_eq!(pieces(&t, "12"), vec!["1", "2"], "{pre}");
+            assert!(!t.encode("12", true).unwrap().contains(&(id_12 as u32)));
+        }
+    }
+
+    #[test]
+    fn bos_special_tokens_and_template_come_from_metadata() {
+        let t = Tokenizer::from_gguf(&tiny_gguf("llama-bpe", true)).unwrap();
+        assert_eq!(
+            t.encode("a", true).unwrap()[0],
+            0,
+            "add_bos_token prepends BOS"
+        );
+        assert_eq!(t.encode("a", false).unwrap().len(), 1);
+        // Special tokens in text are matched whole and skipped on decode.
+        assert_eq!(t.encode("a</s>", false).unwrap().last(), Some(&1));
+        assert_eq!(
+            t.decode(&t.encode("a</s>", false).unwrap(), true).unwrap(),
+            "a"
+        );
+        assert_eq!(t.eos_ids(), &[1]);
+        assert_eq!(
+            t.apply_chat_template(&[Message::user("hi")], false)
+                .unwrap(),
+            "<s>hi</s>"
+        );
+        let none = Tokenizer::from_gguf(&tiny_gguf("smollm", false)).unwrap();
+        assert_ne!(none.encode("a", true).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_is_refused() {
+        let err = Tokenizer::from_gguf(&tiny_gguf("mystery", false))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mystery") && err.contains("qwen2"), "{err}");
     }
 }

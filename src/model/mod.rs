@@ -66,6 +66,36 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+impl Block {
+    /// The block's seven linears with their module paths (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// The block's seven linears, mutable, with their module paths.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+}
+
 /// Per-layer cached keys and values for incremental decoding.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -307,6 +337,38 @@ impl CausalLm {
             put(format!("{p}.post_attention_layernorm.weight"), &[d], true)?;
         }
         Self::new(config, Weights::new(tensors, "random init"), dtype, device)
+    }
+
+    /// Every weight under its HF name (a tied lm_head is not repeated).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.weight.clone()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+            for (name, linear) in layer.linears() {
+                out.push((format!("{p}.{name}.weight"), linear.weight.clone()));
+                if let Some(b) = &linear.bias {
+                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// The compute dtype.

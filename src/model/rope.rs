@@ -81,3 +81,49 @@ impl RotaryTable {
         Ok((cos, sin))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Architecture, Llama3RopeScaling};
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let mut c = ModelConfig::tiny(Architecture::Llama);
+        c.head_dim = 64;
+        c.rope_theta = 500_000.0;
+        let plain = inverse_frequencies(&c, None);
+        c.rope_scaling = Some(Llama3RopeScaling {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = inverse_frequencies(&c, None);
+        let wavelen = |f: f32| 2.0 * std::f32::consts::PI / f;
+        for (p, s) in plain.iter().zip(&scaled) {
+            if wavelen(*p) < 8192.0 / 4.0 {
+                assert_eq!(p, s, "high frequencies are untouched");
+            } else if wavelen(*p) > 8192.0 {
+                assert!(
+                    (p / 32.0 - s).abs() < 1e-12,
+                    "low frequencies are divided by the factor"
+                );
+            } else {
+                assert!(*s < *p && *s > p / 32.0, "the band between is interpolated");
+            }
+        }
+        // GGUF's rope_freqs factors divide the same way.
+        let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
+        let from_factors = inverse_frequencies(
+            &ModelConfig {
+                rope_scaling: None,
+                ..c
+            },
+            Some(&factors),
+        );
+        for (a, b) in from_factors.iter().zip(&scaled) {
+            assert!((a - b).abs() <= 1e-6 * b.abs());
+        }
+    }
+}

@@ -106,6 +106,15 @@ pub fn resolve(name: &str) -> Result<ResolvedModel> {
             files: local(path)?,
         });
     }
+    let looks_like_path = name.starts_with('.')
+        || name.starts_with('/')
+        || name.contains('\\')
+        || [".gguf", ".safetensors", ".json"]
+            .iter()
+            .any(|e| name.ends_with(e));
+    if looks_like_path {
+        bail!("{name} does not exist: pass an existing .gguf file or HF-layout folder, or a name from models.toml");
+    }
     let registry = Registry::load()?;
     let (repo, revision, mirrors) = match registry.get(name) {
         Ok(entry) => (
@@ -114,7 +123,7 @@ pub fn resolve(name: &str) -> Result<ResolvedModel> {
             entry.mirrors.clone(),
         ),
         // `org/name` that is not a local path is taken as a Hub repo id.
-        Err(_) if name.matches('/').count() == 1 && !name.ends_with(".gguf") => {
+        Err(_) if name.matches('/').count() == 1 => {
             (name.to_string(), "main".to_string(), Vec::new())
         }
         Err(e) => return Err(e),
