@@ -266,7 +266,7 @@ impl ModelConfig {
     pub fn tiny(architecture: Architecture) -> Self {
         Self {
             architecture,
-            vocab_size: 96,
+            vocab_size: 259,
             hidden_size: 32,
             intermediate_size: 64,
             num_hidden_layers: 2,

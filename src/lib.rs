@@ -20,11 +20,14 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod adapter;
 pub mod atomic;
 pub mod chat;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod generate;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod pretrained;
@@ -33,12 +36,14 @@ pub mod source;
 #[cfg(test)]
 mod testing;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use chat::Message;
 pub use config::{Architecture, ModelConfig};
 pub use device::DeviceSpec;
 pub use generate::{Generation, GenerationConfig};
+pub use lora::LoraConfig;
 pub use model::CausalLm;
 pub use pretrained::{LoadOptions, Model};
 pub use tokenizer::Tokenizer;

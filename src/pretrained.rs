@@ -83,6 +83,30 @@ impl Model {
         })
     }
 
+    /// A tiny randomly initialised model ([`ModelConfig::tiny`]) with a byte-level
+    /// ChatML tokenizer: fast and download-free, for tests, docs and benchmarks.
+    ///
+    /// ```
+    /// let model = tuneforge::Model::tiny_random(tuneforge::Architecture::Llama, 0)?;
+    /// assert_eq!(model.config().vocab_size, model.tokenizer.vocab_size());
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn tiny_random(architecture: crate::config::Architecture, seed: u64) -> Result<Self> {
+        let config = ModelConfig::tiny(architecture);
+        let lm = CausalLm::random(&config, seed, DType::F32, &Device::Cpu)?;
+        let tokenizer = Tokenizer::byte_level_chatml()?;
+        let source = ResolvedModel {
+            name: "tiny-random".into(),
+            repo: Some("tuneforge/tiny-random".into()),
+            files: ModelFiles::Gguf("tiny-random".into()),
+        };
+        Ok(Self {
+            lm,
+            tokenizer,
+            source,
+        })
+    }
+
     /// The architecture hyperparameters.
     pub fn config(&self) -> &ModelConfig {
         &self.lm.config

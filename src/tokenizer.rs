@@ -12,6 +12,48 @@ use std::path::Path;
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The ChatML template (SmolLM2 and Qwen2 style), without a default system turn.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The parts of a byte-level BPE tokenizer, as GGUF metadata holds them.
+#[derive(Debug, Clone)]
+pub struct ByteLevelBpe<'a> {
+    /// Token texts (in GPT-2's byte-to-unicode alphabet), by id.
+    pub tokens: &'a [String],
+    /// GGUF token types by id (1 normal, 3 control, 4 user-defined, ...).
+    pub types: &'a [i32],
+    /// Merges, `"a b"`, by priority.
+    pub merges: &'a [String],
+    /// The pre-tokenizer name (`tokenizer.ggml.pre`).
+    pub pre: &'a str,
+    /// The BOS token id.
+    pub bos_id: Option<u32>,
+    /// The EOS token id.
+    pub eos_id: Option<u32>,
+    /// Whether encoding with special tokens prepends BOS.
+    pub add_bos: bool,
+    /// The Jinja chat template.
+    pub chat_template: Option<String>,
+}
+
+/// GPT-2's printable stand-ins for the 256 byte values, in byte order.
+pub fn gpt2_byte_chars() -> Vec<String> {
+    let mut n = 0;
+    (0u32..256)
+        .map(|b| {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                b
+            } else {
+                n += 1;
+                255 + n
+            };
+            char::from_u32(c).expect("valid code point").to_string()
+        })
+        .collect()
+}
+
 /// A tokenizer with its special tokens and chat template.
 #[derive(Debug)]
 pub struct Tokenizer {
@@ -121,13 +163,34 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("default");
+        let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        Self::from_byte_level_bpe(ByteLevelBpe {
+            tokens: &tokens,
+            types: &types,
+            merges: &merges,
+            pre,
+            bos_id: token_id("tokenizer.ggml.bos_token_id"),
+            eos_id: token_id("tokenizer.ggml.eos_token_id"),
+            add_bos: md
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            chat_template: md
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
+        })
+    }
+
+    /// Builds a byte-level BPE tokenizer from its parts, as GGUF stores them.
+    pub fn from_byte_level_bpe(p: ByteLevelBpe<'_>) -> Result<Self> {
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let split = |regex: &str| {
             json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
             byte_level(false)]})
         };
-        let (pre_tokenizer, ignore_merges) = match pre {
+        let (pre_tokenizer, ignore_merges) = match p.pre {
             "smollm" => (json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
             "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3_REGEX), true),
@@ -138,6 +201,7 @@ impl Tokenizer {
                  Use the model's HF-layout folder instead."
             ),
         };
+        let tokens = p.tokens;
         let vocab: serde_json::Map<String, Value> = tokens
             .iter()
             .enumerate()
@@ -145,7 +209,7 @@ impl Tokenizer {
             .collect();
         let added: Vec<Value> = tokens
             .iter()
-            .zip(&types)
+            .zip(p.types)
             .enumerate()
             .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
             .map(|(i, (t, &ty))| {
@@ -153,20 +217,13 @@ impl Tokenizer {
                 "rstrip": false, "normalized": false, "special": ty == 3})
             })
             .collect();
-        let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-        let bos_id = token_id("tokenizer.ggml.bos_token_id");
-        let eos_id = token_id("tokenizer.ggml.eos_token_id");
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let post_processor = match (add_bos, name_of(bos_id)) {
+        let post_processor = match (p.add_bos, name_of(p.bos_id)) {
             (true, Some(bos)) => json!({"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}}),
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [p.bos_id], "tokens": [bos]}}}),
             _ => Value::Null,
         };
         let spec = json!({
@@ -176,18 +233,42 @@ impl Tokenizer {
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+                "ignore_merges": ignore_merges, "vocab": vocab, "merges": p.merges},
         });
         let inner: tokenizers::Tokenizer = spec
             .to_string()
             .parse()
-            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
-        let template = md
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        let eos_ids: Vec<u32> = eos_id.into_iter().collect();
-        Self::assemble(inner, template, name_of(bos_id), name_of(eos_id), &eos_ids)
+            .map_err(|e| anyhow!("building the byte-level BPE tokenizer: {e}"))?;
+        let eos_ids: Vec<u32> = p.eos_id.into_iter().collect();
+        Self::assemble(
+            inner,
+            p.chat_template,
+            name_of(p.bos_id),
+            name_of(p.eos_id),
+            &eos_ids,
+        )
+    }
+
+    /// A tokenizer with one token per byte plus ChatML's special tokens
+    /// (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`: ids 0, 1, 2) and a ChatML
+    /// template: 259 tokens, for tiny test models.
+    pub fn byte_level_chatml() -> Result<Self> {
+        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .map(String::from)
+            .to_vec();
+        tokens.extend(gpt2_byte_chars());
+        let mut types = vec![3; 3];
+        types.extend(std::iter::repeat_n(1, 256));
+        Self::from_byte_level_bpe(ByteLevelBpe {
+            tokens: &tokens,
+            types: &types,
+            merges: &[],
+            pre: "gpt-2",
+            bos_id: None,
+            eos_id: Some(2),
+            add_bos: false,
+            chat_template: Some(CHATML.to_string()),
+        })
     }
 
     fn assemble(
@@ -329,27 +410,9 @@ mod tests {
     use super::*;
     use gguf_file::Value as V;
 
-    /// GPT-2's printable stand-ins for the 256 byte values.
-    fn byte_chars() -> Vec<String> {
-        let mut n = 0;
-        (0u32..256)
-            .map(|b| {
-                let printable =
-                    (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-                let c = if printable {
-                    b
-                } else {
-                    n += 1;
-                    255 + n
-                };
-                char::from_u32(c).unwrap().to_string()
-            })
-            .collect()
-    }
-
     fn tiny_gguf(pre: &str, add_bos: bool) -> gguf_file::Content {
         let mut tokens = vec!["<s>".to_string(), "</s>".to_string()];
-        tokens.extend(byte_chars());
+        tokens.extend(gpt2_byte_chars());
         tokens.push("12".to_string());
         let mut types = vec![3i32, 3];
         types.extend(std::iter::repeat_n(1, tokens.len() - 2));

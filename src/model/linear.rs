@@ -1,20 +1,28 @@
 //! A linear layer `y = x Wᵀ + b` over the last dimension, HF layout (`W`: `[out, in]`).
+//! The base weight is frozen: gradients flow to the input only.
 
+use crate::lora::LoraLayer;
 use candle_core::{Result, Tensor};
 
-/// A frozen linear layer.
+/// A frozen linear layer, optionally with a trainable LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
     pub weight: Tensor,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor>,
+    /// The adapter, when one is attached.
+    pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
     /// A layer from its weight and optional bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// Input width.
@@ -27,18 +35,22 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// Applies the layer to `x` of shape `[..., in]`.
+    /// Applies the layer to `x` of shape `[..., in]` (no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, None)
+    }
+
+    /// Applies the layer; `dropout_seed` turns on the adapter's dropout (training).
+    pub fn forward_t(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, dims[dims.len() - 1]))?;
-        let mut y = if super::gemv::applies(&flat, &self.weight) {
-            super::gemv::matmul_t(&flat, &self.weight)?
-        } else {
-            flat.matmul(&self.weight.t()?)?
-        };
+        let mut y = super::ops::frozen_matmul_t(&flat, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&flat, dropout_seed)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();

@@ -1,6 +1,7 @@
 //! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2, Mistral) in HF layout,
 //! written so that every linear can carry a LoRA adapter and every op backpropagates.
 
+pub mod autograd;
 mod gemv;
 pub mod linear;
 pub mod mask;
@@ -126,6 +127,8 @@ pub struct ForwardInput {
     pub positions: Tensor,
     /// Additive attention mask, `[b or 1, 1, t, past + t]`.
     pub mask: Tensor,
+    /// Set while training: seeds the adapters' dropout masks.
+    pub dropout_seed: Option<u64>,
 }
 
 impl ForwardInput {
@@ -140,6 +143,7 @@ impl ForwardInput {
             ids: ids.clone(),
             positions,
             mask: mask::causal(t, past, dtype, device)?,
+            dropout_seed: None,
         })
     }
 }
@@ -152,13 +156,14 @@ impl Attention {
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        seed: Option<u64>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = ops::rope(&heads(self.q_proj.forward(x)?, h)?, cos, sin)?;
-        let mut k = ops::rope(&heads(self.k_proj.forward(x)?, kv)?, cos, sin)?;
-        let mut v = heads(self.v_proj.forward(x)?, kv)?.contiguous()?;
+        let q = ops::rope(&heads(self.q_proj.forward_t(x, seed)?, h)?, cos, sin)?;
+        let mut k = ops::rope(&heads(self.k_proj.forward_t(x, seed)?, kv)?, cos, sin)?;
+        let mut v = heads(self.v_proj.forward_t(x, seed)?, kv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -184,9 +189,10 @@ impl Attention {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward_t(x, seed)?.silu()?;
+        self.down_proj
+            .forward_t(&(gate * self.up_proj.forward_t(x, seed)?)?, seed)
     }
 }
 
@@ -412,9 +418,12 @@ impl CausalLm {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, &input.mask, slot)?)?;
+            let seed = input.dropout_seed;
+            x = (x + layer
+                .self_attn
+                .forward(&h, &cos, &sin, &input.mask, slot, seed)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = (x + layer.mlp.forward(&h, seed)?)?;
         }
         Ok(ops::rms_norm(&x, &self.norm, eps)?)
     }
@@ -504,6 +513,7 @@ mod tests {
             ids: Tensor::new(&[[5u32, 6, 7, 8, 9, 0]], &dev).unwrap(),
             positions: Tensor::new(&[[0u32, 1, 2, 0, 1, 0]], &dev).unwrap(),
             mask: mask::segments(&[vec![1, 1, 1, 2, 2, 0]], DType::F32, &dev).unwrap(),
+            dropout_seed: None,
         };
         let hp = m.forward_hidden(&packed, None).unwrap().squeeze(0).unwrap();
         let ha = m

@@ -1,0 +1,242 @@
+//! LoRA: low-rank adapters on the frozen linears of a model.
+//!
+//! Each adapted linear computes `x Wᵀ + scale · dropout(x) Aᵀ Bᵀ`, with `A`
+//! (`[r, in]`) initialised kaiming-uniform and `B` (`[out, r]`) at zero, as PEFT
+//! does, so a fresh adapter leaves the model unchanged. `scale` is `alpha / r`,
+//! or `alpha / √r` with rsLoRA. Only `A` and `B` are trained.
+
+use crate::model::{CausalLm, LINEAR_NAMES};
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// Which linears to adapt, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The rank.
+    pub r: usize,
+    /// The scaling numerator.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Module names (`q_proj`, ..., `down_proj`) or `all-linear`.
+    pub target_modules: Vec<String>,
+    /// The layers to adapt (all when `None`).
+    pub layers: Option<Vec<usize>>,
+    /// Scale by `alpha / √r` instead of `alpha / r`.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: LINEAR_NAMES.iter().map(|s| s.to_string()).collect(),
+            layers: None,
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to the adapter's output.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// The target module names, with `all-linear` expanded; unknown names are errors
+    /// that list the valid ones.
+    pub fn targets(&self) -> Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for t in &self.target_modules {
+            if t == "all-linear" {
+                return Ok(LINEAR_NAMES.to_vec());
+            }
+            match LINEAR_NAMES.iter().find(|n| *n == t) {
+                Some(n) => out.push(*n),
+                None => bail!(
+                    "unknown LoRA target module '{t}'. Valid modules: {}, or all-linear",
+                    LINEAR_NAMES.join(", ")
+                ),
+            }
+        }
+        if out.is_empty() {
+            bail!(
+                "LoRA target_modules is empty. Valid modules: {}, or all-linear",
+                LINEAR_NAMES.join(", ")
+            );
+        }
+        Ok(out)
+    }
+
+    /// Checks the settings against a model with `num_layers` blocks.
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        if self.r == 0 {
+            bail!("LoRA rank r must be at least 1 (got r = 0)");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("LoRA dropout must be in [0, 1) (got {})", self.dropout);
+        }
+        if let Some(layers) = &self.layers {
+            if let Some(bad) = layers.iter().find(|&&l| l >= num_layers) {
+                bail!(
+                    "LoRA layer {bad} does not exist: the model has layers 0..{}",
+                    num_layers - 1
+                );
+            }
+        }
+        self.targets()?;
+        Ok(())
+    }
+
+    fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+    }
+}
+
+/// The trainable low-rank update of one linear.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    /// `[r, in]`.
+    pub a: Var,
+    /// `[out, r]`.
+    pub b: Var,
+    /// The output scale.
+    pub scale: f64,
+    /// Input dropout while training.
+    pub dropout: f64,
+    /// Distinguishes this layer's dropout masks from the others'.
+    stream: u64,
+}
+
+impl LoraLayer {
+    /// A layer from its factors.
+    pub fn new(a: Var, b: Var, scale: f64, dropout: f64, stream: u64) -> Self {
+        Self {
+            a,
+            b,
+            scale,
+            dropout,
+            stream,
+        }
+    }
+
+    /// The adapter's contribution for `x` (`[rows, in]`), in `x`'s dtype.
+    /// `dropout_seed` is set while training; the mask is a pure function of it.
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
+        let dtype = self.a.dtype();
+        let mut h = x.to_dtype(dtype)?;
+        if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
+            let mut rng = Rng::new(seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let keep = 1.0 - self.dropout as f32;
+            let mask: Vec<f32> = (0..h.elem_count())
+                .map(|_| {
+                    if rng.uniform() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, h.shape(), h.device())?;
+            h = (h * mask)?;
+        }
+        let low = h.matmul(&self.a.as_tensor().t()?)?;
+        (low.matmul(&self.b.as_tensor().t()?)? * self.scale)?.to_dtype(x.dtype())
+    }
+
+    /// The dense update `scale · B A`, `[out, in]`.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
+    }
+}
+
+/// The PEFT key prefix of a block's linear: `base_model.model.model.layers.{i}.{module}`.
+pub fn peft_prefix(layer: usize, module_path: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{module_path}")
+}
+
+/// Adds fresh adapters (A kaiming-uniform, B zero) to the targeted linears.
+/// Parameters are f32 whatever the base dtype. Returns how many linears were adapted.
+pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<usize> {
+    config.validate(model.layers.len())?;
+    let targets = config.targets()?;
+    let device = model.device().clone();
+    let mut rng = Rng::new(seed);
+    let mut count = 0;
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        if !config.adapts_layer(i) {
+            continue;
+        }
+        for (path, linear) in layer.linears_mut() {
+            let module = path.rsplit('.').next().unwrap_or(path);
+            if !targets.contains(&module) {
+                continue;
+            }
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            // kaiming_uniform_(a=√5): bound = √(6 / ((1 + 5) · fan_in)) = 1/√fan_in.
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..config.r * inp)
+                .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (config.r, inp), &device)?)?;
+            let b = Var::zeros((out, config.r), DType::F32, &device)?;
+            linear.lora = Some(LoraLayer::new(
+                a,
+                b,
+                config.scale(),
+                config.dropout,
+                count as u64 + 1,
+            ));
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Every adapter parameter with its PEFT key, in a stable order.
+pub fn parameters(model: &CausalLm) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (path, linear) in layer.linears() {
+            if let Some(l) = &linear.lora {
+                let p = peft_prefix(i, path);
+                out.push((format!("{p}.lora_A.weight"), l.a.clone()));
+                out.push((format!("{p}.lora_B.weight"), l.b.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Folds every adapter into its base weight (`W += scale · B A`) and removes it.
+pub fn merge(model: &mut CausalLm) -> Result<usize> {
+    let mut merged = 0;
+    for layer in model.layers.iter_mut() {
+        for (_, linear) in layer.linears_mut() {
+            if let Some(l) = linear.lora.take() {
+                let delta = l.delta()?.to_dtype(linear.weight.dtype())?;
+                linear.weight = (&linear.weight + delta)?;
+                merged += 1;
+            }
+        }
+    }
+    Ok(merged)
+}
+
+/// Removes every adapter without merging.
+pub fn detach(model: &mut CausalLm) {
+    for layer in model.layers.iter_mut() {
+        for (_, linear) in layer.linears_mut() {
+            linear.lora = None;
+        }
+    }
+}

@@ -1,0 +1,717 @@
+//! Training a LoRA adapter: the loop, and the run folder it writes.
+//!
+//! A run folder holds the final adapter (`adapter_model.safetensors`,
+//! `adapter_config.json`), the best one by validation loss (`best/`), a
+//! checkpoint to resume from (`checkpoint/`), `metrics.jsonl`, the loss curve
+//! (`loss.svg`) and the resolved configuration (`train_config.toml`).
+//!
+//! ```
+//! use tuneforge::data::{Dataset, Record};
+//! use tuneforge::train::{TrainConfig, Trainer};
+//! use tuneforge::{Architecture, LoraConfig, Model};
+//!
+//! let model = Model::tiny_random(Architecture::Llama, 0)?;
+//! let data = Dataset {
+//!     train: vec![Record::Completion { prompt: "2+2?".into(), completion: "4".into() }; 8],
+//!     ..Default::default()
+//! };
+//! let out = tempfile::tempdir()?;
+//! let config = TrainConfig { max_steps: Some(3), batch_size: 4, learning_rate: 1e-2, progress: false, ..Default::default() };
+//! let mut trainer = Trainer::new(model, LoraConfig::default(), config, out.path())?;
+//! trainer.on_event(|event| println!("{event:?}"));
+//! let report = trainer.train(&data)?;
+//! assert_eq!(report.steps, 3);
+//! assert!(out.path().join("adapter_model.safetensors").is_file());
+//! # anyhow::Ok(())
+//! ```
+
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+pub use metrics::Event;
+pub use optim::AdamWConfig;
+pub use schedule::Schedule;
+
+use crate::adapter::{self, AdapterConfig};
+use crate::data::{make_batch, plan_epoch, tokenize, Dataset, Example, LossOn, TokenizeReport};
+use crate::lora::{self, LoraConfig};
+use crate::pretrained::Model;
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use metrics::MetricsLog;
+use optim::{accumulate, AdamW, Gradients};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Training hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Shape of the learning rate after warmup.
+    pub schedule: Schedule,
+    /// Updates of linear warmup.
+    pub warmup_steps: usize,
+    /// AdamW settings.
+    pub optimizer: AdamWConfig,
+    /// Examples (or packed rows) per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per update.
+    pub grad_accum: usize,
+    /// Passes over the training set (unless `max_steps` is set).
+    pub epochs: usize,
+    /// Stop after this many updates.
+    pub max_steps: Option<usize>,
+    /// Examples are cut to this many tokens.
+    pub max_seq_len: usize,
+    /// Which tokens the loss falls on.
+    pub loss_on: LossOn,
+    /// Pack several examples into each row.
+    pub packing: bool,
+    /// Evaluate on the validation set every N updates (and always at the end).
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every N updates (and always at the end).
+    pub save_every: Option<usize>,
+    /// Stop when validation loss has not improved for this many evaluations.
+    pub patience: Option<usize>,
+    /// Clip the global gradient norm to this.
+    pub clip_grad_norm: Option<f64>,
+    /// Seed for LoRA initialisation, data order and dropout.
+    pub seed: u64,
+    /// Show a progress bar.
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            optimizer: AdamWConfig::default(),
+            batch_size: 8,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            max_seq_len: 512,
+            loss_on: LossOn::AssistantTurns,
+            packing: false,
+            eval_every: None,
+            save_every: None,
+            patience: None,
+            clip_grad_norm: Some(1.0),
+            seed: 42,
+            progress: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("batch_size and grad_accum must be at least 1");
+        }
+        if self.max_seq_len < 2 {
+            bail!("max_seq_len must be at least 2");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            bail!(
+                "learning_rate must be a positive number (got {})",
+                self.learning_rate
+            );
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            bail!("set epochs or max_steps to at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What a run folder's `train_config.toml` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The base model's Hub repo id, or the name it was loaded by.
+    pub base_model: String,
+    /// The adapter settings.
+    pub lora: LoraConfig,
+    /// The training settings.
+    pub train: TrainConfig,
+}
+
+/// Where a run stands; saved in checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    epoch: usize,
+    step_in_epoch: usize,
+    rng: Rng,
+    best_valid_loss: Option<f64>,
+    evals_since_best: usize,
+    elapsed: f64,
+    tokens: usize,
+}
+
+/// How training ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// It ran all its steps.
+    Finished,
+    /// Validation loss stopped improving.
+    EarlyStopped,
+    /// The stop flag was raised (Ctrl-C); a checkpoint was saved.
+    Interrupted,
+}
+
+/// A summary of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Updates taken in total.
+    pub steps: usize,
+    /// The last update's loss.
+    pub final_train_loss: Option<f64>,
+    /// Validation loss before training (fresh runs with a validation set).
+    pub initial_valid_loss: Option<f64>,
+    /// Validation loss at the end.
+    pub final_valid_loss: Option<f64>,
+    /// The best validation loss seen.
+    pub best_valid_loss: Option<f64>,
+    /// Seconds spent training (resumed runs include earlier time).
+    pub elapsed: f64,
+    /// Non-padding tokens processed.
+    pub tokens: usize,
+    /// What tokenizing the training set did.
+    pub train_data: TokenizeReport,
+    /// What tokenizing the validation set did.
+    pub valid_data: TokenizeReport,
+}
+
+/// A function called with each training event.
+pub type EventCallback = Box<dyn FnMut(&Event)>;
+
+/// Trains a LoRA adapter on a model.
+pub struct Trainer {
+    model: Model,
+    run: RunConfig,
+    out_dir: PathBuf,
+    optimizer: AdamW,
+    state: TrainState,
+    stop: Arc<AtomicBool>,
+    callbacks: Vec<EventCallback>,
+    resumed: bool,
+}
+
+const RUN_FILES: [&str; 7] = [
+    "train_config.toml",
+    "metrics.jsonl",
+    "loss.svg",
+    adapter::WEIGHTS_FILE,
+    adapter::CONFIG_FILE,
+    "checkpoint",
+    "best",
+];
+
+/// Whether `dir` already holds a training run.
+pub fn holds_run(dir: &Path) -> bool {
+    RUN_FILES.iter().any(|f| dir.join(f).exists())
+}
+
+impl Trainer {
+    /// Attaches fresh adapters to `model` and prepares a new run in `out_dir`.
+    /// Refuses a folder that already holds a run: use [`Trainer::overwrite`] first,
+    /// or [`Trainer::resume`].
+    pub fn new(
+        mut model: Model,
+        lora: LoraConfig,
+        config: TrainConfig,
+        out_dir: &Path,
+    ) -> Result<Self> {
+        config.validate()?;
+        lora.validate(model.lm.layers.len())?;
+        if holds_run(out_dir) {
+            bail!(
+                "{} already holds a training run; refusing to overwrite it. Pass --overwrite to replace it, \
+                 --resume to continue it, or choose another --out folder.",
+                out_dir.display()
+            );
+        }
+        lora::attach(&mut model.lm, &lora, config.seed)?;
+        let base_model = model.repo_id().unwrap_or(&model.source.name).to_string();
+        let run = RunConfig {
+            base_model,
+            lora,
+            train: config,
+        };
+        std::fs::create_dir_all(out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+        crate::atomic::write(
+            &out_dir.join("train_config.toml"),
+            toml::to_string_pretty(&run)?.as_bytes(),
+        )?;
+        Self::assemble(model, run, out_dir, None)
+    }
+
+    /// Removes a previous run's files from `out_dir` (and nothing else).
+    pub fn overwrite(out_dir: &Path) -> Result<()> {
+        for f in RUN_FILES {
+            let p = out_dir.join(f);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+            } else if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Continues the run in `out_dir` from its checkpoint: adapter, optimizer state,
+    /// schedule, random state and position in the data are all restored.
+    pub fn resume(mut model: Model, out_dir: &Path) -> Result<Self> {
+        let config_path = out_dir.join("train_config.toml");
+        let text = std::fs::read_to_string(&config_path).with_context(|| {
+            format!(
+                "reading {}: is {} a run folder?",
+                config_path.display(),
+                out_dir.display()
+            )
+        })?;
+        let run: RunConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+        let checkpoint = out_dir.join("checkpoint");
+        let base = model.repo_id().unwrap_or(&model.source.name).to_string();
+        if !base.eq_ignore_ascii_case(&run.base_model) {
+            bail!(
+                "the run in {} trains {}, but the model given is {base}",
+                out_dir.display(),
+                run.base_model
+            );
+        }
+        adapter::load(&mut model.lm, &checkpoint)
+            .with_context(|| format!("loading the checkpoint in {}", checkpoint.display()))?;
+        let state_path = checkpoint.join("trainer_state.json");
+        let state: TrainState = serde_json::from_str(
+            &std::fs::read_to_string(&state_path)
+                .with_context(|| format!("reading {}", state_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", state_path.display()))?;
+        let mut trainer = Self::assemble(model, run, out_dir, Some(state))?;
+        let step = trainer.state.step;
+        trainer
+            .optimizer
+            .load(&checkpoint.join("optimizer.safetensors"), step)?;
+        trainer.resumed = true;
+        Ok(trainer)
+    }
+
+    fn assemble(
+        model: Model,
+        run: RunConfig,
+        out_dir: &Path,
+        state: Option<TrainState>,
+    ) -> Result<Self> {
+        let optimizer = AdamW::new(lora::parameters(&model.lm), run.train.optimizer)?;
+        let state = state.unwrap_or_else(|| TrainState {
+            step: 0,
+            epoch: 0,
+            step_in_epoch: 0,
+            rng: Rng::new(run.train.seed ^ 0x5EED),
+            best_valid_loss: None,
+            evals_since_best: 0,
+            elapsed: 0.0,
+            tokens: 0,
+        });
+        Ok(Self {
+            model,
+            run,
+            out_dir: out_dir.to_path_buf(),
+            optimizer,
+            state,
+            stop: Arc::default(),
+            callbacks: Vec::new(),
+            resumed: false,
+        })
+    }
+
+    /// A flag that, once raised (say from a Ctrl-C handler), makes training save a
+    /// checkpoint and return [`Outcome::Interrupted`] after the current update.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Calls `f` with every step and evaluation event.
+    pub fn on_event(&mut self, f: impl FnMut(&Event) + 'static) {
+        self.callbacks.push(Box::new(f));
+    }
+
+    /// The model, with its adapters.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Gives the model back, with its trained adapters.
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The run's configuration.
+    pub fn run_config(&self) -> &RunConfig {
+        &self.run
+    }
+
+    fn adapter_config(&self) -> Result<AdapterConfig> {
+        AdapterConfig::new(&self.run.lora, Some(&self.run.base_model))
+    }
+
+    /// Tokenizes records with this run's settings.
+    pub fn tokenize(
+        &self,
+        records: &[crate::data::Record],
+    ) -> Result<(Vec<Example>, TokenizeReport)> {
+        tokenize(
+            records,
+            &self.model.tokenizer,
+            self.run.train.loss_on,
+            self.run.train.max_seq_len,
+        )
+    }
+
+    /// Mean cross-entropy per trained token over `examples`, without dropout.
+    pub fn evaluate(&self, examples: &[Example]) -> Result<f64> {
+        evaluate(&self.model, examples, self.run.train.batch_size)
+    }
+
+    fn emit(&mut self, log: &mut MetricsLog, event: Event) -> Result<()> {
+        for f in self.callbacks.iter_mut() {
+            f(&event);
+        }
+        log.push(event)
+    }
+
+    /// Trains on `data.train`, evaluating on `data.valid`.
+    pub fn train(&mut self, data: &Dataset) -> Result<TrainReport> {
+        let cfg = self.run.train.clone();
+        let (train, train_data) = self.tokenize(&data.train)?;
+        let (valid, valid_data) = self.tokenize(&data.valid)?;
+        if train.is_empty() {
+            bail!("no training example is left after tokenizing ({} records, {} dropped with no trained token)", train_data.records, train_data.dropped);
+        }
+        let packing = cfg.packing.then_some(cfg.max_seq_len);
+        let epoch_plan = |epoch: usize| {
+            plan_epoch(
+                &train,
+                cfg.batch_size,
+                cfg.grad_accum,
+                packing,
+                &mut Rng::new(cfg.seed.wrapping_add(1 + epoch as u64)),
+            )
+        };
+        let steps_per_epoch = epoch_plan(0).len();
+        let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        let mut log = MetricsLog::open(
+            &self.out_dir.join("metrics.jsonl"),
+            self.resumed.then_some(self.state.step),
+        )?;
+
+        let mut initial_valid_loss = None;
+        if !self.resumed && !valid.is_empty() {
+            let v = self.evaluate(&valid)?;
+            initial_valid_loss = Some(v);
+            self.emit(
+                &mut log,
+                Event::Eval {
+                    step: 0,
+                    valid_loss: v,
+                },
+            )?;
+        }
+        let bar = progress_bar(cfg.progress, total, self.state.step);
+        let start = Instant::now() - std::time::Duration::from_secs_f64(self.state.elapsed);
+        let mut outcome = Outcome::Finished;
+        let mut final_train_loss = None;
+        let mut last_eval_step = if self.resumed { None } else { Some(0) };
+        let mut plan = epoch_plan(self.state.epoch);
+
+        while self.state.step < total {
+            if self.state.step_in_epoch >= plan.len() {
+                self.state.epoch += 1;
+                self.state.step_in_epoch = 0;
+                plan = epoch_plan(self.state.epoch);
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                outcome = Outcome::Interrupted;
+                break;
+            }
+            let t0 = Instant::now();
+            let group = &plan[self.state.step_in_epoch];
+            let seeds: Vec<u64> = group.iter().map(|_| self.state.rng.next_u64()).collect();
+            let update = step_gradients(&self.model, &train, group, &seeds, &self.optimizer)?;
+            let (step_loss, grads, tokens, trained_tokens) = (
+                update.loss,
+                update.gradients,
+                update.tokens,
+                update.trained_tokens,
+            );
+            if !step_loss.is_finite() {
+                bar.abandon();
+                bail!(
+                    "training diverged at step {}: the loss is {step_loss}. The last good checkpoint in {} is intact; \
+                     lower the learning rate or enable clip_grad_norm, then resume or restart.",
+                    self.state.step + 1,
+                    self.out_dir.join("checkpoint").display()
+                );
+            }
+            let grad_norm = AdamW::grad_norm(&grads)?;
+            let scale = match cfg.clip_grad_norm {
+                Some(max) if grad_norm > max => max / grad_norm,
+                _ => 1.0,
+            };
+            let lr = cfg
+                .schedule
+                .lr(cfg.learning_rate, self.state.step, cfg.warmup_steps, total);
+            self.optimizer.step(&grads, lr, scale)?;
+            self.state.step += 1;
+            self.state.step_in_epoch += 1;
+            self.state.tokens += tokens;
+            self.state.elapsed = start.elapsed().as_secs_f64();
+            final_train_loss = Some(step_loss);
+            let tokens_per_second = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(self.state.step as u64);
+            bar.set_message(format!(
+                "loss {step_loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
+            ));
+            let step = self.state.step;
+            self.emit(
+                &mut log,
+                Event::Step {
+                    step,
+                    epoch: self.state.epoch,
+                    loss: step_loss,
+                    lr,
+                    grad_norm,
+                    trained_tokens,
+                    tokens,
+                    tokens_per_second,
+                    elapsed: self.state.elapsed,
+                },
+            )?;
+            if cfg.eval_every.is_some_and(|n| step % n == 0) && !valid.is_empty() && step < total {
+                last_eval_step = Some(step);
+                if self.validate(&valid, &mut log)? {
+                    outcome = Outcome::EarlyStopped;
+                    break;
+                }
+            }
+            if cfg.save_every.is_some_and(|n| step % n == 0) {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        let mut final_valid_loss = None;
+        if !valid.is_empty() && outcome != Outcome::Interrupted {
+            if last_eval_step != Some(self.state.step) {
+                self.validate(&valid, &mut log)?;
+            }
+            final_valid_loss = log.events().iter().rev().find_map(|e| match e {
+                Event::Eval { valid_loss, .. } => Some(*valid_loss),
+                _ => None,
+            });
+        }
+        self.save_checkpoint()?;
+        if outcome != Outcome::Interrupted {
+            adapter::save(&self.model.lm, &self.adapter_config()?, &self.out_dir)?;
+        }
+        log.plot(&self.out_dir.join("loss.svg"))?;
+        Ok(TrainReport {
+            outcome,
+            steps: self.state.step,
+            final_train_loss,
+            initial_valid_loss,
+            final_valid_loss,
+            best_valid_loss: self.state.best_valid_loss,
+            elapsed: self.state.elapsed,
+            tokens: self.state.tokens,
+            train_data,
+            valid_data,
+        })
+    }
+
+    /// Evaluates, keeps the best adapter, and says whether patience ran out.
+    fn validate(&mut self, valid: &[Example], log: &mut MetricsLog) -> Result<bool> {
+        let v = self.evaluate(valid)?;
+        self.emit(
+            log,
+            Event::Eval {
+                step: self.state.step,
+                valid_loss: v,
+            },
+        )?;
+        if self.state.best_valid_loss.is_none_or(|b| v < b) {
+            self.state.best_valid_loss = Some(v);
+            self.state.evals_since_best = 0;
+            adapter::save(
+                &self.model.lm,
+                &self.adapter_config()?,
+                &self.out_dir.join("best"),
+            )?;
+        } else {
+            self.state.evals_since_best += 1;
+        }
+        Ok(self
+            .run
+            .train
+            .patience
+            .is_some_and(|p| self.state.evals_since_best >= p))
+    }
+
+    /// Writes `checkpoint/` whole or not at all: into a fresh folder, then renamed.
+    fn save_checkpoint(&self) -> Result<()> {
+        let fresh = self.out_dir.join("checkpoint.partial");
+        let old = self.out_dir.join("checkpoint.old");
+        let target = self.out_dir.join("checkpoint");
+        let write = || -> Result<()> {
+            if fresh.exists() {
+                std::fs::remove_dir_all(&fresh)
+                    .with_context(|| format!("removing {}", fresh.display()))?;
+            }
+            adapter::save(&self.model.lm, &self.adapter_config()?, &fresh)?;
+            self.optimizer.save(&fresh.join("optimizer.safetensors"))?;
+            crate::atomic::write(
+                &fresh.join("trainer_state.json"),
+                serde_json::to_string_pretty(&self.state)?.as_bytes(),
+            )
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e.context(format!(
+                "saving a checkpoint in {} (the previous checkpoint is kept)",
+                self.out_dir.display()
+            )));
+        }
+        if target.exists() {
+            std::fs::rename(&target, &old)
+                .with_context(|| format!("moving {} aside", target.display()))?;
+        }
+        std::fs::rename(&fresh, &target)
+            .with_context(|| format!("renaming {} to {}", fresh.display(), target.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The loss and summed gradients of one update.
+pub struct Update {
+    /// Mean cross-entropy per trained token over the whole update.
+    pub loss: f64,
+    /// Gradients of that loss, aligned with the optimizer's parameters.
+    pub gradients: Gradients,
+    /// Non-padding tokens.
+    pub tokens: usize,
+    /// Trained tokens.
+    pub trained_tokens: usize,
+}
+
+/// Runs forward and backward over the micro-batches of one update. Each
+/// micro-batch's summed loss is divided by the trained tokens of the whole
+/// update, so the result does not depend on how the update is split.
+/// `dropout_seeds` holds one seed per micro-batch.
+pub fn step_gradients(
+    model: &Model,
+    examples: &[Example],
+    micro_batches: &[Vec<crate::data::batch::Row>],
+    dropout_seeds: &[u64],
+    optimizer: &AdamW,
+) -> Result<Update> {
+    let lm = &model.lm;
+    let batches = micro_batches
+        .iter()
+        .map(|rows| {
+            make_batch(
+                examples,
+                rows,
+                model.tokenizer.pad_id(),
+                lm.dtype(),
+                lm.device(),
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let trained_tokens: usize = batches.iter().map(|b| b.trained_tokens).sum();
+    let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+    let mut gradients: Gradients = Vec::new();
+    let mut loss = 0.0;
+    for (mut batch, &seed) in batches.into_iter().zip(dropout_seeds) {
+        if batch.trained_tokens == 0 {
+            continue;
+        }
+        batch.input.dropout_seed = Some(seed);
+        let hidden = lm.forward_hidden(&batch.input, None)?;
+        let summed = loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?;
+        let scaled = (summed / trained_tokens as f64)?;
+        loss += scaled.to_scalar::<f32>()? as f64;
+        accumulate(&mut gradients, optimizer.gradients(&scaled.backward()?))?;
+    }
+    Ok(Update {
+        loss,
+        gradients,
+        tokens,
+        trained_tokens,
+    })
+}
+
+/// Mean cross-entropy per trained token of `model` over `examples`.
+pub fn evaluate(model: &Model, examples: &[Example], batch_size: usize) -> Result<f64> {
+    if examples.is_empty() {
+        bail!("nothing to evaluate on");
+    }
+    let lm = &model.lm;
+    let (mut total, mut count) = (0f64, 0usize);
+    for step in plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0)) {
+        for rows in step {
+            let batch = make_batch(
+                examples,
+                &rows,
+                model.tokenizer.pad_id(),
+                lm.dtype(),
+                lm.device(),
+            )?;
+            if batch.trained_tokens == 0 {
+                continue;
+            }
+            let hidden = lm.forward_hidden(&batch.input, None)?.detach();
+            total += loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?
+                .to_scalar::<f32>()? as f64;
+            count += batch.trained_tokens;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+fn progress_bar(show: bool, total: usize, done: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "train [{bar:30}] {pos}/{len} steps, {msg}, ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(done as u64);
+    bar
+}

@@ -1,0 +1,564 @@
+//! LoRA training on a tiny random model: gradients, accumulation, reproducibility,
+//! resuming, divergence, adapters and merging, and bad input.
+
+use candle_core::{Device, Tensor, Var};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use tuneforge::data::{plan_epoch, Dataset, Record};
+use tuneforge::rng::Rng;
+use tuneforge::train::{step_gradients, Event, Outcome, TrainConfig, Trainer};
+use tuneforge::{adapter, lora, Architecture, LoraConfig, Message, Model};
+
+fn tiny() -> Model {
+    Model::tiny_random(Architecture::Llama, 11).unwrap()
+}
+
+fn records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| match i % 3 {
+            0 => Record::Completion {
+                prompt: format!("ticket {i}: refund please"),
+                completion: format!("{{\"label\": \"billing\", \"n\": {i}}}"),
+            },
+            1 => Record::Chat(vec![
+                Message::system("triage"),
+                Message::user(format!("app crashed {i}")),
+                Message::assistant("bug"),
+                Message::user("sure?"),
+                Message::assistant(format!("yes {i}")),
+            ]),
+            _ => Record::Text(format!("plain text example number {i}")),
+        })
+        .collect()
+}
+
+fn data() -> Dataset {
+    Dataset {
+        train: records(16),
+        valid: records(4),
+        ..Default::default()
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        batch_size: 4,
+        max_steps: Some(6),
+        learning_rate: 5e-3,
+        progress: false,
+        ..Default::default()
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn logits(model: &Model) -> Tensor {
+    model
+        .lm
+        .forward(&Tensor::new(&[[1u32, 80, 81, 82, 2, 90]], &Device::Cpu).unwrap())
+        .unwrap()
+}
+
+fn step_losses(events: &[Event]) -> Vec<f64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect()
+}
+
+fn read_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Event>(l).unwrap())
+        .filter_map(|e| match e {
+            Event::Step { loss, .. } => Some(loss),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fresh_adapters_leave_outputs_unchanged() {
+    let mut model = tiny();
+    let before = logits(&model);
+    lora::attach(&mut model.lm, &LoraConfig::default(), 3).unwrap();
+    assert_eq!(max_diff(&before, &logits(&model)), 0.0);
+    assert_eq!(
+        lora::parameters(&model.lm).len(),
+        2 * 7 * model.lm.layers.len()
+    );
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient() {
+    let out = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(
+        tiny(),
+        LoraConfig::default(),
+        TrainConfig {
+            max_steps: Some(1),
+            ..config()
+        },
+        out.path(),
+    )
+    .unwrap();
+    trainer.train(&data()).unwrap();
+    // After one update B is no longer zero, so both factors receive gradients.
+    let (examples, _) = trainer.tokenize(&records(8)).unwrap();
+    let plan = plan_epoch(&examples, 8, 1, None, &mut Rng::new(0));
+    let update = step_gradients(
+        trainer.model(),
+        &examples,
+        &plan[0],
+        &[0],
+        trainer.optimizer(),
+    )
+    .unwrap();
+    for ((name, _), g) in trainer.optimizer().params().iter().zip(&update.gradients) {
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "{name} has a zero gradient");
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let mut model = tiny();
+    lora::attach(
+        &mut model.lm,
+        &LoraConfig {
+            r: 2,
+            ..Default::default()
+        },
+        5,
+    )
+    .unwrap();
+    // Give B some weight so that A's gradient is not zero.
+    for (name, var) in lora::parameters(&model.lm) {
+        if name.contains("lora_B") {
+            var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                .unwrap();
+        }
+    }
+    let examples = tuneforge::data::tokenize(&records(3), &model.tokenizer, Default::default(), 64)
+        .unwrap()
+        .0;
+    let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
+    let params = lora::parameters(&model.lm);
+    let opt = tuneforge::train::optim::AdamW::new(params.clone(), Default::default()).unwrap();
+    let update = step_gradients(&model, &examples, &plan[0], &[0], &opt).unwrap();
+    let loss_at = |var: &Var, idx: usize, delta: f32| -> f64 {
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut v = orig.clone();
+        v[idx] += delta;
+        var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let loss = step_gradients(&model, &examples, &plan[0], &[0], &opt)
+            .unwrap()
+            .loss;
+        var.set(&Tensor::from_vec(orig, var.as_tensor().shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        loss
+    };
+    // The first and last layers' q_proj and down_proj factors, a few entries each.
+    for (i, (name, var)) in params
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| [0, 1, 12, 13, params.len() - 2, params.len() - 1].contains(i))
+    {
+        let grad = update.gradients[i]
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for idx in [0, grad.len() / 2, grad.len() - 1] {
+            let h = 1e-2;
+            let numeric = (loss_at(var, idx, h) - loss_at(var, idx, -h)) / (2.0 * h as f64);
+            let analytic = grad[idx] as f64;
+            assert!(
+                (analytic - numeric).abs() < 2e-3 + 0.05 * numeric.abs(),
+                "{name}[{idx}]: analytic {analytic} vs numeric {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_8_equals_batch_2_with_accumulation_4() {
+    let model_a = {
+        let mut m = tiny();
+        lora::attach(&mut m.lm, &LoraConfig::default(), 9).unwrap();
+        for (_, var) in lora::parameters(&m.lm) {
+            var.set(&(var.as_tensor() + 0.01).unwrap()).unwrap();
+        }
+        m
+    };
+    let examples =
+        tuneforge::data::tokenize(&records(8), &model_a.tokenizer, Default::default(), 64)
+            .unwrap()
+            .0;
+    let opt =
+        tuneforge::train::optim::AdamW::new(lora::parameters(&model_a.lm), Default::default())
+            .unwrap();
+    let one = plan_epoch(&examples, 8, 1, None, &mut Rng::new(3));
+    let four = plan_epoch(&examples, 2, 4, None, &mut Rng::new(3));
+    assert_eq!((one[0].len(), four[0].len()), (1, 4));
+    let a = step_gradients(&model_a, &examples, &one[0], &[0], &opt).unwrap();
+    let b = step_gradients(&model_a, &examples, &four[0], &[0, 0, 0, 0], &opt).unwrap();
+    assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+    assert_eq!(a.trained_tokens, b.trained_tokens);
+    for (ga, gb) in a.gradients.iter().zip(&b.gradients) {
+        let (ga, gb) = (ga.as_ref().unwrap(), gb.as_ref().unwrap());
+        let scale: f32 = ga
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .max_keepdim(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert!(
+            max_diff(ga, gb) <= 1e-4 * scale.max(1e-3),
+            "gradients differ"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_losses() {
+    let run = || {
+        let out = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(
+            tiny(),
+            LoraConfig {
+                dropout: 0.1,
+                ..Default::default()
+            },
+            config(),
+            out.path(),
+        )
+        .unwrap();
+        t.train(&data()).unwrap();
+        read_losses(out.path())
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b);
+    assert!(a[5] < a[0], "the loss goes down: {a:?}");
+}
+
+#[test]
+fn resuming_continues_exactly() {
+    let lora = LoraConfig {
+        dropout: 0.1,
+        ..Default::default()
+    };
+    let cfg = TrainConfig {
+        eval_every: Some(2),
+        ..config()
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(tiny(), lora.clone(), cfg.clone(), whole.path()).unwrap();
+    t.train(&data()).unwrap();
+    let want = read_losses(whole.path());
+
+    let split = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(tiny(), lora, cfg, split.path()).unwrap();
+    let stop = t.stop_flag();
+    t.on_event(move |e| {
+        if matches!(e, Event::Step { step: 3, .. }) {
+            stop.store(true, Ordering::SeqCst)
+        }
+    });
+    let report = t.train(&data()).unwrap();
+    assert_eq!((report.outcome, report.steps), (Outcome::Interrupted, 3));
+    assert!(split
+        .path()
+        .join("checkpoint/optimizer.safetensors")
+        .is_file());
+    let mut resumed = Trainer::resume(tiny(), split.path()).unwrap();
+    let report = resumed.train(&data()).unwrap();
+    assert_eq!((report.outcome, report.steps), (Outcome::Finished, 6));
+    assert_eq!(read_losses(split.path()), want);
+    // The final adapters are the same too.
+    let a = candle_core::safetensors::load(whole.path().join(adapter::WEIGHTS_FILE), &Device::Cpu)
+        .unwrap();
+    let b = candle_core::safetensors::load(split.path().join(adapter::WEIGHTS_FILE), &Device::Cpu)
+        .unwrap();
+    for (k, t) in &a {
+        assert_eq!(max_diff(t, &b[k]), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn run_folder_has_everything() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        eval_every: Some(2),
+        patience: Some(50),
+        ..config()
+    };
+    let mut t = Trainer::new(tiny(), LoraConfig::default(), cfg, out.path()).unwrap();
+    let report = t.train(&data()).unwrap();
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "best/adapter_model.safetensors",
+        "checkpoint/trainer_state.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "train_config.toml",
+    ] {
+        assert!(out.path().join(f).is_file(), "missing {f}");
+    }
+    assert!(report.final_valid_loss.unwrap() < report.initial_valid_loss.unwrap());
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["peft_type"], "LORA");
+    assert_eq!(peft["task_type"], "CAUSAL_LM");
+    assert_eq!(peft["base_model_name_or_path"], "tuneforge/tiny-random");
+    assert_eq!(peft["r"], 8);
+    assert_eq!(peft["bias"], "none");
+    assert_eq!(peft["inference_mode"], true);
+    assert_eq!(peft["target_modules"].as_array().unwrap().len(), 7);
+    let weights =
+        candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let a = &weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &weights["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"];
+    assert_eq!(a.dims(), &[8, 32]);
+    assert_eq!(b.dims(), &[32, 8]);
+    assert!(std::fs::read_to_string(out.path().join("loss.svg"))
+        .unwrap()
+        .contains("<svg"));
+
+    // The same folder is refused without --overwrite, and accepted after it.
+    let err = Trainer::new(tiny(), LoraConfig::default(), config(), out.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds a training run"), "{err}");
+    Trainer::overwrite(out.path()).unwrap();
+    Trainer::new(tiny(), LoraConfig::default(), config(), out.path()).unwrap();
+}
+
+#[test]
+fn early_stopping_stops() {
+    let out = tempfile::tempdir().unwrap();
+    // A learning rate so small nothing improves measurably after the first evaluation.
+    let cfg = TrainConfig {
+        eval_every: Some(1),
+        patience: Some(1),
+        max_steps: Some(20),
+        learning_rate: 1e-12,
+        schedule: tuneforge::train::Schedule::Constant,
+        ..config()
+    };
+    let mut t = Trainer::new(tiny(), LoraConfig::default(), cfg, out.path()).unwrap();
+    let report = t.train(&data()).unwrap();
+    assert_eq!(report.outcome, Outcome::EarlyStopped);
+    assert!(report.steps < 20);
+}
+
+#[test]
+fn divergence_stops_with_a_clear_message_and_keeps_the_checkpoint() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        learning_rate: 1e30,
+        clip_grad_norm: None,
+        save_every: Some(1),
+        schedule: tuneforge::train::Schedule::Constant,
+        max_steps: Some(8),
+        ..config()
+    };
+    let mut t = Trainer::new(tiny(), LoraConfig::default(), cfg, out.path()).unwrap();
+    let err = t.train(&data()).unwrap_err().to_string();
+    assert!(
+        err.contains("diverged") && err.contains("checkpoint"),
+        "{err}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("checkpoint/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["step"].as_u64().unwrap() >= 1);
+    adapter::load(&mut tiny().lm, &out.path().join("checkpoint")).unwrap();
+}
+
+#[test]
+fn adapters_load_back_and_merge() {
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        tiny(),
+        LoraConfig {
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            layers: Some(vec![1]),
+            use_rslora: true,
+            ..Default::default()
+        },
+        config(),
+        out.path(),
+    )
+    .unwrap();
+    t.train(&data()).unwrap();
+    let trained = t.into_model();
+    let want = logits(&trained);
+    assert!(
+        max_diff(&want, &logits(&tiny())) > 0.0,
+        "training changed the model"
+    );
+
+    let mut loaded = tiny();
+    let cfg = adapter::load(&mut loaded.lm, out.path()).unwrap();
+    assert_eq!(
+        cfg.layers_to_transform,
+        Some(adapter::LayerList::List(vec![1]))
+    );
+    assert_eq!(max_diff(&want, &logits(&loaded)), 0.0);
+
+    lora::merge(&mut loaded.lm).unwrap();
+    assert!(lora::parameters(&loaded.lm).is_empty());
+    assert!(max_diff(&want, &logits(&loaded)) < 1e-4);
+    let merged = tempfile::tempdir().unwrap();
+    loaded
+        .save_hf(merged.path(), candle_core::DType::F32)
+        .unwrap();
+    let back = Model::load(merged.path().to_str().unwrap(), &Default::default()).unwrap();
+    assert!(max_diff(&want, &logits(&back)) < 1e-4);
+}
+
+#[test]
+fn bad_lora_settings_are_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let err = Trainer::new(
+        tiny(),
+        LoraConfig {
+            r: 0,
+            ..Default::default()
+        },
+        config(),
+        out.path(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("r = 0"), "{err}");
+    let err = Trainer::new(
+        tiny(),
+        LoraConfig {
+            target_modules: vec!["qkv".into()],
+            ..Default::default()
+        },
+        config(),
+        out.path(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("'qkv'")
+            && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+        "{err}"
+    );
+    assert!(
+        !out.path().join("train_config.toml").exists(),
+        "nothing was written for a refused run"
+    );
+}
+
+#[test]
+fn adapter_for_another_base_model_names_the_tensor() {
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        tiny(),
+        LoraConfig::default(),
+        TrainConfig {
+            max_steps: Some(1),
+            ..config()
+        },
+        out.path(),
+    )
+    .unwrap();
+    t.train(&data()).unwrap();
+    let mut other_config = tuneforge::ModelConfig::tiny(Architecture::Llama);
+    other_config.hidden_size = 48;
+    other_config.head_dim = 12;
+    let mut other =
+        tuneforge::CausalLm::random(&other_config, 1, candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
+    let err = adapter::load(&mut other, out.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+            && err.contains("different base model"),
+        "{err}"
+    );
+    let cfg = adapter::read_config(out.path()).unwrap();
+    let err = adapter::check_base_model(
+        &cfg,
+        out.path(),
+        Some("HuggingFaceTB/SmolLM2-135M-Instruct"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tuneforge/tiny-random"), "{err}");
+}
+
+#[test]
+fn data_folder_without_train_jsonl_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("valid.jsonl"), "{\"text\": \"x\"}\n").unwrap();
+    let err = Dataset::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("no train.jsonl"), "{err}");
+}
+
+#[test]
+fn packing_trains_too() {
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        tiny(),
+        LoraConfig::default(),
+        TrainConfig {
+            packing: true,
+            max_seq_len: 128,
+            ..config()
+        },
+        out.path(),
+    )
+    .unwrap();
+    let report = t.train(&data()).unwrap();
+    assert_eq!(report.steps, 6);
+    let losses = read_losses(out.path());
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let _ = step_losses;
+}
