@@ -1,16 +1,23 @@
-//! Speed and memory of the real model on this machine: load time and peak RSS,
-//! forward throughput, and decoding speed. Prints a table and writes JSON rows.
+//! Speed and memory of the real model on this machine: load, forward, full LoRA
+//! training steps (forward, backward, AdamW) and greedy decoding. Prints a
+//! table and optionally writes the rows as JSON so runs can be compared.
 //!
 //! ```text
 //! cargo run --release --example bench
-//! cargo run --release --example bench -- --json bench.json
+//! cargo run --release --example bench -- --json bench.json --reps 5
 //! ```
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use clap::Parser;
 use std::time::Instant;
-use tuneforge::{memory, GenerationConfig, LoadOptions, Message, Model};
+use tuneforge::data::Example;
+use tuneforge::train::optim::AdamW;
+use tuneforge::{
+    lora, memory, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
+};
+
+/// Parameters of SmolLM2-135M with the tied lm_head counted once.
+const N_PARAMS: f64 = 134.5e6;
 
 #[derive(Parser)]
 struct Args {
@@ -23,6 +30,9 @@ struct Args {
     /// Timed repetitions per row.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Only these rows (substring match on the name).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -31,87 +41,172 @@ struct Row {
     seconds: f64,
     tokens_per_second: Option<f64>,
     peak_rss_mb: Option<f64>,
+    gflops: Option<f64>,
 }
 
-fn mb(b: Option<u64>) -> Option<f64> {
-    b.map(|b| b as f64 / 1e6)
+fn peak_mb() -> Option<f64> {
+    memory::peak_rss_bytes().map(|b| b as f64 / 1e6)
+}
+
+/// A synthetic batch of `b` rows of `s` tokens, every token trained.
+fn synthetic(b: usize, s: usize) -> Vec<Example> {
+    (0..b)
+        .map(|r| Example {
+            ids: (0..s)
+                .map(|i| ((r * s + i) * 7919 % 49152) as u32)
+                .collect(),
+            trained: (0..s).map(|i| i > 0).collect(),
+        })
+        .collect()
+}
+
+fn train_row(
+    model: &mut Model,
+    name: &str,
+    lora_config: &LoraConfig,
+    b: usize,
+    s: usize,
+    reps: usize,
+) -> Result<Row> {
+    lora::detach(&mut model.lm);
+    lora::attach(&mut model.lm, lora_config, 0)?;
+    let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
+    let examples = synthetic(b, s);
+    let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
+    memory::reset_peak_rss();
+    let step = |opt: &mut AdamW| -> Result<()> {
+        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], opt)?;
+        opt.step(&update.gradients, 1e-4, 1.0)
+    };
+    step(&mut opt)?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        step(&mut opt)?;
+    }
+    let sec = t.elapsed().as_secs_f64() / reps as f64;
+    let tokens = (b * s) as f64;
+    Ok(Row {
+        name: name.into(),
+        seconds: sec,
+        tokens_per_second: Some(tokens / sec),
+        peak_rss_mb: peak_mb(),
+        gflops: Some(4.0 * N_PARAMS * tokens / sec / 1e9),
+    })
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let wanted = |name: &str| args.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     // Make sure the file is cached, so that the load below is a pure load.
     tuneforge::source::resolve(&args.model)?;
     let mut rows = Vec::new();
 
     memory::reset_peak_rss();
     let t = Instant::now();
-    let model = Model::load(
+    let mut model = Model::load(
         &args.model,
         &LoadOptions {
-            device: tuneforge::DeviceSpec::Cpu,
+            device: DeviceSpec::Cpu,
             dtype: None,
         },
     )?;
     rows.push(Row {
-        name: "load (cached)".into(),
+        name: "load (cached GGUF)".into(),
         seconds: t.elapsed().as_secs_f64(),
         tokens_per_second: None,
-        peak_rss_mb: mb(memory::peak_rss_bytes()),
+        peak_rss_mb: peak_mb(),
+        gflops: None,
     });
 
-    let (b, s) = (4, 128);
-    let ids: Vec<u32> = (0..b * s).map(|i| (i * 7919 % 49152) as u32).collect();
-    let input = Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
-    let _ = model.lm.forward_hidden(
-        &tuneforge::model::ForwardInput::causal(&input, 0, model.lm.dtype())?,
-        None,
-    )?;
-    let t = Instant::now();
-    for _ in 0..args.reps {
-        let hidden = model.lm.forward_hidden(
-            &tuneforge::model::ForwardInput::causal(&input, 0, model.lm.dtype())?,
-            None,
+    let name = "forward, no grad, 4 x 128";
+    if wanted(name) {
+        let examples = synthetic(4, 128);
+        let batch = tuneforge::data::make_batch(
+            &examples,
+            &(0..4).map(|i| vec![i]).collect::<Vec<_>>(),
+            0,
+            model.lm.dtype(),
+            model.lm.device(),
         )?;
-        // Logits of every position, as a forward pass for scoring would.
-        let _ = model.lm.logits(&hidden)?;
+        memory::reset_peak_rss();
+        let forward = || -> Result<()> {
+            let hidden = model.lm.forward_hidden(&batch.input, None)?;
+            // Score every position, as an evaluation pass does.
+            tuneforge::train::loss::summed_cross_entropy(
+                &model.lm,
+                &hidden,
+                &batch.targets,
+                &batch.trained,
+            )?;
+            Ok(())
+        };
+        forward()?;
+        let t = Instant::now();
+        for _ in 0..args.reps {
+            forward()?;
+        }
+        let sec = t.elapsed().as_secs_f64() / args.reps as f64;
+        rows.push(Row {
+            name: name.into(),
+            seconds: sec,
+            tokens_per_second: Some(512.0 / sec),
+            peak_rss_mb: peak_mb(),
+            gflops: Some(2.0 * N_PARAMS * 512.0 / sec / 1e9),
+        });
     }
-    let sec = t.elapsed().as_secs_f64() / args.reps as f64;
-    rows.push(Row {
-        name: format!("forward {b}x{s}, no grad"),
-        seconds: sec,
-        tokens_per_second: Some((b * s) as f64 / sec),
-        peak_rss_mb: mb(memory::peak_rss_bytes()),
-    });
 
-    let g = model.chat(
-        &[Message::user("What is LoRA?")],
-        &GenerationConfig {
+    let all7 = LoraConfig::default();
+    let qv = LoraConfig {
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        ..Default::default()
+    };
+    for (name, config, b, s) in [
+        ("train, all-7, r=8, 4 x 128", &all7, 4, 128),
+        ("train, all-7, r=8, 8 x 256", &all7, 8, 256),
+        ("train, q+v, r=8, 4 x 128", &qv, 4, 128),
+    ] {
+        if wanted(name) {
+            rows.push(train_row(&mut model, name, config, b, s, args.reps)?);
+        }
+    }
+    lora::detach(&mut model.lm);
+
+    let name = "greedy decoding, 64 tokens";
+    if wanted(name) {
+        memory::reset_peak_rss();
+        let config = GenerationConfig {
             max_new_tokens: 64,
             stop_at_eos: false,
             ..Default::default()
-        },
-        &mut |_| {},
-    )?;
-    rows.push(Row {
-        name: "greedy decoding, 64 tokens".into(),
-        seconds: g.decode.as_secs_f64(),
-        tokens_per_second: Some(g.tokens_per_second()),
-        peak_rss_mb: mb(memory::peak_rss_bytes()),
-    });
+        };
+        let g = model.chat(&[Message::user("What is LoRA?")], &config, &mut |_| {})?;
+        rows.push(Row {
+            name: name.into(),
+            seconds: g.decode.as_secs_f64(),
+            tokens_per_second: Some(g.tokens_per_second()),
+            peak_rss_mb: peak_mb(),
+            gflops: None,
+        });
+    }
 
     println!(
-        "| {:<32} | {:>9} | {:>10} | {:>13} |",
-        "measurement", "seconds", "tokens/s", "peak RSS (MB)"
+        "| {:<28} | {:>8} | {:>9} | {:>13} | {:>8} |",
+        "configuration", "s/step", "tokens/s", "peak RSS (MB)", "GFLOP/s"
     );
-    println!("|{:-<34}|{:->11}|{:->12}|{:->15}|", "", "", "", "");
+    println!(
+        "|{:-<30}|{:->10}|{:->11}|{:->15}|{:->10}|",
+        "", "", "", "", ""
+    );
+    let show =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
-        let tps = r
-            .tokens_per_second
-            .map_or("-".into(), |v| format!("{v:.1}"));
-        let rss = r.peak_rss_mb.map_or("-".into(), |v| format!("{v:.0}"));
         println!(
-            "| {:<32} | {:>9.3} | {:>10} | {:>13} |",
-            r.name, r.seconds, tps, rss
+            "| {:<28} | {:>8.3} | {:>9} | {:>13} | {:>8} |",
+            r.name,
+            r.seconds,
+            show(r.tokens_per_second, 1),
+            show(r.peak_rss_mb, 0),
+            show(r.gflops, 1)
         );
     }
     if let Some(path) = args.json {

@@ -26,6 +26,8 @@ pub mod chat;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod lora;
 pub mod memory;

@@ -1,0 +1,167 @@
+//! Fine-tunes a model with LoRA on JSONL examples.
+//!
+//! ```text
+//! cargo run --release --example finetune                      # default model, bundled data
+//! cargo run --release --example finetune -- --data my_data/ --out runs/mine --epochs 3
+//! cargo run --release --example finetune -- --config job.toml --resume
+//! ```
+//!
+//! Flags override the config file, which overrides the defaults. Ctrl-C saves a
+//! checkpoint; `--resume` continues from it.
+
+use anyhow::Result;
+use clap::Parser;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tuneforge::data::LossOn;
+use tuneforge::finetune::{self, Existing, JobConfig};
+use tuneforge::train::Schedule;
+
+#[derive(Parser)]
+#[command(about = "Fine-tune a model with LoRA on JSONL examples")]
+struct Args {
+    /// A TOML job file (see `tuneforge::finetune::JobConfig`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A name from models.toml, an HF-layout folder or a .gguf file.
+    #[arg(long)]
+    model: Option<String>,
+    /// A .jsonl file, or a folder with train.jsonl (valid.jsonl, test.jsonl optional).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The run folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N, metal or auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// Replace a run already in --out.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Continue the run in --out from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// LoRA rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Target modules, comma-separated (q_proj,...,down_proj or all-linear).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    /// Use rsLoRA scaling.
+    #[arg(long)]
+    rslora: bool,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Warmup updates.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per update.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Stop after this many updates.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Cut examples to this many tokens.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// assistant-turns, last-assistant or all.
+    #[arg(long)]
+    loss_on: Option<String>,
+    /// Pack several examples per row.
+    #[arg(long)]
+    packing: bool,
+    /// Evaluate every N updates.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Checkpoint every N updates.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Early-stopping patience, in evaluations.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Clip the gradient norm (0 turns clipping off).
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Test answers to show before and after.
+    #[arg(long)]
+    samples: Option<usize>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: &str) -> Result<T> {
+    Ok(serde_json::from_value(serde_json::Value::String(
+        value.to_string(),
+    ))?)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let mut job = match &a.config {
+        Some(path) => JobConfig::from_toml_file(path)?,
+        None => JobConfig::default(),
+    };
+    macro_rules! set {
+        ($($flag:expr => $field:expr),* $(,)?) => { $(if let Some(v) = $flag { $field = v; })* };
+    }
+    set!(a.model => job.model, a.data => job.data, a.out => job.out, a.device => job.device, a.samples => job.samples,
+        a.rank => job.lora.r, a.alpha => job.lora.alpha, a.dropout => job.lora.dropout, a.targets => job.lora.target_modules,
+        a.lr => job.train.learning_rate, a.warmup => job.train.warmup_steps, a.weight_decay => job.train.optimizer.weight_decay,
+        a.batch_size => job.train.batch_size, a.grad_accum => job.train.grad_accum, a.epochs => job.train.epochs,
+        a.max_seq_len => job.train.max_seq_len, a.seed => job.train.seed);
+    if a.rslora {
+        job.lora.use_rslora = true;
+    }
+    if a.packing {
+        job.train.packing = true;
+    }
+    if let Some(s) = &a.schedule {
+        job.train.schedule = parse::<Schedule>(s)?;
+    }
+    if let Some(s) = &a.loss_on {
+        job.train.loss_on = parse::<LossOn>(s)?;
+    }
+    job.train.max_steps = a.max_steps.or(job.train.max_steps);
+    job.train.eval_every = a.eval_every.or(job.train.eval_every);
+    job.train.save_every = a.save_every.or(job.train.save_every);
+    job.train.patience = a.patience.or(job.train.patience);
+    if let Some(c) = a.clip {
+        job.train.clip_grad_norm = (c > 0.0).then_some(c);
+    }
+    job.train.progress = true;
+    let existing = match (a.overwrite, a.resume) {
+        (true, _) => Existing::Overwrite,
+        (_, true) => Existing::Resume,
+        _ => Existing::Refuse,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\nstopping: saving a checkpoint (resume with --resume)");
+        flag.store(true, Ordering::SeqCst);
+    })?;
+    let report = finetune::run(&job, existing, Some(stop))?;
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! The main job, end to end: load a model and a dataset, train a LoRA adapter
+//! into a run folder, and show that the model learned (validation loss and a
+//! few test answers, before and after). The `finetune` example is a thin
+//! command line over this.
+
+use crate::data::Dataset;
+use crate::device::DeviceSpec;
+use crate::eval::{self, HeldOut};
+use crate::generate::GenerationConfig;
+use crate::lora::LoraConfig;
+use crate::pretrained::{LoadOptions, Model};
+use crate::train::{TrainConfig, TrainReport, Trainer};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Everything a fine-tuning job needs: what a `--config` TOML file holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    /// A name from models.toml, an HF-layout folder or a .gguf file.
+    pub model: String,
+    /// A .jsonl file or a folder with train.jsonl (and valid.jsonl, test.jsonl).
+    pub data: PathBuf,
+    /// The run folder.
+    pub out: PathBuf,
+    /// cpu, cuda, cuda:N, metal or auto.
+    pub device: String,
+    /// Test answers to show before and after training.
+    pub samples: usize,
+    /// The adapter.
+    pub lora: LoraConfig,
+    /// The training.
+    pub train: TrainConfig,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            model: "smollm2-135m-instruct".into(),
+            data: Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data"),
+            out: PathBuf::from("runs/triage"),
+            device: "auto".into(),
+            samples: 4,
+            lora: LoraConfig::default(),
+            train: TrainConfig {
+                learning_rate: 1e-3,
+                epochs: 2,
+                batch_size: 8,
+                warmup_steps: 5,
+                eval_every: Some(25),
+                save_every: Some(25),
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+impl JobConfig {
+    /// Reads a job from TOML; fields not given keep their defaults.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+/// What to do when the run folder already holds a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Existing {
+    /// Refuse (the default: nothing is ever lost by accident).
+    #[default]
+    Refuse,
+    /// Replace it.
+    Overwrite,
+    /// Continue it from its checkpoint.
+    Resume,
+}
+
+/// One test question answered before and after training.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// The user's message.
+    pub question: String,
+    /// The reference answer.
+    pub reference: String,
+    /// The base model's answer.
+    pub before: String,
+    /// The fine-tuned model's answer.
+    pub after: String,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    /// The run folder.
+    pub out: PathBuf,
+    /// The training summary.
+    pub train: TrainReport,
+    /// Test answers before and after.
+    pub samples: Vec<Sample>,
+}
+
+/// Runs a job. `stop`, when raised (Ctrl-C), checkpoints and ends training early.
+pub fn run(
+    job: &JobConfig,
+    existing: Existing,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<JobReport> {
+    let data = Dataset::load(&job.data)?;
+    let device: DeviceSpec = job.device.parse()?;
+    let model = Model::load(
+        &job.model,
+        &LoadOptions {
+            device,
+            dtype: None,
+        },
+    )?;
+    let mut trainer = match existing {
+        Existing::Resume => Trainer::resume(model, &job.out)?,
+        Existing::Overwrite => {
+            Trainer::overwrite(&job.out)?;
+            Trainer::new(model, job.lora.clone(), job.train.clone(), &job.out)?
+        }
+        Existing::Refuse => Trainer::new(model, job.lora.clone(), job.train.clone(), &job.out)?,
+    };
+    if let Some(stop) = stop {
+        let flag = trainer.stop_flag();
+        std::thread::spawn(move || loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        });
+    }
+    let held_out: Vec<HeldOut> = data
+        .test
+        .iter()
+        .chain(&data.valid)
+        .filter_map(|r| HeldOut::from_record(r).ok())
+        .take(job.samples)
+        .collect();
+    let greedy = GenerationConfig::greedy(48);
+    // Fresh adapters (B = 0) leave the base model unchanged, so this is the base model.
+    let before = if existing == Existing::Resume {
+        Vec::new()
+    } else {
+        held_out
+            .iter()
+            .map(|h| Ok(eval::answer(trainer.model(), &h.prompt, &greedy)?.text))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let report = trainer.train(&data)?;
+    let samples = held_out
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            Ok(Sample {
+                question: h
+                    .prompt
+                    .last()
+                    .map(|m| m.content.clone())
+                    .unwrap_or_default(),
+                reference: h.reference.clone(),
+                before: before.get(i).cloned().unwrap_or_default(),
+                after: eval::answer(trainer.model(), &h.prompt, &greedy)?.text,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(JobReport {
+        out: job.out.clone(),
+        train: report,
+        samples,
+    })
+}
+
+impl fmt::Display for JobReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.train;
+        writeln!(f, "Run folder: {}", self.out.display())?;
+        writeln!(
+            f,
+            "Outcome: {:?} after {} steps, {:.0} s, {} tokens ({:.0} tokens/s)",
+            t.outcome,
+            t.steps,
+            t.elapsed,
+            t.tokens,
+            t.tokens as f64 / t.elapsed.max(1e-9)
+        )?;
+        writeln!(
+            f,
+            "Training data: {} records, {} truncated, {} dropped with no trained token",
+            t.train_data.records, t.train_data.truncated, t.train_data.dropped
+        )?;
+        match (t.initial_valid_loss, t.final_valid_loss) {
+            (Some(a), Some(b)) => writeln!(
+                f,
+                "Validation loss: {a:.4} before, {b:.4} after (best {:.4})",
+                t.best_valid_loss.unwrap_or(b)
+            )?,
+            (None, Some(b)) => writeln!(f, "Validation loss: {b:.4} after")?,
+            _ => {}
+        }
+        if !self.samples.is_empty() {
+            let right = |pick: fn(&Sample) -> &str| {
+                self.samples
+                    .iter()
+                    .filter(|s| eval::exact_match(pick(s), &s.reference))
+                    .count()
+            };
+            writeln!(
+                f,
+                "\nTest answers (exact match: {}/{n} before, {}/{n} after):",
+                right(|s| &s.before),
+                right(|s| &s.after),
+                n = self.samples.len()
+            )?;
+            for s in &self.samples {
+                writeln!(f, "\n  Q:        {}", s.question)?;
+                writeln!(f, "  expected: {}", s.reference)?;
+                if !s.before.is_empty() {
+                    writeln!(f, "  before:   {}", one_line(&s.before))?;
+                }
+                writeln!(f, "  after:    {}", one_line(&s.after))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let s = eval::normalize(s);
+    if s.chars().count() > 100 {
+        format!("{}...", s.chars().take(100).collect::<String>())
+    } else {
+        s
+    }
+}
