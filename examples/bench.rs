@@ -75,7 +75,7 @@ fn train_row(
     let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
     memory::reset_peak_rss();
     let step = |opt: &mut AdamW| -> Result<()> {
-        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], opt)?;
+        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], false)?;
         opt.step(&update.gradients, 1e-4, 1.0)
     };
     step(&mut opt)?;
@@ -95,6 +95,7 @@ fn train_row(
 }
 
 fn main() -> Result<()> {
+    tuneforge::memory::tune_allocator();
     let args = Args::parse();
     let wanted = |name: &str| args.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     // Make sure the file is cached, so that the load below is a pure load.

@@ -129,28 +129,90 @@ impl LoraLayer {
         }
     }
 
+    /// The factors as tensors: tracked by candle's autograd, or detached.
+    fn factors(&self, autograd: bool) -> (Tensor, Tensor) {
+        if autograd {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        }
+    }
+
+    /// The scaled dropout mask for an input of `shape`, a pure function of the
+    /// seed and this layer; `None` without dropout.
+    fn dropout_mask(
+        &self,
+        shape: &candle_core::Shape,
+        device: &candle_core::Device,
+        seed: Option<u64>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (Some(seed), true) = (seed, self.dropout > 0.0) else {
+            return Ok(None);
+        };
+        let mut rng = Rng::new(seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.dropout as f32;
+        let mask: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                if rng.uniform() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(mask, shape, device).map(Some)
+    }
+
+    /// The adapter's input after dropout, in the parameters' dtype.
+    fn dropped(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
+        let h = x.to_dtype(self.a.dtype())?;
+        match self.dropout_mask(h.shape(), h.device(), seed)? {
+            Some(mask) => h * mask,
+            None => Ok(h),
+        }
+    }
+
     /// The adapter's contribution for `x` (`[rows, in]`), in `x`'s dtype.
     /// `dropout_seed` is set while training; the mask is a pure function of it.
-    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
-        let dtype = self.a.dtype();
-        let mut h = x.to_dtype(dtype)?;
-        if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
-            let mut rng = Rng::new(seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let keep = 1.0 - self.dropout as f32;
-            let mask: Vec<f32> = (0..h.elem_count())
-                .map(|_| {
-                    if rng.uniform() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, h.shape(), h.device())?;
-            h = (h * mask)?;
+    /// With `autograd`, candle records the graph to the factors.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+        autograd: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (a, b) = self.factors(autograd);
+        // Scaling the rank-r intermediate is cheaper than scaling the output.
+        let low = (self.dropped(x, dropout_seed)?.matmul(&a.t()?)? * self.scale)?;
+        low.matmul(&b.t()?)?.to_dtype(x.dtype())
+    }
+
+    /// Gradients for the input `x` (`[rows, in]`) and output gradient `dy`
+    /// (`[rows, out]`): the adapter's share of `dx`, then `dA` and `dB`.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (a, b) = self.factors(false);
+        let mask = self.dropout_mask(x.shape(), x.device(), dropout_seed)?;
+        let h = x.to_dtype(a.dtype())?;
+        let h = match &mask {
+            Some(m) => (h * m)?,
+            None => h,
+        };
+        // The scale is applied to the small rank-r products, never to `dy` itself.
+        let dy = dy.to_dtype(a.dtype())?;
+        let low = h.matmul(&a.t()?)?;
+        let d_low = (dy.matmul(&b)? * self.scale)?;
+        let db = (dy.t()?.matmul(&low)? * self.scale)?;
+        let da = d_low.t()?.matmul(&h)?;
+        let mut dh = d_low.matmul(&a)?;
+        if let Some(m) = &mask {
+            dh = (dh * m)?;
         }
-        let low = h.matmul(&self.a.as_tensor().t()?)?;
-        (low.matmul(&self.b.as_tensor().t()?)? * self.scale)?.to_dtype(x.dtype())
+        Ok((dh.to_dtype(x.dtype())?, da, db))
     }
 
     /// The dense update `scale · B A`, `[out, in]`.

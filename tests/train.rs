@@ -121,14 +121,7 @@ fn every_lora_tensor_gets_a_gradient() {
     // After one update B is no longer zero, so both factors receive gradients.
     let (examples, _) = trainer.tokenize(&records(8)).unwrap();
     let plan = plan_epoch(&examples, 8, 1, None, &mut Rng::new(0));
-    let update = step_gradients(
-        trainer.model(),
-        &examples,
-        &plan[0],
-        &[0],
-        trainer.optimizer(),
-    )
-    .unwrap();
+    let update = step_gradients(trainer.model(), &examples, &plan[0], &[0], false).unwrap();
     for ((name, _), g) in trainer.optimizer().params().iter().zip(&update.gradients) {
         let g = g
             .as_ref()
@@ -162,8 +155,7 @@ fn lora_gradients_match_finite_differences() {
         .0;
     let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
     let params = lora::parameters(&model.lm);
-    let opt = tuneforge::train::optim::AdamW::new(params.clone(), Default::default()).unwrap();
-    let update = step_gradients(&model, &examples, &plan[0], &[0], &opt).unwrap();
+    let update = step_gradients(&model, &examples, &plan[0], &[0], false).unwrap();
     let loss_at = |var: &Var, idx: usize, delta: f32| -> f64 {
         let orig = var
             .as_tensor()
@@ -175,7 +167,7 @@ fn lora_gradients_match_finite_differences() {
         v[idx] += delta;
         var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
             .unwrap();
-        let loss = step_gradients(&model, &examples, &plan[0], &[0], &opt)
+        let loss = step_gradients(&model, &examples, &plan[0], &[0], false)
             .unwrap()
             .loss;
         var.set(&Tensor::from_vec(orig, var.as_tensor().shape(), &Device::Cpu).unwrap())
@@ -221,14 +213,11 @@ fn batch_8_equals_batch_2_with_accumulation_4() {
         tuneforge::data::tokenize(&records(8), &model_a.tokenizer, Default::default(), 64)
             .unwrap()
             .0;
-    let opt =
-        tuneforge::train::optim::AdamW::new(lora::parameters(&model_a.lm), Default::default())
-            .unwrap();
     let one = plan_epoch(&examples, 8, 1, None, &mut Rng::new(3));
     let four = plan_epoch(&examples, 2, 4, None, &mut Rng::new(3));
     assert_eq!((one[0].len(), four[0].len()), (1, 4));
-    let a = step_gradients(&model_a, &examples, &one[0], &[0], &opt).unwrap();
-    let b = step_gradients(&model_a, &examples, &four[0], &[0, 0, 0, 0], &opt).unwrap();
+    let a = step_gradients(&model_a, &examples, &one[0], &[0], false).unwrap();
+    let b = step_gradients(&model_a, &examples, &four[0], &[0, 0, 0, 0], false).unwrap();
     assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
     assert_eq!(a.trained_tokens, b.trained_tokens);
     for (ga, gb) in a.gradients.iter().zip(&b.gradients) {
@@ -561,4 +550,95 @@ fn packing_trains_too() {
     let losses = read_losses(out.path());
     assert!(losses.iter().all(|l| l.is_finite()));
     let _ = step_losses;
+}
+
+#[test]
+fn hand_written_backward_equals_autograd() {
+    use tuneforge::model::Pass;
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let mut model = Model::tiny_random(arch, 4).unwrap();
+        lora::attach(
+            &mut model.lm,
+            &LoraConfig {
+                r: 4,
+                dropout: 0.2,
+                ..Default::default()
+            },
+            1,
+        )
+        .unwrap();
+        for (_, var) in lora::parameters(&model.lm) {
+            var.set(&(var.as_tensor() + 0.03).unwrap()).unwrap();
+        }
+        let examples =
+            tuneforge::data::tokenize(&records(5), &model.tokenizer, Default::default(), 64)
+                .unwrap()
+                .0;
+        // Two packed rows and one plain row, padded.
+        let batch = tuneforge::data::make_batch(
+            &examples,
+            &[vec![0, 1], vec![2], vec![3, 4]],
+            0,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let weight = 1.0 / batch.trained_tokens as f64;
+
+        let mut input = batch.input.clone();
+        input.pass = Pass {
+            dropout_seed: Some(7),
+            autograd: true,
+        };
+        let hidden = model.lm.forward_hidden(&input, None).unwrap();
+        let loss = (tuneforge::train::loss::summed_cross_entropy(
+            &model.lm,
+            &hidden,
+            &batch.targets,
+            &batch.trained,
+        )
+        .unwrap()
+            * weight)
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
+
+        for recompute in [false, true] {
+            let pass = Pass {
+                dropout_seed: Some(7),
+                autograd: false,
+            };
+            let (summed, grads) = tuneforge::train::step::loss_and_gradients(
+                &model.lm, &batch, pass, weight, recompute,
+            )
+            .unwrap();
+            assert!(
+                (summed * weight - want_loss).abs() < 1e-5,
+                "{arch:?}: loss {} vs {want_loss}",
+                summed * weight
+            );
+            let params = lora::parameters(&model.lm);
+            assert_eq!(grads.len(), params.len());
+            for ((name, var), got) in params.iter().zip(&grads) {
+                let want = store
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("autograd missed {name}"));
+                let got = got.as_ref().unwrap();
+                let scale: f32 = want
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let diff = max_diff(want, got);
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-6) + 1e-7,
+                    "{arch:?} recompute={recompute} {name}: differs by {diff} (scale {scale})"
+                );
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! A linear layer `y = x Wᵀ + b` over the last dimension, HF layout (`W`: `[out, in]`).
 //! The base weight is frozen: gradients flow to the input only.
 
+use super::Pass;
 use crate::lora::LoraLayer;
 use candle_core::{Result, Tensor};
 
@@ -35,13 +36,13 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// Applies the layer to `x` of shape `[..., in]` (no dropout).
+    /// Applies the layer to `x` of shape `[..., in]` (no dropout, no autograd).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, None)
+        self.forward_t(x, Pass::default())
     }
 
-    /// Applies the layer; `dropout_seed` turns on the adapter's dropout (training).
-    pub fn forward_t(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    /// Applies the layer under `pass`'s dropout and autograd settings.
+    pub fn forward_t(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, dims[dims.len() - 1]))?;
@@ -50,10 +51,34 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&flat, dropout_seed)?)?;
+            y = (y + lora.forward(&flat, pass.dropout_seed, pass.autograd)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
         y.reshape(out_dims)
+    }
+}
+
+/// The gradients of one linear's adapter: `(dA, dB)`.
+pub type LoraGrad = (Tensor, Tensor);
+
+impl Linear {
+    /// Backpropagates `dy` (`[rows, out]`) through the layer applied to `x`
+    /// (`[rows, in]`): `dx`, and the adapter's gradients if it has one. The frozen
+    /// weight and bias get none.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, Option<LoraGrad>)> {
+        let mut dx = dy.matmul(&self.weight)?;
+        let mut grad = None;
+        if let Some(lora) = &self.lora {
+            let (dx_lora, da, db) = lora.backward(x, dy, dropout_seed)?;
+            dx = (dx + dx_lora)?;
+            grad = Some((da, db));
+        }
+        Ok((dx, grad))
     }
 }

@@ -2,12 +2,14 @@
 //! written so that every linear can carry a LoRA adapter and every op backpropagates.
 
 pub mod autograd;
+pub mod block;
 mod gemv;
 pub mod linear;
 pub mod mask;
 pub mod ops;
 pub mod rope;
 
+pub use block::{Attention, Block, BlockContext, BlockSaved, Mlp};
 pub use linear::Linear;
 
 use crate::config::ModelConfig;
@@ -26,76 +28,6 @@ pub const LINEAR_NAMES: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-/// Self-attention with grouped-query heads.
-#[derive(Debug, Clone)]
-pub struct Attention {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
-    /// Output projection.
-    pub o_proj: Linear,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-}
-
-/// The SwiGLU MLP.
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    /// Gate projection.
-    pub gate_proj: Linear,
-    /// Up projection.
-    pub up_proj: Linear,
-    /// Down projection.
-    pub down_proj: Linear,
-}
-
-/// One decoder block: pre-norm attention and pre-norm MLP, each with a residual.
-#[derive(Debug, Clone)]
-pub struct Block {
-    /// Norm before attention.
-    pub input_layernorm: Tensor,
-    /// Attention.
-    pub self_attn: Attention,
-    /// Norm before the MLP.
-    pub post_attention_layernorm: Tensor,
-    /// MLP.
-    pub mlp: Mlp,
-}
-
-impl Block {
-    /// The block's seven linears with their module paths (`self_attn.q_proj`, ...).
-    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
-    }
-
-    /// The block's seven linears, mutable, with their module paths.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
-    }
-}
 
 /// Per-layer cached keys and values for incremental decoding.
 #[derive(Debug, Clone, Default)]
@@ -127,8 +59,18 @@ pub struct ForwardInput {
     pub positions: Tensor,
     /// Additive attention mask, `[b or 1, 1, t, past + t]`.
     pub mask: Tensor,
+    /// Dropout and autograd settings.
+    pub pass: Pass,
+}
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
     /// Set while training: seeds the adapters' dropout masks.
     pub dropout_seed: Option<u64>,
+    /// Record candle's autograd graph through the adapters. Training uses the
+    /// hand-written backward instead ([`Block::backward`]), so this is off by default.
+    pub autograd: bool,
 }
 
 impl ForwardInput {
@@ -143,56 +85,8 @@ impl ForwardInput {
             ids: ids.clone(),
             positions,
             mask: mask::causal(t, past, dtype, device)?,
-            dropout_seed: None,
+            pass: Pass::default(),
         })
-    }
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        seed: Option<u64>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = ops::rope(&heads(self.q_proj.forward_t(x, seed)?, h)?, cos, sin)?;
-        let mut k = ops::rope(&heads(self.k_proj.forward_t(x, seed)?, kv)?, cos, sin)?;
-        let mut v = heads(self.v_proj.forward_t(x, seed)?, kv)?.contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let s = k.dim(2)?;
-        // Grouped-query attention without copying k/v: the g query heads that share
-        // a kv head are stacked along the time axis.
-        let g = h / kv;
-        let q = q.contiguous()?.reshape((b, kv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        let out = probs
-            .reshape((b, kv, g * t, s))?
-            .matmul(&v)?
-            .reshape((b, h, t, hd))?;
-        self.o_proj
-            .forward(&out.transpose(1, 2)?.reshape((b, t, h * hd))?)
-    }
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward_t(x, seed)?.silu()?;
-        self.down_proj
-            .forward_t(&(gate * self.up_proj.forward_t(x, seed)?)?, seed)
     }
 }
 
@@ -387,6 +281,22 @@ impl CausalLm {
         self.embed_tokens.device()
     }
 
+    /// Rope cos/sin for `positions` (`[b, t]`), checking them against the context window.
+    pub fn rotary_for(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let max_pos = positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
+        if max_pos
+            .first()
+            .is_some_and(|&p| p as usize >= self.rotary.len())
+        {
+            anyhow::bail!(
+                "position {} is beyond the model's context window of {} tokens",
+                max_pos[0],
+                self.rotary.len()
+            );
+        }
+        Ok(self.rotary.gather(positions)?)
+    }
+
     /// Runs the decoder and returns the final-normed hidden states, `[b, t, hidden]`.
     /// Pass a cache to decode incrementally.
     pub fn forward_hidden(
@@ -398,34 +308,23 @@ impl CausalLm {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
-        let max_pos = input.positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
-        if max_pos
-            .first()
-            .is_some_and(|&p| p as usize >= self.rotary.len())
-        {
-            anyhow::bail!(
-                "position {} is beyond the model's context window of {} tokens",
-                max_pos[0],
-                self.rotary.len()
-            );
-        }
-        let (cos, sin) = self.rotary.gather(&input.positions)?;
+        let (cos, sin) = self.rotary_for(&input.positions)?;
         let mut x = self
             .embed_tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
-        let eps = self.config.rms_norm_eps;
+        let ctx = BlockContext {
+            cos: &cos,
+            sin: &sin,
+            mask: &input.mask,
+            eps: self.config.rms_norm_eps,
+            pass: input.pass,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let seed = input.dropout_seed;
-            x = (x + layer
-                .self_attn
-                .forward(&h, &cos, &sin, &input.mask, slot, seed)?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (x + layer.mlp.forward(&h, seed)?)?;
+            x = layer.forward(&x, &ctx, slot, false)?.0;
         }
-        Ok(ops::rms_norm(&x, &self.norm, eps)?)
+        Ok(ops::rms_norm(&x, &self.norm, ctx.eps)?)
     }
 
     /// Projects hidden states (`[..., hidden]`) to vocabulary logits (`[..., vocab]`).
@@ -513,7 +412,7 @@ mod tests {
             ids: Tensor::new(&[[5u32, 6, 7, 8, 9, 0]], &dev).unwrap(),
             positions: Tensor::new(&[[0u32, 1, 2, 0, 1, 0]], &dev).unwrap(),
             mask: mask::segments(&[vec![1, 1, 1, 2, 2, 0]], DType::F32, &dev).unwrap(),
-            dropout_seed: None,
+            pass: Pass::default(),
         };
         let hp = m.forward_hidden(&packed, None).unwrap().squeeze(0).unwrap();
         let ha = m

@@ -18,6 +18,20 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
+/// The gradient of [`rms_norm`] with respect to `x`, given the output gradient `dy`.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    // With r = 1/rms(x) and u = dy·w: dx = r·u − x·r³·mean(u·x).
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let u = dy
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let mean_ux = (&u * &x)?.mean_keepdim(D::Minus1)?;
+    let dx = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * mean_ux)?)?)?;
+    dx.to_dtype(dtype)
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -53,6 +67,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     apply(x, Softmax)
 }
 
+/// The gradient of a softmax over the last dimension, from its output `y` and the
+/// output gradient `dy`: `y · (dy − Σ dy·y)`.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+    y * dy.broadcast_sub(&dot)?
+}
+
 struct Softmax;
 
 impl Function for Softmax {
@@ -65,9 +86,7 @@ impl Function for Softmax {
     }
 
     fn backward(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        // dx = y · (g − Σ g·y)
-        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        y * grad.broadcast_sub(&dot)?
+        softmax_backward(y, grad)
     }
 }
 
@@ -81,6 +100,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin: sin.detach(),
         },
     )
+}
+
+/// The gradient of [`rope`] with respect to `x`: rope rotates each pair by an
+/// angle, and its transpose rotates back.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope(&dy.contiguous()?, cos, &sin.neg()?)
+}
+
+/// The gradient of SiLU, `x·σ(x)`, given its input `x` and output gradient `dy`.
+pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    // d/dx x·σ(x) = σ(x) · (1 + x·(1 − σ(x)))
+    let s = candle_nn::ops::sigmoid(x)?;
+    let inner = ((x * (1.0 - &s)?)? + 1.0)?;
+    dy * (s * inner)?
 }
 
 struct Rope {
@@ -98,8 +131,7 @@ impl Function for Rope {
     }
 
     fn backward(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        // Rope rotates each pair by an angle; its transpose rotates back.
-        candle_nn::rotary_emb::rope(&grad.contiguous()?, &self.cos, &self.sin.neg()?)
+        rope_backward(grad, &self.cos, &self.sin)
     }
 }
 
@@ -150,6 +182,20 @@ mod tests {
         check_gradient(&[1, 2, 3, 4], 12, |x| rope(x, &cos, &sin));
         let weight = randn(&[5, 4], 13);
         check_gradient(&[3, 4], 14, |x| frozen_matmul_t(x, &weight));
+        // SiLU's own backward, as the hand-written block backward uses it.
+        struct Silu;
+        impl Function for Silu {
+            fn name(&self) -> &'static str {
+                "silu"
+            }
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                x.silu()
+            }
+            fn backward(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+                silu_backward(x, dy)
+            }
+        }
+        check_gradient(&[2, 5], 15, |x| apply(x, Silu));
     }
 
     #[test]

@@ -9,8 +9,8 @@ use crate::model::autograd::{apply, Function};
 use crate::model::CausalLm;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Rows of logits made at once.
-const CHUNK_ROWS: usize = 256;
+/// Rows of logits made at once (128 × 49152 f32 is 25 MB).
+const CHUNK_ROWS: usize = 128;
 
 /// The summed cross-entropy of `targets` at trained positions.
 ///
@@ -27,8 +27,7 @@ pub fn summed_cross_entropy(
     let flat = hidden.reshape((b * t, d))?;
     let picked = flat.index_select(trained, 0)?;
     let labels = targets.flatten_all()?.index_select(trained, 0)?;
-    let out = lm.lm_head.as_ref().map_or(&lm.embed_tokens, |h| &h.weight);
-    per_row_cross_entropy(&picked, out, &labels)?.sum_all()
+    per_row_cross_entropy(&picked, output_weight(lm), &labels)?.sum_all()
 }
 
 /// Cross-entropy of each row of `hidden` (`[n, d]`) against `labels` (`[n]`),
@@ -43,18 +42,56 @@ pub fn per_row_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &Tensor) 
     )
 }
 
+/// One chunk's logits (f32), softmax and labels.
+struct Chunk {
+    logits: Tensor,
+    probs: Tensor,
+    labels: Tensor,
+}
+
 struct ChunkedCrossEntropy {
     weight: Tensor,
     labels: Tensor,
 }
 
 impl ChunkedCrossEntropy {
-    /// Log-probabilities and labels of rows `start..start + len`.
-    fn chunk(&self, hidden: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+    /// Logits, probabilities and labels of rows `start..start + len`.
+    fn chunk(&self, hidden: &Tensor, start: usize, len: usize) -> Result<Chunk> {
         let h = hidden.narrow(0, start, len)?;
         let logits = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        Ok((logp, self.labels.narrow(0, start, len)?.unsqueeze(1)?))
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        Ok(Chunk {
+            logits,
+            probs,
+            labels: self.labels.narrow(0, start, len)?,
+        })
+    }
+
+    /// Each row's loss, `−log p(label)`. Taken from the softmax when the label's
+    /// probability is representable, else (losses above ~87) from log-softmax.
+    fn chunk_loss(c: &Chunk) -> Result<Tensor> {
+        let labels = c.labels.unsqueeze(1)?;
+        let p = c.probs.gather(&labels, 1)?.squeeze(1)?;
+        if p.flatten_all()?.min(0)?.to_scalar::<f32>()? > 0.0 {
+            return p.log()?.neg();
+        }
+        candle_nn::ops::log_softmax(&c.logits, D::Minus1)?
+            .gather(&labels, 1)?
+            .squeeze(1)?
+            .neg()
+    }
+
+    /// The gradient of each row's loss with respect to its hidden state:
+    /// `(softmax − onehot(label)) · W = softmax · W − W[label]`.
+    fn chunk_grad(&self, c: &Chunk, dtype: DType) -> Result<Tensor> {
+        let probs = c.probs.to_dtype(self.weight.dtype())?;
+        (probs.matmul(&self.weight)? - self.weight.index_select(&c.labels, 0)?)?.to_dtype(dtype)
+    }
+
+    fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+        (0..n)
+            .step_by(CHUNK_ROWS)
+            .map(move |start| (start, CHUNK_ROWS.min(n - start)))
     }
 }
 
@@ -64,44 +101,63 @@ impl Function for ChunkedCrossEntropy {
     }
 
     fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let n = hidden.dim(0)?;
-        let mut parts = Vec::new();
-        for start in (0..n).step_by(CHUNK_ROWS) {
-            let len = CHUNK_ROWS.min(n - start);
-            let (logp, labels) = self.chunk(hidden, start, len)?;
-            parts.push(logp.gather(&labels, 1)?.squeeze(1)?.neg()?);
-        }
-        if parts.is_empty() {
-            return Tensor::zeros(0, DType::F32, hidden.device());
+        let mut parts = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
+        for (start, len) in Self::chunks(hidden.dim(0)?) {
+            parts.push(Self::chunk_loss(&self.chunk(hidden, start, len)?)?);
         }
         Tensor::cat(&parts, 0)
     }
 
     fn backward(&self, hidden: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        // d loss_i / d logits_i = softmax_i − onehot(label_i); then through the matmul.
-        let n = hidden.dim(0)?;
-        let mut parts = Vec::new();
-        for start in (0..n).step_by(CHUNK_ROWS) {
-            let len = CHUNK_ROWS.min(n - start);
-            let (logp, labels) = self.chunk(hidden, start, len)?;
-            let onehot = Tensor::zeros(logp.shape(), DType::F32, logp.device())?.scatter_add(
-                &labels,
-                &Tensor::ones((len, 1), DType::F32, logp.device())?,
-                1,
-            )?;
-            let dlogits = (logp.exp()? - onehot)?
-                .broadcast_mul(&grad.narrow(0, start, len)?.unsqueeze(1)?)?;
+        let mut parts = vec![Tensor::zeros(
+            (0, hidden.dim(1)?),
+            hidden.dtype(),
+            hidden.device(),
+        )?];
+        for (start, len) in Self::chunks(hidden.dim(0)?) {
+            let chunk = self.chunk(hidden, start, len)?;
+            let scale = grad
+                .narrow(0, start, len)?
+                .unsqueeze(1)?
+                .to_dtype(hidden.dtype())?;
             parts.push(
-                dlogits
-                    .to_dtype(self.weight.dtype())?
-                    .matmul(&self.weight)?,
+                self.chunk_grad(&chunk, hidden.dtype())?
+                    .broadcast_mul(&scale)?,
             );
         }
-        if parts.is_empty() {
-            return hidden.zeros_like();
-        }
-        Tensor::cat(&parts, 0)?.to_dtype(hidden.dtype())
+        Tensor::cat(&parts, 0)
     }
+}
+
+/// Each row's cross-entropy (`[n]`, f32) and the gradient of their sum with
+/// respect to `hidden` (`[n, d]`), in one pass: the logits of each chunk are made
+/// once and dropped.
+pub fn cross_entropy_and_grad(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let ce = ChunkedCrossEntropy {
+        weight: weight.detach(),
+        labels: labels.detach(),
+    };
+    let mut losses = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
+    let mut grads = vec![Tensor::zeros(
+        (0, hidden.dim(1)?),
+        hidden.dtype(),
+        hidden.device(),
+    )?];
+    for (start, len) in ChunkedCrossEntropy::chunks(hidden.dim(0)?) {
+        let chunk = ce.chunk(hidden, start, len)?;
+        losses.push(ChunkedCrossEntropy::chunk_loss(&chunk)?);
+        grads.push(ce.chunk_grad(&chunk, hidden.dtype())?);
+    }
+    Ok((Tensor::cat(&losses, 0)?, Tensor::cat(&grads, 0)?))
+}
+
+/// The output matrix of a model (lm_head, or the tied embeddings).
+pub fn output_weight(lm: &CausalLm) -> &Tensor {
+    lm.lm_head.as_ref().map_or(&lm.embed_tokens, |h| &h.weight)
 }
 
 #[cfg(test)]
@@ -128,6 +184,58 @@ mod tests {
             .unwrap();
         let (a, b): (f32, f32) = (want.to_scalar().unwrap(), got.to_scalar().unwrap());
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    #[test]
+    fn huge_losses_stay_exact() {
+        // A label whose probability underflows f32: the loss is still the log-softmax one.
+        let h = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[[200f32, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let loss: f32 = per_row_cross_entropy(&h, &w, &labels)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((loss - 200.0).abs() < 1e-3, "{loss}");
+    }
+
+    #[test]
+    fn fused_gradient_equals_the_autograd_one() {
+        let h = randn(&[300, 6], 5);
+        let w = randn(&[11, 6], 6);
+        let labels = Tensor::from_vec(
+            (0..300u32).map(|i| i * 5 % 11).collect::<Vec<_>>(),
+            300,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels).unwrap();
+        let v = candle_core::Var::from_tensor(&h).unwrap();
+        let auto = per_row_cross_entropy(v.as_tensor(), &w, &labels).unwrap();
+        let want = auto
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(v.as_tensor())
+            .unwrap()
+            .clone();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&losses, &auto) < 1e-6);
+        assert!(diff(&grad, &want) < 1e-6);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod step;
 
 pub use metrics::Event;
 pub use optim::AdamWConfig;
@@ -84,6 +85,9 @@ pub struct TrainConfig {
     pub clip_grad_norm: Option<f64>,
     /// Seed for LoRA initialisation, data order and dropout.
     pub seed: u64,
+    /// Recompute each block's activations during the backward pass instead of
+    /// keeping them (activation checkpointing): less memory, more compute.
+    pub recompute: bool,
     /// Show a progress bar.
     #[serde(skip)]
     pub progress: bool,
@@ -108,6 +112,7 @@ impl Default for TrainConfig {
             patience: None,
             clip_grad_norm: Some(1.0),
             seed: 42,
+            recompute: false,
             progress: true,
         }
     }
@@ -457,7 +462,7 @@ impl Trainer {
             let t0 = Instant::now();
             let group = &plan[self.state.step_in_epoch];
             let seeds: Vec<u64> = group.iter().map(|_| self.state.rng.next_u64()).collect();
-            let update = step_gradients(&self.model, &train, group, &seeds, &self.optimizer)?;
+            let update = step_gradients(&self.model, &train, group, &seeds, cfg.recompute)?;
             let (step_loss, grads, tokens, trained_tokens) = (
                 update.loss,
                 update.gradients,
@@ -634,7 +639,7 @@ pub fn step_gradients(
     examples: &[Example],
     micro_batches: &[Vec<crate::data::batch::Row>],
     dropout_seeds: &[u64],
-    optimizer: &AdamW,
+    recompute: bool,
 ) -> Result<Update> {
     let lm = &model.lm;
     let batches = micro_batches
@@ -653,16 +658,18 @@ pub fn step_gradients(
     let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
     let mut gradients: Gradients = Vec::new();
     let mut loss = 0.0;
-    for (mut batch, &seed) in batches.into_iter().zip(dropout_seeds) {
+    let weight = 1.0 / trained_tokens.max(1) as f64;
+    for (batch, &seed) in batches.iter().zip(dropout_seeds) {
         if batch.trained_tokens == 0 {
             continue;
         }
-        batch.input.dropout_seed = Some(seed);
-        let hidden = lm.forward_hidden(&batch.input, None)?;
-        let summed = loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?;
-        let scaled = (summed / trained_tokens as f64)?;
-        loss += scaled.to_scalar::<f32>()? as f64;
-        accumulate(&mut gradients, optimizer.gradients(&scaled.backward()?))?;
+        let pass = crate::model::Pass {
+            dropout_seed: Some(seed),
+            autograd: false,
+        };
+        let (summed, grads) = step::loss_and_gradients(lm, batch, pass, weight, recompute)?;
+        loss += summed * weight;
+        accumulate(&mut gradients, grads)?;
     }
     Ok(Update {
         loss,

@@ -1,0 +1,255 @@
+//! A decoder block, forward and backward.
+//!
+//! The forward serves inference and training alike; asked to, it returns what
+//! the backward needs ([`BlockSaved`]). The backward is written out by hand, op
+//! by op: it yields the input gradient and the LoRA gradients, never a gradient
+//! for a frozen weight, and never builds an autograd graph. Tests check it
+//! against candle's autograd and against finite differences.
+
+use super::linear::LoraGrad;
+use super::{ops, Linear, Pass};
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+
+/// Self-attention with grouped-query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    pub(crate) n_heads: usize,
+    pub(crate) n_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// The SwiGLU MLP.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder block: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Norm before attention.
+    pub input_layernorm: Tensor,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Tensor,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// What every block of one forward pass shares.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockContext<'a> {
+    /// Rope cos, `[b, t, head_dim / 2]`.
+    pub cos: &'a Tensor,
+    /// Rope sin, `[b, t, head_dim / 2]`.
+    pub sin: &'a Tensor,
+    /// Additive attention mask.
+    pub mask: &'a Tensor,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Dropout and autograd settings.
+    pub pass: Pass,
+}
+
+/// The activations a block's backward pass reads.
+#[derive(Debug, Clone)]
+pub struct BlockSaved {
+    x: Tensor,
+    h1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    attn: Tensor,
+    x2: Tensor,
+    h2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// `[b, t, n]` → `[b·t, n]`.
+fn rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, n) = x.dims3()?;
+    x.reshape((b * t, n))
+}
+
+impl Block {
+    /// The block's seven linears with their module paths (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// The block's seven linears, mutable, with their module paths.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
+    /// Applies the block to `x` (`[b, t, hidden]`). With `save`, also returns the
+    /// activations [`Block::backward`] needs.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        save: bool,
+    ) -> Result<(Tensor, Option<BlockSaved>)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (
+            self.self_attn.n_heads,
+            self.self_attn.n_kv_heads,
+            self.self_attn.head_dim,
+        );
+        let (g, pass) = (h / kv, ctx.pass);
+        let a = &self.self_attn;
+        let h1 = ops::rms_norm(x, &self.input_layernorm, ctx.eps)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = ops::rope(&heads(a.q_proj.forward_t(&h1, pass)?, h)?, ctx.cos, ctx.sin)?;
+        let mut k = ops::rope(
+            &heads(a.k_proj.forward_t(&h1, pass)?, kv)?,
+            ctx.cos,
+            ctx.sin,
+        )?;
+        let mut v = heads(a.v_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying k/v: the g query heads that share
+        // a kv head are stacked along the time axis.
+        let q = q.contiguous()?.reshape((b, kv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(ctx.mask)?)?;
+        let out = probs
+            .reshape((b, kv, g * t, s))?
+            .matmul(&v)?
+            .reshape((b, h, t, hd))?;
+        let attn = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let x2 = (x + a.o_proj.forward_t(&attn, pass)?)?;
+
+        let m = &self.mlp;
+        let h2 = ops::rms_norm(&x2, &self.post_attention_layernorm, ctx.eps)?;
+        let gate = m.gate_proj.forward_t(&h2, pass)?;
+        let up = m.up_proj.forward_t(&h2, pass)?;
+        let act = (gate.silu()? * &up)?;
+        let y = (&x2 + m.down_proj.forward_t(&act, pass)?)?;
+        let saved = save.then(|| BlockSaved {
+            x: x.clone(),
+            h1,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            x2,
+            h2,
+            gate,
+            up,
+            act,
+        });
+        Ok((y, saved))
+    }
+
+    /// Backpropagates `dy` (`[b, t, hidden]`) through the block whose forward
+    /// saved `saved`. Returns `dx` and the LoRA gradients of the seven linears,
+    /// in [`Block::linears`] order (`None` where a linear has no adapter).
+    pub fn backward(
+        &self,
+        saved: &BlockSaved,
+        dy: &Tensor,
+        ctx: &BlockContext,
+    ) -> Result<(Tensor, [Option<LoraGrad>; 7])> {
+        let s = saved;
+        let (b, t, d) = dy.dims3()?;
+        let (h, kv, hd) = (
+            self.self_attn.n_heads,
+            self.self_attn.n_kv_heads,
+            self.self_attn.head_dim,
+        );
+        let g = h / kv;
+        let len = s.k.dim(2)?;
+        ensure!(
+            len == t,
+            "the hand-written backward does not support a KV cache"
+        );
+        let seed = ctx.pass.dropout_seed;
+        let (a, m) = (&self.self_attn, &self.mlp);
+
+        // MLP: y = x2 + down(silu(gate(h2)) · up(h2)).
+        let (d_act, g_down) = m.down_proj.backward(&rows(&s.act)?, &rows(dy)?, seed)?;
+        let silu = s.gate.silu()?;
+        let d_act = d_act.reshape((b, t, ()))?;
+        let d_up = (&d_act * &silu)?;
+        let d_gate = ops::silu_backward(&s.gate, &(&d_act * &s.up)?)?;
+        let h2 = rows(&s.h2)?;
+        let (dh2_gate, g_gate) = m.gate_proj.backward(&h2, &rows(&d_gate)?, seed)?;
+        let (dh2_up, g_up) = m.up_proj.backward(&h2, &rows(&d_up)?, seed)?;
+        let dh2 = (dh2_gate + dh2_up)?.reshape((b, t, d))?;
+        let dx2 =
+            (dy + ops::rms_norm_backward(&s.x2, &self.post_attention_layernorm, ctx.eps, &dh2)?)?;
+
+        // Attention: x2 = x + o(attend(rope(q(h1)), rope(k(h1)), v(h1))).
+        let (d_attn, g_o) = a.o_proj.backward(&rows(&s.attn)?, &rows(&dx2)?, seed)?;
+        let d_out = d_attn
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, kv, g * t, hd))?;
+        let probs = s.probs.reshape((b, kv, g * t, t))?;
+        let d_probs = d_out.matmul(&s.v.t()?)?;
+        let dv = probs.t()?.matmul(&d_out)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let d_scores = (ops::softmax_backward(&s.probs, &d_probs.reshape((b, h, t, t))?)? * scale)?
+            .reshape((b, kv, g * t, t))?;
+        let dq = d_scores.matmul(&s.k)?.reshape((b, h, t, hd))?;
+        let dk = d_scores.t()?.matmul(&s.q)?;
+        let dq = ops::rope_backward(&dq, ctx.cos, ctx.sin)?;
+        let dk = ops::rope_backward(&dk, ctx.cos, ctx.sin)?;
+        let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * hd));
+        let h1 = rows(&s.h1)?;
+        let (dh1_q, g_q) = a.q_proj.backward(&h1, &flat(dq, h)?, seed)?;
+        let (dh1_k, g_k) = a.k_proj.backward(&h1, &flat(dk, kv)?, seed)?;
+        let (dh1_v, g_v) = a.v_proj.backward(&h1, &flat(dv, kv)?, seed)?;
+        let dh1 = ((dh1_q + dh1_k)? + dh1_v)?.reshape((b, t, d))?;
+        let dx = (&dx2 + ops::rms_norm_backward(&s.x, &self.input_layernorm, ctx.eps, &dh1)?)?;
+        Ok((dx, [g_q, g_k, g_v, g_o, g_gate, g_up, g_down]))
+    }
+}
