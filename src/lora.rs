@@ -5,6 +5,7 @@
 //! does, so a fresh adapter leaves the model unchanged. `scale` is `alpha / r`,
 //! or `alpha / √r` with rsLoRA. Only `A` and `B` are trained.
 
+use crate::model::add_matmul::add_matmul;
 use crate::model::{CausalLm, LINEAR_NAMES};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
@@ -172,25 +173,30 @@ impl LoraLayer {
         }
     }
 
-    /// The adapter's contribution for `x` (`[rows, in]`), in `x`'s dtype.
-    /// `dropout_seed` is set while training; the mask is a pure function of it.
-    /// With `autograd`, candle records the graph to the factors.
-    pub fn forward(
+    /// Adds the adapter's contribution for `x` (`[rows, in]`) to the base output
+    /// `y` (`[rows, out]`). `dropout_seed` is set while training; the mask is a
+    /// pure function of it. With `autograd`, candle records the graph to the factors.
+    pub fn add_to(
         &self,
+        y: Tensor,
         x: &Tensor,
         dropout_seed: Option<u64>,
         autograd: bool,
     ) -> candle_core::Result<Tensor> {
         let (a, b) = self.factors(autograd);
         // Scaling the rank-r intermediate is cheaper than scaling the output.
-        let low = (self.dropped(x, dropout_seed)?.matmul(&a.t()?)? * self.scale)?;
-        low.matmul(&b.t()?)?.to_dtype(x.dtype())
+        let low =
+            (self.dropped(x, dropout_seed)?.matmul(&a.t()?)? * self.scale)?.to_dtype(y.dtype())?;
+        let bt = b.t()?.to_dtype(low.dtype())?;
+        add_matmul(y, &low, &bt, 1.0, !autograd)
     }
 
-    /// Gradients for the input `x` (`[rows, in]`) and output gradient `dy`
-    /// (`[rows, out]`): the adapter's share of `dx`, then `dA` and `dB`.
+    /// Backpropagates through the adapter: adds its share of the input gradient
+    /// to `dx` (the base layer's), and returns it with `dA` and `dB`, for the input
+    /// `x` (`[rows, in]`) and output gradient `dy` (`[rows, out]`).
     pub fn backward(
         &self,
+        dx: Tensor,
         x: &Tensor,
         dy: &Tensor,
         dropout_seed: Option<u64>,
@@ -208,11 +214,15 @@ impl LoraLayer {
         let d_low = (dy.matmul(&b)? * self.scale)?;
         let db = (dy.t()?.matmul(&low)? * self.scale)?;
         let da = d_low.t()?.matmul(&h)?;
-        let mut dh = d_low.matmul(&a)?;
-        if let Some(m) = &mask {
-            dh = (dh * m)?;
-        }
-        Ok((dh.to_dtype(x.dtype())?, da, db))
+        let dx = match &mask {
+            // Dropout sits between x and A: its mask multiplies the adapter's share only.
+            Some(m) => (dx + (d_low.matmul(&a)? * m)?.to_dtype(x.dtype())?)?,
+            None => {
+                let (d_low, a) = (d_low.to_dtype(x.dtype())?, a.to_dtype(x.dtype())?);
+                add_matmul(dx, &d_low, &a, 1.0, true)?
+            }
+        };
+        Ok((dx, da, db))
     }
 
     /// The dense update `scale · B A`, `[out, in]`.

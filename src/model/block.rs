@@ -154,9 +154,9 @@ impl Block {
         let s = k.dim(2)?;
         // Grouped-query attention without copying k/v: the g query heads that share
         // a kv head are stacked along the time axis.
-        let q = q.contiguous()?.reshape((b, kv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
+        // The 1/√d scale goes on q, which is smaller than the scores.
+        let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
         let probs = ops::softmax_last_dim(&scores.broadcast_add(ctx.mask)?)?;
         let out = probs
             .reshape((b, kv, g * t, s))?
@@ -236,10 +236,10 @@ impl Block {
         let probs = s.probs.reshape((b, kv, g * t, t))?;
         let d_probs = d_out.matmul(&s.v.t()?)?;
         let dv = probs.t()?.matmul(&d_out)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let d_scores = (ops::softmax_backward(&s.probs, &d_probs.reshape((b, h, t, t))?)? * scale)?
+        // scores = (q·scale) kᵀ, and the scaled q was saved.
+        let d_scores = ops::softmax_backward(&s.probs, &d_probs.reshape((b, h, t, t))?)?
             .reshape((b, kv, g * t, t))?;
-        let dq = d_scores.matmul(&s.k)?.reshape((b, h, t, hd))?;
+        let dq = (d_scores.matmul(&s.k)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, h, t, hd))?;
         let dk = d_scores.t()?.matmul(&s.q)?;
         let dq = ops::rope_backward(&dq, ctx.cos, ctx.sin)?;
         let dk = ops::rope_backward(&dk, ctx.cos, ctx.sin)?;

@@ -51,7 +51,7 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&flat, pass.dropout_seed, pass.autograd)?)?;
+            y = lora.add_to(y, &flat, pass.dropout_seed, pass.autograd)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
@@ -72,13 +72,13 @@ impl Linear {
         dy: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraGrad>)> {
-        let mut dx = dy.matmul(&self.weight)?;
-        let mut grad = None;
-        if let Some(lora) = &self.lora {
-            let (dx_lora, da, db) = lora.backward(x, dy, dropout_seed)?;
-            dx = (dx + dx_lora)?;
-            grad = Some((da, db));
+        let dx = dy.matmul(&self.weight)?;
+        match &self.lora {
+            Some(lora) => {
+                let (dx, da, db) = lora.backward(dx, x, dy, dropout_seed)?;
+                Ok((dx, Some((da, db))))
+            }
+            None => Ok((dx, None)),
         }
-        Ok((dx, grad))
     }
 }

@@ -1,6 +1,7 @@
 //! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2, Mistral) in HF layout,
 //! written so that every linear can carry a LoRA adapter and every op backpropagates.
 
+pub mod add_matmul;
 pub mod autograd;
 pub mod block;
 mod gemv;

@@ -1,0 +1,140 @@
+//! `dst += α · lhs · rhs`, in place.
+//!
+//! A LoRA linear adds a rank-r product to the base output: done as a separate
+//! matmul and add, it writes and reads a whole extra `[rows, out]` tensor per
+//! linear per pass. On the CPU this accumulates straight into the base output
+//! with the same `gemm` kernel candle uses. Elsewhere, or where candle's autograd
+//! must see the sum, it is the plain matmul and add.
+
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
+
+struct AddMatmul {
+    alpha: f32,
+}
+
+impl InplaceOp3 for AddMatmul {
+    fn name(&self) -> &'static str {
+        "tuneforge-add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        ld: &Layout,
+        lhs: &CpuStorage,
+        ll: &Layout,
+        rhs: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) = (dst, lhs, rhs) else {
+            candle_core::bail!("add_matmul takes f32")
+        };
+        let ((m, n), (m2, k), (k2, n2)) = (
+            ld.shape().dims2()?,
+            ll.shape().dims2()?,
+            lr.shape().dims2()?,
+        );
+        if m != m2 || n != n2 || k != k2 || !ld.is_contiguous() {
+            candle_core::bail!(
+                "add_matmul: shapes {:?} += {:?} x {:?}",
+                ld.shape(),
+                ll.shape(),
+                lr.shape()
+            );
+        }
+        let (sa, sb) = (ll.stride(), lr.stride());
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the pointers and strides come from the layouts of live storages whose
+        // shapes were checked above; dst is contiguous and not aliased by lhs or rhs.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                d[ld.start_offset()..].as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a[ll.start_offset()..].as_ptr(),
+                sa[1] as isize,
+                sa[0] as isize,
+                b[lr.start_offset()..].as_ptr(),
+                sb[1] as isize,
+                sb[0] as isize,
+                1.0,
+                self.alpha,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `dst + alpha · lhs · rhs` for `dst`: `[m, n]`, `lhs`: `[m, k]`, `rhs`: `[k, n]`.
+/// With `in_place` (only when no autograd graph runs through `dst`), a contiguous
+/// f32 CPU `dst` is updated in place and returned.
+pub fn add_matmul(
+    dst: Tensor,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    alpha: f64,
+    in_place: bool,
+) -> Result<Tensor> {
+    let fits = in_place
+        && dst.device().is_cpu()
+        && [&dst, lhs, rhs]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.rank() == 2)
+        && dst.is_contiguous()
+        && !dst.track_op();
+    if fits {
+        dst.inplace_op3(
+            lhs,
+            rhs,
+            &AddMatmul {
+                alpha: alpha as f32,
+            },
+        )?;
+        return Ok(dst);
+    }
+    let product = lhs.matmul(rhs)?;
+    let product = if alpha == 1.0 {
+        product
+    } else {
+        (product * alpha)?
+    };
+    let product = product.to_dtype(dst.dtype())?;
+    dst + product
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::randn;
+
+    #[test]
+    fn in_place_equals_matmul_and_add() {
+        let (d, a, b) = (randn(&[5, 7], 1), randn(&[5, 3], 2), randn(&[7, 3], 3));
+        let want = (&d + (a.matmul(&b.t().unwrap()).unwrap() * 0.5).unwrap()).unwrap();
+        let got = add_matmul(d.copy().unwrap(), &a, &b.t().unwrap(), 0.5, true).unwrap();
+        let diff: f32 = (want - got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5);
+    }
+}
