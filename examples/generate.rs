@@ -19,6 +19,9 @@ struct Args {
     /// A name from models.toml, an HF-layout folder or a .gguf file.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
+    /// A LoRA adapter folder (a finetune run folder or a PEFT adapter).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// An optional system message.
     #[arg(long)]
     system: Option<String>,
@@ -43,6 +46,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    tuneforge::memory::tune_allocator();
     let args = Args::parse();
     let model = Model::load(
         &args.model,

@@ -20,6 +20,14 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) 
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("flushing {} to disk", path.display()))?;
+    // Temporary files are created private; the finished file is an ordinary one.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting the permissions of {}", path.display()))?;
+    }
     tmp.persist(path)
         .with_context(|| format!("renaming the temporary file onto {}", path.display()))?;
     Ok(())

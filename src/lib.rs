@@ -49,3 +49,8 @@ pub use lora::LoraConfig;
 pub use model::CausalLm;
 pub use pretrained::{LoadOptions, Model};
 pub use tokenizer::Tokenizer;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

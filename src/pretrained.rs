@@ -141,6 +141,19 @@ impl Model {
             .save_hf(dir, self.tokenizer.chat_template_source())
     }
 
+    /// Loads a LoRA adapter (a tuneforge run folder or any PEFT LoRA adapter) onto
+    /// the model, after checking it was made for this base model.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<crate::adapter::AdapterConfig> {
+        let config = crate::adapter::read_config(dir)?;
+        crate::adapter::check_base_model(&config, dir, self.repo_id())?;
+        crate::adapter::load(&mut self.lm, dir)
+    }
+
+    /// Folds the attached adapters into the base weights; returns how many.
+    pub fn merge_adapters(&mut self) -> Result<usize> {
+        crate::lora::merge(&mut self.lm)
+    }
+
     /// The token ids of a chat prompt ending with the assistant header.
     pub fn chat_prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let text = self.tokenizer.apply_chat_template(messages, true)?;
