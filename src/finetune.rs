@@ -209,7 +209,7 @@ impl fmt::Display for JobReport {
             let right = |pick: fn(&Sample) -> &str| {
                 self.samples
                     .iter()
-                    .filter(|s| eval::exact_match(pick(s), &s.reference))
+                    .filter(|s| eval::metrics::exact_match(pick(s), &s.reference))
                     .count()
             };
             writeln!(
@@ -233,7 +233,7 @@ impl fmt::Display for JobReport {
 }
 
 fn one_line(s: &str) -> String {
-    let s = eval::normalize(s);
+    let s = eval::metrics::normalize(s);
     if s.chars().count() > 100 {
         format!("{}...", s.chars().take(100).collect::<String>())
     } else {

@@ -178,6 +178,14 @@ pub fn parse_line(text: &str, path: &Path, line: usize) -> Result<Record, DataEr
 
 /// Reads every record of a JSONL file. Blank lines are skipped.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
+    Ok(read_jsonl_located(path)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// Reads every record of a JSONL file with its 1-based line number.
+pub fn read_jsonl_located(path: &Path) -> Result<Vec<(usize, Record)>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError {
         path: path.to_path_buf(),
         line: None,
@@ -202,7 +210,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
         if text.is_empty() {
             continue;
         }
-        records.push(parse_line(text, path, line)?);
+        records.push((line, parse_line(text, path, line)?));
     }
     if records.is_empty() {
         return Err(DataError {
