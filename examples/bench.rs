@@ -33,9 +33,12 @@ struct Args {
     /// Only these rows (substring match on the name).
     #[arg(long)]
     only: Option<String>,
+    /// Run one row in this process and print it as JSON (used internally).
+    #[arg(long, hide = true)]
+    row: Option<String>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Row {
     name: String,
     seconds: f64,
@@ -68,12 +71,10 @@ fn train_row(
     s: usize,
     reps: usize,
 ) -> Result<Row> {
-    lora::detach(&mut model.lm);
     lora::attach(&mut model.lm, lora_config, 0)?;
     let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
     let examples = synthetic(b, s);
     let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
-    memory::reset_peak_rss();
     let step = |opt: &mut AdamW| -> Result<()> {
         let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], false)?;
         opt.step(&update.gradients, 1e-4, 1.0)
@@ -94,100 +95,132 @@ fn train_row(
     })
 }
 
-fn main() -> Result<()> {
-    tuneforge::memory::tune_allocator();
-    let args = Args::parse();
-    let wanted = |name: &str| args.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
-    // Make sure the file is cached, so that the load below is a pure load.
-    tuneforge::source::resolve(&args.model)?;
-    let mut rows = Vec::new();
+/// The rows, in order; each runs in its own process so its peak RSS is its own.
+const ROWS: [&str; 6] = [
+    "load (cached GGUF)",
+    "forward, no grad, 4 x 128",
+    "train, all-7, r=8, 4 x 128",
+    "train, all-7, r=8, 8 x 256",
+    "train, q+v, r=8, 4 x 128",
+    "greedy decoding, 64 tokens",
+];
 
-    memory::reset_peak_rss();
+fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
     let t = Instant::now();
     let mut model = Model::load(
-        &args.model,
+        model_name,
         &LoadOptions {
             device: DeviceSpec::Cpu,
             dtype: None,
         },
     )?;
-    rows.push(Row {
-        name: "load (cached GGUF)".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        tokens_per_second: None,
-        peak_rss_mb: peak_mb(),
-        gflops: None,
-    });
-
-    let name = "forward, no grad, 4 x 128";
-    if wanted(name) {
-        let examples = synthetic(4, 128);
-        let batch = tuneforge::data::make_batch(
-            &examples,
-            &(0..4).map(|i| vec![i]).collect::<Vec<_>>(),
-            0,
-            model.lm.dtype(),
-            model.lm.device(),
-        )?;
-        memory::reset_peak_rss();
-        let forward = || -> Result<()> {
-            let hidden = model.lm.forward_hidden(&batch.input, None)?;
-            // Score every position, as an evaluation pass does.
-            tuneforge::train::loss::summed_cross_entropy(
-                &model.lm,
-                &hidden,
-                &batch.targets,
-                &batch.trained,
-            )?;
-            Ok(())
-        };
-        forward()?;
-        let t = Instant::now();
-        for _ in 0..args.reps {
-            forward()?;
-        }
-        let sec = t.elapsed().as_secs_f64() / args.reps as f64;
-        rows.push(Row {
-            name: name.into(),
-            seconds: sec,
-            tokens_per_second: Some(512.0 / sec),
-            peak_rss_mb: peak_mb(),
-            gflops: Some(2.0 * N_PARAMS * 512.0 / sec / 1e9),
-        });
-    }
-
+    let load = t.elapsed().as_secs_f64();
     let all7 = LoraConfig::default();
     let qv = LoraConfig {
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         ..Default::default()
     };
-    for (name, config, b, s) in [
-        ("train, all-7, r=8, 4 x 128", &all7, 4, 128),
-        ("train, all-7, r=8, 8 x 256", &all7, 8, 256),
-        ("train, q+v, r=8, 4 x 128", &qv, 4, 128),
-    ] {
-        if wanted(name) {
-            rows.push(train_row(&mut model, name, config, b, s, args.reps)?);
-        }
-    }
-    lora::detach(&mut model.lm);
-
-    let name = "greedy decoding, 64 tokens";
-    if wanted(name) {
-        memory::reset_peak_rss();
-        let config = GenerationConfig {
-            max_new_tokens: 64,
-            stop_at_eos: false,
-            ..Default::default()
-        };
-        let g = model.chat(&[Message::user("What is LoRA?")], &config, &mut |_| {})?;
-        rows.push(Row {
+    Ok(match name {
+        "load (cached GGUF)" => Row {
             name: name.into(),
-            seconds: g.decode.as_secs_f64(),
-            tokens_per_second: Some(g.tokens_per_second()),
+            seconds: load,
+            tokens_per_second: None,
             peak_rss_mb: peak_mb(),
             gflops: None,
-        });
+        },
+        "forward, no grad, 4 x 128" => {
+            let examples = synthetic(4, 128);
+            let batch = tuneforge::data::make_batch(
+                &examples,
+                &(0..4).map(|i| vec![i]).collect::<Vec<_>>(),
+                0,
+                model.lm.dtype(),
+                model.lm.device(),
+            )?;
+            let forward = || -> Result<()> {
+                let hidden = model.lm.forward_hidden(&batch.input, None)?;
+                // Score every position, as an evaluation pass does.
+                tuneforge::train::loss::summed_cross_entropy(
+                    &model.lm,
+                    &hidden,
+                    &batch.targets,
+                    &batch.trained,
+                )?;
+                Ok(())
+            };
+            forward()?;
+            let t = Instant::now();
+            for _ in 0..reps {
+                forward()?;
+            }
+            let sec = t.elapsed().as_secs_f64() / reps as f64;
+            Row {
+                name: name.into(),
+                seconds: sec,
+                tokens_per_second: Some(512.0 / sec),
+                peak_rss_mb: peak_mb(),
+                gflops: Some(2.0 * N_PARAMS * 512.0 / sec / 1e9),
+            }
+        }
+        "train, all-7, r=8, 4 x 128" => train_row(&mut model, name, &all7, 4, 128, reps)?,
+        "train, all-7, r=8, 8 x 256" => train_row(&mut model, name, &all7, 8, 256, reps)?,
+        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, 4, 128, reps)?,
+        "greedy decoding, 64 tokens" => {
+            let config = GenerationConfig {
+                max_new_tokens: 64,
+                stop_at_eos: false,
+                ..Default::default()
+            };
+            let g = model.chat(&[Message::user("What is LoRA?")], &config, &mut |_| {})?;
+            Row {
+                name: name.into(),
+                seconds: g.decode.as_secs_f64() / 63.0,
+                tokens_per_second: Some(g.tokens_per_second()),
+                peak_rss_mb: peak_mb(),
+                gflops: None,
+            }
+        }
+        other => anyhow::bail!("unknown row '{other}'"),
+    })
+}
+
+fn main() -> Result<()> {
+    tuneforge::memory::tune_allocator();
+    let args = Args::parse();
+    if let Some(row) = &args.row {
+        println!(
+            "{}",
+            serde_json::to_string(&run_row(row, &args.model, args.reps)?)?
+        );
+        return Ok(());
+    }
+    // Make sure the file is cached, so that every row's load is a pure load.
+    tuneforge::source::resolve(&args.model)?;
+    let mut rows: Vec<Row> = Vec::new();
+    for name in ROWS
+        .iter()
+        .filter(|n| args.only.as_ref().is_none_or(|o| n.contains(o.as_str())))
+    {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--row",
+                name,
+                "--model",
+                &args.model,
+                "--reps",
+                &args.reps.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "row '{name}' failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8(out.stdout)?;
+        rows.push(serde_json::from_str(
+            text.lines().last().unwrap_or_default(),
+        )?);
     }
 
     println!(
