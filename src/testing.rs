@@ -13,6 +13,22 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// Checks the gradient of `sum(f(x) * probe)` with respect to `x` against central
 /// finite differences in f64, for a random `x` of `shape`.
 pub fn check_gradient(

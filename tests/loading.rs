@@ -196,16 +196,7 @@ fn saved_hf_folder_loads_back_identically() {
                 .unwrap()
         );
         let got = back.lm.forward(&ids).unwrap();
-        let diff: f32 = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = common::max_abs_diff(&got, &want);
         assert!(diff <= tol, "{dtype:?}: max logit difference {diff}");
     }
 }

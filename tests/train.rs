@@ -1,6 +1,8 @@
 //! LoRA training on a tiny random model: gradients, accumulation, reproducibility,
 //! resuming, divergence, adapters and merging, and bad input.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -50,19 +52,6 @@ fn config() -> TrainConfig {
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn logits(model: &Model) -> Tensor {
     model
         .lm
@@ -70,14 +59,15 @@ fn logits(model: &Model) -> Tensor {
         .unwrap()
 }
 
-fn step_losses(events: &[Event]) -> Vec<f64> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Step { loss, .. } => Some(*loss),
-            _ => None,
-        })
-        .collect()
+/// A trainer that has taken one update, with its run in `dir`.
+fn trained_one_step(dir: &Path) -> Trainer {
+    let config = TrainConfig {
+        max_steps: Some(1),
+        ..config()
+    };
+    let mut trainer = Trainer::new(tiny(), LoraConfig::default(), config, dir).unwrap();
+    trainer.train(&data()).unwrap();
+    trainer
 }
 
 fn read_losses(dir: &Path) -> Vec<f64> {
@@ -97,7 +87,7 @@ fn fresh_adapters_leave_outputs_unchanged() {
     let mut model = tiny();
     let before = logits(&model);
     lora::attach(&mut model.lm, &LoraConfig::default(), 3).unwrap();
-    assert_eq!(max_diff(&before, &logits(&model)), 0.0);
+    assert_eq!(common::max_abs_diff(&before, &logits(&model)), 0.0);
     assert_eq!(
         lora::parameters(&model.lm).len(),
         2 * 7 * model.lm.layers.len()
@@ -107,17 +97,7 @@ fn fresh_adapters_leave_outputs_unchanged() {
 #[test]
 fn every_lora_tensor_gets_a_gradient() {
     let out = tempfile::tempdir().unwrap();
-    let mut trainer = Trainer::new(
-        tiny(),
-        LoraConfig::default(),
-        TrainConfig {
-            max_steps: Some(1),
-            ..config()
-        },
-        out.path(),
-    )
-    .unwrap();
-    trainer.train(&data()).unwrap();
+    let trainer = trained_one_step(out.path());
     // After one update B is no longer zero, so both factors receive gradients.
     let (examples, _) = trainer.tokenize(&records(8)).unwrap();
     let plan = plan_epoch(&examples, 8, 1, None, &mut Rng::new(0));
@@ -234,7 +214,7 @@ fn batch_8_equals_batch_2_with_accumulation_4() {
             .to_vec1::<f32>()
             .unwrap()[0];
         assert!(
-            max_diff(ga, gb) <= 1e-4 * scale.max(1e-3),
+            common::max_abs_diff(ga, gb) <= 1e-4 * scale.max(1e-3),
             "gradients differ"
         );
     }
@@ -302,7 +282,7 @@ fn resuming_continues_exactly() {
     let b = candle_core::safetensors::load(split.path().join(adapter::WEIGHTS_FILE), &Device::Cpu)
         .unwrap();
     for (k, t) in &a {
-        assert_eq!(max_diff(t, &b[k]), 0.0, "{k}");
+        assert_eq!(common::max_abs_diff(t, &b[k]), 0.0, "{k}");
     }
 }
 
@@ -422,7 +402,7 @@ fn adapters_load_back_and_merge() {
     let trained = t.into_model();
     let want = logits(&trained);
     assert!(
-        max_diff(&want, &logits(&tiny())) > 0.0,
+        common::max_abs_diff(&want, &logits(&tiny())) > 0.0,
         "training changed the model"
     );
 
@@ -432,17 +412,17 @@ fn adapters_load_back_and_merge() {
         cfg.layers_to_transform,
         Some(adapter::LayerList::List(vec![1]))
     );
-    assert_eq!(max_diff(&want, &logits(&loaded)), 0.0);
+    assert_eq!(common::max_abs_diff(&want, &logits(&loaded)), 0.0);
 
     lora::merge(&mut loaded.lm).unwrap();
     assert!(lora::parameters(&loaded.lm).is_empty());
-    assert!(max_diff(&want, &logits(&loaded)) < 1e-4);
+    assert!(common::max_abs_diff(&want, &logits(&loaded)) < 1e-4);
     let merged = tempfile::tempdir().unwrap();
     loaded
         .save_hf(merged.path(), candle_core::DType::F32)
         .unwrap();
     let back = Model::load(merged.path().to_str().unwrap(), &Default::default()).unwrap();
-    assert!(max_diff(&want, &logits(&back)) < 1e-4);
+    assert!(common::max_abs_diff(&want, &logits(&back)) < 1e-4);
 }
 
 #[test]
@@ -487,17 +467,7 @@ fn bad_lora_settings_are_refused() {
 #[test]
 fn adapter_for_another_base_model_names_the_tensor() {
     let out = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(
-        tiny(),
-        LoraConfig::default(),
-        TrainConfig {
-            max_steps: Some(1),
-            ..config()
-        },
-        out.path(),
-    )
-    .unwrap();
-    t.train(&data()).unwrap();
+    trained_one_step(out.path());
     let mut other_config = tuneforge::ModelConfig::tiny(Architecture::Llama);
     other_config.hidden_size = 48;
     other_config.head_dim = 12;
@@ -549,7 +519,6 @@ fn packing_trains_too() {
     assert_eq!(report.steps, 6);
     let losses = read_losses(out.path());
     assert!(losses.iter().all(|l| l.is_finite()));
-    let _ = step_losses;
 }
 
 #[test]
@@ -624,16 +593,8 @@ fn hand_written_backward_equals_autograd() {
                     .get(var.as_tensor())
                     .unwrap_or_else(|| panic!("autograd missed {name}"));
                 let got = got.as_ref().unwrap();
-                let scale: f32 = want
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                let diff = max_diff(want, got);
+                let scale = common::max_abs_diff(want, &want.zeros_like().unwrap());
+                let diff = common::max_abs_diff(want, got);
                 assert!(
                     diff <= 1e-4 * scale.max(1e-6) + 1e-7,
                     "{arch:?} recompute={recompute} {name}: differs by {diff} (scale {scale})"

@@ -125,16 +125,7 @@ mod tests {
         let (d, a, b) = (randn(&[5, 7], 1), randn(&[5, 3], 2), randn(&[7, 3], 3));
         let want = (&d + (a.matmul(&b.t().unwrap()).unwrap() * 0.5).unwrap()).unwrap();
         let got = add_matmul(d.copy().unwrap(), &a, &b.t().unwrap(), 0.5, true).unwrap();
-        let diff: f32 = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(&want, &got);
         assert!(diff < 1e-5);
     }
 }

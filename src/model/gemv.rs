@@ -171,16 +171,7 @@ mod tests {
             let w = crate::testing::randn(&[130, 70], 2);
             let want = x.matmul(&w.t().unwrap()).unwrap();
             let got = matmul_t(&x, &w).unwrap();
-            let diff: f32 = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = crate::testing::max_abs_diff(&want, &got);
             assert!(diff < 1e-4, "{rows} rows: {diff}");
         }
     }

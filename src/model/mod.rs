@@ -389,14 +389,7 @@ mod tests {
                 .unwrap();
             for (row, got) in [(3, first), (4, a), (5, b)] {
                 let want = full.get(row).unwrap();
-                let diff: f32 = (want - got.squeeze(0).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = crate::testing::max_abs_diff(&want, &got.squeeze(0).unwrap());
                 assert!(diff < 1e-4, "{arch:?} row {row}: {diff}");
             }
         }
@@ -433,16 +426,7 @@ mod tests {
             .squeeze(0)
             .unwrap();
         let sep = Tensor::cat(&[ha, hb], 0).unwrap();
-        let diff: f32 = (hp.narrow(0, 0, 5).unwrap() - sep)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(&hp.narrow(0, 0, 5).unwrap(), &sep);
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -222,20 +222,8 @@ mod tests {
             .get(v.as_tensor())
             .unwrap()
             .clone();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(diff(&losses, &auto) < 1e-6);
-        assert!(diff(&grad, &want) < 1e-6);
+        assert!(crate::testing::max_abs_diff(&losses, &auto) < 1e-6);
+        assert!(crate::testing::max_abs_diff(&grad, &want) < 1e-6);
     }
 
     #[test]

@@ -63,3 +63,19 @@ pub fn splitmix_batch(batch: usize, seq: usize, seed: u64, vocab: u64) -> Vec<u3
         })
         .collect()
 }
+
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
