@@ -240,3 +240,28 @@ fn one_line(s: &str) -> String {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_config_file_parses_over_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        let text = "model = \"smollm2-135m-instruct\"\ndata = \"my_data\"\nout = \"runs/mine\"\n\n[lora]\nr = 16\nalpha = 32.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\n[train]\nlearning_rate = 5e-4\nepochs = 3\nbatch_size = 8\neval_every = 25\npatience = 3\n";
+        std::fs::write(&path, text).unwrap();
+        let job = JobConfig::from_toml_file(&path).unwrap();
+        assert_eq!(
+            (job.lora.r, job.train.epochs, job.train.patience),
+            (16, 3, Some(3))
+        );
+        assert_eq!(job.samples, JobConfig::default().samples);
+        std::fs::write(&path, "[train]\nlearnign_rate = 1.0\n").unwrap();
+        let err = format!("{:#}", JobConfig::from_toml_file(&path).unwrap_err());
+        assert!(
+            err.contains("job.toml") && err.contains("learnign_rate"),
+            "{err}"
+        );
+    }
+}
