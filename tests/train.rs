@@ -59,6 +59,21 @@ fn logits(model: &Model) -> Tensor {
         .unwrap()
 }
 
+/// The first `n` test records, tokenized for `model`.
+fn examples(model: &Model, n: usize) -> Vec<tuneforge::data::Example> {
+    tuneforge::data::tokenize(&records(n), &model.tokenizer, Default::default(), 64)
+        .unwrap()
+        .0
+}
+
+/// Moves every adapter parameter by `delta`, so that no factor is zero and every
+/// gradient path is exercised.
+fn shift_adapters(model: &Model, delta: f64) {
+    for (_, var) in lora::parameters(&model.lm) {
+        var.set(&(var.as_tensor() + delta).unwrap()).unwrap();
+    }
+}
+
 /// A trainer that has taken one update, with its run in `dir`.
 fn trained_one_step(dir: &Path) -> Trainer {
     let config = TrainConfig {
@@ -130,9 +145,7 @@ fn lora_gradients_match_finite_differences() {
                 .unwrap();
         }
     }
-    let examples = tuneforge::data::tokenize(&records(3), &model.tokenizer, Default::default(), 64)
-        .unwrap()
-        .0;
+    let examples = examples(&model, 3);
     let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
     let params = lora::parameters(&model.lm);
     let update = step_gradients(&model, &examples, &plan[0], &[0], false).unwrap();
@@ -184,15 +197,10 @@ fn batch_8_equals_batch_2_with_accumulation_4() {
     let model_a = {
         let mut m = tiny();
         lora::attach(&mut m.lm, &LoraConfig::default(), 9).unwrap();
-        for (_, var) in lora::parameters(&m.lm) {
-            var.set(&(var.as_tensor() + 0.01).unwrap()).unwrap();
-        }
+        shift_adapters(&m, 0.01);
         m
     };
-    let examples =
-        tuneforge::data::tokenize(&records(8), &model_a.tokenizer, Default::default(), 64)
-            .unwrap()
-            .0;
+    let examples = examples(&model_a, 8);
     let one = plan_epoch(&examples, 8, 1, None, &mut Rng::new(3));
     let four = plan_epoch(&examples, 2, 4, None, &mut Rng::new(3));
     assert_eq!((one[0].len(), four[0].len()), (1, 4));
@@ -536,13 +544,8 @@ fn hand_written_backward_equals_autograd() {
             1,
         )
         .unwrap();
-        for (_, var) in lora::parameters(&model.lm) {
-            var.set(&(var.as_tensor() + 0.03).unwrap()).unwrap();
-        }
-        let examples =
-            tuneforge::data::tokenize(&records(5), &model.tokenizer, Default::default(), 64)
-                .unwrap()
-                .0;
+        shift_adapters(&model, 0.03);
+        let examples = examples(&model, 5);
         // Two packed rows and one plain row, padded.
         let batch = tuneforge::data::make_batch(
             &examples,
