@@ -109,11 +109,7 @@ impl AdapterConfig {
 
     /// The scale the adapter's output is multiplied by.
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
+        lora_config(self).scale()
     }
 }
 
@@ -134,9 +130,7 @@ pub fn save(model: &CausalLm, config: &AdapterConfig, dir: &Path) -> Result<()> 
             ))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
-        .context("serialising the adapter")?;
-    crate::atomic::write(&dir.join(WEIGHTS_FILE), &bytes)?;
+    crate::weights::save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     crate::atomic::write(
         &dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(config)?.as_bytes(),

@@ -128,14 +128,7 @@ pub fn run(
         Existing::Refuse => Trainer::new(model, job.lora.clone(), job.train.clone(), &job.out)?,
     };
     if let Some(stop) = stop {
-        let flag = trainer.stop_flag();
-        std::thread::spawn(move || loop {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        });
+        trainer.set_stop_flag(stop);
     }
     let held_out: Vec<HeldOut> = data
         .test

@@ -128,9 +128,7 @@ impl Model {
             .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
             .collect::<Result<Vec<_>>>()?;
         let path = dir.join("model.safetensors");
-        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
-            .context("serialising the weights")?;
-        crate::atomic::write(&path, &bytes)?;
+        crate::weights::save_safetensors(&path, &tensors)?;
         let mut config = self.config().to_hf_json();
         config["torch_dtype"] = dtype_name(dtype).into();
         crate::atomic::write(

@@ -130,6 +130,13 @@ impl Weights {
     }
 }
 
+/// Writes named tensors to a safetensors file, atomically.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .with_context(|| format!("serialising {}", path.display()))?;
+    crate::atomic::write(path, &bytes)
+}
+
 /// Where Llama 3 GGUFs' rope frequency factors are kept among the weights.
 pub const ROPE_FREQS: &str = "rope_freqs";
 

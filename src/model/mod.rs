@@ -282,6 +282,15 @@ impl CausalLm {
         self.embed_tokens.device()
     }
 
+    /// Token embeddings of `ids` (`[b, t]`), `[b, t, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
     /// Rope cos/sin for `positions` (`[b, t]`), checking them against the context window.
     pub fn rotary_for(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let max_pos = positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
@@ -305,15 +314,11 @@ impl CausalLm {
         input: &ForwardInput,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = input.ids.dims2()?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
         let (cos, sin) = self.rotary_for(&input.positions)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed(&input.ids)?;
         let ctx = BlockContext {
             cos: &cos,
             sin: &sin,

@@ -38,11 +38,17 @@ pub fn from_cache(id: &str, revision: &str) -> Result<ModelFiles> {
             )
         })
     };
-    let [config, tokenizer, tokenizer_config] = FILES.map(get);
+    hf_files(get)
+}
+
+/// An HF-layout model's files, each fetched by `get`: the config and tokenizer
+/// files, then `model.safetensors` or, failing that, the shards of its index.
+fn hf_files(get: impl Fn(&str) -> Result<PathBuf>) -> Result<ModelFiles> {
+    let [config, tokenizer, tokenizer_config] = FILES.map(&get);
     let (config, tokenizer, tokenizer_config) = (config?, tokenizer?, tokenizer_config?);
-    let weights = match repo.get(SINGLE) {
-        Some(p) => vec![p],
-        None => {
+    let weights = match get(SINGLE) {
+        Ok(p) => vec![p],
+        Err(_) => {
             let index = get(INDEX)?;
             shard_names(&index)?
                 .iter()
@@ -73,25 +79,7 @@ pub fn download(id: &str, revision: &str) -> Result<ModelFiles> {
         repo.get(name)
             .with_context(|| format!("downloading {name} of {id}@{revision} from the Hub"))
     };
-    let config = get("config.json")?;
-    let tokenizer = get("tokenizer.json")?;
-    let tokenizer_config = get("tokenizer_config.json")?;
-    let weights = match get(SINGLE) {
-        Ok(p) => vec![p],
-        Err(_) => {
-            let index = get(INDEX)?;
-            shard_names(&index)?
-                .iter()
-                .map(|s| get(s))
-                .collect::<Result<Vec<_>>>()?
-        }
-    };
-    Ok(ModelFiles::HfDir {
-        config,
-        tokenizer,
-        tokenizer_config: Some(tokenizer_config),
-        weights,
-    })
+    hf_files(get)
 }
 
 /// Fails within seconds when the Hub endpoint cannot be reached at all.

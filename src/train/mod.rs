@@ -351,6 +351,11 @@ impl Trainer {
         self.stop.clone()
     }
 
+    /// Uses `flag` as the stop flag (for example one a Ctrl-C handler raises).
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = flag;
+    }
+
     /// Calls `f` with every step and evaluation event.
     pub fn on_event(&mut self, f: impl FnMut(&Event) + 'static) {
         self.callbacks.push(Box::new(f));

@@ -139,9 +139,7 @@ impl AdamW {
                 self.exp_avg_sq[i].to_device(&Device::Cpu)?,
             ));
         }
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
-            .context("serialising the optimizer state")?;
-        crate::atomic::write(path, &bytes)
+        crate::weights::save_safetensors(path, &tensors)
     }
 
     /// Restores the moments saved by [`AdamW::save`], and the step count.

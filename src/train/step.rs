@@ -35,10 +35,7 @@ pub fn loss_and_gradients(
         pass,
     };
 
-    let mut x = lm
-        .embed_tokens
-        .index_select(&input.ids.flatten_all()?, 0)?
-        .reshape((b, t, d))?;
+    let mut x = lm.embed(&input.ids)?;
     let mut inputs = Vec::with_capacity(lm.layers.len());
     let mut saved = Vec::with_capacity(lm.layers.len());
     for layer in &lm.layers {
