@@ -48,7 +48,7 @@ fn synthetic(b: usize, s: usize, vocab: usize) -> Vec<Example> {
 }
 
 fn bench_config(c: &mut Criterion, tag: &str, config: &ModelConfig, shapes: &[(usize, usize)]) {
-    tuneforge::memory::tune_allocator();
+    tuneforge::threads::init();
     let mut m = model(config);
     let all7 = LoraConfig::default();
     let qv = LoraConfig {

@@ -130,24 +130,9 @@ fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
         },
         "forward, no grad, 4 x 128" => {
             let examples = synthetic(4, 128);
-            let batch = tuneforge::data::make_batch(
-                &examples,
-                &(0..4).map(|i| vec![i]).collect::<Vec<_>>(),
-                0,
-                model.lm.dtype(),
-                model.lm.device(),
-            )?;
-            let forward = || -> Result<()> {
-                let hidden = model.lm.forward_hidden(&batch.input, None)?;
-                // Score every position, as an evaluation pass does.
-                tuneforge::train::loss::summed_cross_entropy(
-                    &model.lm,
-                    &hidden,
-                    &batch.targets,
-                    &batch.trained,
-                )?;
-                Ok(())
-            };
+            let rows: Vec<Vec<usize>> = (0..4).map(|i| vec![i]).collect();
+            // Scores every position, as an evaluation pass does.
+            let forward = || tuneforge::train::summed_loss(&model, &examples, &rows).map(|_| ());
             forward()?;
             let t = Instant::now();
             for _ in 0..reps {
@@ -185,7 +170,7 @@ fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
 }
 
 fn main() -> Result<()> {
-    tuneforge::memory::tune_allocator();
+    tuneforge::threads::init();
     let args = Args::parse();
     if let Some(row) = &args.row {
         println!(

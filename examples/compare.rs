@@ -50,7 +50,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tuneforge::memory::tune_allocator();
+    tuneforge::threads::init();
     let a = Args::parse();
     let generation = GenerationConfig {
         max_new_tokens: a.max_tokens,

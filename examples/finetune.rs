@@ -117,7 +117,7 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str) -> Result<T> {
 }
 
 fn main() -> Result<()> {
-    tuneforge::memory::tune_allocator();
+    tuneforge::threads::init();
     let a = Args::parse();
     let mut job = match &a.config {
         Some(path) => JobConfig::from_toml_file(path)?,

@@ -46,7 +46,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tuneforge::memory::tune_allocator();
+    tuneforge::threads::init();
     let args = Args::parse();
     let model = Model::load(
         &args.model,

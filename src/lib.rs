@@ -37,6 +37,7 @@ pub mod rng;
 pub mod source;
 #[cfg(test)]
 mod testing;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

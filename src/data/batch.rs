@@ -82,6 +82,35 @@ pub fn plan_epoch(
     steps
 }
 
+/// Padded tokens a shard aims at: enough for the matmuls to run near peak on
+/// one core, few enough that activations stay small.
+pub const SHARD_TOKENS: usize = 256;
+
+/// Splits rows, in order, into shards of at most [`SHARD_TOKENS`] padded
+/// tokens (or one row, where a row is longer). Shards run on separate threads
+/// ([`crate::threads`]) and their gradients add up to the micro-batch's, and
+/// since only the shards in flight hold activations, a large batch needs no
+/// more memory than a small one. The split depends on the rows alone, never on
+/// the number of threads, so results do not either.
+pub fn shards(examples: &[Example], rows: &[Row]) -> Vec<Vec<Row>> {
+    let mut out: Vec<Vec<Row>> = Vec::new();
+    let mut widest = 0;
+    for row in rows {
+        let width: usize = row.iter().map(|&i| examples[i].ids.len()).sum();
+        match out.last_mut() {
+            Some(shard) if (shard.len() + 1) * widest.max(width) <= SHARD_TOKENS => {
+                shard.push(row.clone());
+                widest = widest.max(width);
+            }
+            _ => {
+                out.push(vec![row.clone()]);
+                widest = width;
+            }
+        }
+    }
+    out
+}
+
 /// Builds the tensors of a micro-batch.
 pub fn make_batch(
     examples: &[Example],
@@ -183,5 +212,24 @@ mod tests {
         );
         assert_eq!(batch.trained.to_vec1::<u32>().unwrap(), vec![0, 1, 3]);
         assert_eq!(batch.real_tokens, 5);
+    }
+
+    #[test]
+    fn shards_hold_at_most_the_token_budget_and_keep_row_order() {
+        let lens = [100, 120, 128, 60, 300, 10, 10];
+        let examples: Vec<Example> = lens.iter().map(|&n| ex(n)).collect();
+        let rows: Vec<Row> = (0..lens.len()).map(|i| vec![i]).collect();
+        let shards = shards(&examples, &rows);
+        assert_eq!(shards.concat(), rows);
+        for shard in &shards {
+            let widest = shard.iter().map(|r| lens[r[0]]).max().unwrap();
+            assert!(shard.len() == 1 || shard.len() * widest <= SHARD_TOKENS);
+        }
+        // 100 and 120 share a shard (2 × 120 ≤ 256); a third row would not fit.
+        assert_eq!(shards[0], vec![vec![0], vec![1]]);
+        assert_eq!(
+            shards.iter().find(|s| s.contains(&vec![4])).unwrap().len(),
+            1
+        );
     }
 }

@@ -5,7 +5,7 @@ pub mod batch;
 pub mod records;
 pub mod tokenize;
 
-pub use batch::{make_batch, plan_epoch, Batch};
+pub use batch::{make_batch, plan_epoch, shards, Batch};
 pub use records::{read_jsonl, DataError, Record};
 pub use tokenize::{tokenize, Example, LossOn, TokenizeReport};
 

@@ -43,7 +43,8 @@ impl InplaceOp3 for AddMatmul {
             );
         }
         let (sa, sb) = (ll.stride(), lr.stride());
-        let threads = rayon::current_num_threads();
+        // Threaded like candle's own matmul: single-threaded after `threads::init`.
+        let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {

@@ -66,21 +66,20 @@ pub struct BlockContext<'a> {
     pub pass: Pass,
 }
 
-/// The activations a block's backward pass reads.
+/// The activations a block's backward pass reads. What is cheap to compute
+/// again (the two norms' outputs, the MLP's product) is not kept, nor what only
+/// an adapter would read where there is none (the attention output).
 #[derive(Debug, Clone)]
 pub struct BlockSaved {
     x: Tensor,
-    h1: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     probs: Tensor,
-    attn: Tensor,
+    attn: Option<Tensor>,
     x2: Tensor,
-    h2: Tensor,
     gate: Tensor,
     up: Tensor,
-    act: Tensor,
 }
 
 /// `[b, t, n]` → `[b·t, n]`.
@@ -173,17 +172,14 @@ impl Block {
         let y = (&x2 + m.down_proj.forward_t(&act, pass)?)?;
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
-            h1,
             q,
             k,
             v,
             probs,
-            attn,
+            attn: a.o_proj.needs_input().then_some(attn),
             x2,
-            h2,
             gate,
             up,
-            act,
         });
         Ok((y, saved))
     }
@@ -214,20 +210,34 @@ impl Block {
         let (a, m) = (&self.self_attn, &self.mlp);
 
         // MLP: y = x2 + down(silu(gate(h2)) · up(h2)).
-        let (d_act, g_down) = m.down_proj.backward(&rows(&s.act)?, &rows(dy)?, seed)?;
         let silu = s.gate.silu()?;
+        let act = match m.down_proj.needs_input() {
+            true => Some(rows(&(&silu * &s.up)?)?),
+            false => None,
+        };
+        let (d_act, g_down) = m.down_proj.backward(act.as_ref(), &rows(dy)?, seed)?;
+        drop(act);
         let d_act = d_act.reshape((b, t, ()))?;
         let d_up = (&d_act * &silu)?;
         let d_gate = ops::silu_backward(&s.gate, &(&d_act * &s.up)?)?;
-        let h2 = rows(&s.h2)?;
-        let (dh2_gate, g_gate) = m.gate_proj.backward(&h2, &rows(&d_gate)?, seed)?;
-        let (dh2_up, g_up) = m.up_proj.backward(&h2, &rows(&d_up)?, seed)?;
+        let h2 = match m.gate_proj.needs_input() || m.up_proj.needs_input() {
+            true => Some(rows(&ops::rms_norm(
+                &s.x2,
+                &self.post_attention_layernorm,
+                ctx.eps,
+            )?)?),
+            false => None,
+        };
+        let (dh2_gate, g_gate) = m.gate_proj.backward(h2.as_ref(), &rows(&d_gate)?, seed)?;
+        let (dh2_up, g_up) = m.up_proj.backward(h2.as_ref(), &rows(&d_up)?, seed)?;
+        drop(h2);
         let dh2 = (dh2_gate + dh2_up)?.reshape((b, t, d))?;
         let dx2 =
             (dy + ops::rms_norm_backward(&s.x2, &self.post_attention_layernorm, ctx.eps, &dh2)?)?;
 
         // Attention: x2 = x + o(attend(rope(q(h1)), rope(k(h1)), v(h1))).
-        let (d_attn, g_o) = a.o_proj.backward(&rows(&s.attn)?, &rows(&dx2)?, seed)?;
+        let attn = s.attn.as_ref().map(rows).transpose()?;
+        let (d_attn, g_o) = a.o_proj.backward(attn.as_ref(), &rows(&dx2)?, seed)?;
         let d_out = d_attn
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
@@ -244,10 +254,16 @@ impl Block {
         let dq = ops::rope_backward(&dq, ctx.cos, ctx.sin)?;
         let dk = ops::rope_backward(&dk, ctx.cos, ctx.sin)?;
         let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * hd));
-        let h1 = rows(&s.h1)?;
-        let (dh1_q, g_q) = a.q_proj.backward(&h1, &flat(dq, h)?, seed)?;
-        let (dh1_k, g_k) = a.k_proj.backward(&h1, &flat(dk, kv)?, seed)?;
-        let (dh1_v, g_v) = a.v_proj.backward(&h1, &flat(dv, kv)?, seed)?;
+        let h1 = match [&a.q_proj, &a.k_proj, &a.v_proj]
+            .iter()
+            .any(|l| l.needs_input())
+        {
+            true => Some(rows(&ops::rms_norm(&s.x, &self.input_layernorm, ctx.eps)?)?),
+            false => None,
+        };
+        let (dh1_q, g_q) = a.q_proj.backward(h1.as_ref(), &flat(dq, h)?, seed)?;
+        let (dh1_k, g_k) = a.k_proj.backward(h1.as_ref(), &flat(dk, kv)?, seed)?;
+        let (dh1_v, g_v) = a.v_proj.backward(h1.as_ref(), &flat(dv, kv)?, seed)?;
         let dh1 = ((dh1_q + dh1_k)? + dh1_v)?.reshape((b, t, d))?;
         let dx = (&dx2 + ops::rms_norm_backward(&s.x, &self.input_layernorm, ctx.eps, &dh1)?)?;
         Ok((dx, [g_q, g_k, g_v, g_o, g_gate, g_up, g_down]))

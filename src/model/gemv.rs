@@ -107,18 +107,20 @@ impl CustomOp2 for Gemv {
         }
         // out_t[j][i] = W[j] · x[i]; each task owns a block of weight rows.
         let mut out_t = vec![0f32; n * m];
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, block)| {
-                let first = task * ROWS_PER_TASK;
-                for (r, out_row) in block.chunks_mut(m).enumerate() {
-                    let wrow = &w[(first + r) * k..(first + r + 1) * k];
-                    for (i, o) in out_row.iter_mut().enumerate() {
-                        *o = dot(wrow, &x[i * k..(i + 1) * k]);
+        crate::threads::pool().install(|| {
+            out_t
+                .par_chunks_mut(ROWS_PER_TASK * m)
+                .enumerate()
+                .for_each(|(task, block)| {
+                    let first = task * ROWS_PER_TASK;
+                    for (r, out_row) in block.chunks_mut(m).enumerate() {
+                        let wrow = &w[(first + r) * k..(first + r + 1) * k];
+                        for (i, o) in out_row.iter_mut().enumerate() {
+                            *o = dot(wrow, &x[i * k..(i + 1) * k]);
+                        }
                     }
-                }
-            });
+                })
+        });
         let out = if m == 1 {
             out_t
         } else {

@@ -65,20 +65,29 @@ pub type LoraGrad = (Tensor, Tensor);
 impl Linear {
     /// Backpropagates `dy` (`[rows, out]`) through the layer applied to `x`
     /// (`[rows, in]`): `dx`, and the adapter's gradients if it has one. The frozen
-    /// weight and bias get none.
+    /// weight and bias get none, so `x` is read only for an adapter: pass `None`
+    /// for a layer without one (see [`Linear::needs_input`]).
     pub fn backward(
         &self,
-        x: &Tensor,
+        x: Option<&Tensor>,
         dy: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraGrad>)> {
         let dx = dy.matmul(&self.weight)?;
         match &self.lora {
             Some(lora) => {
+                let x = x.ok_or_else(|| {
+                    candle_core::Error::Msg("an adapted linear's backward needs its input".into())
+                })?;
                 let (dx, da, db) = lora.backward(dx, x, dy, dropout_seed)?;
                 Ok((dx, Some((da, db))))
             }
             None => Ok((dx, None)),
         }
+    }
+
+    /// Whether [`Linear::backward`] reads the layer's input: only for an adapter.
+    pub fn needs_input(&self) -> bool {
+        self.lora.is_some()
     }
 }

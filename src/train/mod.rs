@@ -638,7 +638,8 @@ pub struct Update {
 /// Runs forward and backward over the micro-batches of one update. Each
 /// micro-batch's summed loss is divided by the trained tokens of the whole
 /// update, so the result does not depend on how the update is split.
-/// `dropout_seeds` holds one seed per micro-batch.
+/// `dropout_seeds` holds one seed per micro-batch. Micro-batches are cut into
+/// [shards](crate::data::shards) that run on [`crate::threads`]' workers.
 pub fn step_gradients(
     model: &Model,
     examples: &[Example],
@@ -647,35 +648,45 @@ pub fn step_gradients(
     recompute: bool,
 ) -> Result<Update> {
     let lm = &model.lm;
-    let batches = micro_batches
-        .iter()
-        .map(|rows| {
-            make_batch(
+    let mut shards = Vec::new();
+    for (rows, &seed) in micro_batches.iter().zip(dropout_seeds) {
+        for (i, rows) in crate::data::shards(examples, rows).iter().enumerate() {
+            let batch = make_batch(
                 examples,
                 rows,
                 model.tokenizer.pad_id(),
                 lm.dtype(),
                 lm.device(),
-            )
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let trained_tokens: usize = batches.iter().map(|b| b.trained_tokens).sum();
-    let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
-    let mut gradients: Gradients = Vec::new();
-    let mut loss = 0.0;
-    let weight = 1.0 / trained_tokens.max(1) as f64;
-    for (batch, &seed) in batches.iter().zip(dropout_seeds) {
-        if batch.trained_tokens == 0 {
-            continue;
+            )?;
+            // The first shard keeps the micro-batch's seed; the others get their own.
+            let seed = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            shards.push((batch, seed));
         }
-        let pass = crate::model::Pass {
-            dropout_seed: Some(seed),
-            autograd: false,
-        };
-        let (summed, grads) = step::loss_and_gradients(lm, batch, pass, weight, recompute)?;
-        loss += summed * weight;
-        accumulate(&mut gradients, grads)?;
     }
+    let trained_tokens: usize = shards.iter().map(|(b, _)| b.trained_tokens).sum();
+    let tokens: usize = shards.iter().map(|(b, _)| b.real_tokens).sum();
+    let weight = 1.0 / trained_tokens.max(1) as f64;
+    let (loss, gradients) = crate::threads::fold_in_waves(
+        &shards,
+        (0.0, Gradients::new()),
+        |_, (batch, seed)| {
+            if batch.trained_tokens == 0 {
+                return Ok(None);
+            }
+            let pass = crate::model::Pass {
+                dropout_seed: Some(*seed),
+                autograd: false,
+            };
+            step::loss_and_gradients(lm, batch, pass, weight, recompute).map(Some)
+        },
+        |(loss, mut gradients), shard| {
+            let Some((summed, grads)) = shard else {
+                return Ok((loss, gradients));
+            };
+            accumulate(&mut gradients, grads)?;
+            Ok((loss + summed * weight, gradients))
+        },
+    )?;
     Ok(Update {
         loss,
         gradients,
@@ -684,31 +695,51 @@ pub fn step_gradients(
     })
 }
 
-/// Mean cross-entropy per trained token of `model` over `examples`.
-pub fn evaluate(model: &Model, examples: &[Example], batch_size: usize) -> Result<f64> {
-    if examples.is_empty() {
-        bail!("nothing to evaluate on");
-    }
+/// The summed cross-entropy over the trained positions of `rows` of
+/// `examples`, and how many positions that is. A forward pass only, sharded
+/// over [`crate::threads`]' workers like training.
+pub fn summed_loss(
+    model: &Model,
+    examples: &[Example],
+    rows: &[crate::data::batch::Row],
+) -> Result<(f64, usize)> {
     let lm = &model.lm;
-    let (mut total, mut count) = (0f64, 0usize);
-    for step in plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0)) {
-        for rows in step {
+    let shards = crate::data::shards(examples, rows);
+    crate::threads::fold_in_waves(
+        &shards,
+        (0.0, 0),
+        |_, rows| {
             let batch = make_batch(
                 examples,
-                &rows,
+                rows,
                 model.tokenizer.pad_id(),
                 lm.dtype(),
                 lm.device(),
             )?;
             if batch.trained_tokens == 0 {
-                continue;
+                return Ok((0.0, 0));
             }
             let hidden = lm.forward_hidden(&batch.input, None)?.detach();
-            total += loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?
-                .to_scalar::<f32>()? as f64;
-            count += batch.trained_tokens;
-        }
+            let summed = loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?;
+            Ok((summed.to_scalar::<f32>()? as f64, batch.trained_tokens))
+        },
+        |(total, count), (summed, n)| Ok((total + summed, count + n)),
+    )
+}
+
+/// Mean cross-entropy per trained token of `model` over `examples`.
+pub fn evaluate(model: &Model, examples: &[Example], batch_size: usize) -> Result<f64> {
+    if examples.is_empty() {
+        bail!("nothing to evaluate on");
     }
+    let mut rows: Vec<_> = plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    // Similar lengths side by side pad least.
+    rows.sort_by_key(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>());
+    let (total, count) = summed_loss(model, examples, &rows)?;
     Ok(total / count.max(1) as f64)
 }
 
