@@ -10,10 +10,10 @@
 //! ```
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tuneforge::data::{make_batch, Example};
+use tuneforge::data::Example;
 use tuneforge::pretrained::Model;
 use tuneforge::source::{ModelFiles, ResolvedModel};
-use tuneforge::train::{optim::AdamW, step_gradients};
+use tuneforge::train::{optim::AdamW, step_gradients, summed_loss};
 use tuneforge::{lora, CausalLm, LoraConfig, ModelConfig, Tokenizer};
 
 fn model(config: &ModelConfig) -> Model {
@@ -63,9 +63,9 @@ fn bench_config(c: &mut Criterion, tag: &str, config: &ModelConfig, shapes: &[(u
             .throughput(Throughput::Elements((b * s) as u64))
             .sample_size(10);
         lora::detach(&mut m.lm);
-        let batch = make_batch(&examples, &rows, 0, m.lm.dtype(), m.lm.device()).unwrap();
+        // A forward pass that scores every position, sharded over the threads like training.
         group.bench_function("forward", |bench| {
-            bench.iter(|| m.lm.forward_hidden(&batch.input, None).unwrap())
+            bench.iter(|| summed_loss(&m, &examples, &rows).unwrap())
         });
         for (name, lora_config) in [("all-7", &all7), ("q+v", &qv)] {
             lora::detach(&mut m.lm);

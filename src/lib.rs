@@ -7,6 +7,9 @@
 //! [`source`] (where a model comes from) → [`weights`] (tensors in HF layout) →
 //! [`model`] (the decoder) → [`tokenizer`] and [`chat`] → [`generate`].
 //!
+//! On the CPU, call [`threads::init`] first thing in `main`: it sets up one
+//! thread per core the way training on a few cores runs fastest.
+//!
 //! ```no_run
 //! use tuneforge::{GenerationConfig, LoadOptions, Message, Model};
 //!

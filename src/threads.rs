@@ -67,7 +67,7 @@ pub fn pool() -> &'static rayon::ThreadPool {
     })
 }
 
-/// How many shards run at once: the pool's size when candle runs ops
+/// How many CPU shards run at once: the pool's size when candle runs ops
 /// single-threaded, else 1 (candle's per-op threads already use the cores).
 pub fn workers() -> usize {
     if candle_core::utils::get_num_threads() == 1 {
@@ -77,16 +77,18 @@ pub fn workers() -> usize {
     }
 }
 
-/// `f` over `items`, [`workers`] at a time, results in the order of `items`.
-/// Each wave's results are folded into `acc` in order, so the outcome does not
-/// depend on the number of workers, and at most one wave's results are held.
+/// `f` over `items`, [`workers`] at a time on the CPU and one at a time on
+/// other devices, whose kernels already fill them. Each wave's results are
+/// folded into `acc` in the order of `items`, so the outcome does not depend
+/// on the number of workers, and at most one wave's results are held.
 pub fn fold_in_waves<T: Sync, R: Send, A>(
+    device: &candle_core::Device,
     items: &[T],
     init: A,
     f: impl Fn(usize, &T) -> Result<R> + Sync,
     mut fold: impl FnMut(A, R) -> Result<A>,
 ) -> Result<A> {
-    let workers = workers();
+    let workers = if device.is_cpu() { workers() } else { 1 };
     let mut acc = init;
     for (wave, chunk) in items.chunks(workers.max(1)).enumerate() {
         let first = wave * workers;
@@ -111,11 +113,13 @@ pub fn fold_in_waves<T: Sync, R: Send, A>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn folds_in_item_order() {
         let items: Vec<usize> = (0..7).collect();
         let order = fold_in_waves(
+            &Device::Cpu,
             &items,
             Vec::new(),
             |i, &x| Ok((i, x * 10)),
@@ -132,6 +136,7 @@ mod tests {
     fn the_first_error_wins() {
         let items = [1, 2, 3];
         let err = fold_in_waves(
+            &Device::Cpu,
             &items,
             0,
             |_, &x| {

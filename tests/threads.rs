@@ -40,8 +40,11 @@ fn parallel_shards_equal_sequential_shards_bit_for_bit() {
         })
         .collect();
     let rows: Vec<Vec<usize>> = (0..10).map(|i| vec![i]).collect();
-    let parts = shards(&examples, &rows);
+    let parts = shards(&examples, &rows, model.lm.device());
     assert!(parts.len() >= 3, "{} shards", parts.len());
+    assert_eq!(parts.concat(), rows);
+    // No core waits through a last, lone shard.
+    assert_eq!(parts.len() % threads::workers(), 0, "{parts:?}");
 
     let parallel = step_gradients(&model, &examples, &[rows], &[0], false).unwrap();
 

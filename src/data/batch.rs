@@ -86,29 +86,50 @@ pub fn plan_epoch(
 /// one core, few enough that activations stay small.
 pub const SHARD_TOKENS: usize = 256;
 
-/// Splits rows, in order, into shards of at most [`SHARD_TOKENS`] padded
-/// tokens (or one row, where a row is longer). Shards run on separate threads
-/// ([`crate::threads`]) and their gradients add up to the micro-batch's, and
-/// since only the shards in flight hold activations, a large batch needs no
-/// more memory than a small one. The split depends on the rows alone, never on
-/// the number of threads, so results do not either.
-pub fn shards(examples: &[Example], rows: &[Row]) -> Vec<Vec<Row>> {
-    let mut out: Vec<Vec<Row>> = Vec::new();
+/// Splits rows, in order, into shards that run on separate threads
+/// ([`crate::threads`]); their gradients add up to the micro-batch's. On the
+/// CPU a shard holds at most [`SHARD_TOKENS`] padded tokens (or one row, where
+/// a row is longer), and since only the shards in flight hold activations, a
+/// large batch needs no more memory than a small one. The shard count is
+/// rounded up to a multiple of the worker count where there are rows enough,
+/// so that no core waits through a last, lone shard.
+///
+/// On a GPU, which wants large matmuls, the whole micro-batch is one shard.
+pub fn shards(examples: &[Example], rows: &[Row], device: &Device) -> Vec<Vec<Row>> {
+    if !device.is_cpu() || rows.is_empty() {
+        return vec![rows.to_vec()];
+    }
+    let width = |row: &Row| row.iter().map(|&i| examples[i].ids.len()).sum::<usize>();
+    let mut fewest: Vec<Vec<Row>> = Vec::new();
     let mut widest = 0;
     for row in rows {
-        let width: usize = row.iter().map(|&i| examples[i].ids.len()).sum();
-        match out.last_mut() {
-            Some(shard) if (shard.len() + 1) * widest.max(width) <= SHARD_TOKENS => {
+        let w = width(row);
+        match fewest.last_mut() {
+            Some(shard) if (shard.len() + 1) * widest.max(w) <= SHARD_TOKENS => {
                 shard.push(row.clone());
-                widest = widest.max(width);
+                widest = widest.max(w);
             }
             _ => {
-                out.push(vec![row.clone()]);
-                widest = width;
+                fewest.push(vec![row.clone()]);
+                widest = w;
             }
         }
     }
-    out
+    let workers = crate::threads::workers().max(1);
+    let n = fewest.len().next_multiple_of(workers).min(rows.len());
+    if n == fewest.len() {
+        return fewest;
+    }
+    // n even shards, in order, whose sizes differ by at most one row.
+    let (size, extra) = (rows.len() / n, rows.len() % n);
+    let mut rest = rows;
+    (0..n)
+        .map(|i| {
+            let (shard, tail) = rest.split_at(size + usize::from(i < extra));
+            rest = tail;
+            shard.to_vec()
+        })
+        .collect()
 }
 
 /// Builds the tensors of a micro-batch.
@@ -219,7 +240,7 @@ mod tests {
         let lens = [100, 120, 128, 60, 300, 10, 10];
         let examples: Vec<Example> = lens.iter().map(|&n| ex(n)).collect();
         let rows: Vec<Row> = (0..lens.len()).map(|i| vec![i]).collect();
-        let shards = shards(&examples, &rows);
+        let shards = shards(&examples, &rows, &Device::Cpu);
         assert_eq!(shards.concat(), rows);
         for shard in &shards {
             let widest = shard.iter().map(|r| lens[r[0]]).max().unwrap();

@@ -650,7 +650,10 @@ pub fn step_gradients(
     let lm = &model.lm;
     let mut shards = Vec::new();
     for (rows, &seed) in micro_batches.iter().zip(dropout_seeds) {
-        for (i, rows) in crate::data::shards(examples, rows).iter().enumerate() {
+        for (i, rows) in crate::data::shards(examples, rows, lm.device())
+            .iter()
+            .enumerate()
+        {
             let batch = make_batch(
                 examples,
                 rows,
@@ -667,6 +670,7 @@ pub fn step_gradients(
     let tokens: usize = shards.iter().map(|(b, _)| b.real_tokens).sum();
     let weight = 1.0 / trained_tokens.max(1) as f64;
     let (loss, gradients) = crate::threads::fold_in_waves(
+        lm.device(),
         &shards,
         (0.0, Gradients::new()),
         |_, (batch, seed)| {
@@ -704,8 +708,9 @@ pub fn summed_loss(
     rows: &[crate::data::batch::Row],
 ) -> Result<(f64, usize)> {
     let lm = &model.lm;
-    let shards = crate::data::shards(examples, rows);
+    let shards = crate::data::shards(examples, rows, lm.device());
     crate::threads::fold_in_waves(
+        lm.device(),
         &shards,
         (0.0, 0),
         |_, rows| {
