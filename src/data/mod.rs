@@ -1,5 +1,5 @@
 //! Training data: JSONL files ([`records`]), tokenized with loss masks
-//! ([`tokenize`]) and laid out in batches ([`batch`]).
+//! ([`tokenize`](mod@tokenize)) and laid out in batches ([`batch`]).
 
 pub mod batch;
 pub mod records;

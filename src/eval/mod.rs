@@ -1,6 +1,6 @@
 //! Evaluation on held-out examples: greedy answers scored against reference
 //! answers ([`metrics`]), and the prompting-versus-fine-tuning comparison
-//! ([`compare`]) with its reports ([`report`]).
+//! ([`compare`](mod@compare)) with its reports ([`report`]).
 
 pub mod compare;
 pub mod metrics;
