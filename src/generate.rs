@@ -111,9 +111,9 @@ pub fn generate(
     let mut cache = KvCache::default();
     let device = lm.device();
     let start = Instant::now();
-    // Each forward runs on a pool thread: its many small parallel kernels then
-    // share work with the pool's other threads instead of waking them from
-    // outside each time (which costs about half the decoding speed).
+    // Each forward runs on a pool thread: its parallel matrix-vector kernels
+    // then share work with the pool's other threads instead of waking them
+    // from outside each time (36 rather than 31 tokens/s on 2 cores).
     let mut forward = |ids: &[u32]| {
         let ids = Tensor::new(ids, device)?.unsqueeze(0)?;
         crate::threads::pool().install(|| lm.forward_last(&ids, &mut cache))

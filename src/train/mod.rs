@@ -737,14 +737,16 @@ pub fn evaluate(model: &Model, examples: &[Example], batch_size: usize) -> Resul
     if examples.is_empty() {
         bail!("nothing to evaluate on");
     }
-    let mut rows: Vec<_> = plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0))
-        .into_iter()
+    let (mut total, mut count) = (0.0, 0);
+    // One micro-batch at a time, as in training: a GPU takes each in one piece.
+    for rows in plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0))
+        .iter()
         .flatten()
-        .flatten()
-        .collect();
-    // Similar lengths side by side pad least.
-    rows.sort_by_key(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>());
-    let (total, count) = summed_loss(model, examples, &rows)?;
+    {
+        let (summed, n) = summed_loss(model, examples, rows)?;
+        total += summed;
+        count += n;
+    }
     Ok(total / count.max(1) as f64)
 }
 
