@@ -26,6 +26,11 @@ pub struct Batch {
 /// A row of one example (padding) or several (packing).
 pub type Row = Vec<usize>;
 
+/// A row's width in tokens: its examples end to end.
+fn row_width(examples: &[Example], row: &Row) -> usize {
+    row.iter().map(|&i| examples[i].ids.len()).sum()
+}
+
 /// How one epoch's examples are laid out: steps, each of micro-batches, each of rows.
 pub type EpochPlan = Vec<Vec<Vec<Row>>>;
 
@@ -64,12 +69,7 @@ pub fn plan_epoch(
                     }
                 }
             }
-            rows.sort_by_key(|r| {
-                (
-                    r.iter().map(|&i| examples[i].ids.len()).sum::<usize>(),
-                    r[0],
-                )
-            });
+            rows.sort_by_key(|r| (row_width(examples, r), r[0]));
             rows
         }
     };
@@ -99,11 +99,10 @@ pub fn shards(examples: &[Example], rows: &[Row], device: &Device) -> Vec<Vec<Ro
     if !device.is_cpu() || rows.is_empty() {
         return vec![rows.to_vec()];
     }
-    let width = |row: &Row| row.iter().map(|&i| examples[i].ids.len()).sum::<usize>();
     let mut fewest: Vec<Vec<Row>> = Vec::new();
     let mut widest = 0;
     for row in rows {
-        let w = width(row);
+        let w = row_width(examples, row);
         match fewest.last_mut() {
             Some(shard) if (shard.len() + 1) * widest.max(w) <= SHARD_TOKENS => {
                 shard.push(row.clone());
@@ -142,7 +141,7 @@ pub fn make_batch(
 ) -> Result<Batch> {
     let width = rows
         .iter()
-        .map(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>())
+        .map(|r| row_width(examples, r))
         .max()
         .unwrap_or(0);
     let b = rows.len();
@@ -218,9 +217,7 @@ mod tests {
         let examples = vec![ex(3), ex(2), ex(4)];
         let plan = plan_epoch(&examples, 4, 1, Some(6), &mut Rng::new(1));
         let rows: Vec<Row> = plan.into_iter().flatten().flatten().collect();
-        assert!(rows
-            .iter()
-            .all(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>() <= 6));
+        assert!(rows.iter().all(|r| row_width(&examples, r) <= 6));
         let batch = make_batch(&examples, &[vec![0, 1]], 0, DType::F32, &Device::Cpu).unwrap();
         // ids 1 2 3 | 1 2 ; targets only within an example: 2 3 _ 2 _
         assert_eq!(

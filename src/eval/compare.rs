@@ -9,11 +9,11 @@
 use super::metrics::{exact_match, json_score, token_f1};
 use super::HeldOut;
 use crate::chat::Message;
-use crate::data::{make_batch, tokenize::tokenize_record, LossOn, Record};
+use crate::data::{tokenize::tokenize_record, LossOn, Record};
 use crate::generate::{generate, GenerationConfig};
 use crate::pretrained::Model;
 use crate::rng::Rng;
-use crate::train::{loss, metrics::Event};
+use crate::train::{metrics::Event, summed_loss};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -221,18 +221,7 @@ fn reference_nll(model: &Model, prompt: &[Message], reference: &str) -> Result<(
         &model.tokenizer,
         LossOn::LastAssistant,
     )?;
-    let lm = &model.lm;
-    let batch = make_batch(
-        std::slice::from_ref(&example),
-        &[vec![0]],
-        model.tokenizer.pad_id(),
-        lm.dtype(),
-        lm.device(),
-    )?;
-    let hidden = lm.forward_hidden(&batch.input, None)?;
-    let sum = loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?
-        .to_scalar::<f32>()? as f64;
-    Ok((sum, batch.trained_tokens))
+    summed_loss(model, std::slice::from_ref(&example), &[vec![0]])
 }
 
 /// The training cost recorded in an adapter's run folder, if it has one.
