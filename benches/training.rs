@@ -12,39 +12,17 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tuneforge::data::Example;
 use tuneforge::pretrained::Model;
-use tuneforge::source::{ModelFiles, ResolvedModel};
 use tuneforge::train::{optim::AdamW, step_gradients, summed_loss};
-use tuneforge::{lora, CausalLm, LoraConfig, ModelConfig, Tokenizer};
+use tuneforge::{lora, LoraConfig, ModelConfig};
 
 fn model(config: &ModelConfig) -> Model {
-    let lm = CausalLm::random(
+    Model::random(
         config,
         0,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
-    .unwrap();
-    let source = ResolvedModel {
-        name: "random".into(),
-        repo: None,
-        files: ModelFiles::Gguf("random".into()),
-    };
-    Model {
-        lm,
-        tokenizer: Tokenizer::byte_level_chatml().unwrap(),
-        source,
-    }
-}
-
-fn synthetic(b: usize, s: usize, vocab: usize) -> Vec<Example> {
-    (0..b)
-        .map(|r| Example {
-            ids: (0..s)
-                .map(|i| ((r * s + i) * 7919 % vocab) as u32)
-                .collect(),
-            trained: (0..s).map(|i| i > 0).collect(),
-        })
-        .collect()
+    .unwrap()
 }
 
 fn bench_config(c: &mut Criterion, tag: &str, config: &ModelConfig, shapes: &[(usize, usize)]) {
@@ -56,7 +34,7 @@ fn bench_config(c: &mut Criterion, tag: &str, config: &ModelConfig, shapes: &[(u
         ..Default::default()
     };
     for &(b, s) in shapes {
-        let examples = synthetic(b, s, config.vocab_size);
+        let examples = Example::synthetic(b, s, config.vocab_size);
         let rows: Vec<Vec<usize>> = (0..b).map(|i| vec![i]).collect();
         let mut group = c.benchmark_group(format!("{tag}/{b}x{s}"));
         group

@@ -1,27 +1,52 @@
-//! Speed and memory of the real model on this machine: load, forward, full LoRA
-//! training steps (forward, backward, AdamW) and greedy decoding. Prints a
-//! table and optionally writes the rows as JSON so runs can be compared.
+//! Speed and memory of training on this machine. Each row runs in its own
+//! process, so its peak memory is its own. Prints a table and optionally writes
+//! the rows as JSON so runs can be compared.
+//!
+//! Two suites:
+//! - `cpu` (the default): the real SmolLM2-135M-Instruct: load, a forward pass,
+//!   LoRA training steps (forward, backward, AdamW) and greedy decoding.
+//! - `gpu`: training steps with random weights at SmolLM2-135M's and
+//!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
+//!   linears, in the device's default dtype (bf16 on a GPU). Peak GPU memory is
+//!   the device's used memory, sampled through NVML every 2 ms, above what it
+//!   was before the row opened the GPU: the CUDA context included, as
+//!   `benches/peft_reference.py` measures PyTorch + PEFT.
 //!
 //! ```text
 //! cargo run --release --example bench
 //! cargo run --release --example bench -- --json bench.json --reps 5
+//! cargo run --release --features cuda --example bench -- --suite gpu --device cuda
 //! ```
 
-use anyhow::Result;
-use clap::Parser;
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tuneforge::data::Example;
 use tuneforge::train::optim::AdamW;
 use tuneforge::{
-    lora, memory, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
+    device, lora, memory, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
+    ModelConfig,
 };
 
-/// Parameters of SmolLM2-135M with the tied lm_head counted once.
-const N_PARAMS: f64 = 134.5e6;
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// The real default model: load, forward, training steps, decoding.
+    Cpu,
+    /// Random weights at SmolLM2-135M and Qwen2.5-0.5B shapes, large batches.
+    Gpu,
+}
 
 #[derive(Parser)]
 struct Args {
-    /// The model to measure.
+    /// Which rows.
+    #[arg(long, value_enum, default_value_t = Suite::Cpu)]
+    suite: Suite,
+    /// cpu, cuda, cuda:N, metal or auto.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// The model the `cpu` suite measures.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
     /// Where to write the rows as JSON.
@@ -44,59 +69,35 @@ struct Row {
     seconds: f64,
     tokens_per_second: Option<f64>,
     peak_rss_mb: Option<f64>,
+    #[serde(default)]
+    peak_gpu_mb: Option<f64>,
     gflops: Option<f64>,
 }
 
-fn peak_mb() -> Option<f64> {
-    memory::peak_rss_bytes().map(|b| b as f64 / 1e6)
-}
-
-/// A synthetic batch of `b` rows of `s` tokens, every token trained.
-fn synthetic(b: usize, s: usize) -> Vec<Example> {
-    (0..b)
-        .map(|r| Example {
-            ids: (0..s)
-                .map(|i| ((r * s + i) * 7919 % 49152) as u32)
-                .collect(),
-            trained: (0..s).map(|i| i > 0).collect(),
-        })
-        .collect()
-}
-
-fn train_row(
-    model: &mut Model,
-    name: &str,
-    lora_config: &LoraConfig,
-    b: usize,
-    s: usize,
-    reps: usize,
-) -> Result<Row> {
-    lora::attach(&mut model.lm, lora_config, 0)?;
-    let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
-    let examples = synthetic(b, s);
-    let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
-    let step = |opt: &mut AdamW| -> Result<()> {
-        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], false)?;
-        opt.step(&update.gradients, 1e-4, 1.0)
-    };
-    step(&mut opt)?;
-    let t = Instant::now();
-    for _ in 0..reps {
-        step(&mut opt)?;
+impl Row {
+    fn new(name: &str, seconds: f64) -> Self {
+        Self {
+            name: name.into(),
+            seconds,
+            tokens_per_second: None,
+            peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / 1e6),
+            peak_gpu_mb: None,
+            gflops: None,
+        }
     }
-    let sec = t.elapsed().as_secs_f64() / reps as f64;
-    let tokens = (b * s) as f64;
-    Ok(Row {
-        name: name.into(),
-        seconds: sec,
-        tokens_per_second: Some(tokens / sec),
-        peak_rss_mb: peak_mb(),
-        gflops: Some(4.0 * N_PARAMS * tokens / sec / 1e9),
-    })
+
+    /// A row for `tokens` processed per `seconds`, at `flops_per_token`.
+    fn throughput(name: &str, seconds: f64, tokens: usize, flops_per_token: f64) -> Self {
+        Self {
+            tokens_per_second: Some(tokens as f64 / seconds),
+            gflops: Some(flops_per_token * tokens as f64 / seconds / 1e9),
+            ..Self::new(name, seconds)
+        }
+    }
 }
 
-/// The rows, in order; each runs in its own process so its peak RSS is its own.
-const ROWS: [&str; 6] = [
+/// The rows of the `cpu` suite, in order.
+const CPU_ROWS: [&str; 6] = [
     "load (cached GGUF)",
     "forward, no grad, 4 x 128",
     "train, all-7, r=8, 4 x 128",
@@ -105,12 +106,87 @@ const ROWS: [&str; 6] = [
     "greedy decoding, 64 tokens",
 ];
 
-fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
+/// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row.
+type GpuRow = (&'static str, fn() -> ModelConfig, usize, usize);
+const GPU_ROWS: [GpuRow; 4] = [
+    (
+        "smollm2-135m, all-7 r=16, 8 x 512",
+        ModelConfig::smollm2_135m,
+        8,
+        512,
+    ),
+    (
+        "smollm2-135m, all-7 r=16, 16 x 1024",
+        ModelConfig::smollm2_135m,
+        16,
+        1024,
+    ),
+    (
+        "qwen2.5-0.5b, all-7 r=16, 8 x 512",
+        ModelConfig::qwen2_5_0_5b,
+        8,
+        512,
+    ),
+    (
+        "qwen2.5-0.5b, all-7 r=16, 16 x 1024",
+        ModelConfig::qwen2_5_0_5b,
+        16,
+        1024,
+    ),
+];
+
+/// Weights counted once (a tied output matrix is the embedding).
+fn parameter_count(model: &Model) -> f64 {
+    model
+        .lm
+        .named_weights()
+        .iter()
+        .map(|(_, t)| t.elem_count() as f64)
+        .sum()
+}
+
+/// Seconds per call of `f`, over `reps` calls after one warm-up, with the
+/// device's queue drained before the clock stops.
+fn time(model: &Model, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    model.lm.device().synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Full LoRA training steps (forward, backward, AdamW) on one batch of `b` × `s`.
+fn train_row(
+    model: &mut Model,
+    name: &str,
+    lora_config: &LoraConfig,
+    (b, s): (usize, usize),
+    reps: usize,
+) -> Result<Row> {
+    lora::attach(&mut model.lm, lora_config, 0)?;
+    let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
+    let examples = Example::synthetic(b, s, model.config().vocab_size);
+    let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
+    let seconds = time(model, reps, || {
+        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], false)?;
+        opt.step(&update.gradients, 1e-4, 1.0)
+    })?;
+    Ok(Row::throughput(
+        name,
+        seconds,
+        b * s,
+        4.0 * parameter_count(model),
+    ))
+}
+
+fn cpu_row(name: &str, args: &Args) -> Result<Row> {
     let t = Instant::now();
     let mut model = Model::load(
-        model_name,
+        &args.model,
         &LoadOptions {
-            device: DeviceSpec::Cpu,
+            device: args.device,
             dtype: None,
         },
     )?;
@@ -121,35 +197,19 @@ fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
         ..Default::default()
     };
     Ok(match name {
-        "load (cached GGUF)" => Row {
-            name: name.into(),
-            seconds: load,
-            tokens_per_second: None,
-            peak_rss_mb: peak_mb(),
-            gflops: None,
-        },
+        "load (cached GGUF)" => Row::new(name, load),
         "forward, no grad, 4 x 128" => {
-            let examples = synthetic(4, 128);
+            let examples = Example::synthetic(4, 128, model.config().vocab_size);
             let rows: Vec<Vec<usize>> = (0..4).map(|i| vec![i]).collect();
             // Scores every position, as an evaluation pass does.
-            let forward = || tuneforge::train::summed_loss(&model, &examples, &rows).map(|_| ());
-            forward()?;
-            let t = Instant::now();
-            for _ in 0..reps {
-                forward()?;
-            }
-            let sec = t.elapsed().as_secs_f64() / reps as f64;
-            Row {
-                name: name.into(),
-                seconds: sec,
-                tokens_per_second: Some(512.0 / sec),
-                peak_rss_mb: peak_mb(),
-                gflops: Some(2.0 * N_PARAMS * 512.0 / sec / 1e9),
-            }
+            let seconds = time(&model, args.reps, || {
+                tuneforge::train::summed_loss(&model, &examples, &rows).map(|_| ())
+            })?;
+            Row::throughput(name, seconds, 512, 2.0 * parameter_count(&model))
         }
-        "train, all-7, r=8, 4 x 128" => train_row(&mut model, name, &all7, 4, 128, reps)?,
-        "train, all-7, r=8, 8 x 256" => train_row(&mut model, name, &all7, 8, 256, reps)?,
-        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, 4, 128, reps)?,
+        "train, all-7, r=8, 4 x 128" => train_row(&mut model, name, &all7, (4, 128), args.reps)?,
+        "train, all-7, r=8, 8 x 256" => train_row(&mut model, name, &all7, (8, 256), args.reps)?,
+        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, (4, 128), args.reps)?,
         "greedy decoding, 64 tokens" => {
             let config = GenerationConfig {
                 max_new_tokens: 64,
@@ -158,44 +218,120 @@ fn run_row(name: &str, model_name: &str, reps: usize) -> Result<Row> {
             };
             let g = model.chat(&[Message::user("What is LoRA?")], &config, &mut |_| {})?;
             Row {
-                name: name.into(),
-                seconds: g.decode.as_secs_f64() / 63.0,
                 tokens_per_second: Some(g.tokens_per_second()),
-                peak_rss_mb: peak_mb(),
-                gflops: None,
+                ..Row::new(name, g.decode.as_secs_f64() / 63.0)
             }
         }
         other => anyhow::bail!("unknown row '{other}'"),
     })
 }
 
+fn gpu_row(&(name, shape, b, s): &GpuRow, args: &Args) -> Result<Row> {
+    let device = args.device.open()?;
+    let mut model = Model::random(&shape(), 0, device::default_dtype(&device), &device)?;
+    let lora_config = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        ..Default::default()
+    };
+    train_row(&mut model, name, &lora_config, (b, s), args.reps)
+}
+
+/// Peak GPU memory in use while a row runs: NVML's reading of the device's used
+/// memory, sampled every 2 ms, above the reading taken before the row opened the
+/// GPU. Assumes nothing else runs on that GPU meanwhile.
+struct GpuMemory {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    baseline: u64,
+    sampler: std::thread::JoinHandle<()>,
+}
+
+impl GpuMemory {
+    /// Starts sampling NVML device `index`; `None` where NVML cannot be loaded.
+    fn start(index: u32) -> Option<Self> {
+        let (stop, peak) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sampler = {
+            let (stop, peak) = (stop.clone(), peak.clone());
+            std::thread::spawn(move || {
+                let nvml = nvml_wrapper::Nvml::init().ok();
+                let gpu = nvml.as_ref().and_then(|n| n.device_by_index(index).ok());
+                let used = || {
+                    gpu.as_ref()
+                        .and_then(|g| g.memory_info().ok())
+                        .map(|m| m.used)
+                };
+                let _ = tx.send(used());
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(used().unwrap_or(0), Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            })
+        };
+        let baseline = rx.recv().ok().flatten()?;
+        Some(Self {
+            stop,
+            peak,
+            baseline,
+            sampler,
+        })
+    }
+
+    /// Stops sampling; the peak above the baseline, in MB.
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.sampler.join();
+        self.peak
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.baseline) as f64
+            / 1e6
+    }
+}
+
+fn run_row(name: &str, args: &Args) -> Result<Row> {
+    let gpu_memory = match args.device {
+        DeviceSpec::Cuda(n) => GpuMemory::start(n as u32),
+        DeviceSpec::Auto => GpuMemory::start(0),
+        _ => None,
+    };
+    let mut row = match GPU_ROWS.iter().find(|r| r.0 == name) {
+        Some(gpu) => gpu_row(gpu, args)?,
+        None => cpu_row(name, args)?,
+    };
+    row.peak_gpu_mb = gpu_memory.map(GpuMemory::finish);
+    Ok(row)
+}
+
 fn main() -> Result<()> {
     tuneforge::threads::init();
     let args = Args::parse();
     if let Some(row) = &args.row {
-        println!(
-            "{}",
-            serde_json::to_string(&run_row(row, &args.model, args.reps)?)?
-        );
+        println!("{}", serde_json::to_string(&run_row(row, &args)?)?);
         return Ok(());
     }
-    // Make sure the file is cached, so that every row's load is a pure load.
-    tuneforge::source::resolve(&args.model)?;
+    let names: Vec<&str> = match args.suite {
+        Suite::Cpu => {
+            // Make sure the file is cached, so that every row's load is a pure load.
+            tuneforge::source::resolve(&args.model)?;
+            CPU_ROWS.to_vec()
+        }
+        Suite::Gpu => GPU_ROWS.iter().map(|r| r.0).collect(),
+    };
+    let device = args.device.to_string();
     let mut rows: Vec<Row> = Vec::new();
-    for name in ROWS
-        .iter()
+    for name in names
+        .into_iter()
         .filter(|n| args.only.as_ref().is_none_or(|o| n.contains(o.as_str())))
     {
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "--row",
-                name,
-                "--model",
-                &args.model,
-                "--reps",
-                &args.reps.to_string(),
-            ])
-            .output()?;
+            .args(["--row", name, "--model", &args.model, "--device", &device])
+            .args(["--reps", &args.reps.to_string()])
+            .output()
+            .context("starting a row's process")?;
         if !out.status.success() {
             anyhow::bail!(
                 "row '{name}' failed: {}",
@@ -208,23 +344,30 @@ fn main() -> Result<()> {
         )?);
     }
 
+    let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());
+    let memory_header = if gpu {
+        "peak GPU (MB)"
+    } else {
+        "peak RSS (MB)"
+    };
     println!(
-        "| {:<28} | {:>8} | {:>9} | {:>13} | {:>8} |",
-        "configuration", "s/step", "tokens/s", "peak RSS (MB)", "GFLOP/s"
+        "| {:<36} | {:>8} | {:>9} | {:>13} | {:>8} |",
+        "configuration", "s/step", "tokens/s", memory_header, "GFLOP/s"
     );
     println!(
-        "|{:-<30}|{:->10}|{:->11}|{:->15}|{:->10}|",
+        "|{:-<38}|{:->10}|{:->11}|{:->15}|{:->10}|",
         "", "", "", "", ""
     );
     let show =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
+        let memory = if gpu { r.peak_gpu_mb } else { r.peak_rss_mb };
         println!(
-            "| {:<28} | {:>8.3} | {:>9} | {:>13} | {:>8} |",
+            "| {:<36} | {:>8.3} | {:>9} | {:>13} | {:>8} |",
             r.name,
             r.seconds,
             show(r.tokens_per_second, 1),
-            show(r.peak_rss_mb, 0),
+            show(memory, 0),
             show(r.gflops, 1)
         );
     }

@@ -303,6 +303,28 @@ impl ModelConfig {
             eos_token_ids: vec![2],
         }
     }
+
+    /// Qwen2.5-0.5B's shapes (q/k/v biases, a 151,936-token vocabulary), for
+    /// benchmarks with random weights.
+    pub fn qwen2_5_0_5b() -> Self {
+        Self {
+            architecture: Architecture::Qwen2,
+            vocab_size: 151_936,
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_hidden_layers: 24,
+            num_attention_heads: 14,
+            num_key_value_heads: 2,
+            head_dim: 64,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 32_768,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: vec![151_645],
+        }
+    }
 }
 
 #[cfg(test)]

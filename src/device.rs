@@ -39,6 +39,18 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Writes the request as [`FromStr`] reads it back: `cpu`, `cuda:N`, `metal`, `auto`.
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => f.write_str("metal"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 impl DeviceSpec {
     /// Opens the device, with a clear error when it is not compiled in or not present.
     pub fn open(self) -> Result<Device> {
@@ -58,21 +70,24 @@ impl DeviceSpec {
                 }
                 Device::new_metal(0).context("opening the Metal device")
             }
-            Self::Auto => {
-                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
-                    }
-                }
-                if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
-                    if let Ok(d) = Device::new_metal(0) {
-                        return Ok(d);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
+            Self::Auto => Ok(find_gpu().unwrap_or(Device::Cpu)),
         }
     }
+}
+
+/// The first GPU, when tuneforge was built with `cuda` or `metal` and one is
+/// present; else why not, in words.
+pub fn find_gpu() -> std::result::Result<Device, String> {
+    if !cfg!(any(feature = "cuda", feature = "metal")) {
+        return Err("tuneforge was built without `--features cuda` or `--features metal`".into());
+    }
+    if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+        return Device::new_cuda(0).map_err(|e| format!("opening CUDA device 0: {e}"));
+    }
+    if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
+        return Device::new_metal(0).map_err(|e| format!("opening the Metal device: {e}"));
+    }
+    Err("no CUDA or Metal device is present".into())
 }
 
 /// The default compute dtype for a device: f32 on CPU, bf16 on GPUs.
@@ -91,6 +106,14 @@ mod tests {
     #[test]
     fn parses_device_names() {
         assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        for spec in [
+            DeviceSpec::Cpu,
+            DeviceSpec::Cuda(2),
+            DeviceSpec::Metal,
+            DeviceSpec::Auto,
+        ] {
+            assert_eq!(spec.to_string().parse::<DeviceSpec>().unwrap(), spec);
+        }
         assert_eq!("CPU".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert!("tpu"
             .parse::<DeviceSpec>()

@@ -150,8 +150,18 @@ impl LoraLayer {
         let (Some(seed), true) = (seed, self.dropout > 0.0) else {
             return Ok(None);
         };
-        let mut rng = Rng::new(seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let keep = 1.0 - self.dropout as f32;
+        if !device.is_cpu() {
+            // On a GPU the mask is drawn there, from the device's generator reseeded
+            // with this layer's seed (so the backward pass redraws the same mask):
+            // nothing is generated on the host or crosses the bus. This reseeds the
+            // device's global generator.
+            device.set_seed(seed)?;
+            let kept = Tensor::rand(0f32, 1f32, shape, device)?.lt(keep as f64)?;
+            return (kept.to_dtype(candle_core::DType::F32)? / keep as f64).map(Some);
+        }
+        let mut rng = Rng::new(seed);
         let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| {
                 if rng.uniform() < keep {

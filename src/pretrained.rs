@@ -92,18 +92,29 @@ impl Model {
     /// # anyhow::Ok(())
     /// ```
     pub fn tiny_random(architecture: crate::config::Architecture, seed: u64) -> Result<Self> {
-        let config = ModelConfig::tiny(architecture);
-        let lm = CausalLm::random(&config, seed, DType::F32, &Device::Cpu)?;
-        let tokenizer = Tokenizer::byte_level_chatml()?;
-        let source = ResolvedModel {
-            name: "tiny-random".into(),
-            repo: Some("tuneforge/tiny-random".into()),
-            files: ModelFiles::Gguf("tiny-random".into()),
-        };
+        let mut model = Self::random(
+            &ModelConfig::tiny(architecture),
+            seed,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        model.source.name = "tiny-random".into();
+        model.source.repo = Some("tuneforge/tiny-random".into());
+        Ok(model)
+    }
+
+    /// A randomly initialised model of any shape ([`CausalLm::random`]) with a
+    /// byte-level ChatML tokenizer: for benchmarks at a real model's shapes with
+    /// nothing downloaded. Token ids past the tokenizer's 259 still train.
+    pub fn random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Self {
-            lm,
-            tokenizer,
-            source,
+            lm: CausalLm::random(config, seed, dtype, device)?,
+            tokenizer: Tokenizer::byte_level_chatml()?,
+            source: ResolvedModel {
+                name: "random".into(),
+                repo: Some("tuneforge/random".into()),
+                files: ModelFiles::Gguf("random".into()),
+            },
         })
     }
 

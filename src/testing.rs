@@ -7,10 +7,30 @@ use candle_core::{DType, Device, Tensor, Var};
 
 /// A seeded standard-normal tensor in f32 on the CPU.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    randn_on(shape, seed, &Device::Cpu)
+}
+
+/// A seeded standard-normal tensor in f32 on `device` (the same values on every device).
+pub fn randn_on(shape: &[usize], seed: u64, device: &Device) -> Tensor {
     let mut rng = crate::rng::Rng::new(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, shape, device).unwrap()
+}
+
+/// The devices that device-generic tests run on: the CPU, and the GPU when one
+/// is compiled in and present. Without one, says so on stderr past the test
+/// harness's capture, so the skip shows in a plain `cargo test`.
+pub fn devices() -> Vec<Device> {
+    let mut all = vec![Device::Cpu];
+    match crate::device::find_gpu() {
+        Ok(gpu) => all.push(gpu),
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "GPU checks skipped: {why}");
+        }
+    }
+    all
 }
 
 /// The largest absolute difference between two tensors of the same shape.
@@ -30,16 +50,19 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// Checks the gradient of `sum(f(x) * probe)` with respect to `x` against central
-/// finite differences in f64, for a random `x` of `shape`.
+/// finite differences in f64, for a random `x` of `shape`,
+/// with `x` and `f` on `device`, in f32.
 pub fn check_gradient(
+    device: &Device,
     shape: &[usize],
     seed: u64,
     f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) {
     let x64 = randn(shape, seed).to_dtype(DType::F64).unwrap();
-    let x = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+    let x =
+        Var::from_tensor(&x64.to_dtype(DType::F32).unwrap().to_device(device).unwrap()).unwrap();
     let y = f(x.as_tensor()).unwrap();
-    let probe = randn(y.dims(), seed + 1000);
+    let probe = randn_on(y.dims(), seed + 1000, device);
     let loss = (y * &probe).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let analytic: Vec<f32> = grads
@@ -50,14 +73,26 @@ pub fn check_gradient(
         .to_vec1()
         .unwrap();
     let base: Vec<f64> = x64.flatten_all().unwrap().to_vec1().unwrap();
+    // Sums in f64 on the CPU (Metal has no f64).
+    let probe = probe
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let eval = |v: &[f64]| -> f64 {
         let t = Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(device)
             .unwrap();
-        let y = f(&t).unwrap().to_dtype(DType::F64).unwrap();
-        let p = probe.to_dtype(DType::F64).unwrap();
-        (y * p)
+        let y = f(&t)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (y * &probe)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -75,7 +110,7 @@ pub fn check_gradient(
         let tol = 2e-2 * (1.0 + numeric.abs());
         assert!(
             (a - numeric).abs() < tol,
-            "gradient {i}: analytic {a} vs finite difference {numeric}"
+            "gradient {i} on {device:?}: analytic {a} vs finite difference {numeric}"
         );
     }
 }

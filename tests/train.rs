@@ -15,6 +15,12 @@ fn tiny() -> Model {
     Model::tiny_random(Architecture::Llama, 11).unwrap()
 }
 
+/// [`tiny`]'s weights, on `device`.
+fn tiny_on(device: &Device) -> Model {
+    let config = tuneforge::ModelConfig::tiny(Architecture::Llama);
+    Model::random(&config, 11, candle_core::DType::F32, device).unwrap()
+}
+
 fn records(n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| match i % 3 {
@@ -128,7 +134,13 @@ fn every_lora_tensor_gets_a_gradient() {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    let mut model = tiny();
+    for device in common::devices() {
+        lora_gradients_match_finite_differences_on(&device);
+    }
+}
+
+fn lora_gradients_match_finite_differences_on(device: &Device) {
+    let mut model = tiny_on(device);
     lora::attach(
         &mut model.lm,
         &LoraConfig {
@@ -158,12 +170,12 @@ fn lora_gradients_match_finite_differences() {
             .unwrap();
         let mut v = orig.clone();
         v[idx] += delta;
-        var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+        var.set(&Tensor::from_vec(v, var.as_tensor().shape(), device).unwrap())
             .unwrap();
         let loss = step_gradients(&model, &examples, &plan[0], &[0], false)
             .unwrap()
             .loss;
-        var.set(&Tensor::from_vec(orig, var.as_tensor().shape(), &Device::Cpu).unwrap())
+        var.set(&Tensor::from_vec(orig, var.as_tensor().shape(), device).unwrap())
             .unwrap();
         loss
     };
@@ -186,7 +198,7 @@ fn lora_gradients_match_finite_differences() {
             let analytic = grad[idx] as f64;
             assert!(
                 (analytic - numeric).abs() < 2e-3 + 0.05 * numeric.abs(),
-                "{name}[{idx}]: analytic {analytic} vs numeric {numeric}"
+                "{name}[{idx}] on {device:?}: analytic {analytic} vs numeric {numeric}"
             );
         }
     }
@@ -291,6 +303,43 @@ fn resuming_continues_exactly() {
         .unwrap();
     for (k, t) in &a {
         assert_eq!(common::max_abs_diff(t, &b[k]), 0.0, "{k}");
+    }
+}
+
+/// bf16 base weights, as on a GPU by default: the adapters and the optimizer's
+/// moments stay f32, and training still lowers the validation loss. On the CPU,
+/// and on the GPU when one is present.
+#[test]
+fn bf16_base_trains_with_f32_adapters_and_optimizer_state() {
+    for device in common::devices() {
+        let out = tempfile::tempdir().unwrap();
+        let shape = tuneforge::ModelConfig::tiny(Architecture::Llama);
+        let model = Model::random(&shape, 11, candle_core::DType::BF16, &device).unwrap();
+        let cfg = TrainConfig {
+            eval_every: Some(3),
+            ..config()
+        };
+        let mut t = Trainer::new(model, LoraConfig::default(), cfg, out.path()).unwrap();
+        let report = t.train(&data()).unwrap();
+        assert!(
+            report.final_valid_loss.unwrap() < report.initial_valid_loss.unwrap(),
+            "{device:?}: {report:?}"
+        );
+        for file in [
+            "adapter_model.safetensors",
+            "checkpoint/optimizer.safetensors",
+        ] {
+            let saved =
+                candle_core::safetensors::load(out.path().join(file), &Device::Cpu).unwrap();
+            assert!(!saved.is_empty());
+            for (name, t) in saved {
+                assert_eq!(
+                    t.dtype(),
+                    candle_core::DType::F32,
+                    "{device:?}: {file} {name}"
+                );
+            }
+        }
     }
 }
 
@@ -531,9 +580,16 @@ fn packing_trains_too() {
 
 #[test]
 fn hand_written_backward_equals_autograd() {
+    for device in common::devices() {
+        hand_written_backward_equals_autograd_on(&device);
+    }
+}
+
+fn hand_written_backward_equals_autograd_on(device: &Device) {
     use tuneforge::model::Pass;
     for arch in [Architecture::Llama, Architecture::Qwen2] {
-        let mut model = Model::tiny_random(arch, 4).unwrap();
+        let config = tuneforge::ModelConfig::tiny(arch);
+        let mut model = Model::random(&config, 4, candle_core::DType::F32, device).unwrap();
         lora::attach(
             &mut model.lm,
             &LoraConfig {
@@ -552,7 +608,7 @@ fn hand_written_backward_equals_autograd() {
             &[vec![0, 1], vec![2], vec![3, 4]],
             0,
             candle_core::DType::F32,
-            &Device::Cpu,
+            device,
         )
         .unwrap();
         let weight = 1.0 / batch.trained_tokens as f64;
@@ -586,7 +642,7 @@ fn hand_written_backward_equals_autograd() {
             .unwrap();
             assert!(
                 (summed * weight - want_loss).abs() < 1e-5,
-                "{arch:?}: loss {} vs {want_loss}",
+                "{arch:?} on {device:?}: loss {} vs {want_loss}",
                 summed * weight
             );
             let params = lora::parameters(&model.lm);
@@ -600,7 +656,7 @@ fn hand_written_backward_equals_autograd() {
                 let diff = common::max_abs_diff(want, got);
                 assert!(
                     diff <= 1e-4 * scale.max(1e-6) + 1e-7,
-                    "{arch:?} recompute={recompute} {name}: differs by {diff} (scale {scale})"
+                    "{arch:?} on {device:?} recompute={recompute} {name}: differs by {diff} (scale {scale})"
                 );
             }
         }

@@ -35,6 +35,19 @@ impl Example {
     pub fn trained_tokens(&self) -> usize {
         self.trained.iter().filter(|&&t| t).count()
     }
+
+    /// `rows` examples of `len` tokens each, every prediction trained, with ids
+    /// spread over `vocab`: a fixed workload for benchmarks.
+    pub fn synthetic(rows: usize, len: usize, vocab: usize) -> Vec<Self> {
+        (0..rows)
+            .map(|r| Self {
+                ids: (0..len)
+                    .map(|i| ((r * len + i) * 7919 % vocab) as u32)
+                    .collect(),
+                trained: (0..len).map(|i| i > 0).collect(),
+            })
+            .collect()
+    }
 }
 
 /// What tokenizing a set of records did.

@@ -47,18 +47,7 @@ impl Function for RmsNorm {
     }
 
     fn backward(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        // With r = 1/rms(x) and u = grad·w: dx = r·u − x·r³·mean(u·x).
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let u = grad
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let mean_ux = (&u * &x)?.mean_keepdim(D::Minus1)?;
-        let dx = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * mean_ux)?)?)?;
-        dx.to_dtype(dtype)
+        rms_norm_backward(x, &self.weight, self.eps, grad)
     }
 }
 
@@ -170,32 +159,98 @@ impl Function for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_gradient, randn};
+    use crate::testing::{check_gradient, devices, max_abs_diff, randn, randn_on};
+    use candle_core::{Device, Var};
+
+    /// SiLU with its hand-written backward, as the block backward uses it.
+    struct Silu;
+
+    impl Function for Silu {
+        fn name(&self) -> &'static str {
+            "silu"
+        }
+        fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            x.silu()
+        }
+        fn backward(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+            silu_backward(x, dy)
+        }
+    }
+
+    /// Each op with its gradient-free inputs made on `device` in `dtype`:
+    /// (name, input shape, op).
+    type Op = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+    fn ops_on(device: &Device, dtype: DType) -> Vec<(&'static str, Vec<usize>, Op)> {
+        let constant =
+            |shape: &[usize], seed| randn_on(shape, seed, device).to_dtype(dtype).unwrap();
+        let (cos, sin) = (constant(&[1, 3, 2], 5), constant(&[1, 3, 2], 6));
+        let (w, weight) = (constant(&[4], 7), constant(&[5, 4], 13));
+        vec![
+            (
+                "rms_norm",
+                vec![1, 2, 3, 4],
+                Box::new(move |x| rms_norm(x, &w, 1e-5)),
+            ),
+            ("softmax", vec![2, 3, 5], Box::new(softmax_last_dim)),
+            (
+                "rope",
+                vec![1, 2, 3, 4],
+                Box::new(move |x| rope(x, &cos, &sin)),
+            ),
+            (
+                "frozen_matmul",
+                vec![3, 4],
+                Box::new(move |x| frozen_matmul_t(x, &weight)),
+            ),
+            ("silu", vec![2, 5], Box::new(|x| apply(x, Silu))),
+        ]
+    }
 
     #[test]
     fn gradients_match_finite_differences() {
-        let cos = randn(&[1, 3, 2], 5);
-        let sin = randn(&[1, 3, 2], 6);
-        let w = randn(&[4], 7);
-        check_gradient(&[1, 2, 3, 4], 8, |x| rms_norm(x, &w, 1e-5));
-        check_gradient(&[2, 3, 5], 11, softmax_last_dim);
-        check_gradient(&[1, 2, 3, 4], 12, |x| rope(x, &cos, &sin));
-        let weight = randn(&[5, 4], 13);
-        check_gradient(&[3, 4], 14, |x| frozen_matmul_t(x, &weight));
-        // SiLU's own backward, as the hand-written block backward uses it.
-        struct Silu;
-        impl Function for Silu {
-            fn name(&self) -> &'static str {
-                "silu"
-            }
-            fn forward(&self, x: &Tensor) -> Result<Tensor> {
-                x.silu()
-            }
-            fn backward(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-                silu_backward(x, dy)
+        for device in devices() {
+            for (seed, (_, shape, op)) in ops_on(&device, DType::F32).into_iter().enumerate() {
+                check_gradient(&device, &shape, 8 + seed as u64, op);
             }
         }
-        check_gradient(&[2, 5], 15, |x| apply(x, Silu));
+    }
+
+    #[test]
+    fn bf16_outputs_and_gradients_follow_f32() {
+        for device in devices() {
+            let (f32_ops, bf16_ops) = (ops_on(&device, DType::F32), ops_on(&device, DType::BF16));
+            for (seed, ((name, shape, f32_op), (_, _, bf16_op))) in
+                f32_ops.into_iter().zip(bf16_ops).enumerate()
+            {
+                // The op's output and input gradient at one input, in a given dtype.
+                let run = |dtype: DType| {
+                    let op = if dtype == DType::F32 {
+                        &f32_op
+                    } else {
+                        &bf16_op
+                    };
+                    let x = randn_on(&shape, 40 + seed as u64, &device);
+                    let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                    let y = op(x.as_tensor()).unwrap();
+                    let probe = randn_on(y.dims(), 80, &device).to_dtype(y.dtype()).unwrap();
+                    let grads = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let dx = grads.get(x.as_tensor()).unwrap().clone();
+                    [y, dx].map(|t| t.to_dtype(DType::F32).unwrap())
+                };
+                let (want, got) = (run(DType::F32), run(DType::BF16));
+                for (what, w, g) in [
+                    ("output", &want[0], &got[0]),
+                    ("gradient", &want[1], &got[1]),
+                ] {
+                    let scale = max_abs_diff(w, &w.zeros_like().unwrap());
+                    let diff = max_abs_diff(w, g);
+                    assert!(
+                        diff <= 0.03 * scale + 1e-3,
+                        "{name} {what} on {device:?}: bf16 differs from f32 by {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

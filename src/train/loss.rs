@@ -163,7 +163,7 @@ pub fn output_weight(lm: &CausalLm) -> &Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_gradient, randn};
+    use crate::testing::{check_gradient, devices, randn, randn_on};
     use candle_core::Device;
 
     #[test]
@@ -228,8 +228,45 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        let w = randn(&[9, 4], 3);
-        let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &Device::Cpu).unwrap();
-        check_gradient(&[5, 4], 4, |h| per_row_cross_entropy(h, &w, &labels));
+        for device in devices() {
+            let w = randn_on(&[9, 4], 3, &device);
+            let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &device).unwrap();
+            check_gradient(&device, &[5, 4], 4, |h| {
+                per_row_cross_entropy(h, &w, &labels)
+            });
+        }
+    }
+
+    #[test]
+    fn bf16_losses_and_gradients_follow_f32() {
+        for device in devices() {
+            let labels = Tensor::from_vec(
+                (0..40u32).map(|i| i * 7 % 300).collect::<Vec<_>>(),
+                40,
+                &device,
+            )
+            .unwrap();
+            // The loss per row (f32 in both cases) and the hidden states' gradient.
+            let run = |dtype: DType| {
+                let h = randn_on(&[40, 16], 1, &device).to_dtype(dtype).unwrap();
+                let w = (randn_on(&[300, 16], 2, &device) * 0.3)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels).unwrap();
+                (losses, grad.to_dtype(DType::F32).unwrap())
+            };
+            let ((want_loss, want_grad), (loss, grad)) = (run(DType::F32), run(DType::BF16));
+            let loss_diff = crate::testing::max_abs_diff(&want_loss, &loss);
+            let grad_diff = crate::testing::max_abs_diff(&want_grad, &grad);
+            assert!(
+                loss_diff < 0.05,
+                "{device:?}: bf16 losses off by {loss_diff}"
+            );
+            assert!(
+                grad_diff < 0.01,
+                "{device:?}: bf16 gradient off by {grad_diff}"
+            );
+        }
     }
 }

@@ -4,22 +4,47 @@
 
 #![allow(dead_code)]
 
+use candle_core::{DType, Device};
 use std::sync::OnceLock;
 use tuneforge::{LoadOptions, Model};
 
-/// The default model, loaded once.
+/// The default model on the CPU in f32, loaded once.
 pub fn smollm2() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        Model::load(
-            "smollm2-135m-instruct",
-            &LoadOptions {
-                device: tuneforge::DeviceSpec::Cpu,
-                dtype: None,
-            },
-        )
-        .expect("loading smollm2-135m-instruct")
-    })
+    MODEL.get_or_init(|| smollm2_as(tuneforge::DeviceSpec::Cpu, DType::F32))
+}
+
+/// The default model on `device` in `dtype`.
+pub fn smollm2_as(device: tuneforge::DeviceSpec, dtype: DType) -> Model {
+    Model::load(
+        "smollm2-135m-instruct",
+        &LoadOptions {
+            device,
+            dtype: Some(dtype),
+        },
+    )
+    .expect("loading smollm2-135m-instruct")
+}
+
+/// The devices that device-generic tests run on: the CPU, and the GPU when one
+/// is compiled in and present. Without one, says why on stderr past the test
+/// harness's capture, so the skip shows in a plain `cargo test`.
+pub fn devices() -> Vec<Device> {
+    let mut all = vec![Device::Cpu];
+    all.extend(gpu());
+    all
+}
+
+/// The GPU, or `None` after saying on stderr why the GPU checks are skipped.
+pub fn gpu() -> Option<Device> {
+    match tuneforge::device::find_gpu() {
+        Ok(gpu) => Some(gpu),
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "GPU checks skipped: {why}");
+            None
+        }
+    }
 }
 
 /// `tests/fixtures/smollm2-135m-instruct.json`.
