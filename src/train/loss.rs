@@ -9,8 +9,11 @@ use crate::model::autograd::{apply, Function};
 use crate::model::CausalLm;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Rows of logits made at once (128 × 49152 f32 is 25 MB).
-const CHUNK_ROWS: usize = 128;
+/// Rows of logits made at once on the CPU (128 × 49152 f32 is 25 MB).
+const CPU_CHUNK_ROWS: usize = 128;
+/// Logits made at once on a GPU, in elements (256 MB of f32): large matmuls, and
+/// few of the host reads that a chunk's loss needs.
+const GPU_CHUNK_LOGITS: usize = 64 << 20;
 
 /// The summed cross-entropy of `targets` at trained positions.
 ///
@@ -88,10 +91,17 @@ impl ChunkedCrossEntropy {
         (probs.matmul(&self.weight)? - self.weight.index_select(&c.labels, 0)?)?.to_dtype(dtype)
     }
 
-    fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
-        (0..n)
-            .step_by(CHUNK_ROWS)
-            .map(move |start| (start, CHUNK_ROWS.min(n - start)))
+    /// `(start, len)` of each chunk of `hidden`'s rows.
+    fn chunks(&self, hidden: &Tensor) -> Result<impl Iterator<Item = (usize, usize)>> {
+        let rows = if hidden.device().is_cpu() {
+            CPU_CHUNK_ROWS
+        } else {
+            (GPU_CHUNK_LOGITS / self.weight.dim(0)?).max(CPU_CHUNK_ROWS)
+        };
+        let n = hidden.dim(0)?;
+        Ok((0..n)
+            .step_by(rows)
+            .map(move |start| (start, rows.min(n - start))))
     }
 }
 
@@ -102,7 +112,7 @@ impl Function for ChunkedCrossEntropy {
 
     fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         let mut parts = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
-        for (start, len) in Self::chunks(hidden.dim(0)?) {
+        for (start, len) in self.chunks(hidden)? {
             parts.push(Self::chunk_loss(&self.chunk(hidden, start, len)?)?);
         }
         Tensor::cat(&parts, 0)
@@ -114,7 +124,7 @@ impl Function for ChunkedCrossEntropy {
             hidden.dtype(),
             hidden.device(),
         )?];
-        for (start, len) in Self::chunks(hidden.dim(0)?) {
+        for (start, len) in self.chunks(hidden)? {
             let chunk = self.chunk(hidden, start, len)?;
             let scale = grad
                 .narrow(0, start, len)?
@@ -147,7 +157,7 @@ pub fn cross_entropy_and_grad(
         hidden.dtype(),
         hidden.device(),
     )?];
-    for (start, len) in ChunkedCrossEntropy::chunks(hidden.dim(0)?) {
+    for (start, len) in ce.chunks(hidden)? {
         let chunk = ce.chunk(hidden, start, len)?;
         losses.push(ChunkedCrossEntropy::chunk_loss(&chunk)?);
         grads.push(ce.chunk_grad(&chunk, hidden.dtype())?);

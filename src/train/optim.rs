@@ -91,17 +91,20 @@ impl AdamW {
             .collect()
     }
 
-    /// The global L2 norm of the gradients.
+    /// The global L2 norm of the gradients. Summed on their device in f32 and read
+    /// back once: one wait for a GPU per update rather than one per tensor, and
+    /// no f64, which Metal lacks.
     pub fn grad_norm(grads: &Gradients) -> Result<f64> {
-        let mut total = 0f64;
-        for g in grads.iter().flatten() {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+        let squares = grads
+            .iter()
+            .flatten()
+            .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
         }
-        Ok(total.sqrt())
+        let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((total as f64).sqrt())
     }
 
     /// One update with learning rate `lr`, scaling gradients by `grad_scale` first
