@@ -586,7 +586,6 @@ fn hand_written_backward_equals_autograd() {
 }
 
 fn hand_written_backward_equals_autograd_on(device: &Device) {
-    use tuneforge::model::Pass;
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let config = tuneforge::ModelConfig::tiny(arch);
         let mut model = Model::random(&config, 4, candle_core::DType::F32, device).unwrap();
@@ -602,63 +601,78 @@ fn hand_written_backward_equals_autograd_on(device: &Device) {
         .unwrap();
         shift_adapters(&model, 0.03);
         let examples = examples(&model, 5);
-        // Two packed rows and one plain row, padded.
-        let batch = tuneforge::data::make_batch(
-            &examples,
-            &[vec![0, 1], vec![2], vec![3, 4]],
-            0,
-            candle_core::DType::F32,
-            device,
-        )
+        // Two packed rows and one plain row, padded: long enough that the backward
+        // makes the attention probabilities again. Then two short plain rows, whose
+        // probabilities it keeps.
+        let mut kept = Vec::new();
+        for layout in [
+            vec![vec![0, 1], vec![2], vec![3, 4]],
+            vec![vec![2], vec![4]],
+        ] {
+            let batch =
+                tuneforge::data::make_batch(&examples, &layout, 0, candle_core::DType::F32, device)
+                    .unwrap();
+            kept.push(model.lm.layers[0].keeps_probs(batch.targets.dim(1).unwrap()));
+            backward_equals_autograd(&model, &batch, &format!("{arch:?} on {device:?}"));
+        }
+        assert_eq!(
+            kept,
+            [false, true],
+            "both ways of getting the probabilities"
+        );
+    }
+}
+
+/// The hand-written backward's loss and LoRA gradients on `batch` equal candle's
+/// autograd's, with dropout, with and without recomputation.
+fn backward_equals_autograd(model: &Model, batch: &tuneforge::data::Batch, what: &str) {
+    use tuneforge::model::Pass;
+    let weight = 1.0 / batch.trained_tokens as f64;
+
+    let mut input = batch.input.clone();
+    input.pass = Pass {
+        dropout_seed: Some(7),
+        autograd: true,
+    };
+    let hidden = model.lm.forward_hidden(&input, None).unwrap();
+    let loss = (tuneforge::train::loss::summed_cross_entropy(
+        &model.lm,
+        &hidden,
+        &batch.targets,
+        &batch.trained,
+    )
+    .unwrap()
+        * weight)
         .unwrap();
-        let weight = 1.0 / batch.trained_tokens as f64;
+    let store = loss.backward().unwrap();
+    let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
 
-        let mut input = batch.input.clone();
-        input.pass = Pass {
+    for recompute in [false, true] {
+        let pass = Pass {
             dropout_seed: Some(7),
-            autograd: true,
+            autograd: false,
         };
-        let hidden = model.lm.forward_hidden(&input, None).unwrap();
-        let loss = (tuneforge::train::loss::summed_cross_entropy(
-            &model.lm,
-            &hidden,
-            &batch.targets,
-            &batch.trained,
-        )
-        .unwrap()
-            * weight)
-            .unwrap();
-        let store = loss.backward().unwrap();
-        let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
-
-        for recompute in [false, true] {
-            let pass = Pass {
-                dropout_seed: Some(7),
-                autograd: false,
-            };
-            let (summed, grads) = tuneforge::train::step::loss_and_gradients(
-                &model.lm, &batch, pass, weight, recompute,
-            )
-            .unwrap();
+        let (summed, grads) =
+            tuneforge::train::step::loss_and_gradients(&model.lm, batch, pass, weight, recompute)
+                .unwrap();
+        assert!(
+            (summed * weight - want_loss).abs() < 1e-5,
+            "{what}: loss {} vs {want_loss}",
+            summed * weight
+        );
+        let params = lora::parameters(&model.lm);
+        assert_eq!(grads.len(), params.len());
+        for ((name, var), got) in params.iter().zip(&grads) {
+            let want = store
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("autograd missed {name}"));
+            let got = got.as_ref().unwrap();
+            let scale = common::max_abs_diff(want, &want.zeros_like().unwrap());
+            let diff = common::max_abs_diff(want, got);
             assert!(
-                (summed * weight - want_loss).abs() < 1e-5,
-                "{arch:?} on {device:?}: loss {} vs {want_loss}",
-                summed * weight
+                diff <= 1e-4 * scale.max(1e-6) + 1e-7,
+                "{what} recompute={recompute} {name}: differs by {diff} (scale {scale})"
             );
-            let params = lora::parameters(&model.lm);
-            assert_eq!(grads.len(), params.len());
-            for ((name, var), got) in params.iter().zip(&grads) {
-                let want = store
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("autograd missed {name}"));
-                let got = got.as_ref().unwrap();
-                let scale = common::max_abs_diff(want, &want.zeros_like().unwrap());
-                let diff = common::max_abs_diff(want, got);
-                assert!(
-                    diff <= 1e-4 * scale.max(1e-6) + 1e-7,
-                    "{arch:?} on {device:?} recompute={recompute} {name}: differs by {diff} (scale {scale})"
-                );
-            }
         }
     }
 }
