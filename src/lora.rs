@@ -139,45 +139,20 @@ impl LoraLayer {
         }
     }
 
-    /// The scaled dropout mask for an input of `shape`, a pure function of the
-    /// seed and this layer; `None` without dropout.
-    fn dropout_mask(
-        &self,
-        shape: &candle_core::Shape,
-        device: &candle_core::Device,
-        seed: Option<u64>,
-    ) -> candle_core::Result<Option<Tensor>> {
+    /// The scaled dropout mask for `h`, a pure function of the seed and this
+    /// layer (see [`crate::model::dropout`]); `None` without dropout.
+    fn dropout_mask(&self, h: &Tensor, seed: Option<u64>) -> candle_core::Result<Option<Tensor>> {
         let (Some(seed), true) = (seed, self.dropout > 0.0) else {
             return Ok(None);
         };
         let seed = seed ^ self.stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let keep = 1.0 - self.dropout as f32;
-        if !device.is_cpu() {
-            // On a GPU the mask is drawn there, from the device's generator reseeded
-            // with this layer's seed (so the backward pass redraws the same mask):
-            // nothing is generated on the host or crosses the bus. This reseeds the
-            // device's global generator.
-            device.set_seed(seed)?;
-            let kept = Tensor::rand(0f32, 1f32, shape, device)?.lt(keep as f64)?;
-            return (kept.to_dtype(candle_core::DType::F32)? / keep as f64).map(Some);
-        }
-        let mut rng = Rng::new(seed);
-        let mask: Vec<f32> = (0..shape.elem_count())
-            .map(|_| {
-                if rng.uniform() < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Tensor::from_vec(mask, shape, device).map(Some)
+        crate::model::dropout::mask(h, seed, 1.0 - self.dropout as f32).map(Some)
     }
 
     /// The adapter's input after dropout, in the parameters' dtype.
     fn dropped(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
         let h = x.to_dtype(self.a.dtype())?;
-        match self.dropout_mask(h.shape(), h.device(), seed)? {
+        match self.dropout_mask(&h, seed)? {
             Some(mask) => h * mask,
             None => Ok(h),
         }
@@ -212,8 +187,8 @@ impl LoraLayer {
         dropout_seed: Option<u64>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (a, b) = self.factors(false);
-        let mask = self.dropout_mask(x.shape(), x.device(), dropout_seed)?;
         let h = x.to_dtype(a.dtype())?;
+        let mask = self.dropout_mask(&h, dropout_seed)?;
         let h = match &mask {
             Some(m) => (h * m)?,
             None => h,

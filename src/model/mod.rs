@@ -4,6 +4,7 @@
 pub mod add_matmul;
 pub mod autograd;
 pub mod block;
+pub mod dropout;
 mod gemv;
 pub mod linear;
 pub mod mask;
