@@ -585,6 +585,42 @@ fn hand_written_backward_equals_autograd() {
     }
 }
 
+/// One update's loss and LoRA gradients on the GPU equal the CPU's (f32, with
+/// dropout: both devices draw the same masks).
+#[test]
+fn gpu_and_cpu_take_the_same_update() {
+    let Some(gpu) = common::gpu() else { return };
+    let update_on = |device: &Device| {
+        let mut model = tiny_on(device);
+        let lora_config = LoraConfig {
+            dropout: 0.1,
+            ..Default::default()
+        };
+        lora::attach(&mut model.lm, &lora_config, 3).unwrap();
+        shift_adapters(&model, 0.02);
+        let examples = examples(&model, 6);
+        let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
+        step_gradients(&model, &examples, &plan[0], &[9], true).unwrap()
+    };
+    let (cpu, on_gpu) = (update_on(&Device::Cpu), update_on(&gpu));
+    assert!(
+        (cpu.loss - on_gpu.loss).abs() < 1e-4,
+        "{} vs {}",
+        cpu.loss,
+        on_gpu.loss
+    );
+    for (i, (c, g)) in cpu.gradients.iter().zip(&on_gpu.gradients).enumerate() {
+        let (c, g) = (c.as_ref().unwrap(), g.as_ref().unwrap());
+        let g = g.to_device(&Device::Cpu).unwrap();
+        let scale = common::max_abs_diff(c, &c.zeros_like().unwrap());
+        let diff = common::max_abs_diff(c, &g);
+        assert!(
+            diff <= 1e-3 * scale + 1e-6,
+            "gradient {i}: off by {diff} (scale {scale})"
+        );
+    }
+}
+
 fn hand_written_backward_equals_autograd_on(device: &Device) {
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let config = tuneforge::ModelConfig::tiny(arch);
