@@ -90,6 +90,20 @@ pub fn find_gpu() -> std::result::Result<Device, String> {
     Err("no CUDA or Metal device is present".into())
 }
 
+/// The first GPU, for a check that needs one; else `None`, after saying why the
+/// check is skipped on stderr, written past the test harness's capture so that
+/// a plain `cargo test` shows it.
+pub fn gpu_or_say_why() -> Option<Device> {
+    match find_gpu() {
+        Ok(gpu) => Some(gpu),
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "GPU checks skipped: {why}");
+            None
+        }
+    }
+}
+
 /// The default compute dtype for a device: f32 on CPU, bf16 on GPUs.
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cpu() {

@@ -19,17 +19,10 @@ pub fn randn_on(shape: &[usize], seed: u64, device: &Device) -> Tensor {
 }
 
 /// The devices that device-generic tests run on: the CPU, and the GPU when one
-/// is compiled in and present. Without one, says so on stderr past the test
-/// harness's capture, so the skip shows in a plain `cargo test`.
+/// is compiled in and present ([`crate::device::gpu_or_say_why`]).
 pub fn devices() -> Vec<Device> {
     let mut all = vec![Device::Cpu];
-    match crate::device::find_gpu() {
-        Ok(gpu) => all.push(gpu),
-        Err(why) => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "GPU checks skipped: {why}");
-        }
-    }
+    all.extend(crate::device::gpu_or_say_why());
     all
 }
 

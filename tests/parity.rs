@@ -242,7 +242,7 @@ fn greedy_generation_matches_64_tokens() {
 #[test]
 fn bf16_logits_and_losses_stay_close() {
     let mut specs = vec![tuneforge::DeviceSpec::Cpu];
-    if common::gpu().is_some() {
+    if tuneforge::device::gpu_or_say_why().is_some() {
         specs.push(tuneforge::DeviceSpec::Auto);
     }
     for spec in specs {
@@ -254,7 +254,7 @@ fn bf16_logits_and_losses_stay_close() {
 /// On a GPU in f32: the reference's logits and losses, and its greedy generation.
 #[test]
 fn f32_on_the_gpu_matches_the_reference() {
-    if common::gpu().is_none() {
+    if tuneforge::device::gpu_or_say_why().is_none() {
         return;
     }
     let model = common::smollm2_as(tuneforge::DeviceSpec::Auto, candle_core::DType::F32);

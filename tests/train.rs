@@ -589,7 +589,9 @@ fn hand_written_backward_equals_autograd() {
 /// dropout: both devices draw the same masks).
 #[test]
 fn gpu_and_cpu_take_the_same_update() {
-    let Some(gpu) = common::gpu() else { return };
+    let Some(gpu) = tuneforge::device::gpu_or_say_why() else {
+        return;
+    };
     let update_on = |device: &Device| {
         let mut model = tiny_on(device);
         let lora_config = LoraConfig {

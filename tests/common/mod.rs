@@ -27,24 +27,11 @@ pub fn smollm2_as(device: tuneforge::DeviceSpec, dtype: DType) -> Model {
 }
 
 /// The devices that device-generic tests run on: the CPU, and the GPU when one
-/// is compiled in and present. Without one, says why on stderr past the test
-/// harness's capture, so the skip shows in a plain `cargo test`.
+/// is compiled in and present.
 pub fn devices() -> Vec<Device> {
     let mut all = vec![Device::Cpu];
-    all.extend(gpu());
+    all.extend(tuneforge::device::gpu_or_say_why());
     all
-}
-
-/// The GPU, or `None` after saying on stderr why the GPU checks are skipped.
-pub fn gpu() -> Option<Device> {
-    match tuneforge::device::find_gpu() {
-        Ok(gpu) => Some(gpu),
-        Err(why) => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "GPU checks skipped: {why}");
-            None
-        }
-    }
 }
 
 /// `tests/fixtures/smollm2-135m-instruct.json`.
