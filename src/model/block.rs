@@ -85,6 +85,19 @@ pub struct BlockSaved {
     up: Tensor,
 }
 
+/// The attention probabilities `[b, h, t, s]`: softmax of the scores of the
+/// scaled, head-grouped queries `q` (`[b, kv, g·t, hd]`) against the keys `k`
+/// (`[b, kv, s, hd]`), plus the additive `mask`.
+fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    (b, h, t, s): (usize, usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
+    ops::softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
 /// `[b, t, n]` → `[b·t, n]`.
 fn rows(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t, n) = x.dims3()?;
@@ -168,8 +181,7 @@ impl Block {
         // a kv head are stacked along the time axis.
         // The 1/√d scale goes on q, which is smaller than the scores.
         let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(ctx.mask)?)?;
+        let probs = attention_probs(&q, &k, ctx.mask, (b, h, t, s))?;
         let out = probs
             .reshape((b, kv, g * t, s))?
             .matmul(&v)?
@@ -259,10 +271,7 @@ impl Block {
         // scores = (q·scale) kᵀ, and the scaled q was saved.
         let probs = match &s.probs {
             Some(p) => p.clone(),
-            None => {
-                let scores = s.q.matmul(&s.k.t()?)?.reshape((b, h, t, t))?;
-                ops::softmax_last_dim(&scores.broadcast_add(ctx.mask)?)?
-            }
+            None => attention_probs(&s.q, &s.k, ctx.mask, (b, h, t, t))?,
         };
         let d_probs = d_out.matmul(&s.v.t()?)?;
         let dv = probs.reshape((b, kv, g * t, t))?.t()?.matmul(&d_out)?;
