@@ -3,7 +3,11 @@
 //! ```text
 //! cargo run --release --example generate -- --prompt "What is LoRA?"
 //! cargo run --release --example generate -- --model path/to/model.gguf --prompt "Hi" --temperature 0.7 --top-p 0.9
+//! cargo run --release --example generate -- --adapter runs/triage --prompt "My card was billed twice."
 //! ```
+//!
+//! The answer goes to stdout; what was used (the adapter, the prompt's length)
+//! and the speed go to stderr.
 
 use anyhow::Result;
 use clap::Parser;
@@ -48,13 +52,23 @@ struct Args {
 fn main() -> Result<()> {
     tuneforge::threads::init();
     let args = Args::parse();
-    let model = Model::load(
+    let mut model = Model::load(
         &args.model,
         &LoadOptions {
             device: args.device,
             dtype: None,
         },
     )?;
+    if let Some(dir) = &args.adapter {
+        let adapter = model.load_adapter(dir)?;
+        eprintln!(
+            "[adapter {}: r={}, alpha={}, on {} linears]",
+            dir.display(),
+            adapter.r,
+            adapter.lora_alpha,
+            tuneforge::lora::parameters(&model.lm).len() / 2
+        );
+    }
     let mut messages = Vec::new();
     if let Some(system) = args.system {
         messages.push(Message::system(system));
@@ -74,9 +88,15 @@ fn main() -> Result<()> {
         let _ = stdout.flush();
     })?;
     eprintln!(
-        "\n[{} tokens, {:.1} tokens/s]",
+        "\n[prompt {} tokens; answer {} tokens, {:.1} tokens/s{}]",
+        out.prompt_tokens,
         out.ids.len(),
-        out.tokens_per_second()
+        out.tokens_per_second(),
+        if out.stopped_at_eos {
+            ", ended at end of turn"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -294,6 +294,8 @@ impl Tokenizer {
             Some("<|im_end|>"),
             Some("<|eot_id|>"),
             Some("<|endoftext|>"),
+            Some("<end_of_turn>"),
+            Some("<|end|>"),
         ]
         .into_iter()
         .flatten()

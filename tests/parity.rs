@@ -273,3 +273,55 @@ fn f32_on_the_gpu_matches_the_reference() {
     // other way, so the first half must match exactly.
     assert_eq!(out.ids[..32], ids(&g["ids"])[..32]);
 }
+
+/// The training loss mask and the masked loss on fixed conversations, against
+/// transformers' own assistant-token mask (`tests/fixtures/smollm2-masked-loss.json`,
+/// made by `make_masked_loss_reference.py` beside it): each assistant turn is
+/// trained through its `<|im_end|>`, not the newline after it.
+#[test]
+fn loss_mask_and_masked_loss_match_the_reference() {
+    use tuneforge::data::tokenize::tokenize_record;
+    use tuneforge::data::{LossOn, Record, TurnEnd};
+    let model = smollm2();
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/smollm2-masked-loss.json")).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let record = match &messages[..] {
+            [user, answer] if user.role == "user" => Record::Completion {
+                prompt: user.content.clone(),
+                completion: answer.content.clone(),
+            },
+            _ => Record::Chat(messages.clone()),
+        };
+        let tokenize =
+            |turn_end| tokenize_record(&record, &model.tokenizer, LossOn::AssistantTurns, turn_end);
+        let example = tokenize(TurnEnd::EndToken).unwrap();
+        assert_eq!(example.ids, ids(&case["input_ids"]));
+        let want: Vec<bool> = case["assistant_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_u64() == Some(1))
+            .collect();
+        assert_eq!(example.trained, want, "{messages:?}");
+        let (sum, n) =
+            tuneforge::train::summed_loss(model, std::slice::from_ref(&example), &[vec![0]])
+                .unwrap();
+        assert_eq!(n as u64, case["trained_tokens"].as_u64().unwrap());
+        let loss = sum / n as f64;
+        let want = case["masked_loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() <= TOL,
+            "masked loss {loss}, reference {want}"
+        );
+
+        let turns = messages.iter().filter(|m| m.role == "assistant").count();
+        let rendered = tokenize(TurnEnd::Rendered).unwrap();
+        assert_eq!(
+            rendered.trained_tokens(),
+            n + turns,
+            "and each turn's newline"
+        );
+    }
+}

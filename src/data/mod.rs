@@ -7,7 +7,7 @@ pub mod tokenize;
 
 pub use batch::{make_batch, plan_epoch, shards, Batch};
 pub use records::{read_jsonl, DataError, Record};
-pub use tokenize::{tokenize, Example, LossOn, TokenizeReport};
+pub use tokenize::{tokenize, Example, LossOn, TokenizeReport, TurnEnd};
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,12 @@
 //! through the model's chat template; the trained spans (assistant turns and
 //! their end-of-turn token) come from rendering the conversation's prefixes and
 //! mapping those byte ranges onto the tokens' offsets. No string is searched.
+//!
+//! A turn's span as the template renders it often goes on past the end-of-turn
+//! token (ChatML writes `<|im_end|>` and then a newline). By default the loss
+//! stops at that token, inclusive ([`TurnEnd::EndToken`], Axolotl's
+//! `train_on_eos: turn`): the model learns to end its answer, and nothing of
+//! what the template writes between turns.
 
 use super::records::Record;
 use crate::tokenizer::Tokenizer;
@@ -19,6 +25,20 @@ pub enum LossOn {
     LastAssistant,
     /// Every token of the sequence.
     All,
+}
+
+/// Where the loss on an assistant turn ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TurnEnd {
+    /// At the turn's end-of-turn token (one of the tokenizer's
+    /// [`eos_ids`](Tokenizer::eos_ids), which generation stops at), inclusive:
+    /// the default. A turn that renders no such token is trained to its end.
+    #[default]
+    EndToken,
+    /// At the end of everything the template renders for the turn, text after
+    /// the end-of-turn token included (ChatML's newline): tuneforge 0.1's mask.
+    Rendered,
 }
 
 /// A tokenized example.
@@ -94,7 +114,12 @@ fn trained_spans(
 }
 
 /// Tokenizes one record. Returns the example before truncation.
-pub fn tokenize_record(record: &Record, tok: &Tokenizer, loss_on: LossOn) -> Result<Example> {
+pub fn tokenize_record(
+    record: &Record,
+    tok: &Tokenizer,
+    loss_on: LossOn,
+    turn_end: TurnEnd,
+) -> Result<Example> {
     let (ids, trained) = match record.messages() {
         None => {
             let Record::Text(text) = record else {
@@ -108,14 +133,19 @@ pub fn tokenize_record(record: &Record, tok: &Tokenizer, loss_on: LossOn) -> Res
         Some(messages) => {
             let (text, spans) = trained_spans(tok, &messages, loss_on)?;
             let enc = tok.encode_with_offsets(&text, false)?;
-            let trained = enc
-                .offsets
-                .iter()
-                .enumerate()
-                .map(|(i, &(start, _))| {
-                    i > 0 && spans.iter().any(|&(a, b)| start >= a && start < b)
-                })
-                .collect();
+            let stop_at_end_token = turn_end == TurnEnd::EndToken && loss_on != LossOn::All;
+            let mut trained = vec![false; enc.ids.len()];
+            for (a, b) in spans {
+                for (i, &(start, _)) in enc.offsets.iter().enumerate().skip(1) {
+                    if start < a || start >= b {
+                        continue;
+                    }
+                    trained[i] = true;
+                    if stop_at_end_token && tok.eos_ids().contains(&enc.ids[i]) {
+                        break;
+                    }
+                }
+            }
             (enc.ids, trained)
         }
     };
@@ -127,7 +157,7 @@ pub fn tokenize_record(record: &Record, tok: &Tokenizer, loss_on: LossOn) -> Res
 pub fn tokenize(
     records: &[Record],
     tok: &Tokenizer,
-    loss_on: LossOn,
+    (loss_on, turn_end): (LossOn, TurnEnd),
     max_seq_len: usize,
 ) -> Result<(Vec<Example>, TokenizeReport)> {
     let mut report = TokenizeReport {
@@ -136,7 +166,7 @@ pub fn tokenize(
     };
     let mut out = Vec::with_capacity(records.len());
     for record in records {
-        let mut ex = tokenize_record(record, tok, loss_on)?;
+        let mut ex = tokenize_record(record, tok, loss_on, turn_end)?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
             ex.trained.truncate(max_seq_len);
@@ -149,4 +179,64 @@ pub fn tokenize(
         out.push(ex);
     }
     Ok((out, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer_of_ten_characters(loss_on: LossOn, turn_end: TurnEnd) -> Example {
+        let tok = Tokenizer::byte_level_chatml().unwrap();
+        let record = Record::Completion {
+            prompt: "2+2?".into(),
+            completion: "four, sure".into(),
+        };
+        tokenize_record(&record, &tok, loss_on, turn_end).unwrap()
+    }
+
+    #[test]
+    fn the_loss_stops_at_the_end_of_turn_token() {
+        let ex = answer_of_ten_characters(LossOn::AssistantTurns, TurnEnd::EndToken);
+        // One byte token per character, then <|im_end|> (id 2); not the newline after it.
+        assert_eq!(ex.trained_tokens(), 11);
+        let last = ex.trained.iter().rposition(|&t| t).unwrap();
+        assert_eq!(ex.ids[last], 2);
+        assert_eq!(
+            last + 2,
+            ex.ids.len(),
+            "only the template's newline follows"
+        );
+        let first = ex.trained.iter().position(|&t| t).unwrap();
+        assert_eq!(ex.ids[first], u32::from(b'f') + 3);
+    }
+
+    #[test]
+    fn the_rendered_turn_end_also_trains_the_text_after_the_token() {
+        let ex = answer_of_ten_characters(LossOn::AssistantTurns, TurnEnd::Rendered);
+        assert_eq!(ex.trained_tokens(), 12);
+        assert!(*ex.trained.last().unwrap(), "the newline after <|im_end|>");
+    }
+
+    #[test]
+    fn every_assistant_turn_ends_at_its_own_token() {
+        let tok = Tokenizer::byte_level_chatml().unwrap();
+        let m = crate::chat::Message::assistant;
+        let record = Record::Chat(vec![
+            crate::chat::Message::user("a"),
+            m("bc"),
+            crate::chat::Message::user("d"),
+            m("ef"),
+        ]);
+        let ex = tokenize_record(&record, &tok, LossOn::AssistantTurns, TurnEnd::EndToken).unwrap();
+        assert_eq!(ex.trained_tokens(), 6, "2 + end token, twice");
+        let last =
+            tokenize_record(&record, &tok, LossOn::LastAssistant, TurnEnd::EndToken).unwrap();
+        assert_eq!(last.trained_tokens(), 3);
+        let all = tokenize_record(&record, &tok, LossOn::All, TurnEnd::EndToken).unwrap();
+        assert_eq!(
+            all.trained_tokens(),
+            all.ids.len() - 1,
+            "`all` ignores turn ends"
+        );
+    }
 }
