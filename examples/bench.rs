@@ -66,6 +66,12 @@ struct Args {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Row {
     name: String,
+    /// The model measured (`--model`, or the shape of the `gpu` suite's rows).
+    #[serde(default)]
+    model: String,
+    /// Timed repetitions the seconds are the mean of.
+    #[serde(default)]
+    reps: usize,
     seconds: f64,
     tokens_per_second: Option<f64>,
     peak_rss_mb: Option<f64>,
@@ -78,6 +84,8 @@ impl Row {
     fn new(name: &str, seconds: f64) -> Self {
         Self {
             name: name.into(),
+            model: String::new(),
+            reps: 0,
             seconds,
             tokens_per_second: None,
             peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / 1e6),
@@ -234,7 +242,9 @@ fn gpu_row(&(name, shape, b, s): &GpuRow, args: &Args) -> Result<Row> {
         alpha: 32.0,
         ..Default::default()
     };
-    train_row(&mut model, name, &lora_config, (b, s), args.reps)
+    let mut row = train_row(&mut model, name, &lora_config, (b, s), args.reps)?;
+    row.model = "random weights".into();
+    Ok(row)
 }
 
 /// Peak GPU memory in use while a row runs: NVML's reading of the device's used
@@ -303,6 +313,10 @@ fn run_row(name: &str, args: &Args) -> Result<Row> {
         None => cpu_row(name, args)?,
     };
     row.peak_gpu_mb = gpu_memory.map(GpuMemory::finish);
+    row.reps = args.reps;
+    if row.model.is_empty() {
+        row.model = args.model.clone();
+    }
     Ok(row)
 }
 
@@ -321,12 +335,21 @@ fn main() -> Result<()> {
         }
         Suite::Gpu => GPU_ROWS.iter().map(|r| r.0).collect(),
     };
+    let chosen: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| args.only.as_ref().is_none_or(|o| n.contains(o.as_str())))
+        .collect();
+    if chosen.is_empty() {
+        anyhow::bail!(
+            "--only '{}' matches no row of this suite; its rows are: {}",
+            args.only.as_deref().unwrap_or_default(),
+            names.join("; ")
+        );
+    }
     let device = args.device.to_string();
     let mut rows: Vec<Row> = Vec::new();
-    for name in names
-        .into_iter()
-        .filter(|n| args.only.as_ref().is_none_or(|o| n.contains(o.as_str())))
-    {
+    for name in chosen {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--row", name, "--model", &args.model, "--device", &device])
             .args(["--reps", &args.reps.to_string()])

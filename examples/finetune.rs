@@ -9,12 +9,12 @@
 //! Flags override the config file, which overrides the defaults. Ctrl-C saves a
 //! checkpoint; `--resume` continues from it.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tuneforge::data::LossOn;
+use tuneforge::data::{LossOn, TurnEnd};
 use tuneforge::finetune::{self, Existing, JobConfig};
 use tuneforge::train::Schedule;
 
@@ -78,7 +78,7 @@ struct Args {
     /// Passes over the data.
     #[arg(long)]
     epochs: Option<usize>,
-    /// Stop after this many updates.
+    /// Stop after this many updates (0: after --epochs).
     #[arg(long)]
     max_steps: Option<usize>,
     /// Cut examples to this many tokens.
@@ -87,16 +87,20 @@ struct Args {
     /// assistant-turns, last-assistant or all.
     #[arg(long)]
     loss_on: Option<String>,
+    /// Where the loss on an assistant turn ends: end-token (at its end-of-turn
+    /// token, inclusive) or rendered (also the template's text after it).
+    #[arg(long)]
+    turn_end: Option<String>,
     /// Pack several examples per row.
     #[arg(long)]
     packing: bool,
-    /// Evaluate every N updates.
+    /// Evaluate every N updates (0: only before and after training).
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Checkpoint every N updates.
+    /// Checkpoint every N updates (0: only at the end or on Ctrl-C).
     #[arg(long)]
     save_every: Option<usize>,
-    /// Early-stopping patience, in evaluations.
+    /// Early-stopping patience, in evaluations (0: never stop early).
     #[arg(long)]
     patience: Option<usize>,
     /// Clip the gradient norm (0 turns clipping off).
@@ -110,18 +114,21 @@ struct Args {
     samples: Option<usize>,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(value: &str) -> Result<T> {
-    Ok(serde_json::from_value(serde_json::Value::String(
-        value.to_string(),
-    ))?)
+/// A flag's value as the job config's enum, e.g. `--schedule cosine`.
+fn parse<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string()))
+        .with_context(|| format!("--{flag} {value}"))
 }
 
 fn main() -> Result<()> {
     tuneforge::threads::init();
     let a = Args::parse();
-    let mut job = match &a.config {
-        Some(path) => JobConfig::from_toml_file(path)?,
-        None => JobConfig::default(),
+    // Settings come from the config file, else (resuming) from the run itself,
+    // else the defaults; flags override them. Resuming refuses changed settings.
+    let mut job = match (&a.config, a.resume) {
+        (Some(path), _) => JobConfig::from_toml_file(path)?,
+        (None, true) => JobConfig::of_run(a.out.as_deref().unwrap_or(&JobConfig::default().out))?,
+        (None, false) => JobConfig::default(),
     };
     macro_rules! set {
         ($($flag:expr => $field:expr),* $(,)?) => { $(if let Some(v) = $flag { $field = v; })* };
@@ -138,15 +145,20 @@ fn main() -> Result<()> {
         job.train.packing = true;
     }
     if let Some(s) = &a.schedule {
-        job.train.schedule = parse::<Schedule>(s)?;
+        job.train.schedule = parse::<Schedule>("schedule", s)?;
     }
     if let Some(s) = &a.loss_on {
-        job.train.loss_on = parse::<LossOn>(s)?;
+        job.train.loss_on = parse::<LossOn>("loss-on", s)?;
     }
-    job.train.max_steps = a.max_steps.or(job.train.max_steps);
-    job.train.eval_every = a.eval_every.or(job.train.eval_every);
-    job.train.save_every = a.save_every.or(job.train.save_every);
-    job.train.patience = a.patience.or(job.train.patience);
+    if let Some(s) = &a.turn_end {
+        job.train.turn_end = parse::<TurnEnd>("turn-end", s)?;
+    }
+    // For these, 0 turns the setting off.
+    let off_at_zero = |flag: Option<usize>, current| flag.map_or(current, |n| (n > 0).then_some(n));
+    job.train.max_steps = off_at_zero(a.max_steps, job.train.max_steps);
+    job.train.eval_every = off_at_zero(a.eval_every, job.train.eval_every);
+    job.train.save_every = off_at_zero(a.save_every, job.train.save_every);
+    job.train.patience = off_at_zero(a.patience, job.train.patience);
     if let Some(c) = a.clip {
         job.train.clip_grad_norm = (c > 0.0).then_some(c);
     }

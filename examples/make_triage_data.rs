@@ -5,9 +5,10 @@
 //!
 //! ```text
 //! cargo run --release --example make_triage_data
+//! cargo run --release --example make_triage_data -- --out elsewhere/
 //! ```
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tuneforge::rng::Rng;
 
 const CATEGORIES: [(&str, &[&str]); 5] = [
@@ -168,8 +169,20 @@ fn example(rng: &mut Rng) -> serde_json::Value {
     serde_json::json!({"prompt": message.join(" "), "completion": answer})
 }
 
+#[derive(clap::Parser)]
+#[command(about = "Write the bundled triage dataset")]
+struct Args {
+    /// Where to write train.jsonl, valid.jsonl and test.jsonl (default: the bundled examples/data).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
 fn main() -> Result<()> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let args = <Args as clap::Parser>::parse();
+    let dir = args
+        .out
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rng = Rng::new(20261124);
     for (name, count) in [("train", 400), ("valid", 48), ("test", 48)] {
         let mut text = String::new();

@@ -9,9 +9,10 @@ use crate::eval::{self, HeldOut};
 use crate::generate::GenerationConfig;
 use crate::lora::LoraConfig;
 use crate::pretrained::{LoadOptions, Model};
-use crate::train::{TrainConfig, TrainReport, Trainer};
-use anyhow::{Context, Result};
+use crate::train::{RunConfig, TrainConfig, TrainReport, Trainer};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -66,6 +67,43 @@ impl JobConfig {
             .with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
+
+    /// The job that continues the run in `out`: its saved adapter and training
+    /// settings (`train_config.toml`), with the defaults for the rest (the
+    /// model, the data and the device are not saved, so give them again).
+    pub fn of_run(out: &Path) -> Result<Self> {
+        let run = RunConfig::read(out)?;
+        Ok(Self {
+            out: out.to_path_buf(),
+            lora: run.lora,
+            train: run.train,
+            ..Self::default()
+        })
+    }
+}
+
+/// The adapter and training settings of `job` that differ from those saved for
+/// `run`, as `key (saved X, given Y)`.
+fn changed_settings(run: &RunConfig, job: &JobConfig) -> Result<Vec<String>> {
+    fn diff(path: &str, saved: &Value, given: &Value, out: &mut Vec<String>) {
+        match (saved, given) {
+            (Value::Object(a), Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for k in keys {
+                    let (x, y) = (&a.get(k), &b.get(k));
+                    let (x, y) = (x.unwrap_or(&Value::Null), y.unwrap_or(&Value::Null));
+                    diff(&format!("{path}.{k}"), x, y, out);
+                }
+            }
+            (a, b) if a != b => out.push(format!("{path} (saved {a}, given {b})")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    use serde_json::to_value as value;
+    diff("lora", &value(&run.lora)?, &value(&job.lora)?, &mut out);
+    diff("train", &value(&run.train)?, &value(&job.train)?, &mut out);
+    Ok(out)
 }
 
 /// What to do when the run folder already holds a run.
@@ -120,7 +158,20 @@ pub fn run(
         },
     )?;
     let mut trainer = match existing {
-        Existing::Resume => Trainer::resume(model, &job.out)?,
+        Existing::Resume => {
+            let trainer = Trainer::resume(model, &job.out)?;
+            let changed = changed_settings(trainer.run_config(), job)?;
+            if !changed.is_empty() {
+                bail!(
+                    "--resume continues the run in {} with the settings it was started with, \
+                     but these were given otherwise: {}. Resume without changing them, or start \
+                     a new run (another --out, or --overwrite).",
+                    job.out.display(),
+                    changed.join(", ")
+                );
+            }
+            trainer
+        }
         Existing::Overwrite => {
             Trainer::overwrite(&job.out)?;
             Trainer::new(model, job.lora.clone(), job.train.clone(), &job.out)?

@@ -9,7 +9,7 @@
 use super::metrics::{exact_match, json_score, token_f1};
 use super::HeldOut;
 use crate::chat::Message;
-use crate::data::{tokenize::tokenize_record, LossOn, Record};
+use crate::data::{tokenize::tokenize_record, LossOn, Record, TurnEnd};
 use crate::generate::{generate, GenerationConfig};
 use crate::pretrained::Model;
 use crate::rng::Rng;
@@ -220,6 +220,7 @@ fn reference_nll(model: &Model, prompt: &[Message], reference: &str) -> Result<(
         &Record::Chat(messages),
         &model.tokenizer,
         LossOn::LastAssistant,
+        TurnEnd::EndToken,
     )?;
     summed_loss(model, std::slice::from_ref(&example), &[vec![0]])
 }
@@ -365,10 +366,23 @@ pub fn compare(
     for v in &variants {
         let mut ids = Vec::new();
         for h in held_out {
-            let p = model.chat_prompt_ids(&v.prompt(h))?;
-            if p.len() + config.generation.max_new_tokens > context {
+            let prompt = v.prompt(h);
+            let p = model.chat_prompt_ids(&prompt)?;
+            // The reference answer is scored after the prompt too (its NLL).
+            let mut scored = prompt;
+            scored.push(Message::assistant(&h.reference));
+            let text = model.tokenizer.apply_chat_template(&scored, false)?;
+            let reference = model
+                .tokenizer
+                .encode(&text, false)?
+                .len()
+                .saturating_sub(p.len());
+            let answer = config.generation.max_new_tokens.max(reference);
+            if p.len() + answer > context {
                 bail!(
-                    "{}: the {} prompt has {} tokens, which with {} answer tokens exceeds the {context}-token context window; lower --shots or --max-tokens",
+                    "{}: the {} prompt has {} tokens, which with {answer} answer tokens (at most {} \
+                     generated, {reference} in the reference answer) exceeds the {context}-token \
+                     context window; lower --shots or --max-tokens",
                     h.origin, v.name, p.len(), config.generation.max_new_tokens
                 );
             }

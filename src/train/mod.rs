@@ -36,7 +36,9 @@ pub use optim::AdamWConfig;
 pub use schedule::Schedule;
 
 use crate::adapter::{self, AdapterConfig};
-use crate::data::{make_batch, plan_epoch, tokenize, Dataset, Example, LossOn, TokenizeReport};
+use crate::data::{
+    make_batch, plan_epoch, tokenize, Dataset, Example, LossOn, TokenizeReport, TurnEnd,
+};
 use crate::lora::{self, LoraConfig};
 use crate::pretrained::Model;
 use crate::rng::Rng;
@@ -73,6 +75,9 @@ pub struct TrainConfig {
     pub max_seq_len: usize,
     /// Which tokens the loss falls on.
     pub loss_on: LossOn,
+    /// Where the loss on an assistant turn ends: at its end-of-turn token (the
+    /// default) or at the end of the template's rendering of the turn.
+    pub turn_end: TurnEnd,
     /// Pack several examples into each row.
     pub packing: bool,
     /// Evaluate on the validation set every N updates (and always at the end).
@@ -106,6 +111,7 @@ impl Default for TrainConfig {
             max_steps: None,
             max_seq_len: 512,
             loss_on: LossOn::AssistantTurns,
+            turn_end: TurnEnd::EndToken,
             packing: false,
             eval_every: None,
             save_every: None,
@@ -135,6 +141,16 @@ impl TrainConfig {
         if self.max_steps.is_none() && self.epochs == 0 {
             bail!("set epochs or max_steps to at least 1");
         }
+        for (name, value) in [
+            ("eval_every", self.eval_every),
+            ("save_every", self.save_every),
+            ("patience", self.patience),
+            ("max_steps", self.max_steps),
+        ] {
+            if value == Some(0) {
+                bail!("{name} must be at least 1 (leave it unset to turn it off)");
+            }
+        }
         Ok(())
     }
 }
@@ -148,6 +164,21 @@ pub struct RunConfig {
     pub lora: LoraConfig,
     /// The training settings.
     pub train: TrainConfig,
+}
+
+impl RunConfig {
+    /// Reads the `train_config.toml` of the run in `out_dir`.
+    pub fn read(out_dir: &Path) -> Result<Self> {
+        let path = out_dir.join("train_config.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: is {} a run folder?",
+                path.display(),
+                out_dir.display()
+            )
+        })?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
 }
 
 /// Where a run stands; saved in checkpoints.
@@ -214,13 +245,15 @@ pub struct Trainer {
     resumed: bool,
 }
 
-const RUN_FILES: [&str; 7] = [
+const RUN_FILES: [&str; 9] = [
     "train_config.toml",
     "metrics.jsonl",
     "loss.svg",
     adapter::WEIGHTS_FILE,
     adapter::CONFIG_FILE,
     "checkpoint",
+    "checkpoint.old",
+    "checkpoint.partial",
     "best",
 ];
 
@@ -280,17 +313,13 @@ impl Trainer {
     /// Continues the run in `out_dir` from its checkpoint: adapter, optimizer state,
     /// schedule, random state and position in the data are all restored.
     pub fn resume(mut model: Model, out_dir: &Path) -> Result<Self> {
-        let config_path = out_dir.join("train_config.toml");
-        let text = std::fs::read_to_string(&config_path).with_context(|| {
-            format!(
-                "reading {}: is {} a run folder?",
-                config_path.display(),
-                out_dir.display()
-            )
-        })?;
-        let run: RunConfig =
-            toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-        let checkpoint = out_dir.join("checkpoint");
+        let run = RunConfig::read(out_dir)?;
+        // A hard kill between the two renames of `save_checkpoint` leaves only
+        // the previous checkpoint, moved aside: it is still whole.
+        let checkpoint = [out_dir.join("checkpoint"), out_dir.join("checkpoint.old")]
+            .into_iter()
+            .find(|p| p.join("trainer_state.json").is_file())
+            .unwrap_or_else(|| out_dir.join("checkpoint"));
         let base = model.repo_id().unwrap_or(&model.source.name).to_string();
         if !base.eq_ignore_ascii_case(&run.base_model) {
             bail!(
@@ -393,7 +422,7 @@ impl Trainer {
         tokenize(
             records,
             &self.model.tokenizer,
-            self.run.train.loss_on,
+            (self.run.train.loss_on, self.run.train.turn_end),
             self.run.train.max_seq_len,
         )
     }

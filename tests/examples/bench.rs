@@ -1,0 +1,97 @@
+//! `bench`: which rows run, on which model, how often, and where they go.
+//! Rows run on the tiny model; the timings themselves are not checked.
+
+use crate::fixture::Fixture;
+use crate::run;
+use serde_json::Value;
+
+const FORWARD: &str = "forward, no grad, 4 x 128";
+
+/// Runs `bench` on the tiny model, the forward row only, once, with the rows
+/// saved as JSON; returns them.
+fn bench(fx: &Fixture, name: &str, extra: &[&str]) -> (Vec<Value>, String) {
+    let json = fx.fresh(name).join("rows.json");
+    let base = [
+        "--model",
+        fx.model_arg(),
+        "--only",
+        FORWARD,
+        "--reps",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let run = run::ok("bench", &run::with_overrides(&base, extra));
+    let rows = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (rows, run.stdout)
+}
+
+pub fn suite(fx: &Fixture) {
+    let (rows, _) = bench(fx, "bench-suite", &["--suite", "cpu"]);
+    assert_eq!(rows[0]["name"], FORWARD);
+    // The gpu suite's rows train at sizes a CPU takes minutes over; its row list shows it was chosen.
+    let err = run::fails("bench", &["--suite", "gpu", "--only", "no such row"]);
+    assert!(err.contains("qwen2.5-0.5b, all-7 r=16, 16 x 1024"), "{err}");
+    let err = run::fails(
+        "bench",
+        &[
+            "--suite",
+            "cpu",
+            "--only",
+            "no such row",
+            "--model",
+            fx.model_arg(),
+        ],
+    );
+    assert!(
+        err.contains("greedy decoding") && !err.contains("qwen2.5"),
+        "{err}"
+    );
+}
+
+pub fn device(fx: &Fixture) {
+    let (rows, _) = bench(fx, "bench-device", &["--device", "cpu"]);
+    assert_eq!(rows.len(), 1);
+    let err = run::fails("bench", &["--device", "tpu"]);
+    assert!(err.contains("unknown device 'tpu'"), "{err}");
+}
+
+pub fn model(fx: &Fixture) {
+    let (rows, _) = bench(
+        fx,
+        "bench-model",
+        &["--model", fx.other_model.to_str().unwrap()],
+    );
+    assert_eq!(rows[0]["model"], fx.other_model.to_str().unwrap());
+}
+
+pub fn json(fx: &Fixture) {
+    let (rows, stdout) = bench(fx, "bench-json", &[]);
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(
+        stdout.contains(FORWARD),
+        "the table is printed too: {stdout}"
+    );
+}
+
+pub fn reps(fx: &Fixture) {
+    let (rows, _) = bench(fx, "bench-reps", &["--reps", "2"]);
+    assert_eq!(rows[0]["reps"], 2);
+}
+
+pub fn only(fx: &Fixture) {
+    let (rows, _) = bench(fx, "bench-only", &["--only", "train, q+v"]);
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["train, q+v, r=8, 4 x 128"]);
+}
+
+/// The hidden flag each row's own process is started with.
+pub fn row(fx: &Fixture) {
+    let run = run::ok(
+        "bench",
+        &["--row", FORWARD, "--model", fx.model_arg(), "--reps", "1"],
+    );
+    let row: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(row["name"], FORWARD);
+}

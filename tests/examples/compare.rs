@@ -1,0 +1,246 @@
+//! `compare`: each flag's effect on the reports it writes (`report.json`).
+
+use crate::fixture::Fixture;
+use crate::run;
+use serde_json::Value;
+use std::path::Path;
+
+/// Runs `compare` on the tiny model, its fixture adapter and the fixture data:
+/// 2 held-out examples, 1 shot, answers of at most 4 tokens. Returns report.json.
+fn compare(fx: &Fixture, name: &str, extra: &[&str]) -> Value {
+    let out = fx.path(name);
+    let base = [
+        "--model",
+        fx.model_arg(),
+        "--data",
+        fx.data.to_str().unwrap(),
+        "--adapter",
+        fx.adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--shots",
+        "1",
+        "--max-tokens",
+        "4",
+    ];
+    run::ok("compare", &run::with_overrides(&base, extra));
+    report(&out)
+}
+
+fn report(out: &Path) -> Value {
+    let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn names(report: &Value) -> Vec<String> {
+    report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn answers(report: &Value) -> Vec<String> {
+    report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["outputs"].as_array().unwrap().clone())
+        .map(|o| o["answer"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn baseline(fx: &Fixture) -> &'static Value {
+    static BASELINE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    BASELINE.get_or_init(|| compare(fx, "compare-baseline", &[]))
+}
+
+pub fn data(fx: &Fixture) {
+    let r = compare(fx, "compare-data", &["--limit", "100"]);
+    assert_eq!(
+        r["examples"].as_array().unwrap().len(),
+        4,
+        "test.jsonl's 4 records"
+    );
+    assert!(
+        r["data"].as_str().unwrap().contains("data"),
+        "{}",
+        r["data"]
+    );
+    let err = run::fails(
+        "compare",
+        &["--data", "no-such-data", "--model", fx.model_arg()],
+    );
+    assert!(err.contains("no-such-data"), "{err}");
+}
+
+pub fn adapter(fx: &Fixture) {
+    let with = baseline(fx);
+    assert!(
+        names(with).contains(&"fine-tuned".to_string()),
+        "{:?}",
+        names(with)
+    );
+    let two = compare(
+        fx,
+        "compare-adapter-twice",
+        &[
+            "--adapter",
+            fx.adapter.to_str().unwrap(),
+            "--adapter",
+            fx.adapter.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        names(&two)
+            .iter()
+            .filter(|n| n.starts_with("fine-tuned"))
+            .count(),
+        4,
+        "{:?}",
+        names(&two)
+    );
+    let out = fx.path("compare-no-adapter");
+    run::ok(
+        "compare",
+        &[
+            "--model",
+            fx.model_arg(),
+            "--data",
+            fx.data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--max-tokens",
+            "4",
+            "--shots",
+            "1",
+        ],
+    );
+    assert!(names(&report(&out)).iter().all(|n| n.starts_with("base")));
+}
+
+pub fn model(fx: &Fixture) {
+    let r = compare(
+        fx,
+        "compare-model",
+        &["--adapter", fx.adapter.to_str().unwrap()],
+    );
+    assert_eq!(r["model"].as_str().unwrap(), fx.model_arg());
+    let other = compare(
+        fx,
+        "compare-model-other",
+        &["--model", fx.other_model.to_str().unwrap()],
+    );
+    assert_eq!(
+        other["model"].as_str().unwrap(),
+        fx.other_model.to_str().unwrap()
+    );
+    assert_ne!(
+        answers(&other),
+        answers(&r),
+        "another model answers otherwise"
+    );
+}
+
+pub fn system(fx: &Fixture) {
+    let r = compare(
+        fx,
+        "compare-system",
+        &["--system", "Answer with JSON only."],
+    );
+    assert_eq!(r["instruction"], "Answer with JSON only.");
+    assert!(baseline(fx)["instruction"]
+        .as_str()
+        .unwrap()
+        .contains("category"));
+}
+
+pub fn shots(fx: &Fixture) {
+    assert!(names(baseline(fx)).contains(&"base, few-shot (k=1)".to_string()));
+    let none = compare(fx, "compare-shots-0", &["--shots", "0"]);
+    assert!(
+        !names(&none).iter().any(|n| n.contains("few-shot")),
+        "{:?}",
+        names(&none)
+    );
+    let two = compare(fx, "compare-shots-2", &["--shots", "2"]);
+    assert!(names(&two).contains(&"base, few-shot (k=2)".to_string()));
+    // The tiny model's context holds 256 tokens: 12 shots do not fit.
+    let args = [
+        "--model",
+        fx.model_arg(),
+        "--data",
+        fx.data.to_str().unwrap(),
+        "--shots",
+        "12",
+    ];
+    let err = run::fails("compare", &args);
+    assert!(
+        err.contains("few-shot (k=12)") && err.contains("lower --shots"),
+        "{err}"
+    );
+}
+
+pub fn limit(fx: &Fixture) {
+    let one = compare(fx, "compare-limit", &["--limit", "1"]);
+    for v in one["variants"].as_array().unwrap() {
+        assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(
+        baseline(fx)["variants"][0]["outputs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+pub fn max_tokens(fx: &Fixture) {
+    let short = compare(fx, "compare-max-tokens", &["--max-tokens", "2"]);
+    // The tiny model's tokenizer has one token per byte.
+    assert!(
+        answers(&short).iter().all(|a| a.len() <= 2),
+        "{:?}",
+        answers(&short)
+    );
+    assert!(answers(baseline(fx)).iter().any(|a| a.len() > 2));
+}
+
+pub fn temperature(fx: &Fixture) {
+    let sampled = compare(fx, "compare-temperature", &["--temperature", "1.5"]);
+    assert_ne!(answers(&sampled), answers(baseline(fx)));
+}
+
+pub fn seed(fx: &Fixture) {
+    let with = |s: &str| {
+        answers(&compare(
+            fx,
+            &format!("compare-seed-{s}"),
+            &["--temperature", "1.5", "--seed", s],
+        ))
+    };
+    assert_ne!(with("1"), with("2"));
+}
+
+pub fn device(fx: &Fixture) {
+    let r = compare(fx, "compare-device", &["--device", "cpu"]);
+    assert_eq!(answers(&r), answers(baseline(fx)));
+    let err = run::fails(
+        "compare",
+        &["--device", "tpu", "--data", fx.data.to_str().unwrap()],
+    );
+    assert!(err.contains("unknown device 'tpu'"), "{err}");
+}
+
+pub fn out(fx: &Fixture) {
+    let out = fx.path("compare-out");
+    compare(fx, "compare-out", &[]);
+    for file in ["report.md", "report.html", "report.json"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+}
