@@ -21,8 +21,9 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub struct AdapterConfig {
     /// Always `LORA`.
     pub peft_type: String,
-    /// Always `CAUSAL_LM`.
-    pub task_type: String,
+    /// `CAUSAL_LM` in ours; PEFT leaves it null for adapters made on a bare model.
+    #[serde(default)]
+    pub task_type: Option<String>,
     /// The Hub repo id of the base model.
     pub base_model_name_or_path: Option<String>,
     /// The rank.
@@ -89,7 +90,7 @@ impl AdapterConfig {
     pub fn new(lora: &LoraConfig, base_model: Option<&str>) -> Result<Self> {
         Ok(Self {
             peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
+            task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: base_model.map(str::to_string),
             r: lora.r,
             lora_alpha: lora.alpha,

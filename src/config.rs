@@ -16,7 +16,15 @@ pub enum Architecture {
     Qwen2,
     /// Mistral: Llama with sliding-window attention (the window is not applied).
     Mistral,
+    /// Qwen3: Llama with a per-head RMSNorm on q and k before rope.
+    Qwen3,
+    /// SmolLM3: Llama with rope left out on the layers `no_rope_layers` marks.
+    #[serde(rename = "smollm3")]
+    SmolLm3,
 }
+
+/// The architectures tuneforge runs, as config.json's `model_type` and GGUF name them.
+pub const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "smollm3"];
 
 impl Architecture {
     /// Parses an architecture name as found in config.json (`LlamaForCausalLM`),
@@ -29,9 +37,17 @@ impl Architecture {
             Self::Qwen2
         } else if n.starts_with("mistral") {
             Self::Mistral
+        } else if n.starts_with("qwen3")
+            && !n.starts_with("qwen3moe")
+            && !n.starts_with("qwen3_moe")
+        {
+            Self::Qwen3
+        } else if n.starts_with("smollm3") {
+            Self::SmolLm3
         } else {
             bail!(
-                "unsupported architecture '{name}': tuneforge runs llama, qwen2 and mistral models"
+                "unsupported architecture '{name}': tuneforge runs {}",
+                ARCHITECTURES.join(", ")
             )
         })
     }
@@ -42,7 +58,21 @@ impl Architecture {
             Self::Llama => "LlamaForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Mistral => "MistralForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::SmolLm3 => "SmolLM3ForCausalLM",
         }
+    }
+
+    /// Whether each attention head's q and k go through an RMSNorm of their own
+    /// (`q_norm`, `k_norm`, over `head_dim`) before rope.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3)
+    }
+
+    /// Whether llama.cpp's converter permutes the rows of q and k for this
+    /// architecture (its Llama-family models), which loading undoes.
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Self::Llama | Self::Mistral | Self::SmolLm3)
     }
 
     /// Whether the architecture has q/k/v biases.
@@ -97,6 +127,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (generation stops at any of them).
     pub eos_token_ids: Vec<u32>,
+    /// Layers that apply no rope to q and k (SmolLM3's `no_rope_layers` zeros).
+    #[serde(default)]
+    pub no_rope_layers: Vec<usize>,
 }
 
 /// The subset of an HF config.json we read. Missing required fields are errors.
@@ -112,8 +145,13 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: f64,
+    /// The older schema: the rope base and scaling at the top level.
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{rope_theta, rope_type, ...}`.
+    rope_parameters: Option<serde_json::Value>,
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -139,17 +177,50 @@ impl ModelConfig {
             .or_else(|| c.architectures.as_ref().and_then(|a| a.first().cloned()))
             .context("config.json names no architecture (model_type or architectures)")?;
         let architecture = Architecture::parse(&arch_name)?;
-        let rope_scaling = match &c.rope_scaling {
-            Some(v)
-                if v.get("rope_type")
-                    .or(v.get("type"))
-                    .and_then(|t| t.as_str())
-                    == Some("llama3") =>
-            {
-                Some(serde_json::from_value(v.clone()).context("reading rope_scaling")?)
+        // transformers 5 keeps the rope base and any scaling in `rope_parameters`;
+        // older configs keep `rope_theta` and `rope_scaling` at the top level.
+        let (rope_field, rope) = match (&c.rope_parameters, &c.rope_scaling) {
+            (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+            (_, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+            _ => ("rope_scaling", None),
+        };
+        let rope_type = rope.and_then(|v| v.get("rope_type").or(v.get("type")));
+        let rope_scaling = match rope_type.map(|t| t.as_str()) {
+            None | Some(Some("default")) => None,
+            Some(Some("llama3")) => Some(
+                serde_json::from_value(rope.cloned().unwrap_or_default())
+                    .with_context(|| format!("reading {rope_field}"))?,
+            ),
+            Some(t) => bail!(
+                "{rope_field}.rope_type {}: not implemented (tuneforge implements default and llama3)",
+                t.map_or("(not a string)".into(), |t| format!("'{t}'"))
+            ),
+        };
+        let rope_theta = match rope.and_then(|v| v.get("rope_theta")) {
+            Some(v) => Some(
+                v.as_f64()
+                    .context("rope_parameters.rope_theta is not a number")?,
+            ),
+            None => c.rope_theta,
+        };
+        let no_rope_layers = match (&c.no_rope_layers, architecture) {
+            (Some(flags), _) => {
+                if flags.len() != c.num_hidden_layers || flags.iter().any(|&f| f > 1) {
+                    bail!(
+                        "no_rope_layers must hold a 0 or 1 for each of the {} layers, not {flags:?}",
+                        c.num_hidden_layers
+                    );
+                }
+                (0..flags.len()).filter(|&i| flags[i] == 0).collect()
             }
-            Some(serde_json::Value::Null) | None => None,
-            Some(v) => bail!("unsupported rope_scaling {v}: only llama3 scaling is supported"),
+            // transformers' default: rope is left out of every interval-th layer.
+            (None, Architecture::SmolLm3) => {
+                let every = c.no_rope_layer_interval.unwrap_or(4).max(1);
+                (0..c.num_hidden_layers)
+                    .filter(|i| (i + 1) % every == 0)
+                    .collect()
+            }
+            (None, _) => Vec::new(),
         };
         let eos_token_ids = match &c.eos_token_id {
             Some(serde_json::Value::Number(n)) => vec![n.as_u64().context("eos_token_id")? as u32],
@@ -170,12 +241,13 @@ impl ModelConfig {
             num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
             rms_norm_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
             bos_token_id: c.bos_token_id,
             eos_token_ids,
+            no_rope_layers,
         })
     }
 
@@ -206,12 +278,21 @@ impl ModelConfig {
         };
         let token = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let has_output = content.tensor_infos.contains_key("output.weight");
+        let num_hidden_layers = usize_of("block_count")?;
+        // llama.cpp runs SmolLM3 without rope on every fourth layer, as
+        // transformers' default does; its converter writes no key for it.
+        let no_rope_layers = match architecture {
+            Architecture::SmolLm3 => (0..num_hidden_layers)
+                .filter(|i| (i + 1) % 4 == 0)
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Self {
             architecture,
             vocab_size,
             hidden_size,
             intermediate_size: usize_of("feed_forward_length")?,
-            num_hidden_layers: usize_of("block_count")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: usize_of("attention.head_count_kv").unwrap_or(num_attention_heads),
             head_dim: usize_of("rope.dimension_count")
@@ -227,6 +308,7 @@ impl ModelConfig {
             tie_word_embeddings: !has_output,
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            no_rope_layers,
         })
     }
 
@@ -259,7 +341,18 @@ impl ModelConfig {
         if self.architecture.has_qkv_bias() {
             v["attention_bias"] = true.into();
         }
+        if self.architecture == Architecture::SmolLm3 {
+            let flags: Vec<u8> = (0..self.num_hidden_layers)
+                .map(|i| u8::from(!self.no_rope_layers.contains(&i)))
+                .collect();
+            v["no_rope_layers"] = flags.into();
+        }
         v
+    }
+
+    /// Whether layer `i` applies rope to q and k.
+    pub fn layer_uses_rope(&self, i: usize) -> bool {
+        !self.no_rope_layers.contains(&i)
     }
 
     /// A tiny randomly-initialisable config for fast tests and benchmarks.
@@ -280,6 +373,10 @@ impl ModelConfig {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            no_rope_layers: match architecture {
+                Architecture::SmolLm3 => vec![1],
+                _ => Vec::new(),
+            },
         }
     }
 
@@ -301,6 +398,7 @@ impl ModelConfig {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            no_rope_layers: Vec::new(),
         }
     }
 
@@ -323,6 +421,7 @@ impl ModelConfig {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_ids: vec![151_645],
+            no_rope_layers: Vec::new(),
         }
     }
 }
@@ -344,6 +443,8 @@ mod tests {
             Architecture::Llama,
             Architecture::Qwen2,
             Architecture::Mistral,
+            Architecture::Qwen3,
+            Architecture::SmolLm3,
         ] {
             let mut c = ModelConfig::tiny(arch);
             c.rope_scaling = Some(Llama3RopeScaling {
@@ -361,5 +462,82 @@ mod tests {
     fn unsupported_architecture_is_refused() {
         let err = Architecture::parse("gpt_neox").unwrap_err().to_string();
         assert!(err.contains("gpt_neox") && err.contains("llama"), "{err}");
+        assert!(err.contains("qwen3") && err.contains("smollm3"), "{err}");
+        assert!(Architecture::parse("Qwen3MoeForCausalLM").is_err());
+    }
+
+    /// A Qwen3 config in transformers 5's schema and in the older one.
+    fn qwen3(rope: &str) -> String {
+        format!(
+            r#"{{"model_type": "qwen3", "vocab_size": 259, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 256, {rope}}}"#
+        )
+    }
+
+    #[test]
+    fn both_config_schemas_give_the_rope_base() {
+        let new = qwen3(r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#);
+        let old = qwen3(r#""rope_theta": 1000000.0, "rope_scaling": null"#);
+        let (new, old) = (
+            ModelConfig::from_hf_json(&new).unwrap(),
+            ModelConfig::from_hf_json(&old).unwrap(),
+        );
+        assert_eq!(new, old);
+        assert_eq!(
+            (new.architecture, new.rope_theta),
+            (Architecture::Qwen3, 1e6)
+        );
+        let llama3 = qwen3(
+            r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        );
+        let c = ModelConfig::from_hf_json(&llama3).unwrap();
+        assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    }
+
+    #[test]
+    fn unimplemented_rope_types_name_the_field() {
+        for (rope, field) in [
+            (
+                r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}"#,
+                "rope_parameters.rope_type 'yarn'",
+            ),
+            (
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                "rope_scaling.rope_type 'dynamic'",
+            ),
+        ] {
+            let err = format!("{:#}", ModelConfig::from_hf_json(&qwen3(rope)).unwrap_err());
+            assert!(
+                err.contains(field) && err.contains("not implemented"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn smollm3_leaves_rope_out_where_no_rope_layers_says() {
+        let base = r#"{"model_type": "smollm3", "vocab_size": 259, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 256"#;
+        let given = format!(r#"{base}, "no_rope_layers": [1, 0, 1, 1, 1, 1, 1, 0]}}"#);
+        assert_eq!(
+            ModelConfig::from_hf_json(&given).unwrap().no_rope_layers,
+            [1, 7]
+        );
+        // Without the list, transformers' default: every fourth layer.
+        let default = format!("{base}}}");
+        assert_eq!(
+            ModelConfig::from_hf_json(&default).unwrap().no_rope_layers,
+            [3, 7]
+        );
+        let wrong = format!(r#"{base}, "no_rope_layers": [1, 0]}}"#);
+        let err = format!("{:#}", ModelConfig::from_hf_json(&wrong).unwrap_err());
+        assert!(
+            err.contains("no_rope_layers") && err.contains("8 layers"),
+            "{err}"
+        );
     }
 }

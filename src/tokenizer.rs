@@ -153,11 +153,15 @@ impl Tokenizer {
                 .collect::<candle_core::Result<_>>()?,
             None => vec![1; tokens.len()],
         };
-        let merges: Vec<String> = get("tokenizer.ggml.merges")?
-            .to_vec()?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<candle_core::Result<_>>()?;
+        // A vocabulary of single bytes has no merges, and llama.cpp writes no key then.
+        let merges: Vec<String> = match md.get("tokenizer.ggml.merges") {
+            Some(m) => m
+                .to_vec()?
+                .iter()
+                .map(|v| v.to_string().cloned())
+                .collect::<candle_core::Result<_>>()?,
+            None => Vec::new(),
+        };
         let pre = md
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())

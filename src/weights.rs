@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 
 /// Named tensors in HF layout (`model.layers.0.self_attn.q_proj.weight`, ...).
 #[derive(Debug, Default)]
@@ -92,7 +92,7 @@ impl Weights {
         check_gguf_size(path, content)?;
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let permuted = config.architecture != Architecture::Qwen2;
+        let permuted = config.architecture.gguf_permutes_qk();
         let mut tensors = HashMap::new();
         let mut rope_freqs = None;
         for name in content.tensor_infos.keys() {
@@ -186,6 +186,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -224,6 +226,10 @@ mod tests {
         assert_eq!(
             hf_name("blk.3.attn_q.weight").unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.2.attn_q_norm.weight").unwrap(),
+            "model.layers.2.self_attn.q_norm.weight"
         );
         assert_eq!(
             hf_name("blk.0.attn_k.bias").unwrap(),

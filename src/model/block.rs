@@ -22,6 +22,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection.
     pub o_proj: Linear,
+    /// Per-head RMSNorm weight on q before rope (`[head_dim]`, Qwen3).
+    pub q_norm: Option<Tensor>,
+    /// Per-head RMSNorm weight on k before rope (`[head_dim]`, Qwen3).
+    pub k_norm: Option<Tensor>,
     pub(crate) n_heads: usize,
     pub(crate) n_kv_heads: usize,
     pub(crate) head_dim: usize,
@@ -49,6 +53,8 @@ pub struct Block {
     pub post_attention_layernorm: Tensor,
     /// MLP.
     pub mlp: Mlp,
+    /// Whether q and k are rotated by position (SmolLM3 leaves some layers without).
+    pub use_rope: bool,
 }
 
 /// What every block of one forward pass shares.
@@ -78,6 +84,9 @@ pub struct BlockSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// q and k as projected, before their norms (kept only when there are norms).
+    q_raw: Option<Tensor>,
+    k_raw: Option<Tensor>,
     probs: Option<Tensor>,
     attn: Option<Tensor>,
     x2: Tensor,
@@ -96,6 +105,14 @@ fn attention_probs(
 ) -> candle_core::Result<Tensor> {
     let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
     ops::softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
+/// `x` through a per-head norm `weight` over its last dimension, when there is one.
+fn head_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+    match weight {
+        Some(w) => ops::rms_norm(x, w, eps),
+        None => Ok(x.clone()),
+    }
 }
 
 /// `[b, t, n]` → `[b·t, n]`.
@@ -133,6 +150,22 @@ impl Block {
         ]
     }
 
+    /// Rotates q or k (`[b, heads, t, head_dim]`) by position, on layers with rope.
+    fn rotate(&self, x: &Tensor, ctx: &BlockContext) -> candle_core::Result<Tensor> {
+        match self.use_rope {
+            true => ops::rope(x, ctx.cos, ctx.sin),
+            false => x.contiguous(),
+        }
+    }
+
+    /// The gradient through [`Block::rotate`].
+    fn rotate_backward(&self, dy: &Tensor, ctx: &BlockContext) -> candle_core::Result<Tensor> {
+        match self.use_rope {
+            true => ops::rope_backward(dy, ctx.cos, ctx.sin),
+            false => Ok(dy.clone()),
+        }
+    }
+
     /// Whether a training forward over `t` positions keeps the attention
     /// probabilities for the backward pass: while their `heads · t` values per
     /// position are no more than the block's other saved activations per position.
@@ -162,12 +195,10 @@ impl Block {
         let a = &self.self_attn;
         let h1 = ops::rms_norm(x, &self.input_layernorm, ctx.eps)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = ops::rope(&heads(a.q_proj.forward_t(&h1, pass)?, h)?, ctx.cos, ctx.sin)?;
-        let mut k = ops::rope(
-            &heads(a.k_proj.forward_t(&h1, pass)?, kv)?,
-            ctx.cos,
-            ctx.sin,
-        )?;
+        let q_raw = heads(a.q_proj.forward_t(&h1, pass)?, h)?.contiguous()?;
+        let k_raw = heads(a.k_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
+        let q = self.rotate(&head_norm(&q_raw, a.q_norm.as_ref(), ctx.eps)?, ctx)?;
+        let mut k = self.rotate(&head_norm(&k_raw, a.k_norm.as_ref(), ctx.eps)?, ctx)?;
         let mut v = heads(a.v_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -200,6 +231,8 @@ impl Block {
             q,
             k,
             v,
+            q_raw: a.q_norm.is_some().then_some(q_raw),
+            k_raw: a.k_norm.is_some().then_some(k_raw),
             probs: self.keeps_probs(t).then_some(probs),
             attn: a.o_proj.needs_input().then_some(attn),
             x2,
@@ -280,8 +313,16 @@ impl Block {
         drop(probs);
         let dq = (d_scores.matmul(&s.k)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, h, t, hd))?;
         let dk = d_scores.t()?.matmul(&s.q)?;
-        let dq = ops::rope_backward(&dq, ctx.cos, ctx.sin)?;
-        let dk = ops::rope_backward(&dk, ctx.cos, ctx.sin)?;
+        let (dq, dk) = (
+            self.rotate_backward(&dq, ctx)?,
+            self.rotate_backward(&dk, ctx)?,
+        );
+        let norm_backward = |raw: &Option<Tensor>, w: &Option<Tensor>, d: Tensor| match (raw, w) {
+            (Some(raw), Some(w)) => ops::rms_norm_backward(raw, w, ctx.eps, &d),
+            _ => Ok(d),
+        };
+        let dq = norm_backward(&s.q_raw, &a.q_norm, dq)?;
+        let dk = norm_backward(&s.k_raw, &a.k_norm, dk)?;
         let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * hd));
         let h1 = match [&a.q_proj, &a.k_proj, &a.v_proj]
             .iter()

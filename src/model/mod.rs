@@ -1,4 +1,4 @@
-//! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2, Mistral) in HF layout,
+//! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2/3, Mistral, SmolLM3) in HF layout,
 //! written so that every linear can carry a LoRA adapter and every op backpropagates.
 
 pub mod add_matmul;
@@ -139,6 +139,12 @@ impl CausalLm {
             };
             Ok(Linear::new(weight, bias))
         }
+        let qk_norm = |w: &mut Weights, name: &str| -> Result<Option<Tensor>> {
+            match c.architecture.has_qk_norm() {
+                true => Ok(Some(w.take(&format!("{name}.weight"), &[c.head_dim])?)),
+                false => Ok(None),
+            }
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -147,6 +153,8 @@ impl CausalLm {
                 k_proj: linear(&mut w, &format!("{p}.self_attn.k_proj"), kvd, d, bias)?,
                 v_proj: linear(&mut w, &format!("{p}.self_attn.v_proj"), kvd, d, bias)?,
                 o_proj: linear(&mut w, &format!("{p}.self_attn.o_proj"), d, qd, false)?,
+                q_norm: qk_norm(&mut w, &format!("{p}.self_attn.q_norm"))?,
+                k_norm: qk_norm(&mut w, &format!("{p}.self_attn.k_norm"))?,
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
@@ -162,6 +170,7 @@ impl CausalLm {
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 mlp,
+                use_rope: c.layer_uses_rope(i),
             });
         }
         let embed_tokens = w.take("model.embed_tokens.weight", &[v, d])?;
@@ -237,6 +246,10 @@ impl CausalLm {
             }
             put(format!("{p}.input_layernorm.weight"), &[d], true)?;
             put(format!("{p}.post_attention_layernorm.weight"), &[d], true)?;
+            if c.architecture.has_qk_norm() {
+                put(format!("{p}.self_attn.q_norm.weight"), &[c.head_dim], true)?;
+                put(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], true)?;
+            }
         }
         Self::new(config, Weights::new(tensors, "random init"), dtype, device)
     }
@@ -263,6 +276,12 @@ impl CausalLm {
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.clone(),
             ));
+            let a = &layer.self_attn;
+            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(w) = norm {
+                    out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+                }
+            }
             for (name, linear) in layer.linears() {
                 out.push((format!("{p}.{name}.weight"), linear.weight.clone()));
                 if let Some(b) = &linear.bias {
@@ -378,7 +397,12 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_a_full_forward() {
-        for arch in [Architecture::Llama, Architecture::Qwen2] {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen2,
+            Architecture::Qwen3,
+            Architecture::SmolLm3,
+        ] {
             let c = ModelConfig::tiny(arch);
             let m = CausalLm::random(&c, 7, DType::F32, &Device::Cpu).unwrap();
             let ids = Tensor::new(&[[3u32, 17, 42, 5, 9, 60]], &Device::Cpu).unwrap();

@@ -28,7 +28,7 @@ pub struct ModelEntry {
     /// The Hub revision (branch, tag or commit).
     #[serde(default = "main_revision")]
     pub revision: String,
-    /// The architecture: `llama`, `qwen2` or `mistral`.
+    /// The architecture, as [`crate::config::ARCHITECTURES`] names it.
     pub architecture: String,
     /// Places to fetch the weights from when the Hub cannot be reached.
     #[serde(default)]
@@ -128,8 +128,12 @@ mod tests {
             "smollm2-360m-instruct",
             "qwen2.5-0.5b-instruct",
             "llama-3.2-1b-instruct",
+            "qwen3-0.6b",
+            "qwen3-1.7b",
+            "smollm3-3b",
         ] {
-            r.get(name).unwrap();
+            let entry = r.get(name).unwrap();
+            crate::config::Architecture::parse(&entry.architecture).unwrap();
         }
         assert_eq!(r.default_name(), "smollm2-135m-instruct");
         let smol = r.get("smollm2-135m-instruct").unwrap();
