@@ -5,27 +5,26 @@ use crate::run;
 use serde_json::Value;
 use std::path::Path;
 
-/// Runs `compare` on the tiny model, its fixture adapter and the fixture data:
-/// 2 held-out examples, 1 shot, answers of at most 4 tokens. Returns report.json.
+/// `compare`'s arguments for reports into `out`: the tiny model and the
+/// fixture data, 2 held-out examples, 1 shot, answers of at most 4 tokens;
+/// `extra` adds flags or overrides these.
+fn args<'a>(fx: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut base = fx.on_tiny().to_vec();
+    base.extend(["--out", out.to_str().unwrap(), "--limit", "2"]);
+    base.extend(["--shots", "1", "--max-tokens", "4"]);
+    run::with_overrides(&base, extra)
+}
+
+/// Runs `compare` (see [`args`]) with the fixture adapter; returns report.json.
 fn compare(fx: &Fixture, name: &str, extra: &[&str]) -> Value {
     let out = fx.path(name);
-    let base = [
-        "--model",
-        fx.model_arg(),
-        "--data",
-        fx.data.to_str().unwrap(),
-        "--adapter",
-        fx.adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--limit",
-        "2",
-        "--shots",
-        "1",
-        "--max-tokens",
-        "4",
-    ];
-    run::ok("compare", &run::with_overrides(&base, extra));
+    let adapter = ["--adapter", fx.adapter.to_str().unwrap()];
+    let extra = if extra.contains(&"--adapter") {
+        extra.to_vec()
+    } else {
+        [&adapter[..], extra].concat()
+    };
+    run::ok("compare", &args(fx, &out, &extra));
     report(&out)
 }
 
@@ -104,23 +103,7 @@ pub fn adapter(fx: &Fixture) {
         names(&two)
     );
     let out = fx.path("compare-no-adapter");
-    run::ok(
-        "compare",
-        &[
-            "--model",
-            fx.model_arg(),
-            "--data",
-            fx.data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--limit",
-            "2",
-            "--max-tokens",
-            "4",
-            "--shots",
-            "1",
-        ],
-    );
+    run::ok("compare", &args(fx, &out, &[]));
     assert!(names(&report(&out)).iter().all(|n| n.starts_with("base")));
 }
 
@@ -171,14 +154,8 @@ pub fn shots(fx: &Fixture) {
     let two = compare(fx, "compare-shots-2", &["--shots", "2"]);
     assert!(names(&two).contains(&"base, few-shot (k=2)".to_string()));
     // The tiny model's context holds 256 tokens: 12 shots do not fit.
-    let args = [
-        "--model",
-        fx.model_arg(),
-        "--data",
-        fx.data.to_str().unwrap(),
-        "--shots",
-        "12",
-    ];
+    let out = fx.path("compare-shots-12");
+    let args = args(fx, &out, &["--shots", "12"]);
     let err = run::fails("compare", &args);
     assert!(
         err.contains("few-shot (k=12)") && err.contains("lower --shots"),

@@ -6,32 +6,35 @@ use crate::fixture::{
     adapter_config, adapter_tensors, evals, same_adapter, setting, steps, write_data, Fixture,
 };
 use crate::run;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Runs `finetune` into a fresh folder named `name`: the tiny model on the
-/// fixture data, one epoch of 4 updates (16 records, batch 4), no warmup, no
-/// samples; `extra` adds flags or overrides these.
+/// `finetune`'s arguments for a run into `out`: the tiny model on the fixture
+/// data, one epoch of 4 updates (16 records, batch 4), no warmup, no samples;
+/// `extra` adds flags or overrides these.
+fn args<'a>(fx: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut base = fx.on_tiny().to_vec();
+    base.extend(["--out", out.to_str().unwrap(), "--epochs", "1"]);
+    base.extend(["--batch-size", "4", "--warmup", "0", "--samples", "0"]);
+    run::with_overrides(&base, extra)
+}
+
+/// Waits until a running `finetune` has logged `n` updates into `out`.
+fn wait_for_steps(out: &Path, n: usize) {
+    let start = std::time::Instant::now();
+    while steps(out).len() < n {
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "no {n} updates in 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Runs `finetune` (see [`args`]) into a fresh folder named `name`.
 fn finetune(fx: &Fixture, name: &str, extra: &[&str]) -> (PathBuf, run::Run) {
     let out = fx.path(name);
-    let base = [
-        "--model",
-        fx.model_arg(),
-        "--data",
-        fx.data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--warmup",
-        "0",
-        "--samples",
-        "0",
-    ];
-    let args = run::with_overrides(&base, extra);
-    let run = run::ok("finetune", &args);
+    let run = run::ok("finetune", &args(fx, &out, extra));
     (out, run)
 }
 
@@ -145,19 +148,8 @@ pub fn device(fx: &Fixture) {
     let err = run::fails("finetune", &["--device", "tpu"]);
     assert!(err.contains("unknown device 'tpu'"), "{err}");
     if cfg!(not(feature = "cuda")) {
-        let err = run::fails(
-            "finetune",
-            &[
-                "--device",
-                "cuda",
-                "--model",
-                fx.model_arg(),
-                "--data",
-                fx.data.to_str().unwrap(),
-                "--out",
-                fx.path("x").to_str().unwrap(),
-            ],
-        );
+        let x = fx.path("x");
+        let err = run::fails("finetune", &args(fx, &x, &["--device", "cuda"]));
         assert!(err.contains("--features cuda"), "{err}");
     }
 }
@@ -165,18 +157,7 @@ pub fn device(fx: &Fixture) {
 pub fn overwrite(fx: &Fixture) {
     let (out, _) = finetune(fx, "finetune-overwrite", &[]);
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
-    let args = [
-        "--model",
-        fx.model_arg(),
-        "--data",
-        fx.data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "1",
-        "--samples",
-        "0",
-    ];
+    let args = args(fx, &out, &["--max-steps", "1"]);
     let err = run::fails("finetune", &args);
     assert!(err.contains("already holds a training run"), "{err}");
     assert_eq!(
@@ -207,26 +188,9 @@ pub fn resume(fx: &Fixture) {
     ];
     let (whole, _) = finetune(fx, "finetune-resume-whole", &extra);
     let out = fx.path("finetune-resume");
-    let base = [
-        "--model",
-        fx.model_arg(),
-        "--data",
-        fx.data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--warmup",
-        "0",
-        "--samples",
-        "0",
-        "--epochs",
-        "1",
-    ];
-    let args = run::with_overrides(&base, &extra);
+    let args = args(fx, &out, &extra);
     let child = run::spawn("finetune", &args);
-    let start = std::time::Instant::now();
-    while steps(&out).len() < 3 && start.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    wait_for_steps(&out, 3);
     run::signal(&child, libc::SIGINT);
     let stopped = run::wait_ok("finetune", &args, child);
     assert!(
@@ -238,33 +202,11 @@ pub fn resume(fx: &Fixture) {
     assert!(done < 150, "Ctrl-C stopped the run ({done} steps)");
     assert!(out.join("checkpoint/trainer_state.json").is_file());
 
-    let err = run::fails(
-        "finetune",
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--model",
-            fx.model_arg(),
-            "--resume",
-            "--lr",
-            "0.5",
-        ],
-    );
+    let mut resume = fx.on_tiny().to_vec();
+    resume.extend(["--out", out.to_str().unwrap(), "--samples", "0", "--resume"]);
+    let err = run::fails("finetune", &[&resume[..], &["--lr", "0.5"]].concat());
     assert!(err.contains("train.learning_rate"), "{err}");
-    let resumed = run::ok(
-        "finetune",
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--model",
-            fx.model_arg(),
-            "--data",
-            fx.data.to_str().unwrap(),
-            "--samples",
-            "0",
-            "--resume",
-        ],
-    );
+    let resumed = run::ok("finetune", &resume);
     assert!(
         resumed.stdout.contains("Outcome: Finished after 150 steps"),
         "{}",
@@ -474,27 +416,16 @@ pub fn eval_every(fx: &Fixture) {
 pub fn save_every(fx: &Fixture) {
     for (every, name) in [("1", "finetune-save-every"), ("0", "finetune-save-every-0")] {
         let out = fx.path(name);
-        let args = [
-            "--model",
-            fx.model_arg(),
-            "--data",
-            fx.data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
+        let extra = [
             "--max-steps",
             "100000",
             "--batch-size",
             "2",
-            "--samples",
-            "0",
             "--save-every",
             every,
         ];
-        let mut child = run::spawn("finetune", &args);
-        let start = std::time::Instant::now();
-        while steps(&out).len() < 3 && start.elapsed().as_secs() < 120 {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        let mut child = run::spawn("finetune", &args(fx, &out, &extra));
+        wait_for_steps(&out, 3);
         child.kill().unwrap();
         child.wait().unwrap();
         // A kill between save_checkpoint's two renames leaves the last one aside.

@@ -105,6 +105,16 @@ impl Fixture {
     pub fn model_arg(&self) -> &str {
         self.model.to_str().unwrap()
     }
+
+    /// `--model` the tiny model, `--data` the fixture data.
+    pub fn on_tiny(&self) -> [&str; 4] {
+        [
+            "--model",
+            self.model_arg(),
+            "--data",
+            self.data.to_str().unwrap(),
+        ]
+    }
 }
 
 /// A run folder's `train_config.toml`, the resolved settings.
