@@ -21,10 +21,29 @@ pub enum Architecture {
     /// SmolLM3: Llama with rope left out on the layers `no_rope_layers` marks.
     #[serde(rename = "smollm3")]
     SmolLm3,
+    /// Gemma 3: Gemma 2's block with q/k norms and a rope base of its own on
+    /// the sliding-window layers.
+    Gemma3,
+    /// Gemma 2: scaled embeddings, `(1 + w)` norms around attention and MLP,
+    /// GeGLU, sliding-window layers, soft-capped attention and logits.
+    Gemma2,
 }
 
 /// The architectures tuneforge runs, as config.json's `model_type` and GGUF name them.
-pub const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "smollm3"];
+pub const ARCHITECTURES: [&str; 7] = [
+    "llama", "qwen2", "mistral", "qwen3", "smollm3", "gemma3", "gemma2",
+];
+
+/// The MLP's activation: `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU.
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
 
 impl Architecture {
     /// Parses an architecture name as found in config.json (`LlamaForCausalLM`),
@@ -44,6 +63,10 @@ impl Architecture {
             Self::Qwen3
         } else if n.starts_with("smollm3") {
             Self::SmolLm3
+        } else if n.starts_with("gemma3") && !n.starts_with("gemma3n") {
+            Self::Gemma3
+        } else if n.starts_with("gemma2") {
+            Self::Gemma2
         } else {
             bail!(
                 "unsupported architecture '{name}': tuneforge runs {}",
@@ -60,13 +83,26 @@ impl Architecture {
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
             Self::SmolLm3 => "SmolLM3ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Gemma2 => "Gemma2ForCausalLM",
         }
     }
 
-    /// Whether each attention head's q and k go through an RMSNorm of their own
-    /// (`q_norm`, `k_norm`, over `head_dim`) before rope.
-    pub fn has_qk_norm(self) -> bool {
-        matches!(self, Self::Qwen3)
+    /// The HF `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Mistral => "mistral",
+            Self::Qwen3 => "qwen3",
+            Self::SmolLm3 => "smollm3",
+            Self::Gemma3 => "gemma3_text",
+            Self::Gemma2 => "gemma2",
+        }
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Gemma2)
     }
 
     /// Whether llama.cpp's converter permutes the rows of q and k for this
@@ -130,6 +166,42 @@ pub struct ModelConfig {
     /// Layers that apply no rope to q and k (SmolLM3's `no_rope_layers` zeros).
     #[serde(default)]
     pub no_rope_layers: Vec<usize>,
+    /// A per-head RMSNorm on q and k before rope (`q_norm`, `k_norm`: Qwen3, Gemma 3).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// RMSNorms on the attention's and the MLP's outputs too, before each
+    /// residual sum (Gemma's sandwich norms).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// RMSNorm weights are stored as offsets from one, `x̂ · (1 + w)` (Gemma).
+    #[serde(default)]
+    pub norm_weight_offset: bool,
+    /// Embeddings are multiplied by √hidden (Gemma).
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    /// The MLP's activation.
+    #[serde(default)]
+    pub hidden_act: Activation,
+    /// Attention scores are scaled by `1/√query_pre_attn_scalar` instead of
+    /// `1/√head_dim` (Gemma).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// The window of the sliding-window layers: a query sees itself and the
+    /// `window - 1` positions before it.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// The layers with sliding-window attention (`layer_types`).
+    #[serde(default)]
+    pub sliding_layers: Vec<usize>,
+    /// The rope base of the sliding-window layers, where it differs (Gemma 3).
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// Attention scores become `c · tanh(s / c)` (Gemma 2).
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits become `c · tanh(z / c)` (Gemma 2).
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// The subset of an HF config.json we read. Missing required fields are errors.
@@ -152,6 +224,16 @@ struct HfConfig {
     rope_parameters: Option<serde_json::Value>,
     no_rope_layers: Option<Vec<u8>>,
     no_rope_layer_interval: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    #[serde(rename = "_sliding_window_pattern", alias = "sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -179,10 +261,34 @@ impl ModelConfig {
         let architecture = Architecture::parse(&arch_name)?;
         // transformers 5 keeps the rope base and any scaling in `rope_parameters`;
         // older configs keep `rope_theta` and `rope_scaling` at the top level.
-        let (rope_field, rope) = match (&c.rope_parameters, &c.rope_scaling) {
-            (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
-            (_, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+        // Gemma 3 gives each layer type its own: the sliding layers' base is local.
+        let per_type = c
+            .rope_parameters
+            .as_ref()
+            .filter(|p| p.get("full_attention").is_some());
+        let (rope_field, rope) = match (per_type, &c.rope_parameters, &c.rope_scaling) {
+            (Some(p), _, _) => ("rope_parameters.full_attention", p.get("full_attention")),
+            (_, Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+            (_, _, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
             _ => ("rope_scaling", None),
+        };
+        let rope_local_theta = match per_type.and_then(|p| p.get("sliding_attention")) {
+            Some(local) => {
+                let kind = local
+                    .get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                if kind != "default" {
+                    bail!("rope_parameters.sliding_attention.rope_type '{kind}': not implemented (tuneforge implements default there)");
+                }
+                Some(
+                    local
+                        .get("rope_theta")
+                        .and_then(|t| t.as_f64())
+                        .context("rope_parameters.sliding_attention has no rope_theta")?,
+                )
+            }
+            None => c.rope_local_base_freq,
         };
         let rope_type = rope.and_then(|v| v.get("rope_type").or(v.get("type")));
         let rope_scaling = match rope_type.map(|t| t.as_str()) {
@@ -222,6 +328,54 @@ impl ModelConfig {
             }
             (None, _) => Vec::new(),
         };
+        let gemma = architecture.is_gemma();
+        let hidden_act = match (c.hidden_activation.as_deref(), c.hidden_act.as_deref()) {
+            (Some("gelu_pytorch_tanh"), _) | (None, Some("gelu_pytorch_tanh")) => {
+                Activation::GeluTanh
+            }
+            (Some("silu"), _) | (None, Some("silu")) => Activation::Silu,
+            (None, None) if gemma => Activation::GeluTanh,
+            (None, None) => Activation::Silu,
+            (Some(other), _) => {
+                bail!("hidden_activation '{other}': not implemented (silu, gelu_pytorch_tanh)")
+            }
+            (None, Some(other)) => {
+                bail!("hidden_act '{other}': not implemented (silu, gelu_pytorch_tanh)")
+            }
+        };
+        let sliding_layers = match (&c.layer_types, c.sliding_window) {
+            (_, None) => Vec::new(),
+            (Some(types), Some(_)) => {
+                if types.len() != c.num_hidden_layers {
+                    bail!(
+                        "layer_types has {} entries for {} layers",
+                        types.len(),
+                        c.num_hidden_layers
+                    );
+                }
+                let mut sliding = Vec::new();
+                for (i, t) in types.iter().enumerate() {
+                    match t.as_str() {
+                        "sliding_attention" => sliding.push(i),
+                        "full_attention" => {}
+                        other => bail!("layer_types[{i}] '{other}': not implemented (sliding_attention, full_attention)"),
+                    }
+                }
+                sliding
+            }
+            // transformers' defaults: Gemma 2 alternates, Gemma 3 has one full layer in six.
+            (None, Some(_)) if gemma => {
+                let every = match architecture {
+                    Architecture::Gemma2 => 2,
+                    _ => c.sliding_window_pattern.unwrap_or(6).max(1),
+                };
+                (0..c.num_hidden_layers)
+                    .filter(|i| (i + 1) % every != 0)
+                    .collect()
+            }
+            // Mistral's window is not applied (see [`Architecture::Mistral`]).
+            (None, Some(_)) => Vec::new(),
+        };
         let eos_token_ids = match &c.eos_token_id {
             Some(serde_json::Value::Number(n)) => vec![n.as_u64().context("eos_token_id")? as u32],
             Some(serde_json::Value::Array(a)) => a
@@ -248,6 +402,17 @@ impl ModelConfig {
             bos_token_id: c.bos_token_id,
             eos_token_ids,
             no_rope_layers,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sandwich_norms: gemma,
+            norm_weight_offset: gemma,
+            scale_embeddings: gemma,
+            hidden_act,
+            query_pre_attn_scalar: c.query_pre_attn_scalar.filter(|_| gemma),
+            sliding_window: c.sliding_window.filter(|_| !sliding_layers.is_empty()),
+            sliding_layers,
+            rope_local_theta: rope_local_theta.filter(|_| architecture == Architecture::Gemma3),
+            attn_logit_softcapping: c.attn_logit_softcapping.filter(|_| gemma),
+            final_logit_softcapping: c.final_logit_softcapping.filter(|_| gemma),
         })
     }
 
@@ -287,7 +452,67 @@ impl ModelConfig {
                 .collect(),
             _ => Vec::new(),
         };
+        let head_dim = usize_of("rope.dimension_count")
+            .or_else(|_| usize_of("attention.key_length"))
+            .unwrap_or(hidden_size / num_attention_heads);
+        let f32_of = |k: &str| get(k).ok().map(|v| v.to_f32()).transpose();
+        let gemma = architecture.is_gemma();
+        // As llama.cpp reads Gemma: sliding layers from an optional pattern (an
+        // array of flags, or one full layer in every N: 6 for Gemma 3, 2 for Gemma 2),
+        // the local rope base (10,000 unless given), and the attention scale
+        // 1/√head_dim (1/√(hidden/heads) for the 27B models).
+        let sliding_window = usize_of("attention.sliding_window").ok().filter(|_| gemma);
+        let sliding_layers = match (sliding_window, get("attention.sliding_window_pattern")) {
+            (None, _) => Vec::new(),
+            (Some(_), Ok(gguf_file::Value::Array(flags))) => (0..num_hidden_layers)
+                .filter(|&i| flags.get(i).and_then(|f| f.to_bool().ok()).unwrap_or(false))
+                .collect(),
+            (Some(_), pattern) => {
+                let default = if architecture == Architecture::Gemma2 {
+                    2
+                } else {
+                    6
+                };
+                let every = pattern
+                    .ok()
+                    .and_then(|p| p.to_u32().ok())
+                    .map_or(default, |p| p as usize);
+                (0..num_hidden_layers)
+                    .filter(|i| (i + 1) % every.max(1) != 0)
+                    .collect()
+            }
+        };
+        let big = matches!(
+            (architecture, num_hidden_layers),
+            (Architecture::Gemma3, 62) | (Architecture::Gemma2, 46)
+        );
+        let query_pre_attn_scalar = gemma.then_some(if big {
+            (hidden_size / num_attention_heads) as f64
+        } else {
+            head_dim as f64
+        });
         Ok(Self {
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sandwich_norms: gemma,
+            norm_weight_offset: gemma,
+            scale_embeddings: gemma,
+            hidden_act: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            query_pre_attn_scalar,
+            sliding_window: sliding_window.filter(|_| !sliding_layers.is_empty()),
+            sliding_layers,
+            rope_local_theta: (architecture == Architecture::Gemma3)
+                .then(|| f32_of("rope.freq_base_swa").map(|v| v.unwrap_or(10_000.0) as f64))
+                .transpose()?,
+            attn_logit_softcapping: f32_of("attn_logit_softcapping")?
+                .map(f64::from)
+                .filter(|&c| c > 0.0),
+            final_logit_softcapping: f32_of("final_logit_softcapping")?
+                .map(f64::from)
+                .filter(|&c| c > 0.0),
             architecture,
             vocab_size,
             hidden_size,
@@ -295,9 +520,7 @@ impl ModelConfig {
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: usize_of("attention.head_count_kv").unwrap_or(num_attention_heads),
-            head_dim: usize_of("rope.dimension_count")
-                .or_else(|_| usize_of("attention.key_length"))
-                .unwrap_or(hidden_size / num_attention_heads),
+            head_dim,
             rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
             rope_theta: get("rope.freq_base")
                 .map(|v| v.to_f32())
@@ -316,7 +539,7 @@ impl ModelConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "architectures": [self.architecture.hf_class()],
-            "model_type": serde_json::to_value(self.architecture).unwrap(),
+            "model_type": self.architecture.model_type(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -340,6 +563,30 @@ impl ModelConfig {
         }
         if self.architecture.has_qkv_bias() {
             v["attention_bias"] = true.into();
+        }
+        if self.hidden_act == Activation::GeluTanh {
+            v["hidden_act"] = "gelu_pytorch_tanh".into();
+            v["hidden_activation"] = "gelu_pytorch_tanh".into();
+        }
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = w.into();
+            let types: Vec<&str> = (0..self.num_hidden_layers)
+                .map(|i| match self.sliding_layers.contains(&i) {
+                    true => "sliding_attention",
+                    false => "full_attention",
+                })
+                .collect();
+            v["layer_types"] = types.into();
+        }
+        for (key, value) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("rope_local_base_freq", self.rope_local_theta),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(x) = value {
+                v[key] = x.into();
+            }
         }
         if self.architecture == Architecture::SmolLm3 {
             let flags: Vec<u8> = (0..self.num_hidden_layers)
@@ -377,6 +624,52 @@ impl ModelConfig {
                 Architecture::SmolLm3 => vec![1],
                 _ => Vec::new(),
             },
+            ..Self::switches_of(architecture, 2, 8)
+        }
+    }
+
+    /// The architecture's own switches for a model of `layers` blocks and
+    /// `head_dim`, as transformers' defaults set them (Gemma: a sliding window of
+    /// 4 on all but every other layer in tiny models): a base for the
+    /// shape constructors.
+    fn switches_of(architecture: Architecture, layers: usize, head_dim: usize) -> Self {
+        let gemma = architecture.is_gemma();
+        let sliding_layers: Vec<usize> = match gemma {
+            true => (0..layers).filter(|i| (i + 1) % 2 != 0).collect(),
+            false => Vec::new(),
+        };
+        Self {
+            architecture,
+            vocab_size: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_hidden_layers: layers,
+            num_attention_heads: 0,
+            num_key_value_heads: 0,
+            head_dim,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 0,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            no_rope_layers: Vec::new(),
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sandwich_norms: gemma,
+            norm_weight_offset: gemma,
+            scale_embeddings: gemma,
+            hidden_act: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            query_pre_attn_scalar: gemma.then_some(head_dim as f64),
+            sliding_window: gemma.then_some(4),
+            sliding_layers,
+            rope_local_theta: (architecture == Architecture::Gemma3).then_some(10_000.0),
+            attn_logit_softcapping: (architecture == Architecture::Gemma2).then_some(50.0),
+            final_logit_softcapping: (architecture == Architecture::Gemma2).then_some(30.0),
         }
     }
 
@@ -399,6 +692,7 @@ impl ModelConfig {
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             no_rope_layers: Vec::new(),
+            ..Self::switches_of(Architecture::Llama, 30, 64)
         }
     }
 
@@ -422,6 +716,7 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_ids: vec![151_645],
             no_rope_layers: Vec::new(),
+            ..Self::switches_of(Architecture::Qwen2, 24, 64)
         }
     }
 }
@@ -445,6 +740,8 @@ mod tests {
             Architecture::Mistral,
             Architecture::Qwen3,
             Architecture::SmolLm3,
+            Architecture::Gemma3,
+            Architecture::Gemma2,
         ] {
             let mut c = ModelConfig::tiny(arch);
             c.rope_scaling = Some(Llama3RopeScaling {
@@ -515,6 +812,48 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn gemma_fields_are_read_and_bad_ones_named() {
+        let gemma3 = |extra: &str| {
+            format!(
+                r#"{{"model_type": "gemma3_text", "vocab_size": 259, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 256, "query_pre_attn_scalar": 16,
+                "sliding_window": 6, "hidden_activation": "gelu_pytorch_tanh", {extra}}}"#
+            )
+        };
+        let per_type = gemma3(
+            r#""layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}"#,
+        );
+        let c = ModelConfig::from_hf_json(&per_type).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(
+            (c.sliding_layers.clone(), c.sliding_window),
+            (vec![0, 1], Some(6))
+        );
+        assert!(c.qk_norm && c.sandwich_norms && c.norm_weight_offset && c.scale_embeddings);
+        // The older schema: rope_theta and rope_local_base_freq at the top level.
+        let old = gemma3(
+            r#""layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0"#,
+        );
+        assert_eq!(ModelConfig::from_hf_json(&old).unwrap(), c);
+        let unknown = gemma3(
+            r#""layer_types": ["sliding_attention", "chunked_attention", "full_attention"]"#,
+        );
+        let err = format!("{:#}", ModelConfig::from_hf_json(&unknown).unwrap_err());
+        assert!(err.contains("layer_types[1] 'chunked_attention'"), "{err}");
+        let act =
+            gemma3(r#""layer_types": ["full_attention", "full_attention", "full_attention"]"#)
+                .replace("gelu_pytorch_tanh", "relu");
+        let err = format!("{:#}", ModelConfig::from_hf_json(&act).unwrap_err());
+        assert!(err.contains("hidden_activation 'relu'"), "{err}");
     }
 
     #[test]

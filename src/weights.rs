@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 
 /// Named tensors in HF layout (`model.layers.0.self_attn.q_proj.weight`, ...).
 #[derive(Debug, Default)]
@@ -100,7 +100,7 @@ impl Weights {
                 rope_freqs = Some(name.clone());
                 continue;
             }
-            let hf = hf_name(name).with_context(|| {
+            let hf = hf_name(name, config.architecture).with_context(|| {
                 format!(
                     "{}: unexpected tensor {name} for a {:?} model",
                     path.display(),
@@ -117,6 +117,9 @@ impl Weights {
                 t = unpermute(&t, config.num_attention_heads)?;
             } else if permuted && hf.ends_with("k_proj.weight") {
                 t = unpermute(&t, config.num_key_value_heads)?;
+            } else if config.norm_weight_offset && hf.ends_with("norm.weight") {
+                // llama.cpp stores Gemma's norms as 1 + w; HF layout keeps w.
+                t = (t - 1.0)?;
             }
             tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
         }
@@ -164,8 +167,10 @@ fn check_gguf_size(path: &Path, content: &gguf_file::Content) -> Result<()> {
     Ok(())
 }
 
-/// Maps a GGUF tensor name to its HF name.
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// Maps a GGUF tensor name to its HF name for `architecture` (Gemma's norms
+/// around attention and MLP are named apart).
+pub fn hf_name(gguf: &str, architecture: Architecture) -> Option<String> {
+    let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -181,7 +186,10 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let (module, kind) = rest.rsplit_once('.')?;
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -224,22 +232,22 @@ mod tests {
     #[test]
     fn gguf_names_map_to_hf() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
+            hf_name("blk.3.attn_q.weight", Architecture::Llama).unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
         );
         assert_eq!(
-            hf_name("blk.2.attn_q_norm.weight").unwrap(),
+            hf_name("blk.2.attn_q_norm.weight", Architecture::Llama).unwrap(),
             "model.layers.2.self_attn.q_norm.weight"
         );
         assert_eq!(
-            hf_name("blk.0.attn_k.bias").unwrap(),
+            hf_name("blk.0.attn_k.bias", Architecture::Llama).unwrap(),
             "model.layers.0.self_attn.k_proj.bias"
         );
         assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
+            hf_name("token_embd.weight", Architecture::Llama).unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_name("blk.0.mystery.weight").is_none());
+        assert!(hf_name("blk.0.mystery.weight", Architecture::Llama).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tuneforge::train::{TrainConfig, Trainer};
 use tuneforge::{lora, GenerationConfig, LoadOptions, LoraConfig, Message, Model};
 
 /// The architectures with fixtures.
-const ARCHS: [&str; 2] = ["qwen3", "smollm3"];
+const ARCHS: [&str; 4] = ["qwen3", "smollm3", "gemma3", "gemma2"];
 const LOGIT_TOL: f64 = 1e-3;
 const LOSS_TOL: f64 = 1e-4;
 

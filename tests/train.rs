@@ -629,6 +629,8 @@ fn hand_written_backward_equals_autograd_on(device: &Device) {
         Architecture::Qwen2,
         Architecture::Qwen3,
         Architecture::SmolLm3,
+        Architecture::Gemma3,
+        Architecture::Gemma2,
     ] {
         let config = tuneforge::ModelConfig::tiny(arch);
         let mut model = Model::random(&config, 4, candle_core::DType::F32, device).unwrap();

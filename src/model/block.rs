@@ -8,6 +8,7 @@
 
 use super::linear::LoraGrad;
 use super::{ops, Linear, Pass};
+use crate::config::Activation;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 
@@ -29,6 +30,10 @@ pub struct Attention {
     pub(crate) n_heads: usize,
     pub(crate) n_kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// Scores are `scale · q·k` (`1/√head_dim`, or Gemma's `1/√query_pre_attn_scalar`).
+    pub(crate) scale: f64,
+    /// Scores become `c · tanh(s / c)` before the mask (Gemma 2).
+    pub(crate) softcap: Option<f64>,
 }
 
 /// The SwiGLU MLP.
@@ -40,32 +45,45 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// Down projection.
     pub down_proj: Linear,
+    /// The activation on the gate.
+    pub act: Activation,
 }
 
-/// One decoder block: pre-norm attention and pre-norm MLP, each with a residual.
+/// One decoder block: pre-norm attention and pre-norm MLP, each with a
+/// residual, and with Gemma's sandwich norms a norm on each one's output too.
+/// Norm weights are kept as the factor applied (Gemma's `1 + w`).
 #[derive(Debug, Clone)]
 pub struct Block {
     /// Norm before attention.
     pub input_layernorm: Tensor,
     /// Attention.
     pub self_attn: Attention,
-    /// Norm before the MLP.
+    /// Norm on the attention's output (Gemma's `post_attention_layernorm`).
+    pub attn_out_norm: Option<Tensor>,
+    /// Norm before the MLP (HF's `post_attention_layernorm`; Gemma's
+    /// `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Tensor,
     /// MLP.
     pub mlp: Mlp,
+    /// Norm on the MLP's output (Gemma's `post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<Tensor>,
+    /// Whether attention sees only a sliding window of past positions.
+    pub sliding: bool,
     /// Whether q and k are rotated by position (SmolLM3 leaves some layers without).
     pub use_rope: bool,
 }
 
-/// What every block of one forward pass shares.
-#[derive(Debug, Clone, Copy)]
-pub struct BlockContext<'a> {
-    /// Rope cos, `[b, t, head_dim / 2]`.
-    pub cos: &'a Tensor,
-    /// Rope sin, `[b, t, head_dim / 2]`.
-    pub sin: &'a Tensor,
+/// What every block of one forward pass shares, made by [`super::CausalLm::context`].
+#[derive(Debug, Clone)]
+pub struct BlockContext {
+    /// Rope cos and sin, each `[b, t, rotary_dim / 2]`.
+    pub rope: (Tensor, Tensor),
+    /// The sliding-window layers' own rope cos and sin, where their base differs (Gemma 3).
+    pub local_rope: Option<(Tensor, Tensor)>,
     /// Additive attention mask.
-    pub mask: &'a Tensor,
+    pub mask: Tensor,
+    /// The mask of the sliding-window layers: `mask` and the window.
+    pub sliding_mask: Option<Tensor>,
     /// RMSNorm epsilon.
     pub eps: f64,
     /// Dropout and autograd settings.
@@ -87,6 +105,9 @@ pub struct BlockSaved {
     /// q and k as projected, before their norms (kept only when there are norms).
     q_raw: Option<Tensor>,
     k_raw: Option<Tensor>,
+    /// The attention's and the MLP's outputs before their norms (sandwich norms only).
+    attn_out: Option<Tensor>,
+    mlp_out: Option<Tensor>,
     probs: Option<Tensor>,
     attn: Option<Tensor>,
     x2: Tensor,
@@ -96,15 +117,41 @@ pub struct BlockSaved {
 
 /// The attention probabilities `[b, h, t, s]`: softmax of the scores of the
 /// scaled, head-grouped queries `q` (`[b, kv, g·t, hd]`) against the keys `k`
-/// (`[b, kv, s, hd]`), plus the additive `mask`.
+/// (`[b, kv, s, hd]`), soft-capped at `softcap`, plus the additive `mask`.
 fn attention_probs(
     q: &Tensor,
     k: &Tensor,
     mask: &Tensor,
+    softcap: Option<f64>,
     (b, h, t, s): (usize, usize, usize, usize),
 ) -> candle_core::Result<Tensor> {
     let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
+    let scores = match softcap {
+        Some(c) => ops::softcap(&scores, c)?,
+        None => scores,
+    };
     ops::softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
+/// `norm(x)` where there is a norm, else `x`.
+fn maybe_norm(x: Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+    match weight {
+        Some(w) => ops::rms_norm(&x, w, eps),
+        None => Ok(x),
+    }
+}
+
+/// The gradient through [`maybe_norm`], from its saved input.
+fn maybe_norm_backward(
+    x: Option<&Tensor>,
+    weight: Option<&Tensor>,
+    eps: f64,
+    dy: &Tensor,
+) -> candle_core::Result<Tensor> {
+    match (x, weight) {
+        (Some(x), Some(w)) => ops::rms_norm_backward(x, w, eps, dy),
+        _ => Ok(dy.clone()),
+    }
 }
 
 /// `x` through a per-head norm `weight` over its last dimension, when there is one.
@@ -153,7 +200,10 @@ impl Block {
     /// Rotates q or k (`[b, heads, t, head_dim]`) by position, on layers with rope.
     fn rotate(&self, x: &Tensor, ctx: &BlockContext) -> candle_core::Result<Tensor> {
         match self.use_rope {
-            true => ops::rope(x, ctx.cos, ctx.sin),
+            true => {
+                let (cos, sin) = self.rope_tables(ctx);
+                ops::rope(x, cos, sin)
+            }
             false => x.contiguous(),
         }
     }
@@ -161,8 +211,28 @@ impl Block {
     /// The gradient through [`Block::rotate`].
     fn rotate_backward(&self, dy: &Tensor, ctx: &BlockContext) -> candle_core::Result<Tensor> {
         match self.use_rope {
-            true => ops::rope_backward(dy, ctx.cos, ctx.sin),
+            true => {
+                let (cos, sin) = self.rope_tables(ctx);
+                ops::rope_backward(dy, cos, sin)
+            }
             false => Ok(dy.clone()),
+        }
+    }
+
+    /// This layer's rope tables: the local ones on sliding-window layers that have them.
+    fn rope_tables<'c>(&self, ctx: &'c BlockContext) -> (&'c Tensor, &'c Tensor) {
+        let (cos, sin) = match (&ctx.local_rope, self.sliding) {
+            (Some(local), true) => local,
+            _ => &ctx.rope,
+        };
+        (cos, sin)
+    }
+
+    /// This layer's attention mask: the sliding window's on sliding-window layers.
+    fn mask<'c>(&self, ctx: &'c BlockContext) -> &'c Tensor {
+        match (&ctx.sliding_mask, self.sliding) {
+            (Some(m), true) => m,
+            _ => &ctx.mask,
         }
     }
 
@@ -211,21 +281,23 @@ impl Block {
         // Grouped-query attention without copying k/v: the g query heads that share
         // a kv head are stacked along the time axis.
         // The 1/√d scale goes on q, which is smaller than the scores.
-        let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = attention_probs(&q, &k, ctx.mask, (b, h, t, s))?;
+        let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * a.scale)?;
+        let probs = attention_probs(&q, &k, self.mask(ctx), a.softcap, (b, h, t, s))?;
         let out = probs
             .reshape((b, kv, g * t, s))?
             .matmul(&v)?
             .reshape((b, h, t, hd))?;
         let attn = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        let x2 = (x + a.o_proj.forward_t(&attn, pass)?)?;
+        let attn_out = a.o_proj.forward_t(&attn, pass)?;
+        let x2 = (x + maybe_norm(attn_out.clone(), self.attn_out_norm.as_ref(), ctx.eps)?)?;
 
         let m = &self.mlp;
         let h2 = ops::rms_norm(&x2, &self.post_attention_layernorm, ctx.eps)?;
         let gate = m.gate_proj.forward_t(&h2, pass)?;
         let up = m.up_proj.forward_t(&h2, pass)?;
-        let act = (gate.silu()? * &up)?;
-        let y = (&x2 + m.down_proj.forward_t(&act, pass)?)?;
+        let act = (ops::activation(&gate, m.act)? * &up)?;
+        let mlp_out = m.down_proj.forward_t(&act, pass)?;
+        let y = (&x2 + maybe_norm(mlp_out.clone(), self.mlp_out_norm.as_ref(), ctx.eps)?)?;
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
             q,
@@ -233,6 +305,8 @@ impl Block {
             v,
             q_raw: a.q_norm.is_some().then_some(q_raw),
             k_raw: a.k_norm.is_some().then_some(k_raw),
+            attn_out: self.attn_out_norm.is_some().then_some(attn_out),
+            mlp_out: self.mlp_out_norm.is_some().then_some(mlp_out),
             probs: self.keeps_probs(t).then_some(probs),
             attn: a.o_proj.needs_input().then_some(attn),
             x2,
@@ -267,17 +341,21 @@ impl Block {
         let seed = ctx.pass.dropout_seed;
         let (a, m) = (&self.self_attn, &self.mlp);
 
-        // MLP: y = x2 + down(silu(gate(h2)) · up(h2)).
-        let silu = s.gate.silu()?;
+        // MLP: y = x2 + norm?(down(act(gate(h2)) · up(h2))).
+        let d_mlp_out =
+            maybe_norm_backward(s.mlp_out.as_ref(), self.mlp_out_norm.as_ref(), ctx.eps, dy)?;
+        let act_gate = ops::activation(&s.gate, m.act)?;
         let act = match m.down_proj.needs_input() {
-            true => Some(rows(&(&silu * &s.up)?)?),
+            true => Some(rows(&(&act_gate * &s.up)?)?),
             false => None,
         };
-        let (d_act, g_down) = m.down_proj.backward(act.as_ref(), &rows(dy)?, seed)?;
+        let (d_act, g_down) = m
+            .down_proj
+            .backward(act.as_ref(), &rows(&d_mlp_out)?, seed)?;
         drop(act);
         let d_act = d_act.reshape((b, t, ()))?;
-        let d_up = (&d_act * &silu)?;
-        let d_gate = ops::silu_backward(&s.gate, &(&d_act * &s.up)?)?;
+        let d_up = (&d_act * &act_gate)?;
+        let d_gate = ops::activation_backward(&s.gate, m.act, &(&d_act * &s.up)?)?;
         let h2 = match m.gate_proj.needs_input() || m.up_proj.needs_input() {
             true => Some(rows(&ops::rms_norm(
                 &s.x2,
@@ -293,9 +371,17 @@ impl Block {
         let dx2 =
             (dy + ops::rms_norm_backward(&s.x2, &self.post_attention_layernorm, ctx.eps, &dh2)?)?;
 
-        // Attention: x2 = x + o(attend(rope(q(h1)), rope(k(h1)), v(h1))).
+        // Attention: x2 = x + norm?(o(attend(rope(q(h1)), rope(k(h1)), v(h1)))).
+        let d_attn_out = maybe_norm_backward(
+            s.attn_out.as_ref(),
+            self.attn_out_norm.as_ref(),
+            ctx.eps,
+            &dx2,
+        )?;
         let attn = s.attn.as_ref().map(rows).transpose()?;
-        let (d_attn, g_o) = a.o_proj.backward(attn.as_ref(), &rows(&dx2)?, seed)?;
+        let (d_attn, g_o) = a
+            .o_proj
+            .backward(attn.as_ref(), &rows(&d_attn_out)?, seed)?;
         let d_out = d_attn
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
@@ -304,14 +390,21 @@ impl Block {
         // scores = (q·scale) kᵀ, and the scaled q was saved.
         let probs = match &s.probs {
             Some(p) => p.clone(),
-            None => attention_probs(&s.q, &s.k, ctx.mask, (b, h, t, t))?,
+            None => attention_probs(&s.q, &s.k, self.mask(ctx), a.softcap, (b, h, t, t))?,
         };
         let d_probs = d_out.matmul(&s.v.t()?)?;
         let dv = probs.reshape((b, kv, g * t, t))?.t()?.matmul(&d_out)?;
-        let d_scores = ops::softmax_backward(&probs, &d_probs.reshape((b, h, t, t))?)?
-            .reshape((b, kv, g * t, t))?;
+        let d_scores = ops::softmax_backward(&probs, &d_probs.reshape((b, h, t, t))?)?;
         drop(probs);
-        let dq = (d_scores.matmul(&s.k)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, h, t, hd))?;
+        let d_scores = match a.softcap {
+            Some(c) => {
+                let raw = s.q.matmul(&s.k.t()?)?.reshape((b, h, t, t))?;
+                ops::softcap_backward(&raw, c, &d_scores)?
+            }
+            None => d_scores,
+        }
+        .reshape((b, kv, g * t, t))?;
+        let dq = (d_scores.matmul(&s.k)? * a.scale)?.reshape((b, h, t, hd))?;
         let dk = d_scores.t()?.matmul(&s.q)?;
         let (dq, dk) = (
             self.rotate_backward(&dq, ctx)?,

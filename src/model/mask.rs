@@ -16,6 +16,23 @@ pub fn causal(t: usize, past: usize, dtype: DType, device: &Device) -> Result<Te
     Tensor::from_vec(v, (1, 1, t, s), device)?.to_dtype(dtype)
 }
 
+/// The sliding window, `[1, 1, t, past + t]`, to add to another mask: query
+/// `past + i` sees key `j` only when `past + i − j < window`, as transformers'
+/// sliding-window layers do.
+pub fn window(
+    t: usize,
+    past: usize,
+    window: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if past + i >= j + window { MASKED } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (1, 1, t, s), device)?.to_dtype(dtype)
+}
+
 /// A mask `[b, 1, t, t]` from per-token segment ids (`[b][t]`): a token attends to
 /// earlier tokens of the same segment. Segment 0 marks padding, which attends only
 /// to itself.

@@ -106,7 +106,35 @@ pub struct CausalLm {
     /// The output projection; `None` when tied to the embeddings.
     pub lm_head: Option<Linear>,
     rotary: RotaryTable,
+    local_rotary: Option<RotaryTable>,
     dtype: DType,
+}
+
+/// The HF names of a block's norms (under `model.layers.N.`), by architecture.
+struct NormNames {
+    before_attn: &'static str,
+    attn_out: Option<&'static str>,
+    before_mlp: &'static str,
+    mlp_out: Option<&'static str>,
+}
+
+impl NormNames {
+    fn of(c: &ModelConfig) -> Self {
+        match c.sandwich_norms {
+            true => Self {
+                before_attn: "input_layernorm",
+                attn_out: Some("post_attention_layernorm"),
+                before_mlp: "pre_feedforward_layernorm",
+                mlp_out: Some("post_feedforward_layernorm"),
+            },
+            false => Self {
+                before_attn: "input_layernorm",
+                attn_out: None,
+                before_mlp: "post_attention_layernorm",
+                mlp_out: None,
+            },
+        }
+    }
 }
 
 impl CausalLm {
@@ -139,12 +167,16 @@ impl CausalLm {
             };
             Ok(Linear::new(weight, bias))
         }
-        let qk_norm = |w: &mut Weights, name: &str| -> Result<Option<Tensor>> {
-            match c.architecture.has_qk_norm() {
-                true => Ok(Some(w.take(&format!("{name}.weight"), &[c.head_dim])?)),
-                false => Ok(None),
-            }
+        // Norms are kept as the factor they apply: Gemma stores `w` for `1 + w`.
+        let offset = if c.norm_weight_offset { 1.0 } else { 0.0 };
+        let norm = |w: &mut Weights, name: &str, n: usize| -> Result<Tensor> {
+            Ok((w.take(&format!("{name}.weight"), &[n])? + offset)?)
         };
+        let qk_norm = |w: &mut Weights, name: &str| -> Result<Option<Tensor>> {
+            c.qk_norm.then(|| norm(w, name, c.head_dim)).transpose()
+        };
+        let names = NormNames::of(c);
+        let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(c.head_dim as f64).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -158,23 +190,31 @@ impl CausalLm {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
+                scale,
+                softcap: c.attn_logit_softcapping,
             };
             let mlp = Mlp {
                 gate_proj: linear(&mut w, &format!("{p}.mlp.gate_proj"), f, d, false)?,
                 up_proj: linear(&mut w, &format!("{p}.mlp.up_proj"), f, d, false)?,
                 down_proj: linear(&mut w, &format!("{p}.mlp.down_proj"), d, f, false)?,
+                act: c.hidden_act,
+            };
+            let sandwich = |w: &mut Weights, name: Option<&str>| -> Result<Option<Tensor>> {
+                name.map(|n| norm(w, &format!("{p}.{n}"), d)).transpose()
             };
             layers.push(Block {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
+                input_layernorm: norm(&mut w, &format!("{p}.{}", names.before_attn), d)?,
                 self_attn,
-                post_attention_layernorm: w
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                attn_out_norm: sandwich(&mut w, names.attn_out)?,
+                post_attention_layernorm: norm(&mut w, &format!("{p}.{}", names.before_mlp), d)?,
                 mlp,
+                mlp_out_norm: sandwich(&mut w, names.mlp_out)?,
+                sliding: c.sliding_layers.contains(&i),
                 use_rope: c.layer_uses_rope(i),
             });
         }
         let embed_tokens = w.take("model.embed_tokens.weight", &[v, d])?;
-        let norm = w.take("model.norm.weight", &[d])?;
+        let norm = norm(&mut w, "model.norm", d)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -186,6 +226,23 @@ impl CausalLm {
         };
         let inv_freq = rope::inverse_frequencies(c, freq_factors.as_deref());
         let rotary = RotaryTable::new(&inv_freq, c.max_position_embeddings, dtype, device)?;
+        let local_rotary = match c.rope_local_theta {
+            Some(theta) => {
+                let local = ModelConfig {
+                    rope_theta: theta,
+                    rope_scaling: None,
+                    ..c.clone()
+                };
+                let inv = rope::inverse_frequencies(&local, None);
+                Some(RotaryTable::new(
+                    &inv,
+                    c.max_position_embeddings,
+                    dtype,
+                    device,
+                )?)
+            }
+            None => None,
+        };
         Ok(Self {
             config: c.clone(),
             embed_tokens,
@@ -193,6 +250,7 @@ impl CausalLm {
             norm,
             lm_head,
             rotary,
+            local_rotary,
             dtype,
         })
     }
@@ -201,10 +259,12 @@ impl CausalLm {
     pub fn random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = crate::rng::Rng::new(seed);
         let mut tensors = std::collections::HashMap::new();
-        let mut put = |name: String, shape: &[usize], ones: bool| -> Result<()> {
+        // Norms are neutral: 1, or 0 where they are stored as offsets from 1.
+        let neutral = if config.norm_weight_offset { 0.0 } else { 1.0 };
+        let mut put = |name: String, shape: &[usize], norm: bool| -> Result<()> {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n)
-                .map(|_| if ones { 1.0 } else { 0.02 * rng.normal() })
+                .map(|_| if norm { neutral } else { 0.02 * rng.normal() })
                 .collect();
             tensors.insert(name, Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
             Ok(())
@@ -244,9 +304,19 @@ impl CausalLm {
                     put(format!("{p}.{name}.bias"), &[out], false)?;
                 }
             }
-            put(format!("{p}.input_layernorm.weight"), &[d], true)?;
-            put(format!("{p}.post_attention_layernorm.weight"), &[d], true)?;
-            if c.architecture.has_qk_norm() {
+            let names = NormNames::of(c);
+            for name in [
+                Some(names.before_attn),
+                names.attn_out,
+                Some(names.before_mlp),
+                names.mlp_out,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                put(format!("{p}.{name}.weight"), &[d], true)?;
+            }
+            if c.qk_norm {
                 put(format!("{p}.self_attn.q_norm.weight"), &[c.head_dim], true)?;
                 put(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], true)?;
             }
@@ -254,32 +324,42 @@ impl CausalLm {
         Self::new(config, Weights::new(tensors, "random init"), dtype, device)
     }
 
-    /// Every weight under its HF name (a tied lm_head is not repeated).
+    /// Every weight under its HF name and in HF layout (Gemma's norms as offsets
+    /// from 1); a tied lm_head is not repeated.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let offset = if self.config.norm_weight_offset {
+            1.0
+        } else {
+            0.0
+        };
+        let hf_norm = |w: &Tensor| (w - offset).expect("a norm weight");
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
                 self.embed_tokens.clone(),
             ),
-            ("model.norm.weight".to_string(), self.norm.clone()),
+            ("model.norm.weight".to_string(), hf_norm(&self.norm)),
         ];
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.weight.clone()));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.clone(),
-            ));
+            let names = NormNames::of(&self.config);
             let a = &layer.self_attn;
-            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
-                if let Some(w) = norm {
-                    out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+            for (name, norm) in [
+                (Some(names.before_attn), Some(&layer.input_layernorm)),
+                (names.attn_out, layer.attn_out_norm.as_ref()),
+                (
+                    Some(names.before_mlp),
+                    Some(&layer.post_attention_layernorm),
+                ),
+                (names.mlp_out, layer.mlp_out_norm.as_ref()),
+                (Some("self_attn.q_norm"), a.q_norm.as_ref()),
+                (Some("self_attn.k_norm"), a.k_norm.as_ref()),
+            ] {
+                if let (Some(name), Some(w)) = (name, norm) {
+                    out.push((format!("{p}.{name}.weight"), hf_norm(w)));
                 }
             }
             for (name, linear) in layer.linears() {
@@ -305,14 +385,24 @@ impl CausalLm {
     /// Token embeddings of `ids` (`[b, t]`), `[b, t, hidden]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+            .reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.scale_embeddings {
+            true => (x * (self.config.hidden_size as f64).sqrt())?,
+            false => x,
+        })
     }
 
     /// Rope cos/sin for `positions` (`[b, t]`), checking them against the context window.
     pub fn rotary_for(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_positions(positions)?;
+        Ok(self.rotary.gather(positions)?)
+    }
+
+    /// Checks `positions` against the context window.
+    fn check_positions(&self, positions: &Tensor) -> Result<()> {
         let max_pos = positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
         if max_pos
             .first()
@@ -324,7 +414,32 @@ impl CausalLm {
                 self.rotary.len()
             );
         }
-        Ok(self.rotary.gather(positions)?)
+        Ok(())
+    }
+
+    /// What every block of a forward pass over `input` shares, `past` cached
+    /// positions before it: rope tables, masks, settings.
+    pub fn context(&self, input: &ForwardInput, past: usize) -> Result<BlockContext> {
+        let local_rope = match &self.local_rotary {
+            Some(table) => Some(table.gather(&input.positions)?),
+            None => None,
+        };
+        let sliding_mask = match self.config.sliding_window {
+            Some(w) if self.layers.iter().any(|l| l.sliding) => {
+                let t = input.ids.dim(1)?;
+                let window = mask::window(t, past, w, input.mask.dtype(), input.mask.device())?;
+                Some(input.mask.broadcast_add(&window)?)
+            }
+            _ => None,
+        };
+        Ok(BlockContext {
+            rope: self.rotary_for(&input.positions)?,
+            local_rope,
+            mask: input.mask.clone(),
+            sliding_mask,
+            eps: self.config.rms_norm_eps,
+            pass: input.pass,
+        })
     }
 
     /// Runs the decoder and returns the final-normed hidden states, `[b, t, hidden]`.
@@ -337,15 +452,9 @@ impl CausalLm {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
-        let (cos, sin) = self.rotary_for(&input.positions)?;
+        let past = cache.as_deref().map_or(0, |c| c.len());
+        let ctx = self.context(input, past)?;
         let mut x = self.embed(&input.ids)?;
-        let ctx = BlockContext {
-            cos: &cos,
-            sin: &sin,
-            mask: &input.mask,
-            eps: self.config.rms_norm_eps,
-            pass: input.pass,
-        };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(&x, &ctx, slot, false)?.0;
@@ -356,9 +465,13 @@ impl CausalLm {
     /// Projects hidden states (`[..., hidden]`) to vocabulary logits (`[..., vocab]`).
     /// Pass only the positions you need: the vocabulary is wide.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden)?,
             None => Linear::new(self.embed_tokens.clone(), None).forward(hidden)?,
+        };
+        Ok(match self.config.final_logit_softcapping {
+            Some(c) => ops::softcap(&logits, c)?,
+            None => logits,
         })
     }
 
@@ -402,6 +515,8 @@ mod tests {
             Architecture::Qwen2,
             Architecture::Qwen3,
             Architecture::SmolLm3,
+            Architecture::Gemma3,
+            Architecture::Gemma2,
         ] {
             let c = ModelConfig::tiny(arch);
             let m = CausalLm::random(&c, 7, DType::F32, &Device::Cpu).unwrap();

@@ -105,6 +105,90 @@ pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     dy * (s * inner)?
 }
 
+/// The MLP's activation on the gate: SiLU, or GELU's tanh approximation.
+pub fn activation(x: &Tensor, act: crate::config::Activation) -> Result<Tensor> {
+    match act {
+        crate::config::Activation::Silu => x.silu(),
+        crate::config::Activation::GeluTanh => apply(x, GeluTanh),
+    }
+}
+
+/// The gradient of [`activation`], given its input `x` and output gradient `dy`.
+pub fn activation_backward(
+    x: &Tensor,
+    act: crate::config::Activation,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    match act {
+        crate::config::Activation::Silu => silu_backward(x, dy),
+        crate::config::Activation::GeluTanh => gelu_tanh_backward(x, dy),
+    }
+}
+
+/// √(2/π), of GELU's tanh approximation.
+const GELU_K: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+/// The gradient of GELU's tanh approximation `½x(1 + tanh(u))`, `u = k(x + c·x³)`:
+/// `½(1 + tanh u) + ½x(1 − tanh² u)·k(1 + 3c·x²)`.
+pub fn gelu_tanh_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let x2 = x.sqr()?;
+    let u = ((&x + (&x * &x2)? * GELU_C)? * GELU_K)?;
+    let th = u.tanh()?;
+    let left = ((&th + 1.0)? * 0.5)?;
+    let du = ((&x2 * (3.0 * GELU_C))? + 1.0)? * GELU_K;
+    let right = ((&x * 0.5)? * (1.0 - th.sqr()?)?)?.mul(&du?)?;
+    (dy.to_dtype(DType::F32)? * (left + right)?)?.to_dtype(dtype)
+}
+
+struct GeluTanh;
+
+impl Function for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu_tanh"
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+        x.gelu()
+    }
+
+    fn backward(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        gelu_tanh_backward(x, grad)
+    }
+}
+
+/// Soft-capping: `c · tanh(x / c)` (Gemma 2's attention scores and logits).
+pub fn softcap(x: &Tensor, c: f64) -> Result<Tensor> {
+    apply(x, Softcap { c })
+}
+
+/// The gradient of [`softcap`] from its input `x`: `dy · (1 − tanh²(x / c))`.
+pub fn softcap_backward(x: &Tensor, c: f64, dy: &Tensor) -> Result<Tensor> {
+    let th = (x / c)?.tanh()?;
+    dy * (1.0 - th.sqr()?)?
+}
+
+struct Softcap {
+    c: f64,
+}
+
+impl Function for Softcap {
+    fn name(&self) -> &'static str {
+        "softcap"
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        (x / self.c)?.tanh()? * self.c
+    }
+
+    fn backward(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        softcap_backward(x, self.c, grad)
+    }
+}
+
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -203,6 +287,12 @@ mod tests {
                 Box::new(move |x| frozen_matmul_t(x, &weight)),
             ),
             ("silu", vec![2, 5], Box::new(|x| apply(x, Silu))),
+            (
+                "gelu_tanh",
+                vec![2, 5],
+                Box::new(|x| activation(x, crate::config::Activation::GeluTanh)),
+            ),
+            ("softcap", vec![2, 5], Box::new(|x| softcap(x, 1.5))),
         ]
     }
 

@@ -30,43 +30,62 @@ pub fn summed_cross_entropy(
     let flat = hidden.reshape((b * t, d))?;
     let picked = flat.index_select(trained, 0)?;
     let labels = targets.flatten_all()?.index_select(trained, 0)?;
-    per_row_cross_entropy(&picked, output_weight(lm), &labels)?.sum_all()
+    let softcap = lm.config.final_logit_softcapping;
+    per_row_cross_entropy(&picked, output_weight(lm), &labels, softcap)?.sum_all()
 }
 
 /// Cross-entropy of each row of `hidden` (`[n, d]`) against `labels` (`[n]`),
-/// with logits `hidden · weightᵀ` (weight `[vocab, d]`, frozen). Returns `[n]` f32.
-pub fn per_row_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
+/// with logits `hidden · weightᵀ` (weight `[vocab, d]`, frozen), soft-capped at
+/// `softcap` (Gemma 2). Returns `[n]` f32.
+pub fn per_row_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     apply(
         hidden,
         ChunkedCrossEntropy {
             weight: weight.detach(),
             labels: labels.detach(),
+            softcap,
         },
     )
 }
 
-/// One chunk's logits (f32), softmax and labels.
+/// One chunk's logits (f32), softmax and labels, and with soft-capping the
+/// derivative of the cap at each logit.
 struct Chunk {
     logits: Tensor,
     probs: Tensor,
     labels: Tensor,
+    cap_slope: Option<Tensor>,
 }
 
 struct ChunkedCrossEntropy {
     weight: Tensor,
     labels: Tensor,
+    softcap: Option<f64>,
 }
 
 impl ChunkedCrossEntropy {
     /// Logits, probabilities and labels of rows `start..start + len`.
     fn chunk(&self, hidden: &Tensor, start: usize, len: usize) -> Result<Chunk> {
         let h = hidden.narrow(0, start, len)?;
-        let logits = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        let raw = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        let (logits, cap_slope) = match self.softcap {
+            Some(c) => {
+                let th = (&raw / c)?.tanh()?;
+                ((&th * c)?, Some((1.0 - th.sqr()?)?))
+            }
+            None => (raw, None),
+        };
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         Ok(Chunk {
             logits,
             probs,
             labels: self.labels.narrow(0, start, len)?,
+            cap_slope,
         })
     }
 
@@ -86,7 +105,14 @@ impl ChunkedCrossEntropy {
 
     /// The gradient of each row's loss with respect to its hidden state:
     /// `(softmax − onehot(label)) · W = softmax · W − W[label]`.
+    /// With soft-capping, each logit's gradient is scaled by the cap's slope first.
     fn chunk_grad(&self, c: &Chunk, dtype: DType) -> Result<Tensor> {
+        if let Some(slope) = &c.cap_slope {
+            let vocab = c.probs.dim(1)?;
+            let onehot = candle_nn::encoding::one_hot(c.labels.clone(), vocab, 1f32, 0f32)?;
+            let d_logits = ((&c.probs - onehot)? * slope)?.to_dtype(self.weight.dtype())?;
+            return d_logits.matmul(&self.weight)?.to_dtype(dtype);
+        }
         let probs = c.probs.to_dtype(self.weight.dtype())?;
         (probs.matmul(&self.weight)? - self.weight.index_select(&c.labels, 0)?)?.to_dtype(dtype)
     }
@@ -146,10 +172,12 @@ pub fn cross_entropy_and_grad(
     hidden: &Tensor,
     weight: &Tensor,
     labels: &Tensor,
+    softcap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let ce = ChunkedCrossEntropy {
         weight: weight.detach(),
         labels: labels.detach(),
+        softcap,
     };
     let mut losses = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
     let mut grads = vec![Tensor::zeros(
@@ -188,7 +216,7 @@ mod tests {
         .unwrap();
         let want =
             candle_nn::loss::cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &labels).unwrap();
-        let got = per_row_cross_entropy(&h, &w, &labels)
+        let got = per_row_cross_entropy(&h, &w, &labels, None)
             .unwrap()
             .mean_all()
             .unwrap();
@@ -202,7 +230,7 @@ mod tests {
         let h = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
         let w = Tensor::new(&[[200f32, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap();
         let labels = Tensor::new(&[1u32], &Device::Cpu).unwrap();
-        let loss: f32 = per_row_cross_entropy(&h, &w, &labels)
+        let loss: f32 = per_row_cross_entropy(&h, &w, &labels, None)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -221,19 +249,44 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels).unwrap();
-        let v = candle_core::Var::from_tensor(&h).unwrap();
-        let auto = per_row_cross_entropy(v.as_tensor(), &w, &labels).unwrap();
-        let want = auto
-            .sum_all()
+        for softcap in [None, Some(2.0)] {
+            let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels, softcap).unwrap();
+            let v = candle_core::Var::from_tensor(&h).unwrap();
+            let auto = per_row_cross_entropy(v.as_tensor(), &w, &labels, softcap).unwrap();
+            let want = auto
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(v.as_tensor())
+                .unwrap()
+                .clone();
+            assert!(crate::testing::max_abs_diff(&losses, &auto) < 1e-6);
+            assert!(crate::testing::max_abs_diff(&grad, &want) < 1e-6);
+        }
+    }
+
+    /// Soft-capped logits (Gemma 2): the loss is the plain cross-entropy of
+    /// `c · tanh(z / c)`, and its gradient matches finite differences.
+    #[test]
+    fn softcapped_cross_entropy_caps_the_logits() {
+        let h = randn(&[7, 4], 11);
+        let w = (randn(&[9, 4], 12) * 3.0).unwrap();
+        let labels = Tensor::new(&[1u32, 8, 0, 4, 4, 2, 6], &Device::Cpu).unwrap();
+        let capped = crate::model::ops::softcap(&h.matmul(&w.t().unwrap()).unwrap(), 2.0).unwrap();
+        let want = candle_nn::loss::cross_entropy(&capped, &labels).unwrap();
+        let got = per_row_cross_entropy(&h, &w, &labels, Some(2.0))
             .unwrap()
-            .backward()
-            .unwrap()
-            .get(v.as_tensor())
-            .unwrap()
-            .clone();
-        assert!(crate::testing::max_abs_diff(&losses, &auto) < 1e-6);
-        assert!(crate::testing::max_abs_diff(&grad, &want) < 1e-6);
+            .mean_all()
+            .unwrap();
+        assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
+        for device in devices() {
+            let w = randn_on(&[9, 4], 3, &device);
+            let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &device).unwrap();
+            check_gradient(&device, &[5, 4], 4, |h| {
+                per_row_cross_entropy(h, &w, &labels, Some(0.7))
+            });
+        }
     }
 
     #[test]
@@ -242,7 +295,7 @@ mod tests {
             let w = randn_on(&[9, 4], 3, &device);
             let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &device).unwrap();
             check_gradient(&device, &[5, 4], 4, |h| {
-                per_row_cross_entropy(h, &w, &labels)
+                per_row_cross_entropy(h, &w, &labels, None)
             });
         }
     }
@@ -263,7 +316,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels).unwrap();
+                let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels, None).unwrap();
                 (losses, grad.to_dtype(DType::F32).unwrap())
             };
             let ((want_loss, want_grad), (loss, grad)) = (run(DType::F32), run(DType::BF16));

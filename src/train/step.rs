@@ -10,7 +10,7 @@ use super::loss::{cross_entropy_and_grad, output_weight};
 use super::optim::Gradients;
 use crate::data::Batch;
 use crate::model::linear::LoraGrad;
-use crate::model::{ops, BlockContext, CausalLm, Pass};
+use crate::model::{ops, CausalLm, ForwardInput, Pass};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -26,14 +26,13 @@ pub fn loss_and_gradients(
     let input = &batch.input;
     let (b, t) = input.ids.dims2()?;
     let d = lm.config.hidden_size;
-    let (cos, sin) = lm.rotary_for(&input.positions)?;
-    let ctx = BlockContext {
-        cos: &cos,
-        sin: &sin,
-        mask: &input.mask,
-        eps: lm.config.rms_norm_eps,
-        pass,
-    };
+    let ctx = lm.context(
+        &ForwardInput {
+            pass,
+            ..input.clone()
+        },
+        0,
+    )?;
 
     let mut x = lm.embed(&input.ids)?;
     let mut inputs = Vec::with_capacity(lm.layers.len());
@@ -56,7 +55,12 @@ pub fn loss_and_gradients(
         .targets
         .flatten_all()?
         .index_select(&batch.trained, 0)?;
-    let (losses, d_rows) = cross_entropy_and_grad(&rows, output_weight(lm), &labels)?;
+    let (losses, d_rows) = cross_entropy_and_grad(
+        &rows,
+        output_weight(lm),
+        &labels,
+        lm.config.final_logit_softcapping,
+    )?;
     let loss: f64 = losses.sum_all()?.to_scalar::<f32>()? as f64;
     let d_normed = Tensor::zeros((b * t, d), x.dtype(), x.device())?
         .index_add(&batch.trained, &(d_rows * weight)?, 0)?
