@@ -82,5 +82,22 @@ fn smollm2(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, tiny, smollm2);
+/// The newer blocks at their real shapes: Qwen3 (q/k norms) and Gemma 3
+/// (sandwich norms, GeGLU, sliding windows), to set beside the Llama block.
+fn newer_blocks(c: &mut Criterion) {
+    bench_config(
+        c,
+        "qwen3-0.6b",
+        &ModelConfig::qwen3_0_6b(),
+        &[(4, 128), (8, 256)],
+    );
+    bench_config(
+        c,
+        "gemma3-270m",
+        &ModelConfig::gemma3_270m(),
+        &[(4, 128), (8, 256)],
+    );
+}
+
+criterion_group!(benches, tiny, smollm2, newer_blocks);
 criterion_main!(benches);

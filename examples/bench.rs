@@ -7,7 +7,9 @@
 //!   LoRA training steps (forward, backward, AdamW) and greedy decoding.
 //! - `gpu`: training steps with random weights at SmolLM2-135M's and
 //!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
-//!   linears, in the device's default dtype (bf16 on a GPU). Peak GPU memory is
+//!   linears, in the device's default dtype (bf16 on a GPU); and at Qwen3-0.6B's
+//!   and Gemma-3-270M's shapes, batch 4 × 128 and 8 × 256, r=8 (these also run on
+//!   a CPU: `--suite gpu --only 3-`). Peak GPU memory is
 //!   the device's used memory, sampled through NVML every 2 ms, above what it
 //!   was before the row opened the GPU: the CUDA context included, as
 //!   `benches/peft_reference.py` measures PyTorch + PEFT.
@@ -114,32 +116,66 @@ const CPU_ROWS: [&str; 6] = [
     "greedy decoding, 64 tokens",
 ];
 
-/// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row.
-type GpuRow = (&'static str, fn() -> ModelConfig, usize, usize);
-const GPU_ROWS: [GpuRow; 4] = [
+/// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row,
+/// LoRA rank (on all seven linears).
+type GpuRow = (&'static str, fn() -> ModelConfig, usize, usize, usize);
+const GPU_ROWS: [GpuRow; 8] = [
     (
         "smollm2-135m, all-7 r=16, 8 x 512",
         ModelConfig::smollm2_135m,
         8,
         512,
+        16,
     ),
     (
         "smollm2-135m, all-7 r=16, 16 x 1024",
         ModelConfig::smollm2_135m,
         16,
         1024,
+        16,
     ),
     (
         "qwen2.5-0.5b, all-7 r=16, 8 x 512",
         ModelConfig::qwen2_5_0_5b,
         8,
         512,
+        16,
     ),
     (
         "qwen2.5-0.5b, all-7 r=16, 16 x 1024",
         ModelConfig::qwen2_5_0_5b,
         16,
         1024,
+        16,
+    ),
+    // The newer blocks at their real shapes, at the CPU suite's batch sizes.
+    (
+        "qwen3-0.6b, all-7 r=8, 4 x 128",
+        ModelConfig::qwen3_0_6b,
+        4,
+        128,
+        8,
+    ),
+    (
+        "qwen3-0.6b, all-7 r=8, 8 x 256",
+        ModelConfig::qwen3_0_6b,
+        8,
+        256,
+        8,
+    ),
+    (
+        "gemma3-270m, all-7 r=8, 4 x 128",
+        ModelConfig::gemma3_270m,
+        4,
+        128,
+        8,
+    ),
+    (
+        "gemma3-270m, all-7 r=8, 8 x 256",
+        ModelConfig::gemma3_270m,
+        8,
+        256,
+        8,
     ),
 ];
 
@@ -234,12 +270,12 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
     })
 }
 
-fn gpu_row(&(name, shape, b, s): &GpuRow, args: &Args) -> Result<Row> {
+fn gpu_row(&(name, shape, b, s, r): &GpuRow, args: &Args) -> Result<Row> {
     let device = args.device.open()?;
     let mut model = Model::random(&shape(), 0, device::default_dtype(&device), &device)?;
     let lora_config = LoraConfig {
-        r: 16,
-        alpha: 32.0,
+        r,
+        alpha: 2.0 * r as f64,
         ..Default::default()
     };
     let mut row = train_row(&mut model, name, &lora_config, (b, s), args.reps)?;

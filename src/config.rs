@@ -696,6 +696,41 @@ impl ModelConfig {
         }
     }
 
+    /// Qwen3-0.6B's shapes (q/k norms, 128-wide heads), for benchmarks with random weights.
+    pub fn qwen3_0_6b() -> Self {
+        Self {
+            vocab_size: 151_936,
+            hidden_size: 1024,
+            intermediate_size: 3072,
+            num_attention_heads: 16,
+            num_key_value_heads: 8,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 40_960,
+            eos_token_ids: vec![151_645],
+            ..Self::switches_of(Architecture::Qwen3, 28, 128)
+        }
+    }
+
+    /// Gemma-3-270M's shapes (a 262,144-token vocabulary, one kv head of 256,
+    /// five sliding-window layers of 512 in every six), for benchmarks with random weights.
+    pub fn gemma3_270m() -> Self {
+        let layers = 18;
+        Self {
+            vocab_size: 262_144,
+            hidden_size: 640,
+            intermediate_size: 2048,
+            num_attention_heads: 4,
+            num_key_value_heads: 1,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 32_768,
+            bos_token_id: Some(2),
+            eos_token_ids: vec![1, 106],
+            sliding_window: Some(512),
+            sliding_layers: (0..layers).filter(|i| (i + 1) % 6 != 0).collect(),
+            ..Self::switches_of(Architecture::Gemma3, layers, 256)
+        }
+    }
+
     /// Qwen2.5-0.5B's shapes (q/k/v biases, a 151,936-token vocabulary), for
     /// benchmarks with random weights.
     pub fn qwen2_5_0_5b() -> Self {

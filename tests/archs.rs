@@ -313,3 +313,61 @@ fn training_lowers_the_loss_and_writes_peft_names() {
         );
     }
 }
+
+/// An adapter made for another architecture is refused, naming the first of its
+/// modules this model lacks: Phi-3's fused `gate_up_proj` on a Qwen3 model (its
+/// `down_proj`, `o_proj` shapes fit, so only the names tell).
+#[test]
+fn an_adapter_for_another_architecture_names_the_missing_module() {
+    let mut model = load("qwen3", false);
+    let phi3 = fixture_dir("phi3").join("adapter");
+    let err = format!("{:#}", model.load_adapter(&phi3).unwrap_err());
+    assert!(
+        err.contains("gate_up_proj") && err.contains("matches no layer"),
+        "{err}"
+    );
+    // Gemma 3's adapter has the same module names but a third layer.
+    let err = format!(
+        "{:#}",
+        model
+            .load_adapter(&fixture_dir("gemma3").join("adapter"))
+            .unwrap_err()
+    );
+    assert!(err.contains("layers.2."), "{err}");
+}
+
+/// `compare` runs on every architecture: prompting variants and the fixture
+/// adapter, each scored.
+#[test]
+fn compare_scores_every_variant() {
+    use tuneforge::eval::{compare, CompareConfig, HeldOut};
+    let held = |range: std::ops::Range<usize>| -> Vec<HeldOut> {
+        range
+            .map(|i| {
+                let record = Record::Completion {
+                    prompt: format!("ticket {i}"),
+                    completion: format!("label {}", i % 2),
+                };
+                HeldOut::from_record(&record).unwrap()
+            })
+            .collect()
+    };
+    let config = CompareConfig {
+        shots: 1,
+        generation: GenerationConfig::greedy(4),
+        progress: false,
+        ..Default::default()
+    };
+    for arch in ARCHS {
+        let mut model = load(arch, false);
+        let adapter = fixture_dir(arch).join("adapter");
+        let c = compare(&mut model, &[adapter], &held(0..2), &held(10..14), &config).unwrap();
+        assert_eq!(c.variants.len(), 5, "{arch}");
+        assert!(
+            c.variants
+                .iter()
+                .all(|v| v.outputs.len() == 2 && v.nll.is_finite()),
+            "{arch}"
+        );
+    }
+}

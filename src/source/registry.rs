@@ -131,6 +131,8 @@ mod tests {
             "qwen3-0.6b",
             "qwen3-1.7b",
             "smollm3-3b",
+            "gemma-3-270m-it",
+            "gemma-3-1b-it",
         ] {
             let entry = r.get(name).unwrap();
             crate::config::Architecture::parse(&entry.architecture).unwrap();
