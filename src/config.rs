@@ -46,6 +46,17 @@ pub enum Activation {
 }
 
 impl Architecture {
+    /// Every architecture tuneforge runs.
+    pub const ALL: [Architecture; 7] = [
+        Self::Llama,
+        Self::Qwen2,
+        Self::Mistral,
+        Self::Qwen3,
+        Self::SmolLm3,
+        Self::Gemma3,
+        Self::Gemma2,
+    ];
+
     /// Parses an architecture name as found in config.json (`LlamaForCausalLM`),
     /// `model_type` (`llama`) or GGUF (`llama`).
     pub fn parse(name: &str) -> Result<Self> {
@@ -769,15 +780,7 @@ mod tests {
 
     #[test]
     fn hf_json_round_trips() {
-        for arch in [
-            Architecture::Llama,
-            Architecture::Qwen2,
-            Architecture::Mistral,
-            Architecture::Qwen3,
-            Architecture::SmolLm3,
-            Architecture::Gemma3,
-            Architecture::Gemma2,
-        ] {
+        for arch in Architecture::ALL {
             let mut c = ModelConfig::tiny(arch);
             c.rope_scaling = Some(Llama3RopeScaling {
                 factor: 32.0,

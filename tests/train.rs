@@ -624,14 +624,7 @@ fn gpu_and_cpu_take_the_same_update() {
 }
 
 fn hand_written_backward_equals_autograd_on(device: &Device) {
-    for arch in [
-        Architecture::Llama,
-        Architecture::Qwen2,
-        Architecture::Qwen3,
-        Architecture::SmolLm3,
-        Architecture::Gemma3,
-        Architecture::Gemma2,
-    ] {
+    for arch in Architecture::ALL {
         let config = tuneforge::ModelConfig::tiny(arch);
         let mut model = Model::random(&config, 4, candle_core::DType::F32, device).unwrap();
         lora::attach(

@@ -510,14 +510,7 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_a_full_forward() {
-        for arch in [
-            Architecture::Llama,
-            Architecture::Qwen2,
-            Architecture::Qwen3,
-            Architecture::SmolLm3,
-            Architecture::Gemma3,
-            Architecture::Gemma2,
-        ] {
+        for arch in Architecture::ALL {
             let c = ModelConfig::tiny(arch);
             let m = CausalLm::random(&c, 7, DType::F32, &Device::Cpu).unwrap();
             let ids = Tensor::new(&[[3u32, 17, 42, 5, 9, 60]], &Device::Cpu).unwrap();
