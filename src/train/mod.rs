@@ -29,157 +29,29 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+mod settings;
 pub mod step;
+mod update;
 
 pub use metrics::Event;
 pub use optim::AdamWConfig;
 pub use schedule::Schedule;
+pub use settings::{RunConfig, TrainConfig};
+pub use update::{evaluate, step_gradients, summed_loss, Update};
 
 use crate::adapter::{self, AdapterConfig};
-use crate::data::{
-    make_batch, plan_epoch, tokenize, Dataset, Example, LossOn, TokenizeReport, TurnEnd,
-};
+use crate::data::{plan_epoch, tokenize, Dataset, Example, TokenizeReport};
 use crate::lora::{self, LoraConfig};
 use crate::pretrained::Model;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use metrics::MetricsLog;
-use optim::{accumulate, AdamW, Gradients};
+use optim::AdamW;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Training hyperparameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Shape of the learning rate after warmup.
-    pub schedule: Schedule,
-    /// Updates of linear warmup.
-    pub warmup_steps: usize,
-    /// AdamW settings.
-    pub optimizer: AdamWConfig,
-    /// Examples (or packed rows) per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per update.
-    pub grad_accum: usize,
-    /// Passes over the training set (unless `max_steps` is set).
-    pub epochs: usize,
-    /// Stop after this many updates.
-    pub max_steps: Option<usize>,
-    /// Examples are cut to this many tokens.
-    pub max_seq_len: usize,
-    /// Which tokens the loss falls on.
-    pub loss_on: LossOn,
-    /// Where the loss on an assistant turn ends: at its end-of-turn token (the
-    /// default) or at the end of the template's rendering of the turn.
-    pub turn_end: TurnEnd,
-    /// Pack several examples into each row.
-    pub packing: bool,
-    /// Evaluate on the validation set every N updates (and always at the end).
-    pub eval_every: Option<usize>,
-    /// Save a checkpoint every N updates (and always at the end).
-    pub save_every: Option<usize>,
-    /// Stop when validation loss has not improved for this many evaluations.
-    pub patience: Option<usize>,
-    /// Clip the global gradient norm to this.
-    pub clip_grad_norm: Option<f64>,
-    /// Seed for LoRA initialisation, data order and dropout.
-    pub seed: u64,
-    /// Recompute each block's activations during the backward pass instead of
-    /// keeping them (activation checkpointing): less memory, more compute.
-    pub recompute: bool,
-    /// Show a progress bar.
-    #[serde(skip)]
-    pub progress: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            learning_rate: 2e-4,
-            schedule: Schedule::Cosine,
-            warmup_steps: 0,
-            optimizer: AdamWConfig::default(),
-            batch_size: 8,
-            grad_accum: 1,
-            epochs: 1,
-            max_steps: None,
-            max_seq_len: 512,
-            loss_on: LossOn::AssistantTurns,
-            turn_end: TurnEnd::EndToken,
-            packing: false,
-            eval_every: None,
-            save_every: None,
-            patience: None,
-            clip_grad_norm: Some(1.0),
-            seed: 42,
-            recompute: false,
-            progress: true,
-        }
-    }
-}
-
-impl TrainConfig {
-    fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("batch_size and grad_accum must be at least 1");
-        }
-        if self.max_seq_len < 2 {
-            bail!("max_seq_len must be at least 2");
-        }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            bail!(
-                "learning_rate must be a positive number (got {})",
-                self.learning_rate
-            );
-        }
-        if self.max_steps.is_none() && self.epochs == 0 {
-            bail!("set epochs or max_steps to at least 1");
-        }
-        for (name, value) in [
-            ("eval_every", self.eval_every),
-            ("save_every", self.save_every),
-            ("patience", self.patience),
-            ("max_steps", self.max_steps),
-        ] {
-            if value == Some(0) {
-                bail!("{name} must be at least 1 (leave it unset to turn it off)");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What a run folder's `train_config.toml` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunConfig {
-    /// The base model's Hub repo id, or the name it was loaded by.
-    pub base_model: String,
-    /// The adapter settings.
-    pub lora: LoraConfig,
-    /// The training settings.
-    pub train: TrainConfig,
-}
-
-impl RunConfig {
-    /// Reads the `train_config.toml` of the run in `out_dir`.
-    pub fn read(out_dir: &Path) -> Result<Self> {
-        let path = out_dir.join("train_config.toml");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {}: is {} a run folder?",
-                path.display(),
-                out_dir.display()
-            )
-        })?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-    }
-}
 
 /// Where a run stands; saved in checkpoints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -650,133 +522,6 @@ impl Trainer {
         }
         Ok(())
     }
-}
-
-/// The loss and summed gradients of one update.
-pub struct Update {
-    /// Mean cross-entropy per trained token over the whole update.
-    pub loss: f64,
-    /// Gradients of that loss, aligned with the optimizer's parameters.
-    pub gradients: Gradients,
-    /// Non-padding tokens.
-    pub tokens: usize,
-    /// Trained tokens.
-    pub trained_tokens: usize,
-}
-
-/// Runs forward and backward over the micro-batches of one update. Each
-/// micro-batch's summed loss is divided by the trained tokens of the whole
-/// update, so the result does not depend on how the update is split.
-/// `dropout_seeds` holds one seed per micro-batch. Micro-batches are cut into
-/// [shards](crate::data::shards) that run on [`crate::threads`]' workers.
-pub fn step_gradients(
-    model: &Model,
-    examples: &[Example],
-    micro_batches: &[Vec<crate::data::batch::Row>],
-    dropout_seeds: &[u64],
-    recompute: bool,
-) -> Result<Update> {
-    let lm = &model.lm;
-    let mut shards = Vec::new();
-    for (rows, &seed) in micro_batches.iter().zip(dropout_seeds) {
-        for (i, rows) in crate::data::shards(examples, rows, lm.device())
-            .iter()
-            .enumerate()
-        {
-            let batch = make_batch(
-                examples,
-                rows,
-                model.tokenizer.pad_id(),
-                lm.dtype(),
-                lm.device(),
-            )?;
-            // The first shard keeps the micro-batch's seed; the others get their own.
-            let seed = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            shards.push((batch, seed));
-        }
-    }
-    let trained_tokens: usize = shards.iter().map(|(b, _)| b.trained_tokens).sum();
-    let tokens: usize = shards.iter().map(|(b, _)| b.real_tokens).sum();
-    let weight = 1.0 / trained_tokens.max(1) as f64;
-    let (loss, gradients) = crate::threads::fold_in_waves(
-        lm.device(),
-        &shards,
-        (0.0, Gradients::new()),
-        |_, (batch, seed)| {
-            if batch.trained_tokens == 0 {
-                return Ok(None);
-            }
-            let pass = crate::model::Pass {
-                dropout_seed: Some(*seed),
-                autograd: false,
-            };
-            step::loss_and_gradients(lm, batch, pass, weight, recompute).map(Some)
-        },
-        |(loss, mut gradients), shard| {
-            let Some((summed, grads)) = shard else {
-                return Ok((loss, gradients));
-            };
-            accumulate(&mut gradients, grads)?;
-            Ok((loss + summed * weight, gradients))
-        },
-    )?;
-    Ok(Update {
-        loss,
-        gradients,
-        tokens,
-        trained_tokens,
-    })
-}
-
-/// The summed cross-entropy over the trained positions of `rows` of
-/// `examples`, and how many positions that is. A forward pass only, sharded
-/// over [`crate::threads`]' workers like training.
-pub fn summed_loss(
-    model: &Model,
-    examples: &[Example],
-    rows: &[crate::data::batch::Row],
-) -> Result<(f64, usize)> {
-    let lm = &model.lm;
-    let shards = crate::data::shards(examples, rows, lm.device());
-    crate::threads::fold_in_waves(
-        lm.device(),
-        &shards,
-        (0.0, 0),
-        |_, rows| {
-            let batch = make_batch(
-                examples,
-                rows,
-                model.tokenizer.pad_id(),
-                lm.dtype(),
-                lm.device(),
-            )?;
-            if batch.trained_tokens == 0 {
-                return Ok((0.0, 0));
-            }
-            let hidden = lm.forward_hidden(&batch.input, None)?.detach();
-            let summed = loss::summed_cross_entropy(lm, &hidden, &batch.targets, &batch.trained)?;
-            Ok((summed.to_scalar::<f32>()? as f64, batch.trained_tokens))
-        },
-        |(total, count), (summed, n)| Ok((total + summed, count + n)),
-    )
-}
-
-/// Mean cross-entropy per trained token of `model` over `examples`.
-pub fn evaluate(model: &Model, examples: &[Example], batch_size: usize) -> Result<f64> {
-    if examples.is_empty() {
-        bail!("nothing to evaluate on");
-    }
-    let (mut total, mut count) = (0.0, 0);
-    // One micro-batch at a time, as in training: a GPU takes each in one piece.
-    for rows in plan_epoch(examples, batch_size, 1, None, &mut Rng::new(0))
-        .iter()
-        .flatten()
-    {
-        let (summed, n) = summed_loss(model, examples, rows)?;
-        total += summed;
-        count += n;
-    }
-    Ok(total / count.max(1) as f64)
 }
 
 fn progress_bar(show: bool, total: usize, done: usize) -> indicatif::ProgressBar {
