@@ -25,7 +25,22 @@ fn model(config: &ModelConfig) -> Model {
     .unwrap()
 }
 
+/// The model groups' tags, the first part of every benchmark id.
+const TAGS: [&str; 4] = ["tiny", "smollm2-135m", "qwen3-0.6b", "gemma3-270m"];
+
+/// Whether the command line's filter (`cargo bench -- tiny`) names another
+/// group's tag: then this group's model, gigabytes at real shapes, is not built.
+fn filtered_out(tag: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .any(|f| TAGS.iter().any(|t| f.starts_with(t)) && !f.starts_with(tag))
+}
+
 fn bench_config(c: &mut Criterion, tag: &str, config: &ModelConfig, shapes: &[(usize, usize)]) {
+    if filtered_out(tag) {
+        return;
+    }
     tuneforge::threads::init();
     let mut m = model(config);
     let all7 = LoraConfig::default();
