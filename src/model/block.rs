@@ -23,9 +23,9 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection.
     pub o_proj: Linear,
-    /// Per-head RMSNorm weight on q before rope (`[head_dim]`, Qwen3).
+    /// Per-head RMSNorm weight on q before rope (`[head_dim]`, Qwen3, Gemma 3).
     pub q_norm: Option<Tensor>,
-    /// Per-head RMSNorm weight on k before rope (`[head_dim]`, Qwen3).
+    /// Per-head RMSNorm weight on k before rope (`[head_dim]`, Qwen3, Gemma 3).
     pub k_norm: Option<Tensor>,
     pub(crate) n_heads: usize,
     pub(crate) n_kv_heads: usize,
@@ -36,7 +36,7 @@ pub struct Attention {
     pub(crate) softcap: Option<f64>,
 }
 
-/// The SwiGLU MLP.
+/// The gated MLP: SwiGLU, or GeGLU (Gemma).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// Gate projection.
@@ -154,14 +154,6 @@ fn maybe_norm_backward(
     }
 }
 
-/// `x` through a per-head norm `weight` over its last dimension, when there is one.
-fn head_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
-    match weight {
-        Some(w) => ops::rms_norm(x, w, eps),
-        None => Ok(x.clone()),
-    }
-}
-
 /// `[b, t, n]` → `[b·t, n]`.
 fn rows(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t, n) = x.dims3()?;
@@ -267,8 +259,8 @@ impl Block {
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
         let q_raw = heads(a.q_proj.forward_t(&h1, pass)?, h)?.contiguous()?;
         let k_raw = heads(a.k_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
-        let q = self.rotate(&head_norm(&q_raw, a.q_norm.as_ref(), ctx.eps)?, ctx)?;
-        let mut k = self.rotate(&head_norm(&k_raw, a.k_norm.as_ref(), ctx.eps)?, ctx)?;
+        let q = self.rotate(&maybe_norm(q_raw.clone(), a.q_norm.as_ref(), ctx.eps)?, ctx)?;
+        let mut k = self.rotate(&maybe_norm(k_raw.clone(), a.k_norm.as_ref(), ctx.eps)?, ctx)?;
         let mut v = heads(a.v_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -410,12 +402,8 @@ impl Block {
             self.rotate_backward(&dq, ctx)?,
             self.rotate_backward(&dk, ctx)?,
         );
-        let norm_backward = |raw: &Option<Tensor>, w: &Option<Tensor>, d: Tensor| match (raw, w) {
-            (Some(raw), Some(w)) => ops::rms_norm_backward(raw, w, ctx.eps, &d),
-            _ => Ok(d),
-        };
-        let dq = norm_backward(&s.q_raw, &a.q_norm, dq)?;
-        let dk = norm_backward(&s.k_raw, &a.k_norm, dk)?;
+        let dq = maybe_norm_backward(s.q_raw.as_ref(), a.q_norm.as_ref(), ctx.eps, &dq)?;
+        let dk = maybe_norm_backward(s.k_raw.as_ref(), a.k_norm.as_ref(), ctx.eps, &dk)?;
         let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * hd));
         let h1 = match [&a.q_proj, &a.k_proj, &a.v_proj]
             .iter()
