@@ -1,5 +1,6 @@
-//! The decoder: Llama-family blocks (Llama, SmolLM, Qwen2/3, Mistral, SmolLM3) in HF layout,
-//! written so that every linear can carry a LoRA adapter and every op backpropagates.
+//! The decoder: Llama-family and Gemma blocks (Llama, SmolLM2/3, Qwen2/3,
+//! Mistral, Gemma 2/3) in HF layout, written so that every linear can carry a
+//! LoRA adapter and every op backpropagates.
 
 pub mod add_matmul;
 pub mod autograd;

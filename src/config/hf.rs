@@ -1,0 +1,436 @@
+//! [`ModelConfig`] from and to an HF `config.json`: transformers 5's schema
+//! (`rope_parameters`, per layer type for Gemma 3) and the older one
+//! (`rope_theta`, `rope_scaling`, `rope_local_base_freq` at the top level).
+
+use super::{Activation, Architecture, ModelConfig};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The subset of an HF config.json we read. Missing required fields are errors.
+#[derive(Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    /// The older schema: the rope base and scaling at the top level.
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{rope_theta, rope_type, ...}`.
+    rope_parameters: Option<serde_json::Value>,
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    #[serde(rename = "_sliding_window_pattern", alias = "sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+impl ModelConfig {
+    /// Reads an HF `config.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_hf_json(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Parses the text of an HF `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let c: HfConfig = serde_json::from_str(text)
+            .context("config.json is missing a required field or has a wrong type")?;
+        let arch_name = c
+            .model_type
+            .clone()
+            .or_else(|| c.architectures.as_ref().and_then(|a| a.first().cloned()))
+            .context("config.json names no architecture (model_type or architectures)")?;
+        let architecture = Architecture::parse(&arch_name)?;
+        // transformers 5 keeps the rope base and any scaling in `rope_parameters`;
+        // older configs keep `rope_theta` and `rope_scaling` at the top level.
+        // Gemma 3 gives each layer type its own: the sliding layers' base is local.
+        let per_type = c
+            .rope_parameters
+            .as_ref()
+            .filter(|p| p.get("full_attention").is_some());
+        let (rope_field, rope) = match (per_type, &c.rope_parameters, &c.rope_scaling) {
+            (Some(p), _, _) => ("rope_parameters.full_attention", p.get("full_attention")),
+            (_, Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+            (_, _, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+            _ => ("rope_scaling", None),
+        };
+        let rope_local_theta = match per_type.and_then(|p| p.get("sliding_attention")) {
+            Some(local) => {
+                let kind = local
+                    .get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                if kind != "default" {
+                    bail!("rope_parameters.sliding_attention.rope_type '{kind}': not implemented (tuneforge implements default there)");
+                }
+                Some(
+                    local
+                        .get("rope_theta")
+                        .and_then(|t| t.as_f64())
+                        .context("rope_parameters.sliding_attention has no rope_theta")?,
+                )
+            }
+            None => c.rope_local_base_freq,
+        };
+        let rope_type = rope.and_then(|v| v.get("rope_type").or(v.get("type")));
+        let rope_scaling = match rope_type.map(|t| t.as_str()) {
+            None | Some(Some("default")) => None,
+            Some(Some("llama3")) => Some(
+                serde_json::from_value(rope.cloned().unwrap_or_default())
+                    .with_context(|| format!("reading {rope_field}"))?,
+            ),
+            Some(t) => bail!(
+                "{rope_field}.rope_type {}: not implemented (tuneforge implements default and llama3)",
+                t.map_or("(not a string)".into(), |t| format!("'{t}'"))
+            ),
+        };
+        let rope_theta = match rope.and_then(|v| v.get("rope_theta")) {
+            Some(v) => Some(
+                v.as_f64()
+                    .context("rope_parameters.rope_theta is not a number")?,
+            ),
+            None => c.rope_theta,
+        };
+        let no_rope_layers = match (&c.no_rope_layers, architecture) {
+            (Some(flags), _) => {
+                if flags.len() != c.num_hidden_layers || flags.iter().any(|&f| f > 1) {
+                    bail!(
+                        "no_rope_layers must hold a 0 or 1 for each of the {} layers, not {flags:?}",
+                        c.num_hidden_layers
+                    );
+                }
+                (0..flags.len()).filter(|&i| flags[i] == 0).collect()
+            }
+            // transformers' default: rope is left out of every interval-th layer.
+            (None, Architecture::SmolLm3) => {
+                let every = c.no_rope_layer_interval.unwrap_or(4).max(1);
+                (0..c.num_hidden_layers)
+                    .filter(|i| (i + 1) % every == 0)
+                    .collect()
+            }
+            (None, _) => Vec::new(),
+        };
+        let gemma = architecture.is_gemma();
+        let hidden_act = match (c.hidden_activation.as_deref(), c.hidden_act.as_deref()) {
+            (Some("gelu_pytorch_tanh"), _) | (None, Some("gelu_pytorch_tanh")) => {
+                Activation::GeluTanh
+            }
+            (Some("silu"), _) | (None, Some("silu")) => Activation::Silu,
+            (None, None) if gemma => Activation::GeluTanh,
+            (None, None) => Activation::Silu,
+            (Some(other), _) => {
+                bail!("hidden_activation '{other}': not implemented (silu, gelu_pytorch_tanh)")
+            }
+            (None, Some(other)) => {
+                bail!("hidden_act '{other}': not implemented (silu, gelu_pytorch_tanh)")
+            }
+        };
+        let sliding_layers = match (&c.layer_types, c.sliding_window) {
+            (_, None) => Vec::new(),
+            (Some(types), Some(_)) => {
+                if types.len() != c.num_hidden_layers {
+                    bail!(
+                        "layer_types has {} entries for {} layers",
+                        types.len(),
+                        c.num_hidden_layers
+                    );
+                }
+                let mut sliding = Vec::new();
+                for (i, t) in types.iter().enumerate() {
+                    match t.as_str() {
+                        "sliding_attention" => sliding.push(i),
+                        "full_attention" => {}
+                        other => bail!("layer_types[{i}] '{other}': not implemented (sliding_attention, full_attention)"),
+                    }
+                }
+                sliding
+            }
+            // transformers' defaults: Gemma 2 alternates, Gemma 3 has one full layer in six.
+            (None, Some(_)) if gemma => {
+                let every = match architecture {
+                    Architecture::Gemma2 => 2,
+                    _ => c.sliding_window_pattern.unwrap_or(6).max(1),
+                };
+                (0..c.num_hidden_layers)
+                    .filter(|i| (i + 1) % every != 0)
+                    .collect()
+            }
+            // Mistral's window is not applied (see [`Architecture::Mistral`]).
+            (None, Some(_)) => Vec::new(),
+        };
+        let eos_token_ids = match &c.eos_token_id {
+            Some(serde_json::Value::Number(n)) => vec![n.as_u64().context("eos_token_id")? as u32],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            _ => vec![],
+        };
+        Ok(Self {
+            architecture,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: c.max_position_embeddings,
+            tie_word_embeddings: c.tie_word_embeddings,
+            bos_token_id: c.bos_token_id,
+            eos_token_ids,
+            no_rope_layers,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sandwich_norms: gemma,
+            norm_weight_offset: gemma,
+            scale_embeddings: gemma,
+            hidden_act,
+            query_pre_attn_scalar: c.query_pre_attn_scalar.filter(|_| gemma),
+            sliding_window: c.sliding_window.filter(|_| !sliding_layers.is_empty()),
+            sliding_layers,
+            rope_local_theta: rope_local_theta.filter(|_| architecture == Architecture::Gemma3),
+            attn_logit_softcapping: c.attn_logit_softcapping.filter(|_| gemma),
+            final_logit_softcapping: c.final_logit_softcapping.filter(|_| gemma),
+        })
+    }
+
+    /// The HF `config.json` for this model, as written beside merged weights.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture.hf_class()],
+            "model_type": self.architecture.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+        });
+        if let Some(s) = &self.rope_scaling {
+            let mut s = serde_json::to_value(s).unwrap();
+            s["rope_type"] = "llama3".into();
+            v["rope_scaling"] = s;
+        }
+        if self.architecture.has_qkv_bias() {
+            v["attention_bias"] = true.into();
+        }
+        if self.hidden_act == Activation::GeluTanh {
+            v["hidden_act"] = "gelu_pytorch_tanh".into();
+            v["hidden_activation"] = "gelu_pytorch_tanh".into();
+        }
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = w.into();
+            let types: Vec<&str> = (0..self.num_hidden_layers)
+                .map(|i| match self.sliding_layers.contains(&i) {
+                    true => "sliding_attention",
+                    false => "full_attention",
+                })
+                .collect();
+            v["layer_types"] = types.into();
+        }
+        for (key, value) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("rope_local_base_freq", self.rope_local_theta),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(x) = value {
+                v[key] = x.into();
+            }
+        }
+        if self.architecture == Architecture::SmolLm3 {
+            let flags: Vec<u8> = (0..self.num_hidden_layers)
+                .map(|i| u8::from(!self.no_rope_layers.contains(&i)))
+                .collect();
+            v["no_rope_layers"] = flags.into();
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Llama3RopeScaling;
+
+    #[test]
+    fn missing_field_is_named() {
+        let err =
+            ModelConfig::from_hf_json(r#"{"model_type":"llama","vocab_size":10}"#).unwrap_err();
+        assert!(format!("{err:#}").contains("hidden_size"), "{err:#}");
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        for arch in Architecture::ALL {
+            let mut c = ModelConfig::tiny(arch);
+            c.rope_scaling = Some(Llama3RopeScaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            });
+            let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+            assert_eq!(back, c);
+        }
+    }
+
+    #[test]
+    fn unsupported_architecture_is_refused() {
+        let err = Architecture::parse("gpt_neox").unwrap_err().to_string();
+        assert!(err.contains("gpt_neox") && err.contains("llama"), "{err}");
+        assert!(err.contains("qwen3") && err.contains("smollm3"), "{err}");
+        assert!(Architecture::parse("Qwen3MoeForCausalLM").is_err());
+    }
+
+    /// A Qwen3 config in transformers 5's schema and in the older one.
+    fn qwen3(rope: &str) -> String {
+        format!(
+            r#"{{"model_type": "qwen3", "vocab_size": 259, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 256, {rope}}}"#
+        )
+    }
+
+    #[test]
+    fn both_config_schemas_give_the_rope_base() {
+        let new = qwen3(r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#);
+        let old = qwen3(r#""rope_theta": 1000000.0, "rope_scaling": null"#);
+        let (new, old) = (
+            ModelConfig::from_hf_json(&new).unwrap(),
+            ModelConfig::from_hf_json(&old).unwrap(),
+        );
+        assert_eq!(new, old);
+        assert_eq!(
+            (new.architecture, new.rope_theta),
+            (Architecture::Qwen3, 1e6)
+        );
+        let llama3 = qwen3(
+            r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        );
+        let c = ModelConfig::from_hf_json(&llama3).unwrap();
+        assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    }
+
+    #[test]
+    fn unimplemented_rope_types_name_the_field() {
+        for (rope, field) in [
+            (
+                r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}"#,
+                "rope_parameters.rope_type 'yarn'",
+            ),
+            (
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                "rope_scaling.rope_type 'dynamic'",
+            ),
+        ] {
+            let err = format!("{:#}", ModelConfig::from_hf_json(&qwen3(rope)).unwrap_err());
+            assert!(
+                err.contains(field) && err.contains("not implemented"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn gemma_fields_are_read_and_bad_ones_named() {
+        let gemma3 = |extra: &str| {
+            format!(
+                r#"{{"model_type": "gemma3_text", "vocab_size": 259, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 256, "query_pre_attn_scalar": 16,
+                "sliding_window": 6, "hidden_activation": "gelu_pytorch_tanh", {extra}}}"#
+            )
+        };
+        let per_type = gemma3(
+            r#""layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}"#,
+        );
+        let c = ModelConfig::from_hf_json(&per_type).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(
+            (c.sliding_layers.clone(), c.sliding_window),
+            (vec![0, 1], Some(6))
+        );
+        assert!(c.qk_norm && c.sandwich_norms && c.norm_weight_offset && c.scale_embeddings);
+        // The older schema: rope_theta and rope_local_base_freq at the top level.
+        let old = gemma3(
+            r#""layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0"#,
+        );
+        assert_eq!(ModelConfig::from_hf_json(&old).unwrap(), c);
+        let unknown = gemma3(
+            r#""layer_types": ["sliding_attention", "chunked_attention", "full_attention"]"#,
+        );
+        let err = format!("{:#}", ModelConfig::from_hf_json(&unknown).unwrap_err());
+        assert!(err.contains("layer_types[1] 'chunked_attention'"), "{err}");
+        let act =
+            gemma3(r#""layer_types": ["full_attention", "full_attention", "full_attention"]"#)
+                .replace("gelu_pytorch_tanh", "relu");
+        let err = format!("{:#}", ModelConfig::from_hf_json(&act).unwrap_err());
+        assert!(err.contains("hidden_activation 'relu'"), "{err}");
+    }
+
+    #[test]
+    fn smollm3_leaves_rope_out_where_no_rope_layers_says() {
+        let base = r#"{"model_type": "smollm3", "vocab_size": 259, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 256"#;
+        let given = format!(r#"{base}, "no_rope_layers": [1, 0, 1, 1, 1, 1, 1, 0]}}"#);
+        assert_eq!(
+            ModelConfig::from_hf_json(&given).unwrap().no_rope_layers,
+            [1, 7]
+        );
+        // Without the list, transformers' default: every fourth layer.
+        let default = format!("{base}}}");
+        assert_eq!(
+            ModelConfig::from_hf_json(&default).unwrap().no_rope_layers,
+            [3, 7]
+        );
+        let wrong = format!(r#"{base}, "no_rope_layers": [1, 0]}}"#);
+        let err = format!("{:#}", ModelConfig::from_hf_json(&wrong).unwrap_err());
+        assert!(
+            err.contains("no_rope_layers") && err.contains("8 layers"),
+            "{err}"
+        );
+    }
+}
