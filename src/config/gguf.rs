@@ -1,7 +1,7 @@
 //! [`ModelConfig`] from a GGUF file's metadata (`{arch}.block_count` and
 //! friends), with what llama.cpp assumes where its converter writes nothing.
 
-use super::{Activation, Architecture, ModelConfig};
+use super::{Architecture, ModelConfig};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 
@@ -82,15 +82,6 @@ impl ModelConfig {
             head_dim as f64
         });
         Ok(Self {
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
-            sandwich_norms: gemma,
-            norm_weight_offset: gemma,
-            scale_embeddings: gemma,
-            hidden_act: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
             query_pre_attn_scalar,
             sliding_window: sliding_window.filter(|_| !sliding_layers.is_empty()),
             sliding_layers,
@@ -122,6 +113,8 @@ impl ModelConfig {
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
             no_rope_layers,
+            // The architecture's fixed switches: q/k norms, Gemma's norms and GeGLU.
+            ..Self::switches_of(architecture, num_hidden_layers, head_dim)
         })
     }
 }

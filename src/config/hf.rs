@@ -205,10 +205,6 @@ impl ModelConfig {
             bos_token_id: c.bos_token_id,
             eos_token_ids,
             no_rope_layers,
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
-            sandwich_norms: gemma,
-            norm_weight_offset: gemma,
-            scale_embeddings: gemma,
             hidden_act,
             query_pre_attn_scalar: c.query_pre_attn_scalar.filter(|_| gemma),
             sliding_window: c.sliding_window.filter(|_| !sliding_layers.is_empty()),
@@ -216,6 +212,8 @@ impl ModelConfig {
             rope_local_theta: rope_local_theta.filter(|_| architecture == Architecture::Gemma3),
             attn_logit_softcapping: c.attn_logit_softcapping.filter(|_| gemma),
             final_logit_softcapping: c.final_logit_softcapping.filter(|_| gemma),
+            // The architecture's fixed switches: q/k norms and Gemma's norms.
+            ..Self::switches_of(architecture, c.num_hidden_layers, 0)
         })
     }
 
