@@ -51,7 +51,8 @@ struct Args {
     /// LoRA dropout.
     #[arg(long)]
     dropout: Option<f64>,
-    /// Target modules, comma-separated (q_proj,...,down_proj or all-linear).
+    /// Target modules, comma-separated (q_proj,...,down_proj; Phi-3: qkv_proj,
+    /// o_proj, gate_up_proj, down_proj; or all-linear, the default).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Use rsLoRA scaling.

@@ -3,6 +3,7 @@
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`[r, in]`)
 //! and `...lora_B.weight` (`[out, r]`), beside `adapter_config.json`.
 
+use crate::config::ModelConfig;
 use crate::lora::{self, LoraConfig, LoraLayer};
 use crate::model::CausalLm;
 use anyhow::{bail, Context, Result};
@@ -86,8 +87,9 @@ pub enum LayerList {
 }
 
 impl AdapterConfig {
-    /// The PEFT config for a LoRA config and base model.
-    pub fn new(lora: &LoraConfig, base_model: Option<&str>) -> Result<Self> {
+    /// The PEFT config for a LoRA config on a model of `model` (whose linears
+    /// `all-linear` names), from the base model `base_model`.
+    pub fn new(lora: &LoraConfig, model: &ModelConfig, base_model: Option<&str>) -> Result<Self> {
         Ok(Self {
             peft_type: "LORA".into(),
             task_type: Some("CAUSAL_LM".into()),
@@ -96,7 +98,10 @@ impl AdapterConfig {
             lora_alpha: lora.alpha,
             lora_dropout: lora.dropout,
             target_modules: TargetModules::List(
-                lora.targets()?.iter().map(|s| s.to_string()).collect(),
+                lora.targets(crate::model::linear_names(model))?
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
             ),
             bias: none_bias(),
             use_rslora: lora.use_rslora,

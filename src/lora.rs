@@ -5,8 +5,9 @@
 //! does, so a fresh adapter leaves the model unchanged. `scale` is `alpha / r`,
 //! or `alpha / √r` with rsLoRA. Only `A` and `B` are trained.
 
+use crate::config::ModelConfig;
 use crate::model::add_matmul::add_matmul;
-use crate::model::{CausalLm, LINEAR_NAMES};
+use crate::model::{linear_names, CausalLm};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
@@ -22,7 +23,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adapter's input while training.
     pub dropout: f64,
-    /// Module names (`q_proj`, ..., `down_proj`) or `all-linear`.
+    /// Module names (`q_proj`, ..., `down_proj`; Phi-3: `qkv_proj`, `o_proj`,
+    /// `gate_up_proj`, `down_proj`) or `all-linear` (the default).
     pub target_modules: Vec<String>,
     /// The layers to adapt (all when `None`).
     pub layers: Option<Vec<usize>>,
@@ -36,7 +38,7 @@ impl Default for LoraConfig {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            target_modules: LINEAR_NAMES.iter().map(|s| s.to_string()).collect(),
+            target_modules: vec!["all-linear".to_string()],
             layers: None,
             use_rslora: false,
         }
@@ -53,33 +55,32 @@ impl LoraConfig {
         }
     }
 
-    /// The target module names, with `all-linear` expanded; unknown names are errors
-    /// that list the valid ones.
-    pub fn targets(&self) -> Result<Vec<&'static str>> {
+    /// The target module names among a model's linears `modules` (see
+    /// [`linear_names`]), with `all-linear` expanded; names the model lacks are
+    /// errors that list its linears.
+    pub fn targets(&self, modules: &[&'static str]) -> Result<Vec<&'static str>> {
+        let valid = || format!("{}, or all-linear", modules.join(", "));
         let mut out = Vec::new();
         for t in &self.target_modules {
             if t == "all-linear" {
-                return Ok(LINEAR_NAMES.to_vec());
+                return Ok(modules.to_vec());
             }
-            match LINEAR_NAMES.iter().find(|n| *n == t) {
+            match modules.iter().find(|n| *n == t) {
                 Some(n) => out.push(*n),
                 None => bail!(
-                    "unknown LoRA target module '{t}'. Valid modules: {}, or all-linear",
-                    LINEAR_NAMES.join(", ")
+                    "unknown LoRA target module '{t}': this model's linears are {}",
+                    valid()
                 ),
             }
         }
         if out.is_empty() {
-            bail!(
-                "LoRA target_modules is empty. Valid modules: {}, or all-linear",
-                LINEAR_NAMES.join(", ")
-            );
+            bail!("LoRA target_modules is empty. Valid modules: {}", valid());
         }
         Ok(out)
     }
 
-    /// Checks the settings against a model with `num_layers` blocks.
-    pub fn validate(&self, num_layers: usize) -> Result<()> {
+    /// Checks the settings against a model of `config`.
+    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         if self.r == 0 {
             bail!("LoRA rank r must be at least 1 (got r = 0)");
         }
@@ -87,14 +88,14 @@ impl LoraConfig {
             bail!("LoRA dropout must be in [0, 1) (got {})", self.dropout);
         }
         if let Some(layers) = &self.layers {
-            if let Some(bad) = layers.iter().find(|&&l| l >= num_layers) {
+            if let Some(bad) = layers.iter().find(|&&l| l >= config.num_hidden_layers) {
                 bail!(
                     "LoRA layer {bad} does not exist: the model has layers 0..{}",
-                    num_layers - 1
+                    config.num_hidden_layers - 1
                 );
             }
         }
-        self.targets()?;
+        self.targets(linear_names(config))?;
         Ok(())
     }
 
@@ -224,8 +225,8 @@ pub fn peft_prefix(layer: usize, module_path: &str) -> String {
 /// Adds fresh adapters (A kaiming-uniform, B zero) to the targeted linears.
 /// Parameters are f32 whatever the base dtype. Returns how many linears were adapted.
 pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<usize> {
-    config.validate(model.layers.len())?;
-    let targets = config.targets()?;
+    config.validate(&model.config)?;
+    let targets = config.targets(linear_names(&model.config))?;
     let device = model.device().clone();
     let mut rng = Rng::new(seed);
     let mut count = 0;

@@ -94,10 +94,10 @@ impl Weights {
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let permuted = config.architecture.gguf_permutes_qk();
         let mut tensors = HashMap::new();
-        let mut rope_freqs = None;
+        let mut rope_tables = Vec::new();
         for name in content.tensor_infos.keys() {
-            if name == "rope_freqs.weight" {
-                rope_freqs = Some(name.clone());
+            if let Some(kept) = rope_table_name(name) {
+                rope_tables.push((name.clone(), kept));
                 continue;
             }
             let hf = hf_name(name, config.architecture).with_context(|| {
@@ -123,11 +123,12 @@ impl Weights {
             }
             tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
         }
-        if let Some(name) = rope_freqs {
+        for (name, kept) in rope_tables {
             let t = content
-                .tensor(&mut file, &name, &Device::Cpu)?
+                .tensor(&mut file, &name, &Device::Cpu)
+                .with_context(|| format!("reading tensor {name} from {}", path.display()))?
                 .dequantize(&Device::Cpu)?;
-            tensors.insert(ROPE_FREQS.to_string(), t);
+            tensors.insert(kept.to_string(), t);
         }
         Ok(Self::new(tensors, path.display().to_string()))
     }
@@ -142,6 +143,20 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
 
 /// Where Llama 3 GGUFs' rope frequency factors are kept among the weights.
 pub const ROPE_FREQS: &str = "rope_freqs";
+
+/// Where Phi-3 GGUFs' LongRoPE short and long factors are kept among the weights.
+pub const LONGROPE_FACTORS: [&str; 2] = ["rope_factors_short", "rope_factors_long"];
+
+/// The name under which a GGUF's rope-frequency tensor is kept, for the tensors
+/// that are rope tables rather than weights.
+fn rope_table_name(gguf: &str) -> Option<&'static str> {
+    match gguf {
+        "rope_freqs.weight" => Some(ROPE_FREQS),
+        "rope_factors_short.weight" => Some(LONGROPE_FACTORS[0]),
+        "rope_factors_long.weight" => Some(LONGROPE_FACTORS[1]),
+        _ => None,
+    }
+}
 
 /// Fails with a clear message when the file is shorter than its tensor table says.
 fn check_gguf_size(path: &Path, content: &gguf_file::Content) -> Result<()> {
@@ -167,41 +182,87 @@ fn check_gguf_size(path: &Path, content: &gguf_file::Content) -> Result<()> {
     Ok(())
 }
 
-/// Maps a GGUF tensor name to its HF name for `architecture` (Gemma's norms
-/// around attention and MLP are named apart).
-pub fn hf_name(gguf: &str, architecture: Architecture) -> Option<String> {
+/// The GGUF and HF names of a block's modules (under `blk.N.` and
+/// `model.layers.N.`) for `architecture`: Gemma's norms around attention and
+/// MLP are named apart, and Phi-3's `ffn_up` is the fused `gate_up_proj`.
+fn block_modules(architecture: Architecture) -> [(&'static str, &'static str); 15] {
     let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    let phi3 = architecture == Architecture::Phi3;
+    [
+        ("attn_norm", "input_layernorm"),
+        (
+            "ffn_norm",
+            match gemma {
+                true => "pre_feedforward_layernorm",
+                false => "post_attention_layernorm",
+            },
+        ),
+        (
+            match gemma {
+                true => "post_attention_norm",
+                false => "-",
+            },
+            "post_attention_layernorm",
+        ),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        (
+            "ffn_up",
+            match phi3 {
+                true => "mlp.gate_up_proj",
+                false => "mlp.up_proj",
+            },
+        ),
+        ("ffn_down", "mlp.down_proj"),
+        ("-", "-"),
+    ]
+}
+
+/// The GGUF and HF names of the tensors outside the blocks.
+const TOP_LEVEL: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Maps a GGUF tensor name to its HF name for `architecture`.
+pub fn hf_name(gguf: &str, architecture: Architecture) -> Option<String> {
+    translate(gguf, architecture, "blk.", "model.layers.", false)
+}
+
+/// Maps an HF tensor name to the name llama.cpp gives it for `architecture`.
+pub fn gguf_name(hf: &str, architecture: Architecture) -> Option<String> {
+    translate(hf, architecture, "model.layers.", "blk.", true)
+}
+
+/// One direction of the GGUF ↔ HF name map: `to_gguf` reads the table's HF side.
+fn translate(
+    name: &str,
+    architecture: Architecture,
+    from_prefix: &str,
+    to_prefix: &str,
+    to_gguf: bool,
+) -> Option<String> {
+    let pick = |(g, h): (&'static str, &'static str)| if to_gguf { (h, g) } else { (g, h) };
+    if let Some((_, to)) = TOP_LEVEL.into_iter().map(pick).find(|(f, _)| *f == name) {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
+    let rest = name.strip_prefix(from_prefix)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" if gemma => "pre_feedforward_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
-        "post_ffw_norm" => "post_feedforward_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    let (_, to) = block_modules(architecture)
+        .into_iter()
+        .map(pick)
+        .find(|(f, t)| *f == module && *t != "-")?;
+    Some(format!("{to_prefix}{layer}.{to}.{kind}"))
 }
 
 /// Undoes llama.cpp's row permutation of q_proj/k_proj: GGUF interleaves the
@@ -248,6 +309,36 @@ mod tests {
             "model.embed_tokens.weight"
         );
         assert!(hf_name("blk.0.mystery.weight", Architecture::Llama).is_none());
+    }
+
+    /// Every weight of every architecture maps to a GGUF name and back.
+    #[test]
+    fn gguf_names_invert_hf_names() {
+        for arch in Architecture::ALL {
+            let model = crate::model::CausalLm::random(
+                &crate::config::ModelConfig::tiny(arch),
+                1,
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (hf, _) in model.named_weights() {
+                let gguf = gguf_name(&hf, arch).unwrap_or_else(|| panic!("{arch:?} {hf}"));
+                assert_eq!(hf_name(&gguf, arch).as_deref(), Some(hf.as_str()), "{gguf}");
+            }
+        }
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.gate_up_proj.weight", Architecture::Phi3).unwrap(),
+            "blk.1.ffn_up.weight"
+        );
+        assert_eq!(
+            gguf_name(
+                "model.layers.0.post_attention_layernorm.weight",
+                Architecture::Gemma3
+            )
+            .unwrap(),
+            "blk.0.post_attention_norm.weight"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tuneforge::train::{TrainConfig, Trainer};
 use tuneforge::{lora, GenerationConfig, LoadOptions, LoraConfig, Message, Model};
 
 /// The architectures with fixtures.
-const ARCHS: [&str; 4] = ["qwen3", "smollm3", "gemma3", "gemma2"];
+const ARCHS: [&str; 5] = ["qwen3", "smollm3", "gemma3", "gemma2", "phi3"];
 const LOGIT_TOL: f64 = 1e-3;
 const LOSS_TOL: f64 = 1e-4;
 
@@ -369,5 +369,56 @@ fn compare_scores_every_variant() {
                 .all(|v| v.outputs.len() == 2 && v.nll.is_finite()),
             "{arch}"
         );
+    }
+}
+
+/// Phi-3's LongRoPE in the older config.json schema that Phi-3 and Phi-4-mini
+/// repos carry (`rope_scaling` of type longrope, `partial_rotary_factor` and
+/// `original_max_position_embeddings` at the top level): the fixture's weights
+/// with a pretrained context of 16 extended to 64 give transformers' logits on
+/// a sequence within the pretrained context (short factors) and on one beyond
+/// it (long factors at every position), so the long factors are not just read
+/// but used, with the attention factor on cos and sin.
+#[test]
+fn phi3_longrope_matches_transformers_within_and_beyond_the_pretrained_context() {
+    let src = fixture_dir("phi3");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("longrope.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let config_map = config.as_object_mut().unwrap();
+    config_map.remove("rope_parameters");
+    config_map.insert("rope_theta".into(), 10_000.0.into());
+    for (k, v) in reference["config_overrides"].as_object().unwrap() {
+        config_map.insert(k.clone(), v.clone());
+    }
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let model = Model::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let lr = model.lm.config.longrope.as_ref().expect("longrope is read");
+    assert_eq!(lr.original_max_position_embeddings, 16);
+    assert_eq!(model.lm.config.rotary_dim, Some(12));
+    for row in ["short", "long"] {
+        let ids = common::ids(&reference[row]["ids"]);
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got = model.lm.forward(&ids).unwrap().squeeze(0).unwrap();
+        let want: Vec<Vec<f32>> = reference[row]["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| common::floats(p).iter().map(|&x| x as f32).collect())
+            .collect();
+        let diff = common::max_abs_diff(&got, &Tensor::new(want, &Device::Cpu).unwrap()) as f64;
+        assert!(diff <= LOGIT_TOL, "longrope {row}: logits off by {diff}");
     }
 }

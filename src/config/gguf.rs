@@ -1,7 +1,7 @@
 //! [`ModelConfig`] from a GGUF file's metadata (`{arch}.block_count` and
 //! friends), with what llama.cpp assumes where its converter writes nothing.
 
-use super::{Architecture, ModelConfig};
+use super::{Architecture, LongRope, ModelConfig};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 
@@ -42,18 +42,49 @@ impl ModelConfig {
                 .collect(),
             _ => Vec::new(),
         };
-        let head_dim = usize_of("rope.dimension_count")
-            .or_else(|_| usize_of("attention.key_length"))
-            .unwrap_or(hidden_size / num_attention_heads);
+        // Phi-3's rope.dimension_count is the rotary part of a head only.
+        let phi3 = architecture == Architecture::Phi3;
+        let rope_dims = usize_of("rope.dimension_count").ok();
+        let head_dim = match (phi3, rope_dims) {
+            (false, Some(d)) => Ok(d),
+            _ => usize_of("attention.key_length"),
+        }
+        .unwrap_or(hidden_size / num_attention_heads);
+        let rotary_dim = rope_dims.filter(|&r| r < head_dim);
+        // LongRoPE's factors are tensors, which the model reads with the weights.
+        let longrope = match content
+            .tensor_infos
+            .contains_key("rope_factors_long.weight")
+        {
+            true => {
+                let original = usize_of("rope.scaling.original_context_length")?;
+                let context = usize_of("context_length")?;
+                let attention_factor = match get("rope.scaling.attn_factor") {
+                    Ok(v) => v.to_f32()? as f64,
+                    Err(_) => LongRope::default_attention_factor(context, original),
+                };
+                Some(LongRope {
+                    short_factor: Vec::new(),
+                    long_factor: Vec::new(),
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                })
+            }
+            false => None,
+        };
         let f32_of = |k: &str| get(k).ok().map(|v| v.to_f32()).transpose();
         let gemma = architecture.is_gemma();
         // As llama.cpp reads Gemma: sliding layers from an optional pattern (an
         // array of flags, or one full layer in every N: 6 for Gemma 3, 2 for Gemma 2),
         // the local rope base (10,000 unless given), and the attention scale
         // 1/√head_dim (1/√(hidden/heads) for the 27B models).
-        let sliding_window = usize_of("attention.sliding_window").ok().filter(|_| gemma);
+        // Phi-3 slides on every layer where its window (0: none) is shorter than the context.
+        let sliding_window = usize_of("attention.sliding_window")
+            .ok()
+            .filter(|&w| gemma || (phi3 && w > 0 && w < usize_of("context_length").unwrap_or(0)));
         let sliding_layers = match (sliding_window, get("attention.sliding_window_pattern")) {
             (None, _) => Vec::new(),
+            (Some(_), _) if phi3 => (0..num_hidden_layers).collect(),
             (Some(_), Ok(gguf_file::Value::Array(flags))) => (0..num_hidden_layers)
                 .filter(|&i| flags.get(i).and_then(|f| f.to_bool().ok()).unwrap_or(false))
                 .collect(),
@@ -113,6 +144,8 @@ impl ModelConfig {
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
             no_rope_layers,
+            rotary_dim,
+            longrope,
             // The architecture's fixed switches: q/k norms, Gemma's norms and GeGLU.
             ..Self::switches_of(architecture, num_hidden_layers, head_dim)
         })

@@ -2,7 +2,7 @@
 //! (`rope_parameters`, per layer type for Gemma 3) and the older one
 //! (`rope_theta`, `rope_scaling`, `rope_local_base_freq` at the top level).
 
-use super::{Activation, Architecture, ModelConfig};
+use super::{Activation, Architecture, LongRope, ModelConfig};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -38,6 +38,10 @@ struct HfConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     max_position_embeddings: usize,
+    /// Phi-3: the pretrained context that LongRoPE extends.
+    original_max_position_embeddings: Option<usize>,
+    /// The older schema: the share of each head that rope turns.
+    partial_rotary_factor: Option<f64>,
     #[serde(default)]
     tie_word_embeddings: bool,
     bos_token_id: Option<u32>,
@@ -93,15 +97,38 @@ impl ModelConfig {
             }
             None => c.rope_local_base_freq,
         };
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        let partial =
+            match rope.and_then(|v| v.get("partial_rotary_factor")) {
+                Some(v) => Some(v.as_f64().with_context(|| {
+                    format!("{rope_field}.partial_rotary_factor is not a number")
+                })?),
+                None => c.partial_rotary_factor,
+            };
+        let rotary_dim = match partial {
+            Some(p) if !(p > 0.0 && p <= 1.0) => {
+                bail!("partial_rotary_factor {p} is not in (0, 1]")
+            }
+            // As transformers rounds it: int(head_dim · factor).
+            // (The small nudge keeps a factor written as r / head_dim exact.)
+            Some(p) => Some((head_dim as f64 * p + 1e-9) as usize).filter(|&r| r < head_dim),
+            None => None,
+        };
         let rope_type = rope.and_then(|v| v.get("rope_type").or(v.get("type")));
+        let mut longrope = None;
         let rope_scaling = match rope_type.map(|t| t.as_str()) {
             None | Some(Some("default")) => None,
             Some(Some("llama3")) => Some(
                 serde_json::from_value(rope.cloned().unwrap_or_default())
                     .with_context(|| format!("reading {rope_field}"))?,
             ),
+            Some(Some("longrope" | "su")) => {
+                let r = rope.cloned().unwrap_or_default();
+                longrope = Some(read_longrope(&r, rope_field, &c)?);
+                None
+            }
             Some(t) => bail!(
-                "{rope_field}.rope_type {}: not implemented (tuneforge implements default and llama3)",
+                "{rope_field}.rope_type {}: not implemented (tuneforge implements default, llama3 and longrope)",
                 t.map_or("(not a string)".into(), |t| format!("'{t}'"))
             ),
         };
@@ -176,6 +203,13 @@ impl ModelConfig {
                     .filter(|i| (i + 1) % every != 0)
                     .collect()
             }
+            // Phi-3 slides the window on every layer, as transformers does.
+            (None, Some(w)) if architecture == Architecture::Phi3 => {
+                match w < c.max_position_embeddings {
+                    true => (0..c.num_hidden_layers).collect(),
+                    false => Vec::new(),
+                }
+            }
             // Mistral's window is not applied (see [`Architecture::Mistral`]).
             (None, Some(_)) => Vec::new(),
         };
@@ -196,7 +230,7 @@ impl ModelConfig {
             num_hidden_layers: c.num_hidden_layers,
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            head_dim,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
@@ -212,11 +246,56 @@ impl ModelConfig {
             rope_local_theta: rope_local_theta.filter(|_| architecture == Architecture::Gemma3),
             attn_logit_softcapping: c.attn_logit_softcapping.filter(|_| gemma),
             final_logit_softcapping: c.final_logit_softcapping.filter(|_| gemma),
+            rotary_dim,
+            longrope,
             // The architecture's fixed switches: q/k norms and Gemma's norms.
             ..Self::switches_of(architecture, c.num_hidden_layers, 0)
         })
     }
+}
 
+/// LongRoPE's settings from `rope` (`rope_parameters` or `rope_scaling`, named
+/// `field` in errors); the pretrained context comes from the top level first, as
+/// transformers reads it for Phi-3.
+fn read_longrope(rope: &serde_json::Value, field: &str, c: &HfConfig) -> Result<LongRope> {
+    let factors = |key: &str| -> Result<Vec<f64>> {
+        rope.get(key)
+            .and_then(|v| v.as_array())
+            .with_context(|| format!("{field}.{key} is missing or not a list of numbers"))?
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .with_context(|| format!("{field}.{key} holds a non-number"))
+            })
+            .collect()
+    };
+    let original = c
+        .original_max_position_embeddings
+        .or_else(|| {
+            rope.get("original_max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        })
+        .with_context(|| {
+            format!("longrope needs original_max_position_embeddings (top level or {field})")
+        })?;
+    let attention_factor = match rope.get("attention_factor").and_then(|v| v.as_f64()) {
+        Some(a) => a,
+        None => match rope.get("factor").and_then(|v| v.as_f64()) {
+            Some(f) if f > 1.0 => (1.0 + f.ln() / (original as f64).ln()).sqrt(),
+            Some(_) => 1.0,
+            None => LongRope::default_attention_factor(c.max_position_embeddings, original),
+        },
+    };
+    Ok(LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
+}
+
+impl ModelConfig {
     /// The HF `config.json` for this model, as written beside merged weights.
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
@@ -243,6 +322,18 @@ impl ModelConfig {
             s["rope_type"] = "llama3".into();
             v["rope_scaling"] = s;
         }
+        if let Some(lr) = &self.longrope {
+            v["original_max_position_embeddings"] = lr.original_max_position_embeddings.into();
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "longrope",
+                "short_factor": lr.short_factor,
+                "long_factor": lr.long_factor,
+                "attention_factor": lr.attention_factor,
+            });
+        }
+        if let Some(r) = self.rotary_dim {
+            v["partial_rotary_factor"] = (r as f64 / self.head_dim as f64).into();
+        }
         if self.architecture.has_qkv_bias() {
             v["attention_bias"] = true.into();
         }
@@ -252,6 +343,8 @@ impl ModelConfig {
         }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = w.into();
+        }
+        if let (Some(_), false) = (self.sliding_window, self.architecture == Architecture::Phi3) {
             let types: Vec<&str> = (0..self.num_hidden_layers)
                 .map(|i| match self.sliding_layers.contains(&i) {
                     true => "sliding_attention",
@@ -429,6 +522,47 @@ mod tests {
         assert!(
             err.contains("no_rope_layers") && err.contains("8 layers"),
             "{err}"
+        );
+    }
+
+    /// Phi-3 as Phi-4-mini's repo writes it: a partial rotary factor, LongRoPE,
+    /// and a sliding window on every layer where one is set; a LongRoPE
+    /// without its long factors is refused, naming the field.
+    #[test]
+    fn phi3_reads_partial_rotary_longrope_and_its_window() {
+        let phi = |extra: &str| {
+            format!(
+                r#"{{"model_type": "phi3", "vocab_size": 259, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+                "partial_rotary_factor": 0.75{extra}}}"#
+            )
+        };
+        let factors = "[1, 1, 1, 1, 1, 1]";
+        let c = ModelConfig::from_hf_json(&phi(&format!(
+            r#", "sliding_window": 512, "rope_scaling": {{"type": "longrope",
+            "short_factor": {factors}, "long_factor": {factors}}}"#
+        )))
+        .unwrap();
+        assert!(c.fused_projections);
+        assert_eq!((c.head_dim, c.rotary_dim()), (16, 12));
+        assert_eq!(c.sliding_layers, [0, 1]);
+        let lr = c.longrope.clone().unwrap();
+        assert_eq!(lr.original_max_position_embeddings, 256);
+        // √(1 + ln 4 / ln 256) = √1.25
+        assert!((lr.attention_factor - 1.25f64.sqrt()).abs() < 1e-12);
+        assert_eq!(
+            ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap(),
+            c
+        );
+        let err = ModelConfig::from_hf_json(&phi(&format!(
+            r#", "rope_scaling": {{"type": "longrope", "short_factor": {factors}}}"#
+        )))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("rope_scaling.long_factor"),
+            "{err:#}"
         );
     }
 }

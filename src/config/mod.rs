@@ -30,11 +30,14 @@ pub enum Architecture {
     /// Gemma 2: scaled embeddings, `(1 + w)` norms around attention and MLP,
     /// GeGLU, sliding-window layers, soft-capped attention and logits.
     Gemma2,
+    /// Phi-3 and Phi-4-mini: Llama with fused `qkv_proj` and `gate_up_proj`,
+    /// rope on part of each head, and LongRoPE scaling.
+    Phi3,
 }
 
 /// The architectures tuneforge runs, as config.json's `model_type` and GGUF name them.
-pub const ARCHITECTURES: [&str; 7] = [
-    "llama", "qwen2", "mistral", "qwen3", "smollm3", "gemma3", "gemma2",
+pub const ARCHITECTURES: [&str; 8] = [
+    "llama", "qwen2", "mistral", "qwen3", "smollm3", "gemma3", "gemma2", "phi3",
 ];
 
 /// The MLP's activation: `down(act(gate(x)) · up(x))`.
@@ -50,7 +53,7 @@ pub enum Activation {
 
 impl Architecture {
     /// Every architecture tuneforge runs.
-    pub const ALL: [Architecture; 7] = [
+    pub const ALL: [Architecture; 8] = [
         Self::Llama,
         Self::Qwen2,
         Self::Mistral,
@@ -58,6 +61,7 @@ impl Architecture {
         Self::SmolLm3,
         Self::Gemma3,
         Self::Gemma2,
+        Self::Phi3,
     ];
 
     /// Parses an architecture name as found in config.json (`LlamaForCausalLM`),
@@ -81,6 +85,8 @@ impl Architecture {
             Self::Gemma3
         } else if n.starts_with("gemma2") {
             Self::Gemma2
+        } else if n.starts_with("phi3") {
+            Self::Phi3
         } else {
             bail!(
                 "unsupported architecture '{name}': tuneforge runs {}",
@@ -99,6 +105,7 @@ impl Architecture {
             Self::SmolLm3 => "SmolLM3ForCausalLM",
             Self::Gemma3 => "Gemma3ForCausalLM",
             Self::Gemma2 => "Gemma2ForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -112,6 +119,7 @@ impl Architecture {
             Self::SmolLm3 => "smollm3",
             Self::Gemma3 => "gemma3_text",
             Self::Gemma2 => "gemma2",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -142,6 +150,33 @@ pub struct Llama3RopeScaling {
     pub high_freq_factor: f64,
     /// The context length the model was pretrained with.
     pub original_max_position_embeddings: usize,
+}
+
+/// LongRoPE frequency scaling (Phi-3 128k, Phi-4-mini): each rotary frequency
+/// is divided by a factor of its own, the short factors while a sequence fits
+/// the pretrained context and the long ones beyond it, and cos/sin are scaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LongRope {
+    /// Per-frequency divisors within the pretrained context (`rotary_dim / 2`).
+    pub short_factor: Vec<f64>,
+    /// Per-frequency divisors beyond it.
+    pub long_factor: Vec<f64>,
+    /// The context length the model was pretrained with.
+    pub original_max_position_embeddings: usize,
+    /// The factor on cos and sin.
+    pub attention_factor: f64,
+}
+
+impl LongRope {
+    /// The attention factor transformers and llama.cpp derive when none is given:
+    /// `√(1 + ln s / ln original)` for the context extension `s`.
+    pub fn default_attention_factor(max_positions: usize, original: usize) -> f64 {
+        let s = max_positions as f64 / original as f64;
+        match s > 1.0 {
+            true => (1.0 + s.ln() / (original as f64).ln()).sqrt(),
+            false => 1.0,
+        }
+    }
 }
 
 /// Architecture hyperparameters of a decoder-only model.
@@ -216,9 +251,25 @@ pub struct ModelConfig {
     /// Logits become `c · tanh(z / c)` (Gemma 2).
     #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
+    /// Rope turns only the first `rotary_dim` features of each head (Phi-3's
+    /// partial rotary factor); `None`: the whole head.
+    #[serde(default)]
+    pub rotary_dim: Option<usize>,
+    /// LongRoPE scaling (Phi-3, Phi-4-mini), if any.
+    #[serde(default)]
+    pub longrope: Option<LongRope>,
+    /// q, k and v come from one fused linear, and gate and up from another
+    /// (Phi-3's `qkv_proj` and `gate_up_proj`).
+    #[serde(default)]
+    pub fused_projections: bool,
 }
 
 impl ModelConfig {
+    /// How many features of each head rope turns.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim)
+    }
+
     /// Whether layer `i` applies rope to q and k.
     pub fn layer_uses_rope(&self, i: usize) -> bool {
         !self.no_rope_layers.contains(&i)
@@ -239,13 +290,15 @@ impl ModelConfig {
             rope_theta: 10_000.0,
             rope_scaling: None,
             max_position_embeddings: 256,
-            tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             no_rope_layers: match architecture {
                 Architecture::SmolLm3 => vec![1],
                 _ => Vec::new(),
             },
+            // Phi-4-mini's partial rotary factor, 0.75, and its own lm_head.
+            rotary_dim: (architecture == Architecture::Phi3).then_some(6),
+            tie_word_embeddings: architecture != Architecture::Phi3,
             ..Self::switches_of(architecture, 2, 8)
         }
     }
@@ -292,6 +345,9 @@ impl ModelConfig {
             rope_local_theta: (architecture == Architecture::Gemma3).then_some(10_000.0),
             attn_logit_softcapping: (architecture == Architecture::Gemma2).then_some(50.0),
             final_logit_softcapping: (architecture == Architecture::Gemma2).then_some(30.0),
+            rotary_dim: None,
+            longrope: None,
+            fused_projections: architecture == Architecture::Phi3,
         }
     }
 

@@ -7,7 +7,7 @@
 //! against candle's autograd and against finite differences.
 
 use super::linear::LoraGrad;
-use super::{ops, Linear, Pass};
+use super::{ops, Linear, Pass, Projections};
 use crate::config::Activation;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
@@ -15,12 +15,9 @@ use candle_core::Tensor;
 /// Self-attention with grouped-query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
+    /// The query, key and value projections (`q_proj`, `k_proj`, `v_proj`, or
+    /// Phi-3's fused `qkv_proj`).
+    pub qkv: Projections,
     /// Output projection.
     pub o_proj: Linear,
     /// Per-head RMSNorm weight on q before rope (`[head_dim]`, Qwen3, Gemma 3).
@@ -39,10 +36,9 @@ pub struct Attention {
 /// The gated MLP: SwiGLU, or GeGLU (Gemma).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    /// Gate projection.
-    pub gate_proj: Linear,
-    /// Up projection.
-    pub up_proj: Linear,
+    /// The gate and up projections (`gate_proj`, `up_proj`, or Phi-3's fused
+    /// `gate_up_proj`).
+    pub gate_up: Projections,
     /// Down projection.
     pub down_proj: Linear,
     /// The activation on the gate.
@@ -161,32 +157,27 @@ fn rows(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Block {
-    /// The block's seven linears with their module paths (`self_attn.q_proj`, ...).
-    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+    /// The block's linears with their module paths (`self_attn.q_proj`, ...), in
+    /// a fixed order: q, k, v (or qkv), o, gate, up (or gate_up), down.
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        let mut out: Vec<(&'static str, &Linear)> =
+            a.qkv.linears.iter().map(|(p, l)| (*p, l)).collect();
+        out.push(("self_attn.o_proj", &a.o_proj));
+        out.extend(m.gate_up.linears.iter().map(|(p, l)| (*p, l)));
+        out.push(("mlp.down_proj", &m.down_proj));
+        out
     }
 
-    /// The block's seven linears, mutable, with their module paths.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+    /// The block's linears, mutable, with their module paths, in [`Block::linears`] order.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
+        let mut out: Vec<(&'static str, &mut Linear)> =
+            a.qkv.linears.iter_mut().map(|(p, l)| (*p, l)).collect();
+        out.push(("self_attn.o_proj", &mut a.o_proj));
+        out.extend(m.gate_up.linears.iter_mut().map(|(p, l)| (*p, l)));
+        out.push(("mlp.down_proj", &mut m.down_proj));
+        out
     }
 
     /// Rotates q or k (`[b, heads, t, head_dim]`) by position, on layers with rope.
@@ -234,7 +225,7 @@ impl Block {
     pub fn keeps_probs(&self, t: usize) -> bool {
         let a = &self.self_attn;
         let (d, kvd) = (a.o_proj.out_features(), a.n_kv_heads * a.head_dim);
-        let f = self.mlp.up_proj.out_features();
+        let f = self.mlp.gate_up.width(1);
         a.n_heads * t <= 3 * d + 2 * kvd + 2 * f
     }
 
@@ -257,11 +248,16 @@ impl Block {
         let a = &self.self_attn;
         let h1 = ops::rms_norm(x, &self.input_layernorm, ctx.eps)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q_raw = heads(a.q_proj.forward_t(&h1, pass)?, h)?.contiguous()?;
-        let k_raw = heads(a.k_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
+        let [q_raw, k_raw, v]: [Tensor; 3] = a
+            .qkv
+            .forward_t(&h1, pass)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("attention needs three projections: q, k and v"))?;
+        let q_raw = heads(q_raw, h)?.contiguous()?;
+        let k_raw = heads(k_raw, kv)?.contiguous()?;
         let q = self.rotate(&maybe_norm(q_raw.clone(), a.q_norm.as_ref(), ctx.eps)?, ctx)?;
         let mut k = self.rotate(&maybe_norm(k_raw.clone(), a.k_norm.as_ref(), ctx.eps)?, ctx)?;
-        let mut v = heads(a.v_proj.forward_t(&h1, pass)?, kv)?.contiguous()?;
+        let mut v = heads(v, kv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -285,8 +281,13 @@ impl Block {
 
         let m = &self.mlp;
         let h2 = ops::rms_norm(&x2, &self.post_attention_layernorm, ctx.eps)?;
-        let gate = m.gate_proj.forward_t(&h2, pass)?;
-        let up = m.up_proj.forward_t(&h2, pass)?;
+        let [gate, up]: [Tensor; 2] = m
+            .gate_up
+            .forward_t(&h2, pass)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the MLP needs two projections: gate and up"))?;
+        // A fused projection's parts are views: the backward reads them whole.
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
         let act = (ops::activation(&gate, m.act)? * &up)?;
         let mlp_out = m.down_proj.forward_t(&act, pass)?;
         let y = (&x2 + maybe_norm(mlp_out.clone(), self.mlp_out_norm.as_ref(), ctx.eps)?)?;
@@ -309,14 +310,14 @@ impl Block {
     }
 
     /// Backpropagates `dy` (`[b, t, hidden]`) through the block whose forward
-    /// saved `saved`. Returns `dx` and the LoRA gradients of the seven linears,
+    /// saved `saved`. Returns `dx` and the LoRA gradients of the block's linears,
     /// in [`Block::linears`] order (`None` where a linear has no adapter).
     pub fn backward(
         &self,
         saved: &BlockSaved,
         dy: &Tensor,
         ctx: &BlockContext,
-    ) -> Result<(Tensor, [Option<LoraGrad>; 7])> {
+    ) -> Result<(Tensor, Vec<Option<LoraGrad>>)> {
         let s = saved;
         let (b, t, d) = dy.dims3()?;
         let (h, kv, hd) = (
@@ -348,7 +349,7 @@ impl Block {
         let d_act = d_act.reshape((b, t, ()))?;
         let d_up = (&d_act * &act_gate)?;
         let d_gate = ops::activation_backward(&s.gate, m.act, &(&d_act * &s.up)?)?;
-        let h2 = match m.gate_proj.needs_input() || m.up_proj.needs_input() {
+        let h2 = match m.gate_up.needs_input() {
             true => Some(rows(&ops::rms_norm(
                 &s.x2,
                 &self.post_attention_layernorm,
@@ -356,10 +357,11 @@ impl Block {
             )?)?),
             false => None,
         };
-        let (dh2_gate, g_gate) = m.gate_proj.backward(h2.as_ref(), &rows(&d_gate)?, seed)?;
-        let (dh2_up, g_up) = m.up_proj.backward(h2.as_ref(), &rows(&d_up)?, seed)?;
+        let (dh2, g_gate_up) =
+            m.gate_up
+                .backward(h2.as_ref(), &[rows(&d_gate)?, rows(&d_up)?], seed)?;
         drop(h2);
-        let dh2 = (dh2_gate + dh2_up)?.reshape((b, t, d))?;
+        let dh2 = dh2.reshape((b, t, d))?;
         let dx2 =
             (dy + ops::rms_norm_backward(&s.x2, &self.post_attention_layernorm, ctx.eps, &dh2)?)?;
 
@@ -405,18 +407,18 @@ impl Block {
         let dq = maybe_norm_backward(s.q_raw.as_ref(), a.q_norm.as_ref(), ctx.eps, &dq)?;
         let dk = maybe_norm_backward(s.k_raw.as_ref(), a.k_norm.as_ref(), ctx.eps, &dk)?;
         let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * hd));
-        let h1 = match [&a.q_proj, &a.k_proj, &a.v_proj]
-            .iter()
-            .any(|l| l.needs_input())
-        {
+        let h1 = match a.qkv.needs_input() {
             true => Some(rows(&ops::rms_norm(&s.x, &self.input_layernorm, ctx.eps)?)?),
             false => None,
         };
-        let (dh1_q, g_q) = a.q_proj.backward(h1.as_ref(), &flat(dq, h)?, seed)?;
-        let (dh1_k, g_k) = a.k_proj.backward(h1.as_ref(), &flat(dk, kv)?, seed)?;
-        let (dh1_v, g_v) = a.v_proj.backward(h1.as_ref(), &flat(dv, kv)?, seed)?;
-        let dh1 = ((dh1_q + dh1_k)? + dh1_v)?.reshape((b, t, d))?;
+        let d_qkv = [flat(dq, h)?, flat(dk, kv)?, flat(dv, kv)?];
+        let (dh1, g_qkv) = a.qkv.backward(h1.as_ref(), &d_qkv, seed)?;
+        let dh1 = dh1.reshape((b, t, d))?;
         let dx = (&dx2 + ops::rms_norm_backward(&s.x, &self.input_layernorm, ctx.eps, &dh1)?)?;
-        Ok((dx, [g_q, g_k, g_v, g_o, g_gate, g_up, g_down]))
+        let mut grads = g_qkv;
+        grads.push(g_o);
+        grads.extend(g_gate_up);
+        grads.push(g_down);
+        Ok((dx, grads))
     }
 }

@@ -10,18 +10,20 @@ mod gemv;
 pub mod linear;
 pub mod mask;
 pub mod ops;
+pub mod projections;
 pub mod rope;
 
 pub use block::{Attention, Block, BlockContext, BlockSaved, Mlp};
 pub use linear::Linear;
+pub use projections::Projections;
 
 use crate::config::ModelConfig;
-use crate::weights::{Weights, ROPE_FREQS};
-use anyhow::Result;
+use crate::weights::{Weights, LONGROPE_FACTORS, ROPE_FREQS};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use rope::RotaryTable;
+use rope::Rotaries;
 
-/// The seven linears of a decoder block, by their HF names.
+/// The seven linears of a Llama-family decoder block, by their HF names.
 pub const LINEAR_NAMES: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -31,6 +33,17 @@ pub const LINEAR_NAMES: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// The four linears of a block with fused projections (Phi-3), by their HF names.
+pub const FUSED_LINEAR_NAMES: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
+/// The HF names of the linears of a block of `config`'s architecture.
+pub fn linear_names(config: &ModelConfig) -> &'static [&'static str] {
+    match config.fused_projections {
+        true => &FUSED_LINEAR_NAMES,
+        false => &LINEAR_NAMES,
+    }
+}
 
 /// Per-layer cached keys and values for incremental decoding.
 #[derive(Debug, Clone, Default)]
@@ -106,8 +119,7 @@ pub struct CausalLm {
     pub norm: Tensor,
     /// The output projection; `None` when tied to the embeddings.
     pub lm_head: Option<Linear>,
-    rotary: RotaryTable,
-    local_rotary: Option<RotaryTable>,
+    rotary: Rotaries,
     dtype: DType,
 }
 
@@ -181,13 +193,50 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let path = |module: &str| format!("{p}.{module}");
+            let qkv = match c.fused_projections {
+                true => Projections::fused(
+                    "self_attn.qkv_proj",
+                    linear(&mut w, &path("self_attn.qkv_proj"), qd + 2 * kvd, d, bias)?,
+                    vec![qd, kvd, kvd],
+                )?,
+                false => Projections::separate(vec![
+                    (
+                        "self_attn.q_proj",
+                        linear(&mut w, &path("self_attn.q_proj"), qd, d, bias)?,
+                    ),
+                    (
+                        "self_attn.k_proj",
+                        linear(&mut w, &path("self_attn.k_proj"), kvd, d, bias)?,
+                    ),
+                    (
+                        "self_attn.v_proj",
+                        linear(&mut w, &path("self_attn.v_proj"), kvd, d, bias)?,
+                    ),
+                ]),
+            };
+            let gate_up = match c.fused_projections {
+                true => Projections::fused(
+                    "mlp.gate_up_proj",
+                    linear(&mut w, &path("mlp.gate_up_proj"), 2 * f, d, false)?,
+                    vec![f, f],
+                )?,
+                false => Projections::separate(vec![
+                    (
+                        "mlp.gate_proj",
+                        linear(&mut w, &path("mlp.gate_proj"), f, d, false)?,
+                    ),
+                    (
+                        "mlp.up_proj",
+                        linear(&mut w, &path("mlp.up_proj"), f, d, false)?,
+                    ),
+                ]),
+            };
             let self_attn = Attention {
-                q_proj: linear(&mut w, &format!("{p}.self_attn.q_proj"), qd, d, bias)?,
-                k_proj: linear(&mut w, &format!("{p}.self_attn.k_proj"), kvd, d, bias)?,
-                v_proj: linear(&mut w, &format!("{p}.self_attn.v_proj"), kvd, d, bias)?,
-                o_proj: linear(&mut w, &format!("{p}.self_attn.o_proj"), d, qd, false)?,
-                q_norm: qk_norm(&mut w, &format!("{p}.self_attn.q_norm"))?,
-                k_norm: qk_norm(&mut w, &format!("{p}.self_attn.k_norm"))?,
+                qkv,
+                o_proj: linear(&mut w, &path("self_attn.o_proj"), d, qd, false)?,
+                q_norm: qk_norm(&mut w, &path("self_attn.q_norm"))?,
+                k_norm: qk_norm(&mut w, &path("self_attn.k_norm"))?,
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
@@ -195,9 +244,8 @@ impl CausalLm {
                 softcap: c.attn_logit_softcapping,
             };
             let mlp = Mlp {
-                gate_proj: linear(&mut w, &format!("{p}.mlp.gate_proj"), f, d, false)?,
-                up_proj: linear(&mut w, &format!("{p}.mlp.up_proj"), f, d, false)?,
-                down_proj: linear(&mut w, &format!("{p}.mlp.down_proj"), d, f, false)?,
+                gate_up,
+                down_proj: linear(&mut w, &path("mlp.down_proj"), d, f, false)?,
                 act: c.hidden_act,
             };
             let sandwich = |w: &mut Weights, name: Option<&str>| -> Result<Option<Tensor>> {
@@ -225,33 +273,36 @@ impl CausalLm {
             Some(t) => Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let inv_freq = rope::inverse_frequencies(c, freq_factors.as_deref());
-        let rotary = RotaryTable::new(&inv_freq, c.max_position_embeddings, dtype, device)?;
-        let local_rotary = match c.rope_local_theta {
-            Some(theta) => {
-                let local = ModelConfig {
-                    rope_theta: theta,
-                    rope_scaling: None,
-                    ..c.clone()
-                };
-                let inv = rope::inverse_frequencies(&local, None);
-                Some(RotaryTable::new(
-                    &inv,
-                    c.max_position_embeddings,
-                    dtype,
-                    device,
-                )?)
+        let mut config = c.clone();
+        if let Some(lr) = config.longrope.as_mut() {
+            // A GGUF keeps LongRoPE's factors as tensors, which its metadata lacks.
+            for (factors, name) in [
+                (&mut lr.short_factor, LONGROPE_FACTORS[0]),
+                (&mut lr.long_factor, LONGROPE_FACTORS[1]),
+            ] {
+                if let (true, Some(t)) = (factors.is_empty(), w.get(name)) {
+                    *factors = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                }
             }
-            None => None,
-        };
+            let half = config.rotary_dim.unwrap_or(config.head_dim) / 2;
+            for (what, factors) in [("short", &lr.short_factor), ("long", &lr.long_factor)] {
+                if factors.len() != half {
+                    anyhow::bail!(
+                        "LongRoPE's {what}_factor has {} entries, but the rotary part of a head needs {half}",
+                        factors.len()
+                    );
+                }
+            }
+        }
+        let rotary = Rotaries::new(&config, freq_factors.as_deref(), dtype, device)
+            .context("building the rope tables")?;
         Ok(Self {
-            config: c.clone(),
+            config,
             embed_tokens,
             layers,
             norm,
             lm_head,
             rotary,
-            local_rotary,
             dtype,
         })
     }
@@ -285,9 +336,14 @@ impl CausalLm {
         if !c.tie_word_embeddings {
             put("lm_head.weight".into(), &[c.vocab_size, d], false)?;
         }
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for (name, out, inp) in [
+        let linears: Vec<(&str, usize, usize)> = match c.fused_projections {
+            true => vec![
+                ("self_attn.qkv_proj", qd + 2 * kvd, d),
+                ("self_attn.o_proj", d, qd),
+                ("mlp.gate_up_proj", 2 * f, d),
+                ("mlp.down_proj", d, f),
+            ],
+            false => vec![
                 ("self_attn.q_proj", qd, d),
                 ("self_attn.k_proj", kvd, d),
                 ("self_attn.v_proj", kvd, d),
@@ -295,7 +351,11 @@ impl CausalLm {
                 ("mlp.gate_proj", f, d),
                 ("mlp.up_proj", f, d),
                 ("mlp.down_proj", d, f),
-            ] {
+            ],
+        };
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for &(name, out, inp) in &linears {
                 put(format!("{p}.{name}.weight"), &[out, inp], false)?;
                 if c.architecture.has_qkv_bias()
                     && ["q_proj", "k_proj", "v_proj"]
@@ -396,35 +456,28 @@ impl CausalLm {
         })
     }
 
-    /// Rope cos/sin for `positions` (`[b, t]`), checking them against the context window.
-    pub fn rotary_for(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.check_positions(positions)?;
-        Ok(self.rotary.gather(positions)?)
-    }
-
-    /// Checks `positions` against the context window.
-    fn check_positions(&self, positions: &Tensor) -> Result<()> {
-        let max_pos = positions.max_keepdim(1)?.max(0)?.to_vec1::<u32>()?;
-        if max_pos
+    /// Rope cos/sin for `positions` (`[b, t]`), checking them against the
+    /// context window, and the sliding-window layers' own where they differ.
+    pub fn rotary_for(&self, positions: &Tensor) -> Result<(rope::CosSin, Option<rope::CosSin>)> {
+        let max_pos = positions
+            .max_keepdim(1)?
+            .max(0)?
+            .to_vec1::<u32>()?
             .first()
-            .is_some_and(|&p| p as usize >= self.rotary.len())
-        {
+            .map_or(0, |&p| p as usize);
+        if max_pos >= self.rotary.len() {
             anyhow::bail!(
-                "position {} is beyond the model's context window of {} tokens",
-                max_pos[0],
+                "position {max_pos} is beyond the model's context window of {} tokens",
                 self.rotary.len()
             );
         }
-        Ok(())
+        Ok(self.rotary.gather(positions, max_pos)?)
     }
 
     /// What every block of a forward pass over `input` shares, `past` cached
     /// positions before it: rope tables, masks, settings.
     pub fn context(&self, input: &ForwardInput, past: usize) -> Result<BlockContext> {
-        let local_rope = match &self.local_rotary {
-            Some(table) => Some(table.gather(&input.positions)?),
-            None => None,
-        };
+        let (rope, local_rope) = self.rotary_for(&input.positions)?;
         let sliding_mask = match self.config.sliding_window {
             Some(w) if self.layers.iter().any(|l| l.sliding) => {
                 let t = input.ids.dim(1)?;
@@ -434,7 +487,7 @@ impl CausalLm {
             _ => None,
         };
         Ok(BlockContext {
-            rope: self.rotary_for(&input.positions)?,
+            rope,
             local_rope,
             mask: input.mask.clone(),
             sliding_mask,

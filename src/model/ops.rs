@@ -80,21 +80,43 @@ impl Function for Softmax {
 }
 
 /// Rotary embedding in HF layout (rotate-half), `x`: `[b, heads, t, head_dim]`,
-/// `cos`/`sin`: `[b, t, head_dim / 2]` (constants: no gradient flows to them).
+/// `cos`/`sin`: `[b, t, rotary_dim / 2]` (constants: no gradient flows to them).
+/// With a partial rotary factor (Phi-3) only the first `rotary_dim` features of
+/// each head turn; the rest pass through.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    apply(
-        x,
-        Rope {
-            cos: cos.detach(),
-            sin: sin.detach(),
-        },
-    )
+    on_rotary_part(x, cos, |rot| {
+        apply(
+            rot,
+            Rope {
+                cos: cos.detach(),
+                sin: sin.detach(),
+            },
+        )
+    })
 }
 
 /// The gradient of [`rope`] with respect to `x`: rope rotates each pair by an
 /// angle, and its transpose rotates back.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope(&dy.contiguous()?, cos, &sin.neg()?)
+    on_rotary_part(dy, cos, |rot| {
+        candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, &sin.neg()?)
+    })
+}
+
+/// Applies `f` to the first `2 · cos.dim(-1)` features of `x`'s last axis and
+/// leaves the rest as they are.
+fn on_rotary_part(
+    x: &Tensor,
+    cos: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (hd, rd) = (x.dim(D::Minus1)?, 2 * cos.dim(D::Minus1)?);
+    if rd == hd {
+        return f(x);
+    }
+    let last = x.rank() - 1;
+    let rotated = f(&x.narrow(last, 0, rd)?.contiguous()?)?;
+    Tensor::cat(&[&rotated, &x.narrow(last, rd, hd - rd)?], last)
 }
 
 /// The gradient of SiLU, `x·σ(x)`, given its input `x` and output gradient `dy`.
@@ -279,6 +301,14 @@ mod tests {
             (
                 "rope",
                 vec![1, 2, 3, 4],
+                Box::new({
+                    let (cos, sin) = (cos.clone(), sin.clone());
+                    move |x| rope(x, &cos, &sin)
+                }),
+            ),
+            (
+                "partial_rope",
+                vec![1, 2, 3, 6],
                 Box::new(move |x| rope(x, &cos, &sin)),
             ),
             (
@@ -340,6 +370,22 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// `rope_backward`, which the block's backward calls, equals autograd's
+    /// gradient through `rope`, for a full and a partial rotary part.
+    #[test]
+    fn rope_backward_matches_autograd() {
+        let (cos, sin) = (randn(&[1, 3, 2], 5), randn(&[1, 3, 2], 6));
+        for head_dim in [4, 6] {
+            let x = Var::from_tensor(&randn(&[1, 2, 3, head_dim], 7)).unwrap();
+            let dy = randn(&[1, 2, 3, head_dim], 8);
+            let y = rope(x.as_tensor(), &cos, &sin).unwrap();
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = grads.get(x.as_tensor()).unwrap();
+            let got = rope_backward(&dy, &cos, &sin).unwrap();
+            assert!(max_abs_diff(want, &got) < 1e-5, "head_dim {head_dim}");
         }
     }
 

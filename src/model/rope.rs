@@ -1,5 +1,6 @@
 //! Rotary position tables: cos/sin per position and frequency, with Llama 3
-//! frequency scaling, gathered per token so that packed rows can restart positions.
+//! or LongRoPE frequency scaling, gathered per token so that packed rows can
+//! restart positions.
 
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
@@ -11,10 +12,11 @@ pub struct RotaryTable {
     sin: Tensor,
 }
 
-/// The inverse frequencies of a config, `[head_dim / 2]`, with Llama 3 scaling applied
-/// (from `rope_scaling`, or from a GGUF's `rope_freqs` factors).
+/// The inverse frequencies of a config, `[rotary_dim / 2]`, with Llama 3 scaling
+/// applied (from `rope_scaling`), and divided by `freq_factors` where given (a
+/// GGUF's `rope_freqs`, or LongRoPE's short or long factors).
 pub fn inverse_frequencies(config: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
-    let d = config.head_dim;
+    let d = config.rotary_dim();
     let mut inv: Vec<f64> = (0..d / 2)
         .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64))
         .collect();
@@ -42,10 +44,12 @@ pub fn inverse_frequencies(config: &ModelConfig, freq_factors: Option<&[f32]>) -
 }
 
 impl RotaryTable {
-    /// Tables for positions `0..max_positions`.
+    /// Tables for positions `0..max_positions`, cos and sin multiplied by
+    /// `attention_factor` (LongRoPE's; 1 otherwise).
     pub fn new(
         inv_freq: &[f32],
         max_positions: usize,
+        attention_factor: f64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -56,8 +60,8 @@ impl RotaryTable {
             .reshape((max_positions, 1))?;
         let angles = pos.broadcast_mul(&inv)?;
         Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
+            cos: (angles.cos()? * attention_factor)?.to_dtype(dtype)?,
+            sin: (angles.sin()? * attention_factor)?.to_dtype(dtype)?,
         })
     }
 
@@ -71,7 +75,7 @@ impl RotaryTable {
         self.len() == 0
     }
 
-    /// cos and sin for `positions` (`[b, t]`, u32), each `[b, t, head_dim / 2]`.
+    /// cos and sin for `positions` (`[b, t]`, u32), each `[b, t, rotary_dim / 2]`.
     pub fn gather(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
         let flat = positions.flatten_all()?;
@@ -79,6 +83,99 @@ impl RotaryTable {
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, t, half))?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, t, half))?;
         Ok((cos, sin))
+    }
+}
+
+/// cos and sin, each `[b, t, rotary_dim / 2]`.
+pub type CosSin = (Tensor, Tensor);
+
+/// A model's rope tables: the main one, LongRoPE's table for sequences longer
+/// than the pretrained context, and the sliding-window layers' own (Gemma 3).
+#[derive(Debug, Clone)]
+pub struct Rotaries {
+    main: RotaryTable,
+    /// The long table, and the pretrained context beyond which it serves.
+    long: Option<(RotaryTable, usize)>,
+    local: Option<RotaryTable>,
+}
+
+impl Rotaries {
+    /// The tables of `config`; `freq_factors` are a GGUF's Llama 3 `rope_freqs`.
+    pub fn new(
+        config: &ModelConfig,
+        freq_factors: Option<&[f32]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let n = config.max_position_embeddings;
+        let table = |factors: Option<&[f32]>, scale: f64| {
+            RotaryTable::new(
+                &inverse_frequencies(config, factors),
+                n,
+                scale,
+                dtype,
+                device,
+            )
+        };
+        let (main, long) = match &config.longrope {
+            Some(lr) => {
+                let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+                let (short, long) = (f32s(&lr.short_factor), f32s(&lr.long_factor));
+                let scale = lr.attention_factor;
+                (
+                    table(Some(&short), scale)?,
+                    Some((
+                        table(Some(&long), scale)?,
+                        lr.original_max_position_embeddings,
+                    )),
+                )
+            }
+            None => (table(freq_factors, 1.0)?, None),
+        };
+        let local = match config.rope_local_theta {
+            Some(theta) => {
+                let local = ModelConfig {
+                    rope_theta: theta,
+                    rope_scaling: None,
+                    ..config.clone()
+                };
+                let inv = inverse_frequencies(&local, None);
+                Some(RotaryTable::new(&inv, n, 1.0, dtype, device)?)
+            }
+            None => None,
+        };
+        Ok(Self { main, long, local })
+    }
+
+    /// The number of positions covered.
+    pub fn len(&self) -> usize {
+        self.main.len()
+    }
+
+    /// Whether the tables are empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// cos and sin for `positions` (`[b, t]`) whose largest is `max_position`,
+    /// and the sliding-window layers' own where they have them. As transformers
+    /// does, LongRoPE's long factors serve every position once a sequence
+    /// outgrows the pretrained context.
+    pub fn gather(
+        &self,
+        positions: &Tensor,
+        max_position: usize,
+    ) -> Result<(CosSin, Option<CosSin>)> {
+        let main = match &self.long {
+            Some((long, original)) if max_position + 1 > *original => long,
+            _ => &self.main,
+        };
+        let local = self
+            .local
+            .as_ref()
+            .map(|t| t.gather(positions))
+            .transpose()?;
+        Ok((main.gather(positions)?, local))
     }
 }
 

@@ -133,6 +133,7 @@ mod tests {
             "smollm3-3b",
             "gemma-3-270m-it",
             "gemma-3-1b-it",
+            "phi-4-mini-instruct",
         ] {
             let entry = r.get(name).unwrap();
             crate::config::Architecture::parse(&entry.architecture).unwrap();

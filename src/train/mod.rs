@@ -145,7 +145,7 @@ impl Trainer {
         out_dir: &Path,
     ) -> Result<Self> {
         config.validate()?;
-        lora.validate(model.lm.layers.len())?;
+        lora.validate(&model.lm.config)?;
         if holds_run(out_dir) {
             bail!(
                 "{} already holds a training run; refusing to overwrite it. Pass --overwrite to replace it, \
@@ -283,7 +283,11 @@ impl Trainer {
     }
 
     fn adapter_config(&self) -> Result<AdapterConfig> {
-        AdapterConfig::new(&self.run.lora, Some(&self.run.base_model))
+        AdapterConfig::new(
+            &self.run.lora,
+            &self.model.lm.config,
+            Some(&self.run.base_model),
+        )
     }
 
     /// Tokenizes records with this run's settings.

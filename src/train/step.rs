@@ -67,7 +67,7 @@ pub fn loss_and_gradients(
         .reshape((b, t, d))?;
     let mut g = ops::rms_norm_backward(&x, &lm.norm, ctx.eps, &d_normed)?;
 
-    let mut per_layer: Vec<[Option<LoraGrad>; 7]> = Vec::with_capacity(lm.layers.len());
+    let mut per_layer: Vec<Vec<Option<LoraGrad>>> = Vec::with_capacity(lm.layers.len());
     for (i, layer) in lm.layers.iter().enumerate().rev() {
         let s = match saved.pop().flatten() {
             Some(s) => s,
