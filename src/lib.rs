@@ -30,6 +30,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod generate;
 pub mod lora;

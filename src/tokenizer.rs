@@ -67,6 +67,36 @@ pub struct Tokenizer {
     pad_id: u32,
 }
 
+/// The pre-tokenizers of the byte-level BPE tokenizers llama.cpp names, by
+/// its `tokenizer.ggml.pre` names.
+pub const PRE_TOKENIZERS: [&str; 4] = ["smollm", "llama-bpe", "qwen2", "gpt-2"];
+
+/// The `tokenizers` pre-tokenizer of llama.cpp's pre-tokenizer `pre`, and
+/// whether its BPE ignores merges (Llama 3's does).
+pub fn pre_tokenizer(pre: &str) -> Result<(Value, bool)> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        byte_level(false)]})
+    };
+    Ok(match pre {
+        "smollm" => (
+            json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            false,
+        ),
+        "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3_REGEX), true),
+        "qwen2" => (split(QWEN2_REGEX), false),
+        "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
+        other => bail!(
+            "GGUF pre-tokenizer '{other}' is not supported (known: {}). \
+             Use the model's HF-layout folder instead.",
+            PRE_TOKENIZERS.join(", ")
+        ),
+    })
+}
+
 /// A tokenized text with each token's byte span in it.
 #[derive(Debug, Clone)]
 pub struct Encoding {
@@ -188,23 +218,7 @@ impl Tokenizer {
 
     /// Builds a byte-level BPE tokenizer from its parts, as GGUF stores them.
     pub fn from_byte_level_bpe(p: ByteLevelBpe<'_>) -> Result<Self> {
-        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-        let split = |regex: &str| {
-            json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-            byte_level(false)]})
-        };
-        let (pre_tokenizer, ignore_merges) = match p.pre {
-            "smollm" => (json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
-            "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3_REGEX), true),
-            "qwen2" => (split(QWEN2_REGEX), false),
-            "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
-            other => bail!(
-                "GGUF pre-tokenizer '{other}' is not supported (known: smollm, llama-bpe, qwen2, gpt-2). \
-                 Use the model's HF-layout folder instead."
-            ),
-        };
+        let (pre_tokenizer, ignore_merges) = pre_tokenizer(p.pre)?;
         let tokens = p.tokens;
         let vocab: serde_json::Map<String, Value> = tokens
             .iter()

@@ -13,6 +13,7 @@ mod common;
 
 mod bench;
 mod compare;
+mod export;
 mod finetune;
 mod fixture;
 mod generate;
@@ -105,6 +106,12 @@ const ROWS: &[Row] = rows![
     "merge" "--model" => Runs(merge::model),
     "merge" "--out" => Runs(merge::out),
     "merge" "--bf16" => Runs(merge::bf16),
+    "export" "--adapter" => Runs(export::adapter),
+    "export" "--model" => Runs(export::model),
+    "export" "--out" => Runs(export::out),
+    "export" "--merge" => Runs(export::merge),
+    "export" "--quant" => Runs(export::quant),
+    "export" "--overwrite" => Runs(export::overwrite),
     "bench" "--suite" => Runs(bench::suite),
     "bench" "--device" => Runs(bench::device),
     "bench" "--model" => Runs(bench::model),
@@ -116,11 +123,12 @@ const ROWS: &[Row] = rows![
 ];
 
 /// The examples that take flags, as `cargo run --example NAME` names them.
-const EXAMPLES: [&str; 6] = [
+const EXAMPLES: [&str; 7] = [
     "finetune",
     "generate",
     "compare",
     "merge",
+    "export",
     "bench",
     "make_triage_data",
 ];
@@ -221,6 +229,11 @@ fn compare_flags() {
 #[test]
 fn merge_flags() {
     check_rows("merge");
+}
+
+#[test]
+fn export_flags() {
+    check_rows("export");
 }
 
 #[test]

@@ -1,0 +1,383 @@
+//! GGUF export, checked against tuneforge itself for every architecture and
+//! against real llama.cpp on the default model fine-tuned on the bundled data.
+//!
+//! llama.cpp comes from `llama-cpp-python` on PyPI, built from source once per
+//! machine by `tests/llama_cpp/install.sh` (about 10 minutes, cached outside
+//! the clone); `tests/llama_cpp/run.py` runs a GGUF in it.
+
+mod common;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use tuneforge::eval::HeldOut;
+use tuneforge::export::{export, ExportOptions, Quant};
+use tuneforge::finetune::{run, Existing, JobConfig};
+use tuneforge::{GenerationConfig, LoadOptions, Model};
+
+fn arch_fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/archs")
+        .join(arch)
+}
+
+fn load(path: &Path) -> Model {
+    Model::load(path.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+}
+
+fn gguf(path: &Path) -> gguf_file::Content {
+    let mut file = std::fs::File::open(path).unwrap();
+    gguf_file::Content::read(&mut file).unwrap()
+}
+
+/// Every architecture exports: its merged GGUF (f32, under llama.cpp's names
+/// and metadata keys) loads back into tuneforge with the logits of the base
+/// with the PEFT adapter, and its adapter GGUF holds every adapted linear.
+#[test]
+fn every_architecture_exports_and_loads_back() {
+    for arch in ["qwen3", "smollm3", "gemma3", "gemma2", "phi3"] {
+        let dir = arch_fixture(arch);
+        let out = tempfile::tempdir().unwrap();
+        let options = ExportOptions {
+            merge: true,
+            quant: Quant::F32,
+            overwrite: false,
+        };
+        let report = export(load(&dir), &dir.join("adapter"), out.path(), &options)
+            .unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+        let mut want = load(&dir);
+        want.load_adapter(&dir.join("adapter")).unwrap();
+        let ids = Tensor::new(&[[1u32, 80, 81, 82, 2, 90, 91]], &Device::Cpu).unwrap();
+        let got = load(&out.path().join("model.gguf"));
+        let diff = common::max_abs_diff(
+            &got.lm.forward(&ids).unwrap(),
+            &want.lm.forward(&ids).unwrap(),
+        );
+        assert!(diff < 1e-4, "{arch}: merged GGUF logits off by {diff}");
+        // GGUF keeps floats as f32.
+        let eps = (got.lm.config.rms_norm_eps, want.lm.config.rms_norm_eps);
+        assert!((eps.0 - eps.1).abs() < 1e-6 * eps.1, "{arch}: {eps:?}");
+        let got_config = tuneforge::ModelConfig {
+            rms_norm_eps: eps.1,
+            ..got.lm.config.clone()
+        };
+        assert_eq!(got_config, want.lm.config, "{arch}");
+        let adapter = gguf(&report.adapter);
+        let linears = want.lm.layers.len() * want.lm.layers[0].linears().len();
+        assert_eq!(report.adapted_linears, linears, "{arch}");
+        assert_eq!(adapter.tensor_infos.len(), 2 * linears, "{arch}");
+        assert_eq!(
+            adapter.metadata["general.architecture"]
+                .to_string()
+                .unwrap(),
+            &gguf(&out.path().join("model.gguf")).metadata["general.architecture"]
+                .to_string()
+                .unwrap()
+                .clone()
+        );
+    }
+}
+
+/// The merged GGUF trains again: a few steps from it lower the loss.
+#[test]
+fn the_merged_gguf_trains_again() {
+    let dir = arch_fixture("qwen3");
+    let out = tempfile::tempdir().unwrap();
+    let options = ExportOptions {
+        merge: true,
+        quant: Quant::F16,
+        overwrite: false,
+    };
+    export(load(&dir), &dir.join("adapter"), out.path(), &options).unwrap();
+    let data = out.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"q{i}\", \"completion\": \"answer {i}\"}}\n"))
+        .collect();
+    std::fs::write(data.join("train.jsonl"), lines).unwrap();
+    let job = JobConfig {
+        model: out.path().join("model.gguf").display().to_string(),
+        data,
+        out: out.path().join("run"),
+        device: "cpu".into(),
+        samples: 0,
+        train: tuneforge::train::TrainConfig {
+            learning_rate: 1e-2,
+            max_steps: Some(6),
+            batch_size: 4,
+            eval_every: None,
+            save_every: None,
+            ..Default::default()
+        },
+        ..JobConfig::default()
+    };
+    run(&job, Existing::Refuse, None).unwrap();
+    let losses: Vec<f64> = std::fs::read_to_string(job.out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| match serde_json::from_str(l).unwrap() {
+            tuneforge::train::Event::Step { loss, .. } => Some(loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(losses.len(), 6);
+    assert!(
+        losses.last().unwrap() < losses.first().unwrap(),
+        "{losses:?}"
+    );
+}
+
+/// An adapter made for another base model is refused, naming both.
+#[test]
+fn an_adapter_for_another_base_is_refused() {
+    let dir = arch_fixture("qwen3");
+    let adapter = tempfile::tempdir().unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(dir.join("adapter").join(file), adapter.path().join(file)).unwrap();
+    }
+    let config = adapter.path().join("adapter_config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["base_model_name_or_path"] = json!("someone/other-model");
+    std::fs::write(&config, c.to_string()).unwrap();
+    let mut base = load(&dir);
+    base.source.repo = Some("Qwen/Qwen3-0.6B".into());
+    let out = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        export(base, adapter.path(), out.path(), &ExportOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("someone/other-model") && err.contains("Qwen/Qwen3-0.6B"),
+        "{err}"
+    );
+}
+
+// ---- llama.cpp -----------------------------------------------------------
+
+/// The Python that runs llama.cpp, installed on first use.
+fn llama_cpp_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llama_cpp/install.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running tests/llama_cpp/install.sh");
+        assert!(out.status.success(), "installing llama.cpp failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// Runs one job in llama.cpp (see `tests/llama_cpp/run.py`).
+fn llama_cpp(job: Value) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llama_cpp/run.py");
+    let mut child = Command::new(llama_cpp_python())
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "llama.cpp failed on {job}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The default model fine-tuned for a few steps on the bundled data.
+fn fine_tuned() -> &'static PathBuf {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("export-run");
+        let job = JobConfig {
+            out: out.clone(),
+            device: "cpu".into(),
+            samples: 0,
+            train: tuneforge::train::TrainConfig {
+                learning_rate: 3e-3,
+                max_steps: Some(12),
+                eval_every: None,
+                save_every: None,
+                ..JobConfig::default().train
+            },
+            ..JobConfig::default()
+        };
+        run(&job, Existing::Overwrite, None).unwrap();
+        out
+    })
+}
+
+/// Exports the fine-tuned default model into a folder of its own.
+fn exported(name: &str, merge: bool, quant: Quant) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("export-{name}"));
+    let options = ExportOptions {
+        merge,
+        quant,
+        overwrite: true,
+    };
+    let report = export(
+        common::smollm2_as(tuneforge::DeviceSpec::Cpu, candle_core::DType::F32),
+        fine_tuned(),
+        &out,
+        &options,
+    )
+    .unwrap();
+    eprint!("{}", report.summary());
+    out
+}
+
+/// The bundled test examples as chat prompts.
+fn test_prompts() -> Vec<HeldOut> {
+    let data = tuneforge::data::Dataset::load(&JobConfig::default().data).unwrap();
+    data.test
+        .iter()
+        .map(|r| HeldOut::from_record(r).unwrap())
+        .collect()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The checks against real llama.cpp, on the default model fine-tuned
+/// for 12 steps: f16 logits and greedy tokens, base + adapter against the
+/// merged file, q8_0 and q4_k_m greedy answers, the chat template, and the stop
+/// at end of turn.
+#[test]
+fn llama_cpp_runs_the_export_as_tuneforge_does() {
+    let base_path = match &common::smollm2().source.files {
+        tuneforge::source::ModelFiles::Gguf(p) => p.clone(),
+        other => panic!("the default model is not a GGUF: {other:?}"),
+    };
+    let mut tuned = common::smollm2_as(tuneforge::DeviceSpec::Cpu, candle_core::DType::F32);
+    tuned.load_adapter(fine_tuned()).unwrap();
+    let held_out = test_prompts();
+    let prompts: Vec<Vec<u32>> = held_out
+        .iter()
+        .map(|h| tuned.chat_prompt_ids(&h.prompt).unwrap())
+        .collect();
+
+    // f16: logits and 32 greedy tokens on three chat prompts, base + adapter too.
+    let f16 = exported("f16", true, Quant::F16);
+    let three: Vec<Vec<u32>> = prompts[..3].to_vec();
+    let job = |model: &Path, lora: Option<&Path>, prompts: &[Vec<u32>], n: usize| {
+        json!({"model": model, "lora": lora, "prompts": prompts, "max_new_tokens": n,
+               "chat": [{"role": "user", "content": held_out[0].prompt.last().unwrap().content}]})
+    };
+    let merged = llama_cpp(job(&f16.join("model.gguf"), None, &three, 32));
+    let adapted = llama_cpp(job(&base_path, Some(&f16.join("adapter.gguf")), &three, 32));
+    let greedy32 = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(32)
+    };
+    for (i, prompt) in three.iter().enumerate() {
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let ours = tuned.lm.forward(&ids).unwrap().squeeze(0).unwrap();
+        let ours = ours.get(prompt.len() - 1).unwrap();
+        let theirs: Vec<f32> = merged["last_logits"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let diff = common::max_abs_diff(&ours, &Tensor::new(theirs, &Device::Cpu).unwrap());
+        eprintln!("f16 prompt {i}: last-position logits differ by {diff}");
+        assert!(
+            diff <= 0.05,
+            "prompt {i}: llama.cpp's f16 logits differ by {diff}"
+        );
+        let ours = tuneforge::generate::generate(
+            &tuned.lm,
+            &tuned.tokenizer,
+            prompt,
+            &greedy32,
+            &mut |_| {},
+        )
+        .unwrap()
+        .ids;
+        let theirs = ids_of(&merged["greedy"][i]);
+        let eog = ids_of(&merged["eog"]);
+        // llama.cpp stops at end of turn; tuneforge was asked not to.
+        let n = theirs.len();
+        assert_eq!(&ours[..n], &theirs[..], "prompt {i}: greedy tokens");
+        if n < 32 {
+            assert!(
+                eog.contains(&ours[n]),
+                "prompt {i}: llama.cpp stopped before an end-of-turn token"
+            );
+        }
+        assert_eq!(
+            ids_of(&adapted["greedy"][i]),
+            theirs,
+            "prompt {i}: base + adapter.gguf vs model.gguf"
+        );
+    }
+
+    // The chat template in the file renders tuneforge's prompt, and the end of turn stops.
+    let ours = tuned
+        .tokenizer
+        .apply_chat_template(&held_out[0].prompt, true)
+        .unwrap();
+    assert_eq!(merged["rendered_chat"].as_str().unwrap(), ours);
+    assert!(
+        merged["stopped_at_eog"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s == true),
+        "{}",
+        merged["stopped_at_eog"]
+    );
+
+    // q8_0 and q4_k_m: greedy answers to every bundled test example.
+    let greedy = GenerationConfig::greedy(48);
+    let ours: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            tuneforge::generate::generate(&tuned.lm, &tuned.tokenizer, p, &greedy, &mut |_| {})
+                .unwrap()
+                .ids
+        })
+        .collect();
+    for quant in [Quant::Q8_0, Quant::Q4KM] {
+        let dir = exported(quant.name(), true, quant);
+        let theirs = llama_cpp(
+            json!({"model": dir.join("model.gguf"), "prompts": prompts, "max_new_tokens": 48}),
+        );
+        let same = ours
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| {
+                let t = ids_of(&theirs["greedy"][*i]);
+                tuned.tokenizer.decode(o, true).unwrap().trim()
+                    == tuned.tokenizer.decode(&t, true).unwrap().trim()
+            })
+            .count();
+        let share = same as f64 / ours.len() as f64;
+        eprintln!(
+            "{}: llama.cpp's greedy answers equal tuneforge's on {same} of {} test examples ({:.0}%)",
+            quant.name(),
+            ours.len(),
+            100.0 * share
+        );
+        assert!(share >= 0.9, "{}: {same} of {}", quant.name(), ours.len());
+    }
+}
