@@ -195,5 +195,74 @@ pub fn write(
     let mut bytes = std::io::Cursor::new(Vec::new());
     candle_core::quantized::gguf_file::write(&mut bytes, &md, &ts)
         .with_context(|| format!("writing the GGUF {}", path.display()))?;
-    crate::atomic::write(path, bytes.get_ref())
+    let mut bytes = bytes.into_inner();
+    for (key, value) in metadata {
+        if matches!(value, Value::Array(v) if v.is_empty()) && STRING_ARRAYS.contains(&key.as_str())
+        {
+            type_empty_array_as_strings(&mut bytes, key)?;
+        }
+    }
+    crate::atomic::write(path, &bytes)
+}
+
+/// The metadata arrays that llama.cpp reads only as arrays of strings.
+const STRING_ARRAYS: [&str; 2] = ["tokenizer.ggml.merges", "tokenizer.ggml.tokens"];
+
+/// candle writes an empty array as an array of u32 (it has no element to tell
+/// the type by), and llama.cpp refuses merges that are not strings, even
+/// none (a vocabulary of single bytes has no merges). This sets the element
+/// type of the empty array under `key` to string: same size, no elements.
+fn type_empty_array_as_strings(bytes: &mut [u8], key: &str) -> Result<()> {
+    const ARRAY: u32 = 9;
+    const U32: u32 = 4;
+    const STRING: u32 = 8;
+    let mut pattern = (key.len() as u64).to_le_bytes().to_vec();
+    pattern.extend(key.as_bytes());
+    pattern.extend(ARRAY.to_le_bytes());
+    pattern.extend(U32.to_le_bytes());
+    pattern.extend(0u64.to_le_bytes());
+    let at = bytes
+        .windows(pattern.len())
+        .position(|w| w == pattern.as_slice())
+        .with_context(|| format!("the empty array {key} is not where a GGUF keeps it"))?;
+    let type_at = at + 8 + key.len() + 4;
+    bytes[type_at..type_at + 4].copy_from_slice(&STRING.to_le_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::Content;
+
+    /// An empty list of merges reads back as an array of strings.
+    #[test]
+    fn empty_merges_are_an_array_of_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let md = vec![
+            ("tokenizer.ggml.merges".to_string(), Value::Array(vec![])),
+            ("other".to_string(), Value::Array(vec![])),
+        ];
+        write(&path, &md, &[]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let types = |key: &str| {
+            let at = bytes
+                .windows(key.len())
+                .position(|w| w == key.as_bytes())
+                .unwrap()
+                + key.len();
+            (
+                u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
+                u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()),
+            )
+        };
+        assert_eq!(types("tokenizer.ggml.merges"), (9, 8));
+        assert_eq!(types("other"), (9, 4));
+        let content = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        assert!(content.metadata["tokenizer.ggml.merges"]
+            .to_vec()
+            .unwrap()
+            .is_empty());
+    }
 }

@@ -120,9 +120,8 @@ fn from_hf(model: &Model) -> Result<Vec<(String, Value)>> {
             Value::U32(tok.pad_id()),
         ),
     ];
-    if !merges.is_empty() {
-        out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
-    }
+    // llama.cpp wants the key even for a vocabulary of single bytes, which has none.
+    out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     if let Some(b) = bos {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }

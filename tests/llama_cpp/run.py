@@ -2,7 +2,7 @@
 export tests: reads a JSON job on stdin, writes JSON results on stdout.
 
 Job: {"model": PATH, "lora": PATH or null, "n_ctx": N,
-      "prompts": [[token ids], ...], "max_new_tokens": N,
+      "prompts": [[token ids], ...], "max_new_tokens": N, "logits": bool,
       "chat": [{"role": ..., "content": ...}, ...] or null}
 Result: {"last_logits": [[floats] per prompt], "greedy": [[ids] per prompt],
          "stopped_at_eog": [bool per prompt], "eog": [ids],
@@ -16,6 +16,7 @@ import sys
 
 import jinja2
 import llama_cpp
+import numpy as np
 from llama_cpp import Llama
 
 job = json.load(sys.stdin)
@@ -25,7 +26,7 @@ llm = Llama(
     n_ctx=job.get("n_ctx", 1024),
     n_threads=2,
     n_batch=512,
-    logits_all=False,
+    logits_all=True,  # with False, llama-cpp-python leaves scores[n - 1] at zero
     verbose=False,
 )
 vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -34,17 +35,17 @@ out = {"last_logits": [], "greedy": [], "stopped_at_eog": []}
 for prompt in job["prompts"]:
     llm.reset()
     llm.eval(prompt)
-    last = [float(x) for x in llm.scores[llm.n_tokens - 1][:n_vocab]]
-    out["last_logits"].append(last)
-    ids, stopped, logits = [], False, last
+    logits = np.array(llm.scores[llm.n_tokens - 1][:n_vocab])
+    out["last_logits"].append(logits.tolist() if job.get("logits", True) else None)
+    ids, stopped = [], False
     for _ in range(job.get("max_new_tokens", 32)):
-        tok = max(range(n_vocab), key=logits.__getitem__)
+        tok = int(logits.argmax())
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
             stopped = True
             break
         ids.append(tok)
         llm.eval([tok])
-        logits = list(llm.scores[llm.n_tokens - 1][:n_vocab])
+        logits = np.array(llm.scores[llm.n_tokens - 1][:n_vocab])
     out["greedy"].append(ids)
     out["stopped_at_eog"].append(stopped)
 out["eog"] = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
