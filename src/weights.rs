@@ -92,7 +92,6 @@ impl Weights {
         check_gguf_size(path, content)?;
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let permuted = config.architecture.gguf_permutes_qk();
         let mut tensors = HashMap::new();
         let mut rope_tables = Vec::new();
         for name in content.tensor_infos.keys() {
@@ -113,10 +112,8 @@ impl Weights {
             let mut t = q
                 .dequantize(&Device::Cpu)
                 .with_context(|| format!("dequantizing tensor {name} ({:?})", q.dtype()))?;
-            if permuted && hf.ends_with("q_proj.weight") {
-                t = unpermute(&t, config.num_attention_heads)?;
-            } else if permuted && hf.ends_with("k_proj.weight") {
-                t = unpermute(&t, config.num_key_value_heads)?;
+            if let Some(heads) = permuted_heads(&hf, config) {
+                t = unpermute(&t, heads)?;
             } else if config.norm_weight_offset && hf.ends_with("norm.weight") {
                 // llama.cpp stores Gemma's norms as 1 + w; HF layout keeps w.
                 t = (t - 1.0)?;
@@ -263,6 +260,21 @@ fn translate(
         .map(pick)
         .find(|(f, t)| *f == module && *t != "-")?;
     Some(format!("{to_prefix}{layer}.{to}.{kind}"))
+}
+
+/// The heads by which llama.cpp's converter permutes the rows of the tensor
+/// with HF name `hf`: q and k of its Llama-family models; `None` for any other.
+pub fn permuted_heads(hf: &str, config: &ModelConfig) -> Option<usize> {
+    if !config.architecture.gguf_permutes_qk() {
+        return None;
+    }
+    if hf.ends_with("self_attn.q_proj.weight") {
+        Some(config.num_attention_heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        Some(config.num_key_value_heads)
+    } else {
+        None
+    }
 }
 
 /// Undoes llama.cpp's row permutation of q_proj/k_proj: GGUF interleaves the

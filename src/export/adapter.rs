@@ -5,7 +5,7 @@
 
 use super::gguf::{gguf_architecture, write};
 use crate::model::CausalLm;
-use crate::weights::{gguf_name, permute};
+use crate::weights::{gguf_name, permute, permuted_heads};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
@@ -42,10 +42,8 @@ pub fn write_adapter(model: &CausalLm, name: &str, path: &Path) -> Result<usize>
             let a = cpu(lora.a.as_tensor())?;
             let mut b = cpu(lora.b.as_tensor())?;
             // B's rows are the base's output rows: permuted where llama.cpp permutes q and k.
-            if arch.gguf_permutes_qk() && base.ends_with("attn_q.weight") {
-                b = permute(&b, c.num_attention_heads)?;
-            } else if arch.gguf_permutes_qk() && base.ends_with("attn_k.weight") {
-                b = permute(&b, c.num_key_value_heads)?;
+            if let Some(heads) = permuted_heads(&hf, c) {
+                b = permute(&b, heads)?;
             }
             let f32 = candle_core::quantized::GgmlDType::F32;
             tensors.push((format!("{base}.lora_a"), QTensor::quantize(&a, f32)?));

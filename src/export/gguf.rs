@@ -3,11 +3,11 @@
 //! converter applies (q and k rows permuted for Llama-family models, Gemma's
 //! norms stored as `1 + w`, rope factors as tensors), quantized as asked.
 
-use super::quant::{fallback, Quant};
+use super::quant::{fallback, is_output, Quant};
 use crate::config::{Architecture, ModelConfig};
 use crate::model::rope::inverse_frequencies;
 use crate::pretrained::Model;
-use crate::weights::{gguf_name, permute};
+use crate::weights::{gguf_name, permute, permuted_heads};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -111,10 +111,8 @@ pub fn gguf_tensors(model: &crate::model::CausalLm) -> Result<Vec<(String, Tenso
         let name = gguf_name(&hf, arch)
             .with_context(|| format!("{hf} has no llama.cpp name for {arch:?}"))?;
         let mut t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        if arch.gguf_permutes_qk() && name.ends_with("attn_q.weight") {
-            t = permute(&t, c.num_attention_heads)?;
-        } else if arch.gguf_permutes_qk() && name.ends_with("attn_k.weight") {
-            t = permute(&t, c.num_key_value_heads)?;
+        if let Some(heads) = permuted_heads(&hf, c) {
+            t = permute(&t, heads)?;
         } else if c.norm_weight_offset && name.ends_with("norm.weight") {
             t = (t + 1.0)?;
         }
@@ -161,8 +159,7 @@ pub fn write_model(model: &Model, name: &str, quant: Quant, path: &Path) -> Resu
             1 => GgmlDType::F32,
             _ => {
                 let wanted = quant.tensor_type(&name, c.num_hidden_layers, c.tie_word_embeddings);
-                let output = name == "output.weight"
-                    || (c.tie_word_embeddings && name == "token_embd.weight");
+                let output = is_output(&name, c.tie_word_embeddings);
                 match fallback(wanted, t.dim(1)?, output) {
                     Some(got) => {
                         fallbacks.push(Fallback {

@@ -85,6 +85,12 @@ impl Quant {
     }
 }
 
+/// Whether the tensor named `name` projects to the vocabulary: `output.weight`,
+/// or the embeddings when the output is tied to them.
+pub fn is_output(name: &str, tied_output: bool) -> bool {
+    name == "output.weight" || (tied_output && name == "token_embd.weight")
+}
+
 /// llama.cpp's choice for `Q4_K_M` (`llama_tensor_get_type`, dense models).
 fn q4_k_m_type(name: &str, layers: usize, tied_output: bool) -> GgmlDType {
     // The first and last eighth of the layers, and every third one between.
@@ -97,8 +103,7 @@ fn q4_k_m_type(name: &str, layers: usize, tied_output: bool) -> GgmlDType {
         .strip_prefix("blk.")
         .and_then(|r| r.split('.').next())
         .and_then(|l| l.parse::<usize>().ok());
-    let output = name == "output.weight" || (tied_output && name == "token_embd.weight");
-    match (output, layer) {
+    match (is_output(name, tied_output), layer) {
         (true, _) => GgmlDType::Q6K,
         (false, Some(i)) if name.contains(".attn_v.") || name.contains(".ffn_down.") => {
             match more_bits(i) {

@@ -2,38 +2,25 @@
 //! the base with the adapter does; each flag changes what is written.
 
 use crate::fixture::Fixture;
+use crate::merge::{self, adapted_logits};
 use crate::run;
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
-use tuneforge::{LoadOptions, Model};
 
 fn export(fx: &Fixture, name: &str, extra: &[&str]) -> (PathBuf, String) {
     let out = fx.path(name);
-    let base = [
-        "--model",
-        fx.model_arg(),
-        "--adapter",
-        fx.adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let stdout = run::ok("export", &run::with_overrides(&base, extra)).stdout;
+    let stdout = run::ok(
+        "export",
+        &run::with_overrides(&fx.adapter_args(&out), extra),
+    )
+    .stdout;
     (out, stdout)
 }
 
+/// The logits of a saved model, on the prompt `merge`'s checks use.
 fn logits(path: &Path) -> Tensor {
-    let model = Model::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let ids = Tensor::new(&[[1u32, 80, 81, 82, 2, 90]], &Device::Cpu).unwrap();
-    model.lm.forward(&ids).unwrap()
-}
-
-/// The logits of `base` with the fixture adapter on top.
-fn adapted_logits(fx: &Fixture, base: &Path) -> Tensor {
-    let mut model = Model::load(base.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    model.load_adapter(&fx.adapter).unwrap();
-    let ids = Tensor::new(&[[1u32, 80, 81, 82, 2, 90]], &Device::Cpu).unwrap();
-    model.lm.forward(&ids).unwrap()
+    merge::logits(&merge::load(path))
 }
 
 fn metadata(path: &Path) -> gguf_file::Content {
@@ -122,14 +109,7 @@ pub fn quant(fx: &Fixture) {
 
 pub fn overwrite(fx: &Fixture) {
     let (out, _) = export(fx, "export-overwrite", &[]);
-    let args = [
-        "--model",
-        fx.model_arg(),
-        "--adapter",
-        fx.adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let args = fx.adapter_args(&out);
     let err = run::fails("export", &args);
     assert!(
         err.contains("already holds an export") && err.contains("--overwrite"),

@@ -106,6 +106,19 @@ impl Fixture {
         self.model.to_str().unwrap()
     }
 
+    /// `--model` the tiny model, `--adapter` the fixture run, `--out` `out`:
+    /// the arguments of `merge` and `export`.
+    pub fn adapter_args<'a>(&'a self, out: &'a Path) -> [&'a str; 6] {
+        [
+            "--model",
+            self.model_arg(),
+            "--adapter",
+            self.adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+    }
+
     /// `--model` the tiny model, `--data` the fixture data.
     pub fn on_tiny(&self) -> [&str; 4] {
         [

@@ -8,29 +8,21 @@ use tuneforge::{LoadOptions, Model};
 
 fn merge(fx: &Fixture, name: &str, extra: &[&str]) -> PathBuf {
     let out = fx.path(name);
-    let base = [
-        "--model",
-        fx.model_arg(),
-        "--adapter",
-        fx.adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    run::ok("merge", &run::with_overrides(&base, extra));
+    run::ok("merge", &run::with_overrides(&fx.adapter_args(&out), extra));
     out
 }
 
-fn load(path: &Path) -> Model {
+pub fn load(path: &Path) -> Model {
     Model::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
-fn logits(model: &Model) -> Tensor {
+pub fn logits(model: &Model) -> Tensor {
     let ids = Tensor::new(&[[1u32, 80, 81, 82, 2, 90]], &Device::Cpu).unwrap();
     model.lm.forward(&ids).unwrap()
 }
 
 /// The logits of `base` with the fixture adapter on top, unmerged.
-fn adapted_logits(fx: &Fixture, base: &Path) -> Tensor {
+pub fn adapted_logits(fx: &Fixture, base: &Path) -> Tensor {
     let mut model = load(base);
     model.load_adapter(&fx.adapter).unwrap();
     logits(&model)
