@@ -492,3 +492,52 @@ fn llama_cpp_runs_every_architecture() {
         );
     }
 }
+
+/// An HF folder whose tokenizer is SentencePiece BPE (the real Phi-3
+/// vocabulary, on a tiny random Phi-3; with the space prefix as Phi-3 has it
+/// and without, as Gemma has it) exports a model.gguf that llama.cpp tokenizes
+/// as tuneforge does (llama.cpp's own tokenizer tests, and the chat prompt with
+/// its special tokens), renders the same chat prompt from, and runs with
+/// tuneforge's logits.
+#[test]
+fn llama_cpp_runs_an_hf_model_with_a_sentencepiece_tokenizer() {
+    tuneforge::threads::init();
+    for add_space_prefix in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::sentencepiece_hf_model(&dir.path().join("hf"), add_space_prefix);
+        let path = dir.path().join("model.gguf");
+        tuneforge::export::write_model(&model, "spm", Quant::F32, &path).unwrap();
+        let chat = [tuneforge::Message::user("Which team handles billing?")];
+        let rendered = model.tokenizer.apply_chat_template(&chat, true).unwrap();
+        let prompt = model.chat_prompt_ids(&chat).unwrap();
+        let mut texts: Vec<String> = common::phi3_vocab_tests()
+            .into_iter()
+            .map(|(text, _)| text)
+            .collect();
+        texts.push(rendered.clone());
+        let out = llama_cpp(
+            json!({"model": path, "prompts": [prompt], "max_new_tokens": 4,
+            "tokenize": texts, "chat": chat}),
+        );
+        for (text, theirs) in texts.iter().zip(out["tokens"].as_array().unwrap()) {
+            let ours = model.tokenizer.encode(text, false).unwrap();
+            assert_eq!(ids_of(theirs), ours, "prefix {add_space_prefix}: {text:?}");
+        }
+        assert_eq!(out["rendered_chat"], rendered.as_str());
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let ours = model.lm.forward(&ids).unwrap().squeeze(0).unwrap();
+        let ours = ours.get(prompt.len() - 1).unwrap();
+        let theirs: Vec<f32> = out["last_logits"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let diff = common::max_abs_diff(&ours, &Tensor::new(theirs, &Device::Cpu).unwrap());
+        eprintln!("prefix {add_space_prefix}: llama.cpp's last-position logits differ by {diff}");
+        assert!(diff < 1e-2, "llama.cpp's logits differ by {diff}");
+    }
+}

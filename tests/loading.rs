@@ -200,3 +200,84 @@ fn saved_hf_folder_loads_back_identically() {
         assert!(diff <= tol, "{dtype:?}: max logit difference {diff}");
     }
 }
+
+fn read_gguf(path: &Path) -> gguf_file::Content {
+    let mut file = std::fs::File::open(path).unwrap();
+    gguf_file::Content::read(&mut file).unwrap()
+}
+
+/// A SentencePiece vocabulary from a GGUF (llama.cpp's `llama` tokenizer
+/// model, here the real Phi-3 one) tokenizes llama.cpp's own tokenizer tests
+/// exactly as llama.cpp does, and decodes back to the text.
+#[test]
+fn a_sentencepiece_gguf_vocabulary_tokenizes_as_llama_cpp_does() {
+    let tok =
+        tuneforge::tokenizer::Tokenizer::from_gguf(&read_gguf(&common::phi3_vocab())).unwrap();
+    let tests = common::phi3_vocab_tests();
+    assert!(tests.len() > 40);
+    for (text, want) in &tests {
+        assert_eq!(&tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(&tok.decode(want, false).unwrap(), text, "{want:?}");
+    }
+    // BOS is added by default, and the chat template's end-of-turn stops generation.
+    assert_eq!(tok.encode("Hello", true).unwrap()[0], 1);
+    assert!(tok.eos_ids().contains(&tok.token_to_id("<|end|>").unwrap()));
+    let prompt = tok
+        .apply_chat_template(&[tuneforge::Message::user("Hi")], true)
+        .unwrap();
+    let ids = tok.encode(&prompt, false).unwrap();
+    assert!(
+        ids.contains(&tok.token_to_id("<|user|>").unwrap()),
+        "{prompt:?}: {ids:?}"
+    );
+}
+
+/// An HF folder with a SentencePiece tokenizer exports it as llama.cpp's
+/// `llama` tokenizer (tokens, scores, types, space prefix), and the GGUF's
+/// tokenizer gives the same ids, with and without the space prefix (Phi-3's
+/// and Gemma's settings); with it, llama.cpp's ids on its tokenizer tests.
+#[test]
+fn an_hf_sentencepiece_tokenizer_exports_to_gguf_and_back() {
+    for add_space_prefix in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::sentencepiece_hf_model(&dir.path().join("hf"), add_space_prefix);
+        let path = dir.path().join("model.gguf");
+        tuneforge::export::write_model(&model, "spm", tuneforge::export::Quant::F32, &path)
+            .unwrap();
+        let content = read_gguf(&path);
+        let md = &content.metadata;
+        assert_eq!(md["tokenizer.ggml.model"].to_string().unwrap(), "llama");
+        assert_eq!(
+            md["tokenizer.ggml.add_space_prefix"].to_bool().unwrap(),
+            add_space_prefix
+        );
+        let types: Vec<i32> = md["tokenizer.ggml.token_type"]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_i32().unwrap())
+            .collect();
+        assert_eq!(types.len(), 32064);
+        assert_eq!(
+            types.iter().filter(|&&t| t == 6).count(),
+            256,
+            "byte tokens"
+        );
+        let back = tuneforge::tokenizer::Tokenizer::from_gguf(&content).unwrap();
+        for (text, want) in common::phi3_vocab_tests() {
+            let ours = model.tokenizer.encode(&text, false).unwrap();
+            assert_eq!(back.encode(&text, false).unwrap(), ours, "{text:?}");
+            assert_eq!(back.decode(&ours, false).unwrap(), text, "{text:?}");
+            if add_space_prefix {
+                assert_eq!(ours, want, "{text:?}");
+            }
+        }
+        // Without the prefix, a word at the start has no leading ▁.
+        let hello = model.tokenizer.encode("Hello", false).unwrap();
+        let first = model.tokenizer.inner().id_to_token(hello[0]).unwrap();
+        assert_eq!(first.starts_with('▁'), add_space_prefix, "{first}");
+        // And the exported model loads back whole.
+        let again = Model::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        assert_eq!(again.config().vocab_size, model.config().vocab_size);
+    }
+}

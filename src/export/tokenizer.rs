@@ -1,20 +1,19 @@
 //! The `tokenizer.*` metadata of an exported GGUF, which llama.cpp needs to run
 //! the file as a chat model: copied as they are from a GGUF base, or written
 //! from an HF folder's tokenizer as llama.cpp's converter writes them (tokens,
-//! token types, merges, the pre-tokenizer's name, special ids, add-bos, chat template).
+//! token types, merges or scores, the pre-tokenizer's name, special ids,
+//! add-bos, chat template).
 
 use crate::pretrained::Model;
 use crate::source::ModelFiles;
-use crate::tokenizer::{pre_tokenizer, PRE_TOKENIZERS};
+use crate::tokenizer::sentencepiece::{self, BYTE_TYPE};
+use crate::tokenizer::{
+    pre_tokenizer, CONTROL_TYPE, NORMAL_TYPE, PRE_TOKENIZERS, UNKNOWN_TYPE, UNUSED_TYPE,
+    USER_DEFINED_TYPE,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{self, Value};
 use serde_json::Value as Json;
-
-/// llama.cpp's token types.
-const NORMAL: i32 = 1;
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-const UNUSED: i32 = 5;
 
 /// The `tokenizer.*` keys for `model`, its vocabulary padded to `vocab_size` rows.
 pub fn metadata(model: &Model) -> Result<Vec<(String, Value)>> {
@@ -36,7 +35,8 @@ pub fn metadata(model: &Model) -> Result<Vec<(String, Value)>> {
     }
 }
 
-/// The metadata of an HF folder's byte-level BPE tokenizer.
+/// The metadata of an HF folder's tokenizer: a byte-level BPE (llama.cpp's
+/// `gpt2` model) or a SentencePiece-style BPE with byte fallback (`llama`).
 fn from_hf(model: &Model) -> Result<Vec<(String, Value)>> {
     let tok = &model.tokenizer;
     let spec: Json = serde_json::from_str(
@@ -45,17 +45,19 @@ fn from_hf(model: &Model) -> Result<Vec<(String, Value)>> {
             .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?,
     )?;
     let bpe = &spec["model"];
-    if bpe["type"] != "BPE" || spec["decoder"]["type"] != "ByteLevel" {
+    let space_prefix = sentencepiece::space_prefix_of(&spec)?;
+    if space_prefix.is_none() && (bpe["type"] != "BPE" || spec["decoder"]["type"] != "ByteLevel") {
         bail!(
-            "the tokenizer is not byte-level BPE (model {}, decoder {}): tuneforge writes GGUF \
-             tokenizers of that kind only; convert this model with llama.cpp's convert_hf_to_gguf.py",
+            "the tokenizer is neither byte-level BPE nor SentencePiece BPE (model {}, decoder {}): \
+             tuneforge writes GGUF tokenizers of those kinds only; convert this model with \
+             llama.cpp's convert_hf_to_gguf.py",
             bpe["type"],
             spec["decoder"]["type"]
         );
     }
     let vocab_size = model.lm.config.vocab_size.max(tok.vocab_size());
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
-    let mut types = vec![NORMAL; vocab_size];
+    let mut types = vec![NORMAL_TYPE; vocab_size];
     for (text, id) in tok.inner().get_vocab(false) {
         if let Some(slot) = tokens.get_mut(id as usize) {
             *slot = Some(text);
@@ -66,50 +68,91 @@ fn from_hf(model: &Model) -> Result<Vec<(String, Value)>> {
         if let (Some(slot), Some(text)) = (tokens.get_mut(id), added["content"].as_str()) {
             *slot = Some(text.to_string());
             types[id] = match added["special"].as_bool() {
-                Some(true) => CONTROL,
-                _ => USER_DEFINED,
+                Some(true) => CONTROL_TYPE,
+                _ => USER_DEFINED_TYPE,
             };
         }
     }
-    let tokens: Vec<Value> = tokens
+    let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            Value::String(t.unwrap_or_else(|| {
-                types[i] = UNUSED;
+            t.unwrap_or_else(|| {
+                types[i] = UNUSED_TYPE;
                 format!("[PAD{i}]")
-            }))
+            })
         })
         .collect();
     // tokenizers writes merges as "a b" or, lately, as ["a", "b"].
-    let merges: Vec<Value> = bpe["merges"]
+    let merges: Vec<(String, String)> = bpe["merges"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|m| match m {
-            Json::String(s) => Ok(s.clone()),
-            Json::Array(pair) if pair.len() == 2 => Ok(format!(
-                "{} {}",
-                pair[0].as_str().unwrap_or_default(),
-                pair[1].as_str().unwrap_or_default()
+            Json::String(s) => s
+                .split_once(' ')
+                .map(|(l, r)| (l.to_string(), r.to_string()))
+                .ok_or_else(|| anyhow!("a BPE merge without a space: {s:?}")),
+            Json::Array(pair) if pair.len() == 2 => Ok((
+                pair[0].as_str().unwrap_or_default().to_string(),
+                pair[1].as_str().unwrap_or_default().to_string(),
             )),
             other => Err(anyhow!(
                 "a BPE merge that is neither a string nor a pair: {other}"
             )),
         })
-        .map(|m| m.map(Value::String))
         .collect::<Result<_>>()?;
-    let pre = pre_name(&spec["pre_tokenizer"], merges.is_empty())?;
-    let id_of = |text: &Option<String>| text.as_deref().and_then(|t| tok.token_to_id(t));
-    let bos = id_of(&tok.bos_token);
+    let id_of = |text: Option<&str>| text.and_then(|t| tok.token_to_id(t));
+    let bos = id_of(tok.bos_token.as_deref());
     let add_bos = match bos {
         Some(b) => tok.encode("a", true)?.first() == Some(&b),
         None => false,
     };
-    let mut out = vec![
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+    let mut out = vec![];
+    match space_prefix {
+        None => {
+            let pre = pre_name(&spec["pre_tokenizer"], merges.is_empty())?;
+            let merges = merges
+                .into_iter()
+                .map(|(l, r)| Value::String(format!("{l} {r}")));
+            out.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+            out.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
+            // llama.cpp wants the key even for a vocabulary of single bytes, which has none.
+            out.push((
+                "tokenizer.ggml.merges".into(),
+                Value::Array(merges.collect()),
+            ));
+        }
+        Some(add_space_prefix) => {
+            let unk = id_of(bpe["unk_token"].as_str());
+            for (i, t) in tokens.iter().enumerate() {
+                if types[i] == NORMAL_TYPE && is_byte_token(t) {
+                    types[i] = BYTE_TYPE;
+                }
+            }
+            if let Some(u) = unk {
+                types[u as usize] = UNKNOWN_TYPE;
+                out.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u)));
+            }
+            let scores =
+                sentencepiece::scores_from_merges(&tokens, &merges, |i| types[i] != NORMAL_TYPE);
+            out.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+            out.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
+            out.push((
+                "tokenizer.ggml.scores".into(),
+                Value::Array(scores.into_iter().map(Value::F32).collect()),
+            ));
+            out.push((
+                "tokenizer.ggml.add_space_prefix".into(),
+                Value::Bool(add_space_prefix),
+            ));
+        }
+    }
+    out.extend([
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
         (
             "tokenizer.ggml.token_type".into(),
             Value::Array(types.into_iter().map(Value::I32).collect()),
@@ -119,19 +162,28 @@ fn from_hf(model: &Model) -> Result<Vec<(String, Value)>> {
             "tokenizer.ggml.padding_token_id".into(),
             Value::U32(tok.pad_id()),
         ),
-    ];
-    // llama.cpp wants the key even for a vocabulary of single bytes, which has none.
-    out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+    ]);
     if let Some(b) = bos {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }
-    if let Some(&e) = id_of(&tok.eos_token).as_ref().or(tok.eos_ids().first()) {
+    if let Some(&e) = id_of(tok.eos_token.as_deref())
+        .as_ref()
+        .or(tok.eos_ids().first())
+    {
         out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
     }
     if let Some(t) = tok.chat_template_source() {
         out.push(("tokenizer.chat_template".into(), Value::String(t.into())));
     }
     Ok(out)
+}
+
+/// A byte-fallback token: `<0x00>` to `<0xFF>`.
+fn is_byte_token(text: &str) -> bool {
+    text.len() == 6
+        && text.starts_with("<0x")
+        && text.ends_with('>')
+        && text[3..5].chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// llama.cpp's name for a `tokenizers` pre-tokenizer: the one whose pre-tokenizer

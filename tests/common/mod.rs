@@ -91,3 +91,59 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// The Phi-3 vocabulary (SentencePiece BPE, 32,064 tokens) as llama.cpp ships
+/// it for its tokenizer tests: `tests/fixtures/vocab/ggml-vocab-phi-3.gguf`.
+pub fn phi3_vocab() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vocab/ggml-vocab-phi-3.gguf")
+}
+
+/// llama.cpp's tokenizer tests for [`phi3_vocab`]: each text with the ids
+/// llama.cpp gives it (no BOS, special tokens not parsed).
+pub fn phi3_vocab_tests() -> Vec<(String, Vec<u32>)> {
+    let path = phi3_vocab();
+    let read = |ext: &str| std::fs::read_to_string(path.with_extension(ext)).unwrap();
+    let inputs = read("gguf.inp");
+    let inputs: Vec<&str> = inputs.split("\n__ggml_vocab_test__\n").collect();
+    let outputs = read("gguf.out");
+    let outputs: Vec<&str> = outputs.lines().collect();
+    // The input file ends with a separator, so its last piece is empty.
+    assert_eq!(inputs.len() - 1, outputs.len());
+    inputs
+        .iter()
+        .zip(outputs)
+        .map(|(text, ids)| {
+            let ids = ids.split_whitespace().map(|i| i.parse().unwrap()).collect();
+            (text.to_string(), ids)
+        })
+        .collect()
+}
+
+/// A tiny random Phi-3 model (the reference fixture's shapes) with the real
+/// Phi-3 SentencePiece vocabulary, saved in HF layout in `dir` and loaded
+/// from there: an HF folder whose tokenizer is not byte-level. Without
+/// `add_space_prefix`, the vocabulary is set up as Gemma's is.
+pub fn sentencepiece_hf_model(dir: &std::path::Path, add_space_prefix: bool) -> Model {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(phi3_vocab()).unwrap();
+    let mut content = gguf_file::Content::read(&mut file).unwrap();
+    content.metadata.insert(
+        "tokenizer.ggml.add_space_prefix".into(),
+        gguf_file::Value::Bool(add_space_prefix),
+    );
+    let tokenizer = tuneforge::tokenizer::Tokenizer::from_gguf(&content).unwrap();
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/archs/phi3");
+    let mut config = tuneforge::ModelConfig::from_hf_file(&fixture.join("config.json")).unwrap();
+    config.vocab_size = tokenizer.vocab_size();
+    config.bos_token_id = tokenizer
+        .bos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t));
+    config.eos_token_ids = tokenizer.eos_ids().to_vec();
+    let mut model = Model::random(&config, 11, DType::F32, &Device::Cpu).unwrap();
+    model.tokenizer = tokenizer;
+    model.save_hf(dir, DType::F32).unwrap();
+    Model::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap()
+}

@@ -3,10 +3,12 @@ export tests: reads a JSON job on stdin, writes JSON results on stdout.
 
 Job: {"model": PATH, "lora": PATH or null, "n_ctx": N,
       "prompts": [[token ids], ...], "max_new_tokens": N, "logits": bool,
-      "chat": [{"role": ..., "content": ...}, ...] or null}
+      "chat": [{"role": ..., "content": ...}, ...] or null,
+      "tokenize": [texts] (optional)}
 Result: {"last_logits": [[floats] per prompt], "greedy": [[ids] per prompt],
          "stopped_at_eog": [bool per prompt], "eog": [ids],
-         "rendered_chat": str or null, "metadata": {key: value}}
+         "rendered_chat": str or null, "metadata": {key: value},
+         "tokens": [[ids] per text to tokenize] (no BOS, special tokens parsed)}
 
 Greedy decoding is written out (argmax of llama.cpp's logits, one token at a
 time) so that no sampler setting stands between the two implementations.
@@ -60,4 +62,5 @@ if job.get("chat") is not None:
         bos_token=llm.detokenize([llm.token_bos()], special=True).decode() if llm.token_bos() >= 0 else "",
         eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
     )
+out["tokens"] = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in job.get("tokenize", [])]
 json.dump(out, sys.stdout)

@@ -1,6 +1,12 @@
 //! Tokenizers, exactly as the model's authors built them: from `tokenizer.json`
-//! (+ `tokenizer_config.json`) or rebuilt from GGUF metadata as a byte-level BPE
-//! with the pre-tokenizer that `tokenizer.ggml.pre` names.
+//! (+ `tokenizer_config.json`), or rebuilt from GGUF metadata as llama.cpp
+//! runs them: a byte-level BPE with the pre-tokenizer that `tokenizer.ggml.pre`
+//! names ([`byte_level`]) or a SentencePiece BPE ([`sentencepiece`]).
+
+pub mod byte_level;
+pub mod sentencepiece;
+
+pub use byte_level::{gpt2_byte_chars, pre_tokenizer, PRE_TOKENIZERS};
 
 use crate::chat::{ChatTemplate, Message};
 use anyhow::{anyhow, bail, Context, Result};
@@ -8,50 +14,67 @@ use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// GPT-2's split regex, as used by byte-level BPEs with `use_regex`.
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
 /// The ChatML template (SmolLM2 and Qwen2 style), without a default system turn.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-/// The parts of a byte-level BPE tokenizer, as GGUF metadata holds them.
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+pub const NORMAL_TYPE: i32 = 1;
+/// An unknown-token placeholder (`<unk>`).
+pub const UNKNOWN_TYPE: i32 = 2;
+/// A control token (`<s>`, `<|im_end|>`), special in text and skipped on decode.
+pub const CONTROL_TYPE: i32 = 3;
+/// A user-defined token, matched whole in text.
+pub const USER_DEFINED_TYPE: i32 = 4;
+/// A row with no token (vocabulary padding).
+pub const UNUSED_TYPE: i32 = 5;
+
+/// A tokenizer's vocabulary as GGUF metadata holds it (`tokenizer.ggml.*`).
 #[derive(Debug, Clone)]
-pub struct ByteLevelBpe<'a> {
-    /// Token texts (in GPT-2's byte-to-unicode alphabet), by id.
+pub struct GgufVocab<'a> {
+    /// Token texts, by id.
     pub tokens: &'a [String],
-    /// GGUF token types by id (1 normal, 3 control, 4 user-defined, ...).
+    /// llama.cpp's token types by id ([`NORMAL_TYPE`], [`CONTROL_TYPE`], ...).
     pub types: &'a [i32],
-    /// Merges, `"a b"`, by priority.
-    pub merges: &'a [String],
-    /// The pre-tokenizer name (`tokenizer.ggml.pre`).
-    pub pre: &'a str,
+    /// How text becomes tokens.
+    pub kind: VocabKind<'a>,
     /// The BOS token id.
     pub bos_id: Option<u32>,
     /// The EOS token id.
     pub eos_id: Option<u32>,
+    /// The unknown token id.
+    pub unk_id: Option<u32>,
     /// Whether encoding with special tokens prepends BOS.
     pub add_bos: bool,
     /// The Jinja chat template.
     pub chat_template: Option<String>,
 }
 
-/// GPT-2's printable stand-ins for the 256 byte values, in byte order.
-pub fn gpt2_byte_chars() -> Vec<String> {
-    let mut n = 0;
-    (0u32..256)
-        .map(|b| {
-            let printable =
-                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-            let c = if printable {
-                b
-            } else {
-                n += 1;
-                255 + n
-            };
-            char::from_u32(c).expect("valid code point").to_string()
-        })
-        .collect()
+/// The tokenizer models llama.cpp runs.
+#[derive(Debug, Clone)]
+pub enum VocabKind<'a> {
+    /// Byte-level BPE (`gpt2`): merges `"a b"` by priority, and the name of the
+    /// regex that splits words (`tokenizer.ggml.pre`).
+    ByteLevel {
+        /// Merges, `"a b"`, by priority.
+        merges: &'a [String],
+        /// The pre-tokenizer name.
+        pre: &'a str,
+    },
+    /// SentencePiece BPE (`llama`): scores rank the merges.
+    SentencePiece {
+        /// One score per token; the highest-scoring pair merges first.
+        scores: &'a [f32],
+        /// Whether a space is prepended to text (after each special token too).
+        add_space_prefix: bool,
+    },
+}
+
+/// The stages of a `tokenizers` pipeline that differ between tokenizer models.
+struct Pipeline {
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+    model: Value,
 }
 
 /// A tokenizer with its special tokens and chat template.
@@ -65,36 +88,6 @@ pub struct Tokenizer {
     pub eos_token: Option<String>,
     eos_ids: Vec<u32>,
     pad_id: u32,
-}
-
-/// The pre-tokenizers of the byte-level BPE tokenizers llama.cpp names, by
-/// its `tokenizer.ggml.pre` names.
-pub const PRE_TOKENIZERS: [&str; 4] = ["smollm", "llama-bpe", "qwen2", "gpt-2"];
-
-/// The `tokenizers` pre-tokenizer of llama.cpp's pre-tokenizer `pre`, and
-/// whether its BPE ignores merges (Llama 3's does).
-pub fn pre_tokenizer(pre: &str) -> Result<(Value, bool)> {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-    let split = |regex: &str| {
-        json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-        byte_level(false)]})
-    };
-    Ok(match pre {
-        "smollm" => (
-            json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            false,
-        ),
-        "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3_REGEX), true),
-        "qwen2" => (split(QWEN2_REGEX), false),
-        "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
-        other => bail!(
-            "GGUF pre-tokenizer '{other}' is not supported (known: {}). \
-             Use the model's HF-layout folder instead.",
-            PRE_TOKENIZERS.join(", ")
-        ),
-    })
 }
 
 /// A tokenized text with each token's byte span in it.
@@ -156,25 +149,23 @@ impl Tokenizer {
         Self::assemble(inner, template, bos_token, eos_token, eos_ids)
     }
 
-    /// Rebuilds the tokenizer from a GGUF file's `tokenizer.*` metadata.
+    /// Rebuilds the tokenizer from a GGUF file's `tokenizer.*` metadata:
+    /// byte-level BPE (`gpt2`) or SentencePiece BPE (`llama`).
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
         let get = |k: &str| {
             md.get(k)
                 .with_context(|| format!("GGUF metadata has no {k}"))
         };
-        let model = get("tokenizer.ggml.model")?.to_string()?;
-        if model != "gpt2" {
-            bail!(
-                "GGUF tokenizer type '{model}' is not supported: tuneforge rebuilds byte-level BPE \
-                 ('gpt2') tokenizers. Use the model's HF-layout folder (with tokenizer.json) instead."
-            );
-        }
-        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
-            .to_vec()?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<candle_core::Result<_>>()?;
+        let strings = |k: &str| -> Result<Vec<String>> {
+            Ok(get(k)?
+                .to_vec()?
+                .iter()
+                .map(|v| v.to_string().cloned())
+                .collect::<candle_core::Result<_>>()?)
+        };
+        let model = get("tokenizer.ggml.model")?.to_string()?.clone();
+        let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()?
@@ -183,32 +174,49 @@ impl Tokenizer {
                 .collect::<candle_core::Result<_>>()?,
             None => vec![1; tokens.len()],
         };
+        let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
         // A vocabulary of single bytes has no merges, and llama.cpp writes no key then.
-        let merges: Vec<String> = match md.get("tokenizer.ggml.merges") {
-            Some(m) => m
+        let merges = match md.get("tokenizer.ggml.merges") {
+            Some(_) => strings("tokenizer.ggml.merges")?,
+            None => Vec::new(),
+        };
+        let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+            Some(v) => v
                 .to_vec()?
                 .iter()
-                .map(|v| v.to_string().cloned())
+                .map(|s| s.to_f32())
                 .collect::<candle_core::Result<_>>()?,
             None => Vec::new(),
         };
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-            .unwrap_or("default");
+        let kind = match model.as_str() {
+            "gpt2" => VocabKind::ByteLevel {
+                merges: &merges,
+                pre: md
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .map(String::as_str)
+                    .unwrap_or("default"),
+            },
+            // llama.cpp prepends a space unless the file says otherwise (Gemma's does).
+            "llama" => VocabKind::SentencePiece {
+                scores: &scores,
+                add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            },
+            other => bail!(
+                "GGUF tokenizer type '{other}' is not supported: tuneforge rebuilds byte-level BPE \
+                 ('gpt2') and SentencePiece BPE ('llama') tokenizers. Use the model's HF-layout \
+                 folder (with tokenizer.json) instead."
+            ),
+        };
         let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        Self::from_byte_level_bpe(ByteLevelBpe {
+        Self::from_vocab(GgufVocab {
             tokens: &tokens,
             types: &types,
-            merges: &merges,
-            pre,
+            kind,
             bos_id: token_id("tokenizer.ggml.bos_token_id"),
             eos_id: token_id("tokenizer.ggml.eos_token_id"),
-            add_bos: md
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+            unk_id: token_id("tokenizer.ggml.unknown_token_id"),
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama"),
             chat_template: md
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.to_string().ok())
@@ -216,53 +224,65 @@ impl Tokenizer {
         })
     }
 
-    /// Builds a byte-level BPE tokenizer from its parts, as GGUF stores them.
-    pub fn from_byte_level_bpe(p: ByteLevelBpe<'_>) -> Result<Self> {
-        let (pre_tokenizer, ignore_merges) = pre_tokenizer(p.pre)?;
-        let tokens = p.tokens;
+    /// Builds a tokenizer from its vocabulary, as GGUF stores it.
+    pub fn from_vocab(v: GgufVocab<'_>) -> Result<Self> {
+        let tokens = v.tokens;
         let vocab: serde_json::Map<String, Value> = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
+        let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let pipeline = match v.kind {
+            VocabKind::ByteLevel { merges, pre } => {
+                byte_level::pipeline(Value::Object(vocab), merges, pre)?
+            }
+            VocabKind::SentencePiece {
+                scores,
+                add_space_prefix,
+            } => sentencepiece::pipeline(
+                Value::Object(vocab),
+                tokens,
+                scores,
+                name_of(v.unk_id).as_deref(),
+                add_space_prefix,
+            )?,
+        };
+        // Unknown, control and user-defined tokens are matched whole in text.
         let added: Vec<Value> = tokens
             .iter()
-            .zip(p.types)
+            .zip(v.types)
             .enumerate()
-            .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
+            .filter(|(_, (_, &ty))| matches!(ty, UNKNOWN_TYPE | CONTROL_TYPE | USER_DEFINED_TYPE))
             .map(|(i, (t, &ty))| {
                 json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == 3})
+                "rstrip": false, "normalized": false, "special": ty != USER_DEFINED_TYPE})
             })
             .collect();
-        let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-        let post_processor = match (p.add_bos, name_of(p.bos_id)) {
+        let post_processor = match (v.add_bos, name_of(v.bos_id)) {
             (true, Some(bos)) => json!({"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos.clone(): {"id": bos, "ids": [p.bos_id], "tokens": [bos]}}}),
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [v.bos_id], "tokens": [bos]}}}),
             _ => Value::Null,
         };
         let spec = json!({
             "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added, "normalizer": null,
-            "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": ignore_merges, "vocab": vocab, "merges": p.merges},
+            "added_tokens": added, "normalizer": pipeline.normalizer,
+            "pre_tokenizer": pipeline.pre_tokenizer, "post_processor": post_processor,
+            "decoder": pipeline.decoder, "model": pipeline.model,
         });
         let inner: tokenizers::Tokenizer = spec
             .to_string()
             .parse()
-            .map_err(|e| anyhow!("building the byte-level BPE tokenizer: {e}"))?;
-        let eos_ids: Vec<u32> = p.eos_id.into_iter().collect();
+            .map_err(|e| anyhow!("building the tokenizer from its vocabulary: {e}"))?;
+        let eos_ids: Vec<u32> = v.eos_id.into_iter().collect();
         Self::assemble(
             inner,
-            p.chat_template,
-            name_of(p.bos_id),
-            name_of(p.eos_id),
+            v.chat_template,
+            name_of(v.bos_id),
+            name_of(v.eos_id),
             &eos_ids,
         )
     }
@@ -277,13 +297,16 @@ impl Tokenizer {
         tokens.extend(gpt2_byte_chars());
         let mut types = vec![3; 3];
         types.extend(std::iter::repeat_n(1, 256));
-        Self::from_byte_level_bpe(ByteLevelBpe {
+        Self::from_vocab(GgufVocab {
             tokens: &tokens,
             types: &types,
-            merges: &[],
-            pre: "gpt-2",
+            kind: VocabKind::ByteLevel {
+                merges: &[],
+                pre: "gpt-2",
+            },
             bos_id: None,
             eos_id: Some(2),
+            unk_id: None,
             add_bos: false,
             chat_template: Some(CHATML.to_string()),
         })
