@@ -4,7 +4,9 @@
 //!
 //! Two suites:
 //! - `cpu` (the default): the real SmolLM2-135M-Instruct: load, a forward pass,
-//!   LoRA training steps (forward, backward, AdamW) and greedy decoding.
+//!   LoRA training steps (forward, backward, AdamW), greedy decoding, and the
+//!   bundled `compare` (every held-out example, every variant, with an
+//!   adapter) batched and one answer at a time.
 //! - `gpu`: training steps with random weights at SmolLM2-135M's and
 //!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
 //!   linears, in the device's default dtype (bf16 on a GPU); and at Qwen3-0.6B's
@@ -107,13 +109,15 @@ impl Row {
 }
 
 /// The rows of the `cpu` suite, in order.
-const CPU_ROWS: [&str; 6] = [
+const CPU_ROWS: [&str; 8] = [
     "load (cached GGUF)",
     "forward, no grad, 4 x 128",
     "train, all-7, r=8, 4 x 128",
     "train, all-7, r=8, 8 x 256",
     "train, q+v, r=8, 4 x 128",
     "greedy decoding, 64 tokens",
+    "compare, bundled data, batched",
+    "compare, bundled data, one at a time",
 ];
 
 /// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row,
@@ -266,7 +270,53 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
                 ..Row::new(name, g.decode.as_secs_f64() / 63.0)
             }
         }
+        "compare, bundled data, batched" => {
+            compare_row(&mut model, name, tuneforge::generate::DEFAULT_BATCH)?
+        }
+        "compare, bundled data, one at a time" => compare_row(&mut model, name, 1)?,
         other => anyhow::bail!("unknown row '{other}'"),
+    })
+}
+
+/// The bundled comparison (`examples/data`: every held-out example, all five
+/// variants, with an adapter of the default settings), once, answering
+/// `batch` at a time. Tokens per second counts the answers' tokens.
+fn compare_row(model: &mut Model, name: &str, batch: usize) -> Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let lora_config = LoraConfig::default();
+    lora::attach(&mut model.lm, &lora_config, 0)?;
+    let adapter =
+        tuneforge::adapter::AdapterConfig::new(&lora_config, model.config(), model.repo_id())?;
+    tuneforge::adapter::save(&model.lm, &adapter, dir.path())?;
+    lora::detach(&mut model.lm);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let (test, train) = (data.join("test.jsonl"), data.join("train.jsonl"));
+    let held_out = tuneforge::eval::read_held_out(&test)?;
+    let train = tuneforge::eval::read_held_out(&train)?;
+    let config = tuneforge::eval::CompareConfig {
+        progress: false,
+        batch,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let c = tuneforge::eval::compare::compare(
+        model,
+        &[dir.path().to_path_buf()],
+        &held_out,
+        &train,
+        &config,
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    let answers: usize = c.variants.iter().map(|v| v.outputs.len()).sum();
+    let tokens: f64 = c
+        .variants
+        .iter()
+        .map(|v| v.tokens_per_second * v.latency_s * v.outputs.len() as f64)
+        .sum();
+    eprintln!("{name}: {answers} answers in {seconds:.1} s");
+    Ok(Row {
+        tokens_per_second: Some(tokens / seconds),
+        ..Row::new(name, seconds)
     })
 }
 

@@ -41,6 +41,9 @@ struct Args {
     /// Seed for sampling and for choosing few-shot examples.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// How many answers decode together; 1 decodes one at a time (the slow way, to compare).
+    #[arg(long, default_value_t = tuneforge::generate::DEFAULT_BATCH)]
+    batch: usize,
     /// cpu, cuda, cuda:N, metal or auto.
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         limit: a.limit,
         seed: a.seed,
         progress: true,
+        batch: a.batch,
     };
     let comparison = compare::compare_files(&a.model, a.device, &a.data, &a.adapter, &config)?;
     print!("{}", report::markdown(&comparison));

@@ -6,10 +6,11 @@
 use crate::data::Dataset;
 use crate::device::DeviceSpec;
 use crate::eval::{self, HeldOut};
-use crate::generate::GenerationConfig;
+use crate::generate::{GenerationConfig, DEFAULT_BATCH};
 use crate::lora::LoraConfig;
 use crate::pretrained::{LoadOptions, Model};
 use crate::train::{RunConfig, TrainConfig, TrainReport, Trainer};
+use crate::Message;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -189,20 +190,27 @@ pub fn run(
         .take(job.samples)
         .collect();
     let greedy = GenerationConfig::greedy(48);
+    let prompts: Vec<Vec<Message>> = held_out.iter().map(|h| h.prompt.clone()).collect();
+    let answers = |model: &Model| -> Result<Vec<String>> {
+        Ok(model
+            .chat_batch(&prompts, &greedy, DEFAULT_BATCH)?
+            .into_iter()
+            .map(|g| g.text)
+            .collect())
+    };
     // Fresh adapters (B = 0) leave the base model unchanged, so this is the base model.
     let before = if existing == Existing::Resume {
         Vec::new()
     } else {
-        held_out
-            .iter()
-            .map(|h| Ok(eval::answer(trainer.model(), &h.prompt, &greedy)?.text))
-            .collect::<Result<Vec<_>>>()?
+        answers(trainer.model())?
     };
     let report = trainer.train(&data)?;
+    let after = answers(trainer.model())?;
     let samples = held_out
         .iter()
+        .zip(after)
         .enumerate()
-        .map(|(i, h)| {
+        .map(|(i, (h, after))| {
             Ok(Sample {
                 question: h
                     .prompt
@@ -211,7 +219,7 @@ pub fn run(
                     .unwrap_or_default(),
                 reference: h.reference.clone(),
                 before: before.get(i).cloned().unwrap_or_default(),
-                after: eval::answer(trainer.model(), &h.prompt, &greedy)?.text,
+                after,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -179,6 +179,49 @@ impl Model {
         let ids = self.chat_prompt_ids(messages)?;
         generate(&self.lm, &self.tokenizer, &ids, config, on_text)
     }
+
+    /// Generates from many prompts (token ids), `batch` sequences at a time,
+    /// with the prefix they share prefilled once: the answers of
+    /// [`generate`](crate::generate::generate) on each, much faster
+    /// ([`crate::generate::batched`]). A `batch` of 1 decodes one prompt at a
+    /// time, without prefix sharing, as [`Model::chat`] does.
+    ///
+    /// ```
+    /// let model = tuneforge::Model::tiny_random(tuneforge::Architecture::Llama, 0)?;
+    /// let prompts = vec![vec![1, 10, 11], vec![1, 10, 12, 13]];
+    /// let config = tuneforge::GenerationConfig::greedy(4);
+    /// let answers = model.generate_batch(&prompts, &config, 16)?;
+    /// assert_eq!(answers[1].ids, model.generate_batch(&prompts[1..], &config, 1)?[0].ids);
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        batch: usize,
+    ) -> Result<Vec<Generation>> {
+        match batch {
+            1 => prompts
+                .iter()
+                .map(|p| generate(&self.lm, &self.tokenizer, p, config, &mut |_| {}))
+                .collect(),
+            _ => crate::generate::generate_batch(&self.lm, &self.tokenizer, prompts, config, batch),
+        }
+    }
+
+    /// Answers many conversations, `batch` at a time ([`Model::generate_batch`]).
+    pub fn chat_batch(
+        &self,
+        conversations: &[Vec<Message>],
+        config: &GenerationConfig,
+        batch: usize,
+    ) -> Result<Vec<Generation>> {
+        let prompts = conversations
+            .iter()
+            .map(|m| self.chat_prompt_ids(m))
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_batch(&prompts, config, batch)
+    }
 }
 
 /// The HF name of a dtype, for `torch_dtype`.

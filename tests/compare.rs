@@ -93,9 +93,28 @@ fn every_variant_is_scored_and_reported() {
     assert_eq!(c.training.len(), 1);
     assert!(c.training[0].tokens > 0);
     assert!(!c.break_even.is_empty());
-    assert!(!c.verdict.is_empty());
+    for v in &c.variants {
+        let (lo, hi) = v.exact_match_interval;
+        assert!(
+            lo <= v.exact_match && v.exact_match <= hi && hi - lo > 0.1,
+            "{v:?}"
+        );
+    }
+    // The best fine-tuned variant against the best prompting one, paired.
+    let sig = c.significance.as_ref().expect("an adapter was given");
+    assert_eq!(sig.comparison.n, 6);
+    let (lo, hi) = sig.comparison.interval;
+    assert!(lo <= sig.comparison.difference && sig.comparison.difference <= hi);
+    assert!((0.0..=1.0).contains(&sig.comparison.p_value));
+    assert!(
+        c.verdict.contains(&format!("Verdict: {}.", sig.conclusion))
+            && c.verdict.contains("McNemar")
+            && c.verdict.contains("can detect a difference of about"),
+        "{}",
+        c.verdict
+    );
     let md = report::markdown(&c);
-    assert!(md.contains("| variant | exact match |") && md.contains(&c.verdict));
+    assert!(md.contains("| variant | exact match (95% CI) |") && md.contains(&c.verdict));
 
     let out = tempfile::tempdir().unwrap();
     report::write(&c, out.path()).unwrap();
@@ -103,6 +122,8 @@ fn every_variant_is_scored_and_reported() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
             .unwrap();
     assert_eq!(json["variants"].as_array().unwrap().len(), 5);
+    assert!(json["variants"][0]["exact_match_interval"].is_array());
+    assert!(json["significance"]["comparison"]["p_value"].is_number());
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(
         html.contains("<svg") && html.contains("class=\"wrong\"")

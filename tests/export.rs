@@ -387,13 +387,11 @@ fn llama_cpp_runs_the_export_as_tuneforge_does() {
 
     // q8_0 and q4_k_m: greedy answers to every bundled test example.
     let greedy = GenerationConfig::greedy(48);
-    let ours: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            tuneforge::generate::generate(&tuned.lm, &tuned.tokenizer, p, &greedy, &mut |_| {})
-                .unwrap()
-                .ids
-        })
+    let ours: Vec<Vec<u32>> = tuned
+        .generate_batch(&prompts, &greedy, tuneforge::generate::DEFAULT_BATCH)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.ids)
         .collect();
     let text = |ids: &[u32]| {
         tuned

@@ -325,3 +325,44 @@ fn loss_mask_and_masked_loss_match_the_reference() {
         );
     }
 }
+
+/// Batched decoding on the real model: the first 16 bundled test questions,
+/// asked alone and after a shared 3-shot block, answered 16 at a time, get the
+/// answers that one-at-a-time decoding gives (f32, greedy, 32 tokens).
+#[test]
+fn batched_greedy_answers_equal_one_at_a_time() {
+    tuneforge::threads::init();
+    let model = smollm2();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let test = tuneforge::eval::read_held_out(&data.join("test.jsonl")).unwrap();
+    let train = tuneforge::eval::read_held_out(&data.join("train.jsonl")).unwrap();
+    let shots: Vec<Message> = train[..3]
+        .iter()
+        .flat_map(|t| {
+            [
+                Message::user(t.question()),
+                Message::assistant(t.reference.clone()),
+            ]
+        })
+        .collect();
+    let config = GenerationConfig::greedy(32);
+    for prefix in [vec![], shots] {
+        let prompts: Vec<Vec<u32>> = test[..16]
+            .iter()
+            .map(|h| {
+                let mut messages = prefix.clone();
+                messages.push(Message::user(h.question()));
+                model.chat_prompt_ids(&messages).unwrap()
+            })
+            .collect();
+        let answers = |batch| -> Vec<Vec<u32>> {
+            model
+                .generate_batch(&prompts, &config, batch)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.ids)
+                .collect()
+        };
+        assert_eq!(answers(16), answers(1), "{} shots", prefix.len() / 2);
+    }
+}

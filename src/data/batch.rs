@@ -177,6 +177,7 @@ pub fn make_batch(
             ids: Tensor::from_vec(ids, (b, width), device)?,
             positions: Tensor::from_vec(positions, (b, width), device)?,
             mask: mask::segments(&segments, dtype, device)?,
+            sliding_mask: None,
             pass: Default::default(),
         },
         targets: Tensor::from_vec(targets, (b, width), device)?,

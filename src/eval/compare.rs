@@ -7,10 +7,12 @@
 //! the one-off training cost is set against the per-query cost of prompting.
 
 use super::metrics::{exact_match, json_score, token_f1};
+use super::stats::wilson;
+use super::verdict::{break_even, significance, verdict, Significance};
 use super::HeldOut;
 use crate::chat::Message;
 use crate::data::{tokenize::tokenize_record, LossOn, Record, TurnEnd};
-use crate::generate::{generate, GenerationConfig};
+use crate::generate::{GenerationConfig, DEFAULT_BATCH};
 use crate::pretrained::Model;
 use crate::rng::Rng;
 use crate::train::{metrics::Event, summed_loss};
@@ -18,7 +20,6 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// How to run a comparison.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct CompareConfig {
     pub seed: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// How many answers decode together ([`Model::generate_batch`]); 1
+    /// decodes one at a time, the slow way, for comparison.
+    pub batch: usize,
 }
 
 impl Default for CompareConfig {
@@ -46,6 +50,7 @@ impl Default for CompareConfig {
             limit: None,
             seed: 42,
             progress: true,
+            batch: DEFAULT_BATCH,
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct VariantReport {
     pub fine_tuned: bool,
     /// Share of exact matches.
     pub exact_match: f64,
+    /// Its Wilson 95% interval.
+    pub exact_match_interval: (f64, f64),
     /// Share of outputs that are valid JSON (JSON targets only).
     pub json_valid: Option<f64>,
     /// Share of reference fields right (JSON targets only).
@@ -139,6 +146,9 @@ pub struct Comparison {
     pub training: Vec<TrainingCost>,
     /// Break-even points.
     pub break_even: Vec<BreakEven>,
+    /// The best fine-tuned variant against the best prompting variant on the
+    /// same examples (exact match), when there are both.
+    pub significance: Option<Significance>,
     /// The verdict, in one paragraph.
     pub verdict: String,
 }
@@ -212,17 +222,42 @@ pub fn default_instruction(answers: &[&str]) -> String {
     text
 }
 
-/// The teacher-forced NLL of `reference` after `prompt`: (sum, tokens).
-fn reference_nll(model: &Model, prompt: &[Message], reference: &str) -> Result<(f64, usize)> {
-    let mut messages = prompt.to_vec();
-    messages.push(Message::assistant(reference));
-    let example = tokenize_record(
-        &Record::Chat(messages),
-        &model.tokenizer,
-        LossOn::LastAssistant,
-        TurnEnd::EndToken,
-    )?;
-    summed_loss(model, std::slice::from_ref(&example), &[vec![0]])
+/// The summed teacher-forced NLL of each reference answer after its prompt,
+/// and the number of answer tokens: `batch` examples at a time with their
+/// shared prefix computed once, or one at a time with a batch of 1.
+fn reference_nll(
+    model: &Model,
+    cases: &[(Vec<Message>, &str)],
+    batch: usize,
+) -> Result<(f64, usize)> {
+    let examples = cases
+        .iter()
+        .map(|(prompt, reference)| {
+            let mut messages = prompt.clone();
+            messages.push(Message::assistant(*reference));
+            tokenize_record(
+                &Record::Chat(messages),
+                &model.tokenizer,
+                LossOn::LastAssistant,
+                TurnEnd::EndToken,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let scores = match batch {
+        1 => examples
+            .iter()
+            .map(|e| summed_loss(model, std::slice::from_ref(e), &[vec![0]]))
+            .collect::<Result<Vec<_>>>()?,
+        _ => crate::generate::batched::summed_nll(
+            &model.lm,
+            model.tokenizer.pad_id(),
+            &examples,
+            batch,
+        )?,
+    };
+    Ok(scores
+        .into_iter()
+        .fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m)))
 }
 
 /// The training cost recorded in an adapter's run folder, if it has one.
@@ -277,6 +312,9 @@ pub fn compare(
     let held_out = &held_out[..config.limit.unwrap_or(held_out.len()).min(held_out.len())];
     if held_out.is_empty() {
         bail!("there are no held-out examples to evaluate");
+    }
+    if config.batch == 0 {
+        bail!("--batch 0: the batch size must be at least 1");
     }
     if config.shots > train.len() {
         bail!(
@@ -412,23 +450,18 @@ pub fn compare(
             }
             loaded = v.adapter.clone();
         }
-        let (mut outputs, mut f1, mut json, mut nll, mut nll_tokens) =
-            (Vec::new(), Vec::new(), Vec::new(), 0.0, 0usize);
+        let (mut outputs, mut f1, mut json) = (Vec::new(), Vec::new(), Vec::new());
         let (mut seconds, mut generated) = (0.0, 0usize);
-        for (h, prompt_ids) in held_out.iter().zip(ids) {
-            let start = Instant::now();
-            let g = generate(
-                &model.lm,
-                &model.tokenizer,
-                prompt_ids,
-                &config.generation,
-                &mut |_| {},
-            )?;
-            seconds += start.elapsed().as_secs_f64();
+        let generations = model.generate_batch(ids, &config.generation, config.batch)?;
+        let cases: Vec<(Vec<Message>, &str)> = held_out
+            .iter()
+            .map(|h| (v.prompt(h), h.reference.as_str()))
+            .collect();
+        let (nll, nll_tokens) = reference_nll(model, &cases, config.batch)?;
+        for (h, g) in held_out.iter().zip(generations) {
+            // Each answer's share of its batch's time.
+            seconds += (g.prefill + g.decode).as_secs_f64();
             generated += g.ids.len();
-            let (sum, n) = reference_nll(model, &v.prompt(h), &h.reference)?;
-            nll += sum;
-            nll_tokens += n;
             f1.push(token_f1(&g.text, &h.reference));
             json.push(json_score(&g.text, &h.reference));
             outputs.push(Output {
@@ -444,6 +477,10 @@ pub fn compare(
             adapter: v.adapter.clone(),
             fine_tuned: v.adapter.is_some(),
             exact_match: mean(outputs.iter().map(|o| o.correct as u8 as f64)),
+            exact_match_interval: wilson(
+                outputs.iter().filter(|o| o.correct).count(),
+                outputs.len(),
+            ),
             json_valid: (!scored.is_empty())
                 .then(|| mean(scored.iter().map(|s| s.valid as u8 as f64))),
             field_accuracy: (!scored.is_empty())
@@ -484,122 +521,12 @@ pub fn compare(
         variants: reports,
         training,
         break_even,
+        significance: None,
         verdict: String::new(),
     };
+    comparison.significance = significance(&comparison.variants, config.seed);
     comparison.verdict = verdict(&comparison);
     Ok(comparison)
-}
-
-fn break_even(reports: &[VariantReport], training: &[TrainingCost]) -> Vec<BreakEven> {
-    let mut out = Vec::new();
-    for ft in reports
-        .iter()
-        .filter(|r| r.fine_tuned && !r.name.ends_with("instruction"))
-    {
-        let Some(cost) = training
-            .iter()
-            .find(|c| Some(&c.adapter) == ft.adapter.as_ref())
-        else {
-            continue;
-        };
-        for p in reports.iter().filter(|r| !r.fine_tuned) {
-            let extra_prompt_tokens = p.prompt_tokens - ft.prompt_tokens;
-            let extra_seconds = p.latency_s - ft.latency_s;
-            out.push(BreakEven {
-                prompting: p.name.clone(),
-                fine_tuned: ft.name.clone(),
-                extra_prompt_tokens,
-                extra_seconds,
-                queries_by_time: (extra_seconds > 0.0).then(|| cost.seconds / extra_seconds),
-                queries_by_flops: (extra_prompt_tokens > 0.0)
-                    .then(|| 4.0 * cost.tokens as f64 / (2.0 * extra_prompt_tokens)),
-            });
-        }
-    }
-    out
-}
-
-fn pct(x: f64) -> String {
-    format!("{:.1}%", 100.0 * x)
-}
-
-/// Orders variants by exact match, then field accuracy, then token F1; on a tie
-/// the cheaper one (fewer prompt tokens) ranks higher.
-fn better(a: &VariantReport, b: &VariantReport) -> std::cmp::Ordering {
-    let key = |r: &VariantReport| {
-        (
-            r.exact_match,
-            r.field_accuracy.unwrap_or(0.0),
-            r.token_f1,
-            -r.prompt_tokens,
-        )
-    };
-    key(a)
-        .partial_cmp(&key(b))
-        .unwrap_or(std::cmp::Ordering::Equal)
-}
-
-fn verdict(c: &Comparison) -> String {
-    let best = |fine_tuned: bool| {
-        c.variants
-            .iter()
-            .filter(|r| r.fine_tuned == fine_tuned)
-            .max_by(|a, b| better(a, b))
-    };
-    let winner = c
-        .variants
-        .iter()
-        .max_by(|a, b| better(a, b))
-        .expect("at least one variant");
-    let mut text = format!(
-        "On {} held-out examples, \"{}\" wins with {} exact match.",
-        c.examples.len(),
-        winner.name,
-        pct(winner.exact_match)
-    );
-    let (Some(ft), Some(pr)) = (best(true), best(false)) else {
-        text.push_str(" No adapter was given, so only prompting variants were compared.");
-        return text;
-    };
-    let gap = 100.0 * (ft.exact_match - pr.exact_match);
-    if gap > 0.0 {
-        text.push_str(&format!(" Fine-tuning beats the best prompting variant (\"{}\", {}) by {gap:.1} points of exact match.", pr.name, pct(pr.exact_match)));
-    } else if gap < 0.0 {
-        text.push_str(&format!(" The best prompting variant (\"{}\", {}) beats fine-tuning (\"{}\", {}) by {:.1} points: prompting is enough for this data.", pr.name, pct(pr.exact_match), ft.name, pct(ft.exact_match), -gap));
-    } else {
-        text.push_str(&format!(
-            " Fine-tuning and the best prompting variant (\"{}\") tie on exact match.",
-            pr.name
-        ));
-    }
-    let plain = c
-        .variants
-        .iter()
-        .find(|r| r.fine_tuned && !r.name.ends_with("instruction"));
-    let instructed = c
-        .variants
-        .iter()
-        .find(|r| r.fine_tuned && r.name.ends_with("instruction"));
-    if let (Some(p), Some(i)) = (plain, instructed) {
-        let d = 100.0 * (i.exact_match - p.exact_match);
-        text.push_str(&match d {
-            d if d > 0.0 => format!(" Adding the instruction prompt to the fine-tuned model helps (+{d:.1} points)."),
-            d if d < 0.0 => format!(" Adding the instruction prompt to the fine-tuned model hurts ({d:.1} points): the fine-tune already knows the task."),
-            _ => " Adding the instruction prompt to the fine-tuned model changes nothing.".to_string(),
-        });
-    }
-    if let Some(b) = c
-        .break_even
-        .iter()
-        .filter(|b| b.prompting == pr.name)
-        .find_map(|b| b.queries_by_flops.map(|q| (b, q)))
-    {
-        text.push_str(&format!(
-            " The fine-tune cost {:.0} s of training; against \"{}\", which spends {:.0} extra prompt tokens per query, it pays for itself in compute after about {:.0} queries.",
-            c.training.first().map_or(0.0, |t| t.seconds), b.0.prompting, b.0.extra_prompt_tokens, b.1
-        ));
-    }
-    text
 }
 
 /// The comparison as the `compare` example runs it: loads `model`, reads the

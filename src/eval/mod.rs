@@ -5,6 +5,8 @@
 pub mod compare;
 pub mod metrics;
 pub mod report;
+pub mod stats;
+pub mod verdict;
 
 pub use compare::{compare, CompareConfig, Comparison};
 pub use metrics::{exact_match, normalize};
@@ -12,8 +14,6 @@ pub use metrics::{exact_match, normalize};
 use crate::chat::Message;
 use crate::data::records::{read_jsonl_located, DataError};
 use crate::data::Record;
-use crate::generate::{Generation, GenerationConfig};
-use crate::pretrained::Model;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -93,11 +93,6 @@ pub fn data_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         "{} has neither test.jsonl nor valid.jsonl to evaluate on",
         path.display()
     )
-}
-
-/// The model's answer to a held-out prompt.
-pub fn answer(model: &Model, prompt: &[Message], config: &GenerationConfig) -> Result<Generation> {
-    model.chat(prompt, config, &mut |_| {})
 }
 
 #[cfg(test)]

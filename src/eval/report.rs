@@ -12,12 +12,14 @@ fn pct(x: Option<f64>) -> String {
 
 /// The scores and costs as a Markdown table, with the verdict.
 pub fn markdown(c: &Comparison) -> String {
-    let mut s = String::from("| variant | exact match | JSON valid | fields right | token F1 | NLL | perplexity | prompt tokens | latency (s) | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| variant | exact match (95% CI) | JSON valid | fields right | token F1 | NLL | perplexity | prompt tokens | latency (s) | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for v in &c.variants {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
+            "| {} | {} ({}-{}) | {} | {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
             v.name,
             pct(Some(v.exact_match)),
+            pct(Some(v.exact_match_interval.0)),
+            pct(Some(v.exact_match_interval.1)),
             pct(v.json_valid),
             pct(v.field_accuracy),
             v.token_f1,
@@ -54,11 +56,19 @@ pub fn markdown(c: &Comparison) -> String {
     s
 }
 
+/// One measure per variant, with optional 95% intervals drawn as error bars.
+struct Series<'a> {
+    label: &'a str,
+    values: Vec<f64>,
+    intervals: Option<Vec<(f64, f64)>>,
+    color: plotters::style::RGBColor,
+}
+
 /// A horizontal bar chart (SVG) of one or two measures per variant.
 fn bar_chart(
     title: &str,
     names: &[String],
-    series: &[(&str, Vec<f64>, plotters::style::RGBColor)],
+    series: &[Series<'_>],
     x_max: f64,
     unit: &str,
 ) -> Result<String> {
@@ -93,18 +103,34 @@ fn bar_chart(
             .draw()
             .map_err(err)?;
         let band = 0.7 / series.len() as f64;
-        for (k, (label, values, color)) in series.iter().enumerate() {
-            let color = *color;
+        for (k, s) in series.iter().enumerate() {
+            let color = s.color;
+            let y0 = |i: usize| (n - 1 - i) as f64 + 0.15 + band * k as f64;
             chart
-                .draw_series(values.iter().enumerate().map(|(i, &v)| {
-                    let y0 = (n - 1 - i) as f64 + 0.15 + band * k as f64;
-                    Rectangle::new([(0.0, y0), (v, y0 + band)], color.filled())
+                .draw_series(s.values.iter().enumerate().map(|(i, &v)| {
+                    Rectangle::new([(0.0, y0(i)), (v, y0(i) + band)], color.filled())
                 }))
                 .map_err(err)?
-                .label(*label)
+                .label(s.label)
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
+            for (i, &(lo, hi)) in s.intervals.iter().flatten().enumerate() {
+                let (mid, cap) = (y0(i) + band / 2.0, band / 4.0);
+                chart
+                    .draw_series([
+                        PathElement::new(vec![(lo, mid), (hi, mid)], BLACK.stroke_width(2)),
+                        PathElement::new(
+                            vec![(lo, mid - cap), (lo, mid + cap)],
+                            BLACK.stroke_width(2),
+                        ),
+                        PathElement::new(
+                            vec![(hi, mid - cap), (hi, mid + cap)],
+                            BLACK.stroke_width(2),
+                        ),
+                    ])
+                    .map_err(err)?;
+            }
         }
         chart
             .configure_series_labels()
@@ -134,7 +160,7 @@ figure { margin: 1em 0; }
 <p>Model <b>{{ c.model }}</b>, {{ c.examples|length }} held-out examples from <code>{{ c.data }}</code>, greedy decoding.</p>
 <p class="verdict" id="verdict">{{ c.verdict }}</p>
 <h2>Scores</h2>
-<table id="scores"><tr><th>variant</th><th>exact match</th><th>JSON valid</th><th>fields right</th><th>token F1</th><th>NLL</th><th>perplexity</th><th>prompt tokens</th><th>latency (s)</th><th>tokens/s</th></tr>
+<table id="scores"><tr><th>variant</th><th>exact match (95% CI)</th><th>JSON valid</th><th>fields right</th><th>token F1</th><th>NLL</th><th>perplexity</th><th>prompt tokens</th><th>latency (s)</th><th>tokens/s</th></tr>
 {% for v in rows %}<tr><td>{{ v.name }}</td><td>{{ v.em }}</td><td>{{ v.json }}</td><td>{{ v.fields }}</td><td>{{ v.f1 }}</td><td>{{ v.nll }}</td><td>{{ v.ppl }}</td><td>{{ v.prompt }}</td><td>{{ v.latency }}</td><td>{{ v.tps }}</td></tr>
 {% endfor %}</table>
 <figure id="accuracy-chart">{{ accuracy_svg|safe }}</figure>
@@ -156,20 +182,33 @@ figure { margin: 1em 0; }
 pub fn html(c: &Comparison, samples: usize) -> Result<String> {
     use plotters::style::RGBColor;
     let names: Vec<String> = c.variants.iter().map(|v| v.name.clone()).collect();
-    let mut accuracy = vec![(
-        "exact match",
-        c.variants.iter().map(|v| 100.0 * v.exact_match).collect(),
-        RGBColor(68, 102, 204),
-    )];
-    if c.variants.iter().all(|v| v.field_accuracy.is_some()) {
-        accuracy.push((
-            "fields right",
+    let mut accuracy = vec![Series {
+        label: "exact match (95% interval)",
+        values: c.variants.iter().map(|v| 100.0 * v.exact_match).collect(),
+        intervals: Some(
             c.variants
+                .iter()
+                .map(|v| {
+                    (
+                        100.0 * v.exact_match_interval.0,
+                        100.0 * v.exact_match_interval.1,
+                    )
+                })
+                .collect(),
+        ),
+        color: RGBColor(68, 102, 204),
+    }];
+    if c.variants.iter().all(|v| v.field_accuracy.is_some()) {
+        accuracy.push(Series {
+            label: "fields right",
+            values: c
+                .variants
                 .iter()
                 .map(|v| 100.0 * v.field_accuracy.unwrap_or(0.0))
                 .collect(),
-            RGBColor(102, 187, 106),
-        ));
+            intervals: None,
+            color: RGBColor(102, 187, 106),
+        });
     }
     let accuracy_svg = bar_chart(
         "Accuracy per variant",
@@ -182,16 +221,17 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
     let cost_svg = bar_chart(
         "Cost per query: prompt tokens",
         &names,
-        &[(
-            "prompt tokens per query",
-            tokens.clone(),
-            RGBColor(230, 140, 40),
-        )],
+        &[Series {
+            label: "prompt tokens per query",
+            values: tokens.clone(),
+            intervals: None,
+            color: RGBColor(230, 140, 40),
+        }],
         tokens.iter().cloned().fold(1.0, f64::max) * 1.1,
         "tokens per query",
     )?;
     let rows: Vec<serde_json::Value> = c.variants.iter().map(|v| serde_json::json!({
-        "name": v.name, "em": pct(Some(v.exact_match)), "json": pct(v.json_valid), "fields": pct(v.field_accuracy),
+        "name": v.name, "em": format!("{} ({}-{})", pct(Some(v.exact_match)), pct(Some(v.exact_match_interval.0)), pct(Some(v.exact_match_interval.1))), "json": pct(v.json_valid), "fields": pct(v.field_accuracy),
         "f1": format!("{:.3}", v.token_f1), "nll": format!("{:.3}", v.nll), "ppl": format!("{:.2}", v.perplexity),
         "prompt": format!("{:.0}", v.prompt_tokens), "latency": format!("{:.2}", v.latency_s), "tps": format!("{:.1}", v.tokens_per_second),
     })).collect();

@@ -260,8 +260,10 @@ impl Block {
         let mut v = heads(v, kv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                // candle's cat of views along an inner axis can return a
+                // strided result, which the attention matmul refuses.
+                k = Tensor::cat(&[pk, &k], 2)?.contiguous()?;
+                v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
             }
             *slot = Some((k.clone(), v.clone()));
         }

@@ -1,19 +1,31 @@
-//! A matrix-vector kernel for decoding: `x Wᵀ` for a handful of rows of `x`.
+//! A kernel for decoding: `x Wᵀ` for a few rows of `x` (one per sequence
+//! being decoded).
 //!
 //! candle's matmul (the `gemm` crate) reaches about a third of this machine's
-//! memory bandwidth when `x` has one row, which makes token-by-token decoding
-//! slow. This kernel streams each weight row once, reading it against every row
-//! of `x`, split over threads. It has no backward pass, so [`super::Linear`]
-//! uses it only for f32 CPU inputs that track no gradient.
+//! memory bandwidth when `x` has one row, and with a few rows it spends most
+//! of its time packing `W`, which it does on every call. This kernel streams
+//! each weight row once, reading it against every row of `x`, split over
+//! threads: four weight rows against three rows of `x` at a time, in registers.
+//!
+//! Each output element is computed the same way whatever the number of rows
+//! (one 8-lane accumulator over `k`, then a fixed reduction), so a sequence
+//! decoded in a batch gets bit for bit the logits it gets alone. It has no
+//! backward pass, so [`super::Linear`] uses it only for f32 CPU inputs that
+//! track no gradient.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The most rows of `x` the kernel takes; larger inputs go to candle's matmul.
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 64;
 
 /// Weight rows handled per task.
 const ROWS_PER_TASK: usize = 16;
+
+/// Weight rows per register block.
+const W_BLOCK: usize = 4;
+/// Rows of `x` per register block.
+const X_BLOCK: usize = 3;
 
 struct Gemv;
 
@@ -27,9 +39,11 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     Ok(&v[a..b])
 }
 
-/// Dot product: AVX2+FMA when the CPU has it (checked once at run time), else a
-/// portable loop the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The dot products of `R` weight rows with `C` rows of `x` (each of length
+/// `k`): AVX2+FMA when the CPU has it (checked once at run time), else a
+/// portable loop. Either way, each product's arithmetic depends on its two
+/// rows only.
+fn dots<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C]) -> [[f32; C]; R] {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS_AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -37,54 +51,116 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
         {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_avx2_fma(a, b) };
+            return unsafe { dots_avx2_fma(w, x) };
         }
     }
-    dot_portable(a, b)
+    dots_portable(w, x)
+}
+
+/// The products of the elements past the last full 8-lane chunk, in order.
+fn tail(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).fold(0.0, |s, (a, b)| s + a * b)
+}
+
+/// Sums 8 lanes in a fixed order.
+fn reduce(lanes: [f32; 8]) -> f32 {
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dots_avx2_fma<const R: usize, const C: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; C],
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let k = w[0].len();
+    let full = k / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut i = 0;
-    while i + 32 <= n {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            let off = i + 8 * j;
-            *acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(off)),
-                _mm256_loadu_ps(pb.add(off)),
-                *acc,
-            );
+    while i < full {
+        let mut xs = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            xs[c] = _mm256_loadu_ps(x[c].as_ptr().add(i));
         }
-        i += 32;
+        for r in 0..R {
+            let wv = _mm256_loadu_ps(w[r].as_ptr().add(i));
+            for c in 0..C {
+                acc[r][c] = _mm256_fmadd_ps(wv, xs[c], acc[r][c]);
+            }
+        }
+        i += 8;
     }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    lanes.iter().sum::<f32>() + dot_portable(&a[i..n], &b[i..n])
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+            out[r][c] = reduce(lanes) + tail(&w[r][full..], &x[c][full..k]);
+        }
+    }
+    out
 }
 
-/// Dot product with independent accumulators, so that the compiler vectorises it.
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+fn dots_portable<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C]) -> [[f32; C]; R] {
+    let k = w[0].len();
+    let full = k / 8 * 8;
+    let mut acc = [[[0f32; 8]; C]; R];
+    for i in (0..full).step_by(8) {
+        for r in 0..R {
+            for c in 0..C {
+                for l in 0..8 {
+                    acc[r][c][l] += w[r][i + l] * x[c][i + l];
+                }
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = reduce(acc[r][c]) + tail(&w[r][full..], &x[c][full..k]);
+        }
+    }
+    out
+}
+
+/// Fills `out[r][i] = W[first + r] · x[i]` for the weight rows of one task.
+fn task(w: &[f32], x: &[f32], k: usize, m: usize, first: usize, out: &mut [f32]) {
+    let wrow = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
+    let xrow = |i: usize| &x[i * k..(i + 1) * k];
+    let rows = out.len() / m;
+    let mut r = 0;
+    while r < rows {
+        let block = if r + W_BLOCK <= rows { W_BLOCK } else { 1 };
+        let mut i = 0;
+        while i < m {
+            let pair = i + X_BLOCK <= m;
+            match (block, pair) {
+                (W_BLOCK, true) => {
+                    let ws: [&[f32]; W_BLOCK] = std::array::from_fn(|j| wrow(r + j));
+                    let d = dots(ws, [xrow(i), xrow(i + 1), xrow(i + 2)]);
+                    for (j, d) in d.iter().enumerate() {
+                        out[(r + j) * m + i..(r + j) * m + i + 3].copy_from_slice(d);
+                    }
+                }
+                (W_BLOCK, false) => {
+                    let ws: [&[f32]; W_BLOCK] = std::array::from_fn(|j| wrow(r + j));
+                    let d = dots(ws, [xrow(i)]);
+                    for (j, d) in d.iter().enumerate() {
+                        out[(r + j) * m + i] = d[0];
+                    }
+                }
+                (_, true) => {
+                    let d = dots([wrow(r)], [xrow(i), xrow(i + 1), xrow(i + 2)]);
+                    out[r * m + i..r * m + i + 3].copy_from_slice(&d[0]);
+                }
+                (_, false) => out[r * m + i] = dots([wrow(r)], [xrow(i)])[0][0],
+            }
+            i += if pair { X_BLOCK } else { 1 };
+        }
+        r += block;
+    }
 }
 
 impl CustomOp2 for Gemv {
@@ -111,15 +187,7 @@ impl CustomOp2 for Gemv {
             out_t
                 .par_chunks_mut(ROWS_PER_TASK * m)
                 .enumerate()
-                .for_each(|(task, block)| {
-                    let first = task * ROWS_PER_TASK;
-                    for (r, out_row) in block.chunks_mut(m).enumerate() {
-                        let wrow = &w[(first + r) * k..(first + r + 1) * k];
-                        for (i, o) in out_row.iter_mut().enumerate() {
-                            *o = dot(wrow, &x[i * k..(i + 1) * k]);
-                        }
-                    }
-                })
+                .for_each(|(t, block)| task(w, x, k, m, t * ROWS_PER_TASK, block))
         });
         let out = if m == 1 {
             out_t
@@ -162,13 +230,26 @@ mod tests {
         let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4);
-        assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-4);
+        assert!((dots([&a], [&b])[0][0] as f64 - exact).abs() < 1e-4);
+        assert!((dots_portable([&a], [&b])[0][0] as f64 - exact).abs() < 1e-4);
+    }
+
+    #[test]
+    fn each_product_is_the_same_in_any_block() {
+        let x = crate::testing::randn(&[5, 77], 1);
+        let w = crate::testing::randn(&[23, 77], 2);
+        let all = matmul_t(&x, &w).unwrap();
+        for i in 0..5 {
+            let one = matmul_t(&x.narrow(0, i, 1).unwrap(), &w).unwrap();
+            let row = all.narrow(0, i, 1).unwrap();
+            let diff = (one - row).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "row {i}");
+        }
     }
 
     #[test]
     fn agrees_with_candle_matmul() {
-        for rows in [1, 3, 8] {
+        for rows in [1, 2, 3, 8, 17, MAX_ROWS] {
             let x = crate::testing::randn(&[rows, 70], 1);
             let w = crate::testing::randn(&[130, 70], 2);
             let want = x.matmul(&w.t().unwrap()).unwrap();

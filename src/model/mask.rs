@@ -57,6 +57,38 @@ pub fn segments(segment_ids: &[Vec<u32>], dtype: DType, device: &Device) -> Resu
     Tensor::from_vec(v, (b, 1, t, t), device)?.to_dtype(dtype)
 }
 
+/// A mask `[b, 1, t, s]` from positions: row r's query i (at position
+/// `queries[r][i]`) sees the key in column j when that key has a position
+/// (`keys[r][j]`; padding has none) no later than the query's and, with a
+/// `window`, less than `window` before it. A padding query sees nothing.
+pub fn from_positions(
+    queries: &[Vec<Option<u32>>],
+    keys: &[Vec<Option<u32>>],
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let (b, t, s) = (
+        queries.len(),
+        queries.first().map_or(0, Vec::len),
+        keys.first().map_or(0, Vec::len),
+    );
+    let mut v = vec![MASKED; b * t * s];
+    for (r, (qs, ks)) in queries.iter().zip(keys).enumerate() {
+        for (i, q) in qs.iter().enumerate() {
+            let Some(q) = *q else { continue };
+            for (j, k) in ks.iter().enumerate() {
+                let visible =
+                    k.is_some_and(|k| k <= q && window.is_none_or(|w| ((q - k) as usize) < w));
+                if visible {
+                    v[(r * t + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, t, s), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +110,33 @@ mod tests {
                 vec![false, false, false, true],
             ]
         );
+    }
+
+    #[test]
+    fn masks_from_positions_equal_the_causal_and_window_masks() {
+        let (dev, f) = (Device::Cpu, DType::F32);
+        // Two queries at positions 3 and 4 after three cached keys: causal.
+        let keys = vec![(0..5).map(Some).collect::<Vec<_>>()];
+        let queries = vec![vec![Some(3), Some(4)]];
+        let m = from_positions(&queries, &keys, None, f, &dev).unwrap();
+        let want = causal(2, 3, f, &dev).unwrap();
+        let diff = (m - &want).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let m = from_positions(&queries, &keys, Some(2), f, &dev).unwrap();
+        let want = want
+            .broadcast_add(&window(2, 3, 2, f, &dev).unwrap())
+            .unwrap();
+        let visible = |m: &Tensor| -> Vec<Vec<bool>> {
+            let m: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+            m.iter()
+                .map(|r| r.iter().map(|&x| x == 0.0).collect())
+                .collect()
+        };
+        assert_eq!(visible(&m), visible(&want));
+        // Padding columns are hidden, and a padding query sees nothing.
+        let keys = vec![vec![Some(0), None, Some(1)]];
+        let m = from_positions(&[vec![Some(1), None]], &keys, None, f, &dev).unwrap();
+        assert_eq!(visible(&m), vec![vec![true, false, true], vec![false; 3]]);
     }
 
     #[test]

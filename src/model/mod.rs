@@ -64,6 +64,45 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The cache of the batch rows `rows` only, in that order (a row may repeat).
+    pub fn select_rows(&self, rows: &[u32]) -> candle_core::Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| {
+                        let index = Tensor::new(rows, k.device())?;
+                        let pick = |t: &Tensor| t.index_select(&index, 0)?.contiguous();
+                        Ok((pick(k)?, pick(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// The caches of several batches, one after another along the batch axis
+    /// (each must cover the same columns).
+    pub fn cat_rows(parts: &[KvCache]) -> candle_core::Result<Self> {
+        let depth = parts.iter().map(|p| p.layers.len()).max().unwrap_or(0);
+        let layers = (0..depth)
+            .map(|i| {
+                let present: Vec<&(Tensor, Tensor)> = parts
+                    .iter()
+                    .filter_map(|p| p.layers.get(i).and_then(Option::as_ref))
+                    .collect();
+                if present.is_empty() {
+                    return Ok(None);
+                }
+                let ks: Vec<&Tensor> = present.iter().map(|(k, _)| k).collect();
+                let vs: Vec<&Tensor> = present.iter().map(|(_, v)| v).collect();
+                Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { layers })
+    }
 }
 
 /// The inputs of one forward pass.
@@ -75,6 +114,10 @@ pub struct ForwardInput {
     pub positions: Tensor,
     /// Additive attention mask, `[b or 1, 1, t, past + t]`.
     pub mask: Tensor,
+    /// The sliding-window layers' mask, where the caller builds it (as batched
+    /// decoding does, whose cache columns are not positions); otherwise it is
+    /// `mask` with the window applied by column.
+    pub sliding_mask: Option<Tensor>,
     /// Dropout and autograd settings.
     pub pass: Pass,
 }
@@ -101,6 +144,7 @@ impl ForwardInput {
             ids: ids.clone(),
             positions,
             mask: mask::causal(t, past, dtype, device)?,
+            sliding_mask: None,
             pass: Pass::default(),
         })
     }
@@ -474,12 +518,20 @@ impl CausalLm {
         Ok(self.rotary.gather(positions, max_pos)?)
     }
 
+    /// The sliding window, if any layer attends through one.
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.config
+            .sliding_window
+            .filter(|_| self.layers.iter().any(|l| l.sliding))
+    }
+
     /// What every block of a forward pass over `input` shares, `past` cached
     /// positions before it: rope tables, masks, settings.
     pub fn context(&self, input: &ForwardInput, past: usize) -> Result<BlockContext> {
         let (rope, local_rope) = self.rotary_for(&input.positions)?;
         let sliding_mask = match self.config.sliding_window {
-            Some(w) if self.layers.iter().any(|l| l.sliding) => {
+            _ if input.sliding_mask.is_some() => input.sliding_mask.clone(),
+            Some(w) if self.sliding_window().is_some() => {
                 let t = input.ids.dim(1)?;
                 let window = mask::window(t, past, w, input.mask.dtype(), input.mask.device())?;
                 Some(input.mask.broadcast_add(&window)?)
@@ -598,6 +650,7 @@ mod tests {
             ids: Tensor::new(&[[5u32, 6, 7, 8, 9, 0]], &dev).unwrap(),
             positions: Tensor::new(&[[0u32, 1, 2, 0, 1, 0]], &dev).unwrap(),
             mask: mask::segments(&[vec![1, 1, 1, 2, 2, 0]], DType::F32, &dev).unwrap(),
+            sliding_mask: None,
             pass: Pass::default(),
         };
         let hp = m.forward_hidden(&packed, None).unwrap().squeeze(0).unwrap();

@@ -107,6 +107,24 @@ pub fn adapter(fx: &Fixture) {
     assert!(names(&report(&out)).iter().all(|n| n.starts_with("base")));
 }
 
+pub fn batch(fx: &Fixture) {
+    // Every variant's answers, decoded one at a time and three at a time, are
+    // those of the default batch.
+    let all = ["--limit", "100"];
+    let default = compare(fx, "compare-batch-default", &all);
+    for n in ["1", "3"] {
+        let r = compare(
+            fx,
+            &format!("compare-batch-{n}"),
+            &[&all[..], &["--batch", n]].concat(),
+        );
+        assert_eq!(answers(&r), answers(&default), "--batch {n}");
+    }
+    let out = fx.path("compare-batch-0");
+    let err = run::fails("compare", &args(fx, &out, &["--batch", "0"]));
+    assert!(err.contains("batch size must be at least 1"), "{err}");
+}
+
 pub fn model(fx: &Fixture) {
     let r = compare(
         fx,

@@ -101,6 +101,7 @@ const ROWS: &[Row] = rows![
     "compare" "--temperature" => Runs(compare::temperature),
     "compare" "--seed" => Runs(compare::seed),
     "compare" "--device" => Runs(compare::device),
+    "compare" "--batch" => Runs(compare::batch),
     "compare" "--out" => Runs(compare::out),
     "merge" "--adapter" => Runs(merge::adapter),
     "merge" "--model" => Runs(merge::model),

@@ -1,6 +1,10 @@
 //! Text generation: KV-cached greedy or sampled decoding (temperature, top-k,
 //! top-p, seed), streaming text to a callback as it is produced.
 
+pub mod batched;
+
+pub use batched::{generate_batch, DEFAULT_BATCH};
+
 use crate::model::{CausalLm, KvCache};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};

@@ -1,0 +1,169 @@
+//! The statistics behind a verdict on a few dozen examples: Wilson intervals
+//! for each accuracy, and for two variants answering the same examples a
+//! paired bootstrap interval of the difference, McNemar's exact test and the
+//! smallest difference that many examples could detect.
+
+use crate::rng::Rng;
+use serde::Serialize;
+
+/// The normal quantile of a two-sided 95% interval.
+const Z95: f64 = 1.959_963_984_540_054;
+/// The normal quantile of 80% power.
+const Z80: f64 = 0.841_621_233_572_914_4;
+
+/// The Wilson score 95% interval of `successes` out of `n` (`(0, 1)` for none).
+pub fn wilson(successes: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (n, p) = (n as f64, successes as f64 / n as f64);
+    let z2 = Z95 * Z95;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    // At 0 or n successes the bound is exactly 0 or 1; rounding must not move it.
+    let lo = if successes == 0 { 0.0 } else { (centre - half).max(0.0) };
+    let hi = if successes as f64 == n { 1.0 } else { (centre + half).min(1.0) };
+    (lo, hi)
+}
+
+/// McNemar's exact two-sided p-value for `b` examples that only the first
+/// variant gets right and `c` that only the second does.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    // P(X ≤ min(b, c)) for X ~ Binomial(n, 1/2), summed in log space.
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let mut ln_choose = 0.0; // ln C(n, 0)
+    let mut tail = 0.0;
+    for k in 0..=b.min(c) {
+        if k > 0 {
+            ln_choose += ((n - k + 1) as f64).ln() - (k as f64).ln();
+        }
+        tail += (ln_choose + ln_half_n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// Two variants' answers to the same examples, compared.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairedComparison {
+    /// Examples compared.
+    pub n: usize,
+    /// Accuracy of the first variant minus the second's.
+    pub difference: f64,
+    /// The paired bootstrap 95% interval of the difference.
+    pub interval: (f64, f64),
+    /// Examples only the first variant gets right.
+    pub only_first: usize,
+    /// Examples only the second variant gets right.
+    pub only_second: usize,
+    /// McNemar's exact two-sided p-value.
+    pub p_value: f64,
+    /// The smallest difference these examples could detect (two-sided 5%,
+    /// 80% power), at the share of examples on which the variants disagree.
+    pub detectable: f64,
+}
+
+impl PairedComparison {
+    /// Compares `first` and `second` (whether each got each example right),
+    /// with `resamples` bootstrap draws from `seed`.
+    pub fn new(first: &[bool], second: &[bool], resamples: usize, seed: u64) -> Self {
+        let n = first.len().min(second.len());
+        let diffs: Vec<i32> = (0..n).map(|i| first[i] as i32 - second[i] as i32).collect();
+        let only_first = diffs.iter().filter(|&&d| d > 0).count();
+        let only_second = diffs.iter().filter(|&&d| d < 0).count();
+        let difference = diffs.iter().sum::<i32>() as f64 / n.max(1) as f64;
+        let mut rng = Rng::new(seed);
+        let mut draws: Vec<f64> = (0..resamples)
+            .map(|_| {
+                let sum: i32 = (0..n).map(|_| diffs[rng.below(n)]).sum();
+                sum as f64 / n.max(1) as f64
+            })
+            .collect();
+        draws.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            draws
+                .get(((q * resamples as f64) as usize).min(resamples.saturating_sub(1)))
+                .copied()
+                .unwrap_or(difference)
+        };
+        // Connor's approximation for McNemar's test: δ = (z_α + z_β)·√(p_d / n),
+        // with the discordant share p_d at least one example's worth.
+        let discordant =
+            ((only_first + only_second) as f64 / n.max(1) as f64).max(1.0 / n.max(1) as f64);
+        Self {
+            n,
+            difference,
+            interval: (at(0.025), at(0.975)),
+            only_first,
+            only_second,
+            p_value: mcnemar_exact(only_first, only_second),
+            detectable: (Z95 + Z80) * (discordant / n.max(1) as f64).sqrt(),
+        }
+    }
+
+    /// Whether the first variant is better (+1), the second (-1), or neither is
+    /// clearly (0): the interval excludes zero and McNemar's p is below 0.05.
+    pub fn winner(&self) -> i32 {
+        let clear = self.p_value < 0.05;
+        match (self.interval.0 > 0.0, self.interval.1 < 0.0) {
+            (true, _) if clear => 1,
+            (_, true) if clear => -1,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_the_textbook_values() {
+        // 8 of 10: (0.4902, 0.9433), the textbook Wilson interval.
+        let (lo, hi) = wilson(8, 10);
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson(0, 20);
+        assert!(lo == 0.0 && (hi - 0.1611).abs() < 1e-4, "{hi}");
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn mcnemar_exact_matches_the_binomial_tail() {
+        // b = 1, c = 9: 2·P(X ≤ 1 | n = 10) = 2·11/1024.
+        assert!((mcnemar_exact(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
+        assert!((mcnemar_exact(9, 1) - 22.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        // Large counts stay finite: 2·P(X ≤ 200 | n = 1000) is tiny.
+        assert!(mcnemar_exact(200, 800) < 1e-80);
+    }
+
+    #[test]
+    fn a_clear_gain_wins_and_a_small_one_does_not() {
+        let n = 60;
+        let second: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        let first: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 3 != 0).collect();
+        let c = PairedComparison::new(&first, &second, 2000, 1);
+        assert_eq!((c.only_first, c.only_second), (20, 0));
+        assert!((c.difference - 1.0 / 3.0).abs() < 1e-12);
+        assert!(
+            c.interval.0 > 0.15 && c.interval.1 < 0.5,
+            "{:?}",
+            c.interval
+        );
+        assert_eq!(c.winner(), 1);
+        let reversed = PairedComparison::new(&second, &first, 2000, 1);
+        assert_eq!(reversed.winner(), -1);
+        let mut close = second.clone();
+        close[1] = true;
+        let c = PairedComparison::new(&close, &second, 2000, 1);
+        assert_eq!(c.winner(), 0);
+        assert!(c.p_value == 1.0 && c.detectable > c.difference);
+    }
+}
