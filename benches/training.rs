@@ -7,6 +7,7 @@
 //! ```text
 //! cargo bench                 # everything (several minutes on 2 cores)
 //! cargo bench -- tiny         # the tiny configuration only
+//! cargo bench -- decoding     # batched against one-at-a-time decoding
 //! ```
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -26,7 +27,13 @@ fn model(config: &ModelConfig) -> Model {
 }
 
 /// The model groups' tags, the first part of every benchmark id.
-const TAGS: [&str; 4] = ["tiny", "smollm2-135m", "qwen3-0.6b", "gemma3-270m"];
+const TAGS: [&str; 5] = [
+    "tiny",
+    "smollm2-135m",
+    "qwen3-0.6b",
+    "gemma3-270m",
+    "decoding",
+];
 
 /// Whether the command line's filter (`cargo bench -- tiny`) names another
 /// group's tag: then this group's model, gigabytes at real shapes, is not built.
@@ -114,5 +121,42 @@ fn newer_blocks(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, tiny, smollm2, newer_blocks);
+/// Greedy decoding at SmolLM2-135M's shapes: 16 prompts of 40 to 55 tokens
+/// that share their first 32 (an instruction), 16 new tokens each, decoded
+/// together ([`Model::generate_batch`]) and one at a time. Throughput is in
+/// generated tokens.
+fn decoding(c: &mut Criterion) {
+    if filtered_out("decoding") {
+        return;
+    }
+    tuneforge::threads::init();
+    let m = model(&ModelConfig::smollm2_135m());
+    let prompts: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| {
+            (0..32 + 8 + i)
+                .map(|t| 1 + (t * 7919 + i * (t > 31) as u32 * 104729) % 49000)
+                .collect()
+        })
+        .collect();
+    let config = tuneforge::GenerationConfig {
+        max_new_tokens: 16,
+        stop_at_eos: false,
+        ..tuneforge::GenerationConfig::greedy(16)
+    };
+    let mut group = c.benchmark_group("decoding/smollm2-135m");
+    group
+        .throughput(Throughput::Elements(16 * 16))
+        .sample_size(10);
+    for (name, batch) in [
+        ("batched", tuneforge::generate::DEFAULT_BATCH),
+        ("one at a time", 1),
+    ] {
+        group.bench_function(name, |bench| {
+            bench.iter(|| m.generate_batch(&prompts, &config, batch).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, tiny, smollm2, newer_blocks, decoding);
 criterion_main!(benches);

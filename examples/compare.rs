@@ -26,9 +26,13 @@ struct Args {
     /// The instruction prompt (default: one written from the training answers).
     #[arg(long)]
     system: Option<String>,
-    /// Few-shot examples from the training set (0 skips the few-shot variant).
+    /// Few-shot examples per prompt from the training set: the k most similar by
+    /// BM25, and k at random (0 skips the few-shot variants).
     #[arg(long, default_value_t = 5)]
     shots: usize,
+    /// Random few-shot draws to score (the report gives their median and range).
+    #[arg(long, default_value_t = 3)]
+    draws: usize,
     /// Evaluate only the first N held-out examples.
     #[arg(long)]
     limit: Option<usize>,
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
     };
     let config = CompareConfig {
         shots: a.shots,
+        random_draws: a.draws,
         system_prompt: a.system,
         generation,
         limit: a.limit,

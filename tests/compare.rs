@@ -71,7 +71,10 @@ fn every_variant_is_scored_and_reported() {
         [
             "base, zero-shot",
             "base + instruction",
-            "base, few-shot (k=2)",
+            "base, retrieved few-shot (k=2, BM25)",
+            "base, random few-shot (k=2, draw 1)",
+            "base, random few-shot (k=2, draw 2)",
+            "base, random few-shot (k=2, draw 3)",
             "fine-tuned",
             "fine-tuned + instruction"
         ]
@@ -121,7 +124,8 @@ fn every_variant_is_scored_and_reported() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
             .unwrap();
-    assert_eq!(json["variants"].as_array().unwrap().len(), 5);
+    assert_eq!(json["variants"].as_array().unwrap().len(), 8);
+    assert_eq!(json["random_few_shot"]["draws"], 3);
     assert!(json["variants"][0]["exact_match_interval"].is_array());
     assert!(json["significance"]["comparison"]["p_value"].is_number());
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();

@@ -1,10 +1,13 @@
 //! Prompting versus fine-tuning, measured on the user's own held-out examples.
 //!
-//! Each variant answers the same questions: the base model zero-shot, with an
-//! instruction, and few-shot; then each fine-tuned adapter, alone and with the
-//! instruction. Each is scored (exact match, JSON fields, token F1, the
-//! teacher-forced NLL of the reference) and costed (prompt tokens, latency);
-//! the one-off training cost is set against the per-query cost of prompting.
+//! Each variant answers the same questions: the base model zero-shot; with an
+//! instruction written from the training answers; with the k training
+//! examples most similar to each question (BM25); with k random ones, over
+//! several draws; then each fine-tuned adapter, alone and with the
+//! instruction. Each is scored (exact match with its interval, JSON fields,
+//! token F1, the teacher-forced NLL of the reference) and costed (prompt
+//! tokens, latency); the one-off training cost is set against the per-query
+//! cost of prompting, and [`super::verdict`] says which wins.
 
 use super::metrics::{exact_match, json_score, token_f1};
 use super::stats::wilson;
@@ -24,8 +27,11 @@ use std::path::{Path, PathBuf};
 /// How to run a comparison.
 #[derive(Debug, Clone)]
 pub struct CompareConfig {
-    /// Few-shot examples taken from the training set (0 skips the few-shot variant).
+    /// Worked examples from the training set per few-shot prompt (0 skips
+    /// the few-shot variants): the k most similar by BM25, and k at random.
     pub shots: usize,
+    /// How many random draws of few-shot examples to score.
+    pub random_draws: usize,
     /// The instruction prompt; by default one is written from the training answers.
     pub system_prompt: Option<String>,
     /// Decoding (greedy by default; sampling with a seed is an option).
@@ -45,6 +51,7 @@ impl Default for CompareConfig {
     fn default() -> Self {
         Self {
             shots: 5,
+            random_draws: 3,
             system_prompt: None,
             generation: GenerationConfig::greedy(64),
             limit: None,
@@ -140,6 +147,8 @@ pub struct Comparison {
     pub instruction: String,
     /// Few-shot examples used.
     pub shots: usize,
+    /// The random few-shot draws' exact match: median, lowest and highest.
+    pub random_few_shot: Option<DrawSummary>,
     /// Every variant.
     pub variants: Vec<VariantReport>,
     /// Training costs, when the adapters' run folders record them.
@@ -153,16 +162,58 @@ pub struct Comparison {
     pub verdict: String,
 }
 
+/// Exact match over the random few-shot draws.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrawSummary {
+    /// How many draws.
+    pub draws: usize,
+    /// The median exact match.
+    pub median: f64,
+    /// The lowest.
+    pub min: f64,
+    /// The highest.
+    pub max: f64,
+}
+
+impl DrawSummary {
+    fn of(mut values: Vec<f64>) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n % 2 {
+            1 => values[n / 2],
+            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Some(Self {
+            draws: n,
+            median,
+            min: values[0],
+            max: values[n - 1],
+        })
+    }
+}
+
 /// A way of prompting, with or without an adapter.
 struct Variant {
     name: String,
     adapter: Option<PathBuf>,
     system: Option<String>,
-    shots: Vec<(String, String)>,
+    shots: Shots,
+}
+
+/// The worked examples a variant puts before the question.
+enum Shots {
+    /// The same examples before every question.
+    Fixed(Vec<(String, String)>),
+    /// Examples chosen for each question, by its index in the held-out set.
+    PerQuestion(Vec<Vec<(String, String)>>),
 }
 
 impl Variant {
-    fn prompt(&self, held: &HeldOut) -> Vec<Message> {
+    /// The prompt of held-out question `index`, `held`.
+    fn prompt(&self, index: usize, held: &HeldOut) -> Vec<Message> {
         let mut turns = held.prompt.clone();
         let mut messages = Vec::new();
         if let Some(system) = &self.system {
@@ -175,7 +226,11 @@ impl Variant {
         } else if turns.first().is_some_and(|m| m.role == "system") {
             messages.push(turns.remove(0));
         }
-        for (user, assistant) in &self.shots {
+        let shots = match &self.shots {
+            Shots::Fixed(shots) => shots.as_slice(),
+            Shots::PerQuestion(each) => each[index].as_slice(),
+        };
+        for (user, assistant) in shots {
             messages.push(Message::user(user.clone()));
             messages.push(Message::assistant(assistant.clone()));
         }
@@ -185,16 +240,24 @@ impl Variant {
 }
 
 /// An instruction describing the task, written from the training answers: for
-/// JSON objects, their keys and (when few) their allowed values.
+/// JSON objects, their keys and (when few) their allowed values; and a real
+/// answer as an example of the format.
 pub fn default_instruction(answers: &[&str]) -> String {
     let objects: Vec<serde_json::Map<String, serde_json::Value>> = answers
         .iter()
         .filter_map(|a| serde_json::from_str(a.trim()).ok())
         .filter_map(|v: serde_json::Value| v.as_object().cloned())
         .collect();
+    // A real answer shows the format.
+    let shown = answers
+        .iter()
+        .map(|a| a.trim())
+        .find(|a| !a.is_empty() && a.len() <= 300)
+        .map_or(String::new(), |a| format!(" For example:\n{a}"));
     if objects.is_empty() || objects.len() < answers.len() {
-        return "Reply with only the answer, in exactly the expected format, and nothing else."
-            .into();
+        return format!(
+            "Reply with only the answer, in exactly the expected format, and nothing else.{shown}"
+        );
     }
     let mut values: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for o in &objects {
@@ -219,6 +282,7 @@ pub fn default_instruction(answers: &[&str]) -> String {
         }
     }
     text.push_str(" Write nothing else.");
+    text.push_str(&shown);
     text
 }
 
@@ -345,38 +409,53 @@ pub fn compare(
         .system_prompt
         .clone()
         .unwrap_or_else(|| default_instruction(&answers));
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    Rng::new(config.seed).shuffle(&mut order);
-    let shots: Vec<(String, String)> = order[..config.shots]
-        .iter()
-        .map(|&i| (train[i].question().to_string(), train[i].reference.clone()))
-        .collect();
-
-    let plain = |name: String,
-                 adapter: Option<PathBuf>,
-                 system: Option<String>,
-                 shots: Vec<(String, String)>| Variant {
-        name,
-        adapter,
-        system,
-        shots,
-    };
+    let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
+    let plain =
+        |name: String, adapter: Option<PathBuf>, system: Option<String>, shots: Shots| Variant {
+            name,
+            adapter,
+            system,
+            shots,
+        };
+    let none = || Shots::Fixed(Vec::new());
     let mut variants = vec![
-        plain("base, zero-shot".into(), None, None, vec![]),
+        plain("base, zero-shot".into(), None, None, none()),
         plain(
             "base + instruction".into(),
             None,
             Some(instruction.clone()),
-            vec![],
+            none(),
         ),
     ];
-    if config.shots > 0 {
+    let k = config.shots;
+    if k > 0 {
+        let retriever = super::retrieve::Retriever::new(train);
+        let retrieved = held_out
+            .iter()
+            .map(|h| {
+                retriever
+                    .nearest(h.question(), k)
+                    .into_iter()
+                    .map(example)
+                    .collect()
+            })
+            .collect();
         variants.push(plain(
-            format!("base, few-shot (k={})", config.shots),
+            format!("base, retrieved few-shot (k={k}, BM25)"),
             None,
             None,
-            shots,
+            Shots::PerQuestion(retrieved),
         ));
+        for draw in 0..config.random_draws {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            Rng::new(config.seed + draw as u64).shuffle(&mut order);
+            variants.push(plain(
+                format!("base, random few-shot (k={k}, draw {})", draw + 1),
+                None,
+                None,
+                Shots::Fixed(order[..k].iter().map(|&i| example(i)).collect()),
+            ));
+        }
     }
     for (i, adapter) in adapters.iter().enumerate() {
         let tag = if adapters.len() > 1 {
@@ -388,13 +467,13 @@ pub fn compare(
             format!("fine-tuned{tag}"),
             Some(adapter.clone()),
             None,
-            vec![],
+            none(),
         ));
         variants.push(plain(
             format!("fine-tuned{tag} + instruction"),
             Some(adapter.clone()),
             Some(instruction.clone()),
-            vec![],
+            none(),
         ));
     }
 
@@ -403,8 +482,8 @@ pub fn compare(
     let mut prompts: Vec<Vec<Vec<u32>>> = Vec::new();
     for v in &variants {
         let mut ids = Vec::new();
-        for h in held_out {
-            let prompt = v.prompt(h);
+        for (i, h) in held_out.iter().enumerate() {
+            let prompt = v.prompt(i, h);
             let p = model.chat_prompt_ids(&prompt)?;
             // The reference answer is scored after the prompt too (its NLL).
             let mut scored = prompt;
@@ -455,7 +534,8 @@ pub fn compare(
         let generations = model.generate_batch(ids, &config.generation, config.batch)?;
         let cases: Vec<(Vec<Message>, &str)> = held_out
             .iter()
-            .map(|h| (v.prompt(h), h.reference.as_str()))
+            .enumerate()
+            .map(|(i, h)| (v.prompt(i, h), h.reference.as_str()))
             .collect();
         let (nll, nll_tokens) = reference_nll(model, &cases, config.batch)?;
         for (h, g) in held_out.iter().zip(generations) {
@@ -505,6 +585,13 @@ pub fn compare(
         .flatten()
         .collect::<Vec<_>>();
     let break_even = break_even(&reports, &training);
+    let random_few_shot = DrawSummary::of(
+        reports
+            .iter()
+            .filter(|r| r.name.contains("random few-shot"))
+            .map(|r| r.exact_match)
+            .collect(),
+    );
     let mut comparison = Comparison {
         model: model.repo_id().unwrap_or(&model.source.name).to_string(),
         data: held_out
@@ -521,6 +608,7 @@ pub fn compare(
         variants: reports,
         training,
         break_even,
+        random_few_shot,
         significance: None,
         verdict: String::new(),
     };
@@ -569,6 +657,12 @@ mod tests {
             text.contains("keys a, b") && text.contains("\"a\" is one of: x, z"),
             "{text}"
         );
-        assert!(default_instruction(&["plain"]).contains("exactly the expected format"));
+        assert!(
+            text.ends_with("For example:\n{\"a\": \"x\", \"b\": \"y\"}"),
+            "{text}"
+        );
+        let plain = default_instruction(&["plain", "other"]);
+        assert!(plain.contains("exactly the expected format"), "{plain}");
+        assert!(plain.ends_with("For example:\nplain"), "{plain}");
     }
 }

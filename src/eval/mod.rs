@@ -5,6 +5,7 @@
 pub mod compare;
 pub mod metrics;
 pub mod report;
+pub mod retrieve;
 pub mod stats;
 pub mod verdict;
 

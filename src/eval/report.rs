@@ -30,6 +30,15 @@ pub fn markdown(c: &Comparison) -> String {
             v.tokens_per_second
         ));
     }
+    if let Some(d) = &c.random_few_shot {
+        s.push_str(&format!(
+            "\nRandom few-shot over {} draws: median {}, range {} to {}.\n",
+            d.draws,
+            pct(Some(d.median)),
+            pct(Some(d.min)),
+            pct(Some(d.max))
+        ));
+    }
     for t in &c.training {
         s.push_str(&format!(
             "\nTraining ({}): {:.0} s, {} tokens.\n",

@@ -162,7 +162,16 @@ pub fn system(fx: &Fixture) {
 }
 
 pub fn shots(fx: &Fixture) {
-    assert!(names(baseline(fx)).contains(&"base, few-shot (k=1)".to_string()));
+    let names_of = |r: &Value| names(r);
+    let base = names_of(baseline(fx));
+    assert!(
+        base.contains(&"base, retrieved few-shot (k=1, BM25)".to_string()),
+        "{base:?}"
+    );
+    assert!(
+        base.contains(&"base, random few-shot (k=1, draw 1)".to_string()),
+        "{base:?}"
+    );
     let none = compare(fx, "compare-shots-0", &["--shots", "0"]);
     assert!(
         !names(&none).iter().any(|n| n.contains("few-shot")),
@@ -170,15 +179,32 @@ pub fn shots(fx: &Fixture) {
         names(&none)
     );
     let two = compare(fx, "compare-shots-2", &["--shots", "2"]);
-    assert!(names(&two).contains(&"base, few-shot (k=2)".to_string()));
+    assert!(names(&two).contains(&"base, retrieved few-shot (k=2, BM25)".to_string()));
     // The tiny model's context holds 256 tokens: 12 shots do not fit.
     let out = fx.path("compare-shots-12");
     let args = args(fx, &out, &["--shots", "12"]);
     let err = run::fails("compare", &args);
     assert!(
-        err.contains("few-shot (k=12)") && err.contains("lower --shots"),
+        err.contains("few-shot (k=12") && err.contains("lower --shots"),
         "{err}"
     );
+}
+
+pub fn draws(fx: &Fixture) {
+    let random = |r: &Value| {
+        names(r)
+            .into_iter()
+            .filter(|n| n.contains("random few-shot"))
+            .count()
+    };
+    assert_eq!(random(baseline(fx)), 3, "three draws by default");
+    assert!(baseline(fx)["random_few_shot"]["median"].is_number());
+    let one = compare(fx, "compare-draws-1", &["--draws", "1"]);
+    assert_eq!(random(&one), 1);
+    assert_eq!(one["random_few_shot"]["draws"], 1);
+    let none = compare(fx, "compare-draws-0", &["--draws", "0"]);
+    assert_eq!(random(&none), 0);
+    assert!(none["random_few_shot"].is_null());
 }
 
 pub fn limit(fx: &Fixture) {

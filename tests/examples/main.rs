@@ -96,6 +96,7 @@ const ROWS: &[Row] = rows![
     "compare" "--model" => Runs(compare::model),
     "compare" "--system" => Runs(compare::system),
     "compare" "--shots" => Runs(compare::shots),
+    "compare" "--draws" => Runs(compare::draws),
     "compare" "--limit" => Runs(compare::limit),
     "compare" "--max-tokens" => Runs(compare::max_tokens),
     "compare" "--temperature" => Runs(compare::temperature),
