@@ -362,7 +362,7 @@ fn compare_scores_every_variant() {
         let mut model = load(arch, false);
         let adapter = fixture_dir(arch).join("adapter");
         let c = compare(&mut model, &[adapter], &held(0..2), &held(10..14), &config).unwrap();
-        assert_eq!(c.variants.len(), 5, "{arch}");
+        assert_eq!(c.variants.len(), 8, "{arch}");
         assert!(
             c.variants
                 .iter()
