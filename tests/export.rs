@@ -263,6 +263,27 @@ fn test_prompts() -> Vec<HeldOut> {
         .collect()
 }
 
+/// tuneforge's logits at the last position of `prompt`.
+fn our_last_logits(lm: &tuneforge::CausalLm, prompt: &[u32]) -> Tensor {
+    let ids = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = lm.forward(&ids).unwrap().squeeze(0).unwrap();
+    logits.get(prompt.len() - 1).unwrap()
+}
+
+/// llama.cpp's logits at the last position of prompt `i` of a `run.py` run.
+fn their_last_logits(run: &Value, i: usize) -> Tensor {
+    let logits: Vec<f32> = run["last_logits"][i]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    Tensor::new(logits, &Device::Cpu).unwrap()
+}
+
 fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -309,21 +330,8 @@ fn llama_cpp_runs_the_export_as_tuneforge_does() {
         ..GenerationConfig::greedy(32)
     };
     for (i, prompt) in three.iter().enumerate() {
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let last = |m: &Model| {
-            let logits = m.lm.forward(&ids).unwrap().squeeze(0).unwrap();
-            logits.get(prompt.len() - 1).unwrap()
-        };
-        let theirs: Vec<f32> = merged["last_logits"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let theirs = Tensor::new(theirs, &Device::Cpu).unwrap();
+        let last = |m: &Model| our_last_logits(&m.lm, prompt);
+        let theirs = their_last_logits(&merged, i);
         // tuneforge's merged model as the file holds it (f16 weights), and
         // the f32 base + adapter it was made from, whose f16 rounding adds up
         // to about 0.04 at SmolLM2's logit scale.
@@ -469,19 +477,10 @@ fn llama_cpp_runs_every_architecture() {
             "lora": out.path().join("adapter.gguf"), "prompts": [prompt], "max_new_tokens": 8}));
         let mut want = load(&dir);
         want.load_adapter(&dir.join("adapter")).unwrap();
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let ours = want.lm.forward(&ids).unwrap().squeeze(0).unwrap();
-        let ours = ours.get(prompt.len() - 1).unwrap();
-        let theirs: Vec<f32> = merged["last_logits"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let diff = common::max_abs_diff(&ours, &Tensor::new(theirs, &Device::Cpu).unwrap());
+        let diff = common::max_abs_diff(
+            &our_last_logits(&want.lm, &prompt),
+            &their_last_logits(&merged, 0),
+        );
         eprintln!("{arch}: llama.cpp's last-position logits differ by {diff}");
         assert!(diff < 1e-2, "{arch}: llama.cpp's logits differ by {diff}");
         assert_eq!(
@@ -522,19 +521,10 @@ fn llama_cpp_runs_an_hf_model_with_a_sentencepiece_tokenizer() {
             assert_eq!(ids_of(theirs), ours, "prefix {add_space_prefix}: {text:?}");
         }
         assert_eq!(out["rendered_chat"], rendered.as_str());
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let ours = model.lm.forward(&ids).unwrap().squeeze(0).unwrap();
-        let ours = ours.get(prompt.len() - 1).unwrap();
-        let theirs: Vec<f32> = out["last_logits"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let diff = common::max_abs_diff(&ours, &Tensor::new(theirs, &Device::Cpu).unwrap());
+        let diff = common::max_abs_diff(
+            &our_last_logits(&model.lm, &prompt),
+            &their_last_logits(&out, 0),
+        );
         eprintln!("prefix {add_space_prefix}: llama.cpp's last-position logits differ by {diff}");
         assert!(diff < 1e-2, "llama.cpp's logits differ by {diff}");
     }

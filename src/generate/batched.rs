@@ -419,6 +419,19 @@ mod tests {
     use crate::config::{Architecture, ModelConfig};
     use crate::generate::generate;
 
+    /// A tiny random model of `arch` whose sliding window, where it has one,
+    /// is shorter than the test prompts; with `context` as its context window.
+    fn tiny(arch: Architecture, seed: u64, context: Option<usize>) -> crate::Model {
+        let mut config = ModelConfig::tiny(arch);
+        if config.sliding_window.is_some() {
+            config.sliding_window = Some(5);
+        }
+        if let Some(c) = context {
+            config.max_position_embeddings = c;
+        }
+        crate::Model::random(&config, seed, DType::F32, &candle_core::Device::Cpu).unwrap()
+    }
+
     #[test]
     fn the_shared_prefix_leaves_each_prompt_a_token() {
         assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 4, 5]]), 2);
@@ -433,15 +446,9 @@ mod tests {
     #[test]
     fn batched_greedy_answers_equal_one_at_a_time() {
         for arch in Architecture::ALL {
-            let mut config = ModelConfig::tiny(arch);
-            if config.sliding_window.is_some() {
-                config.sliding_window = Some(5);
-            }
             // A short context, so that longer prompts get fewer new tokens
             // and rows leave the batch at different steps.
-            config.max_position_embeddings = 20;
-            let model =
-                crate::Model::random(&config, 5, DType::F32, &candle_core::Device::Cpu).unwrap();
+            let model = tiny(arch, 5, Some(20));
             let prefix: Vec<u32> = vec![3, 17, 40, 8, 99];
             let shared: Vec<Vec<u32>> = [vec![5u32], vec![6, 7, 8], vec![60, 61], vec![]]
                 .into_iter()
@@ -487,12 +494,7 @@ mod tests {
     fn batched_nll_equals_each_example_alone() {
         use crate::data::Example;
         for arch in Architecture::ALL {
-            let mut config = ModelConfig::tiny(arch);
-            if config.sliding_window.is_some() {
-                config.sliding_window = Some(5);
-            }
-            let model =
-                crate::Model::random(&config, 9, DType::F32, &candle_core::Device::Cpu).unwrap();
+            let model = tiny(arch, 9, None);
             let example = |own: &[u32], trained_from: usize| {
                 let ids: Vec<u32> = [3u32, 17, 40, 8].iter().chain(own).copied().collect();
                 let trained = (0..ids.len()).map(|i| i >= trained_from).collect();
