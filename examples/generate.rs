@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
         stop_at_eos: true,
+        ..Default::default()
     };
     let mut stdout = std::io::stdout();
     let out = model.chat(&messages, &config, &mut |piece| {

@@ -2,13 +2,16 @@
 //! positions, its own sampler and its own end.
 //!
 //! The prefix that every prompt shares (an instruction, a fixed block of
-//! examples) is prefilled once and its KV cache copied into each batch. The
+//! examples) is prefilled once, in chunks, and every row attends to its one
+//! KV cache ([`KvCache::after_shared`]): a many-shot prefix of thousands of
+//! tokens costs its memory once, not once per row. The
 //! rest of each prompt is left-padded so that every row's last prompt token
 //! sits in the same column, and the batch is prefilled in one pass. Then each
 //! step feeds one token per row; a row that ends leaves the batch. Masks are
 //! built from each cache column's position, so padding is invisible and
 //! sliding windows count positions, not columns.
 
+use super::json::{self, JsonMatcher};
 use super::{Generation, GenerationConfig};
 use crate::model::{mask, CausalLm, ForwardInput, KvCache, Pass};
 use crate::tokenizer::Tokenizer;
@@ -55,13 +58,18 @@ pub fn generate_batch(
         let start = Instant::now();
         let prefix = Prefix::prefill(lm, &prompts[0][..shared_prefix(prompts)])?;
         let prefix_share = start.elapsed() / prompts.len() as u32;
+        let token_bytes = match config.json_schema {
+            Some(_) => tokenizer.token_bytes(),
+            None => Vec::new(),
+        };
         // Prompts of similar lengths decode together, with less padding.
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         for rows in order.chunks(batch) {
             let chunk: Vec<&[u32]> = rows.iter().map(|&i| prompts[i].as_slice()).collect();
-            let generations = Chunk::new(lm, tokenizer, &prefix, &chunk, config)?.run()?;
+            let generations =
+                Chunk::new(lm, tokenizer, &prefix, &chunk, config, &token_bytes)?.run()?;
             for (&i, mut g) in rows.iter().zip(generations) {
                 g.prefill += prefix_share;
                 out[i] = Some(g);
@@ -82,6 +90,10 @@ fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
     common.min(shortest.saturating_sub(1))
 }
 
+/// Prefix tokens prefilled per pass: a long prefix in one pass would hold
+/// scores for every pair of its positions.
+const PREFIX_CHUNK: usize = 512;
+
 /// The shared prefix, prefilled once (batch of one).
 struct Prefix {
     len: usize,
@@ -91,9 +103,10 @@ struct Prefix {
 impl Prefix {
     fn prefill(lm: &CausalLm, ids: &[u32]) -> Result<Self> {
         let mut cache = KvCache::default();
-        if !ids.is_empty() {
-            let ids = Tensor::new(ids, lm.device())?.unsqueeze(0)?;
-            let input = ForwardInput::causal(&ids, 0, lm.dtype())?;
+        for chunk in ids.chunks(PREFIX_CHUNK) {
+            let past = cache.len();
+            let chunk = Tensor::new(chunk, lm.device())?.unsqueeze(0)?;
+            let input = ForwardInput::causal(&chunk, past, lm.dtype())?;
             lm.forward_hidden(&input, Some(&mut cache))?;
         }
         Ok(Self {
@@ -101,10 +114,18 @@ impl Prefix {
             cache,
         })
     }
+
+    /// An empty cache for rows that follow this prefix.
+    fn rows_cache(&self) -> Result<KvCache> {
+        Ok(match self.len {
+            0 => KvCache::default(),
+            _ => KvCache::after_shared(&self.cache)?,
+        })
+    }
 }
 
 /// One sequence of a batch.
-struct Row {
+struct Row<'a> {
     /// Its index in the chunk.
     index: usize,
     prompt_tokens: usize,
@@ -114,6 +135,8 @@ struct Row {
     keys: Vec<Option<u32>>,
     ids: Vec<u32>,
     sampler: LogitsProcessor,
+    /// Where its answer is in the JSON object, when answers are constrained.
+    json: Option<JsonMatcher<'a>>,
     max_new: usize,
     stopped_at_eos: bool,
     prefill: Duration,
@@ -125,8 +148,10 @@ struct Chunk<'a> {
     lm: &'a CausalLm,
     tokenizer: &'a Tokenizer,
     config: &'a GenerationConfig,
+    /// Each token's bytes, when answers are constrained to JSON.
+    token_bytes: &'a [Option<Vec<u8>>],
     cache: KvCache,
-    rows: Vec<Row>,
+    rows: Vec<Row<'a>>,
     /// Logits of each active row's next token, `[rows, vocab]`.
     logits: Tensor,
 }
@@ -172,10 +197,7 @@ fn prefill(lm: &CausalLm, pad: u32, prefix: &Prefix, sequences: &[&[u32]]) -> Re
         .par_iter()
         .map(|range| -> Result<(KvCache, Tensor)> {
             let n = range.len();
-            let mut cache = match p {
-                0 => KvCache::default(),
-                _ => prefix.cache.select_rows(&vec![0; n])?,
-            };
+            let mut cache = prefix.rows_cache()?;
             let cells = range.start * width..range.end * width;
             let ids = Tensor::new(&ids[cells.clone()], device)?.reshape((n, width))?;
             let positions = Tensor::new(&positions[cells], device)?.reshape((n, width))?;
@@ -304,6 +326,7 @@ impl<'a> Chunk<'a> {
         prefix: &Prefix,
         prompts: &[&[u32]],
         config: &'a GenerationConfig,
+        token_bytes: &'a [Option<Vec<u8>>],
     ) -> Result<Self> {
         let start = Instant::now();
         let run = prefill(lm, tokenizer.pad_id(), prefix, prompts)?;
@@ -324,6 +347,7 @@ impl<'a> Chunk<'a> {
                 keys,
                 ids: Vec::new(),
                 sampler: LogitsProcessor::from_sampling(config.seed, config.sampling()),
+                json: config.json_schema.as_deref().map(JsonMatcher::new),
                 max_new: config.max_new_tokens.min(context - prompt.len()),
                 stopped_at_eos: false,
                 prefill: share,
@@ -334,6 +358,7 @@ impl<'a> Chunk<'a> {
             lm,
             tokenizer,
             config,
+            token_bytes,
             cache: run.cache,
             rows,
             logits: logits.to_dtype(DType::F32)?,
@@ -342,7 +367,7 @@ impl<'a> Chunk<'a> {
 
     /// Decodes until every row has ended; the generations in prompt order.
     fn run(mut self) -> Result<Vec<Generation>> {
-        let mut done: Vec<Row> = Vec::new();
+        let mut done: Vec<Row<'a>> = Vec::new();
         let eos = self.tokenizer.eos_ids().to_vec();
         loop {
             let step = Instant::now();
@@ -352,7 +377,18 @@ impl<'a> Chunk<'a> {
                 if row.ids.len() >= row.max_new {
                     continue;
                 }
-                let next = row.sampler.sample(&self.logits.get(r)?)?;
+                let logits = self.logits.get(r)?;
+                let next = match &mut row.json {
+                    Some(matcher) => json::choose(
+                        &logits,
+                        &mut row.sampler,
+                        self.config.temperature <= 0.0,
+                        matcher,
+                        self.token_bytes,
+                        &eos,
+                    )?,
+                    None => row.sampler.sample(&logits)?,
+                };
                 if self.config.stop_at_eos && eos.contains(&next) {
                     row.stopped_at_eos = true;
                     continue;
@@ -482,6 +518,96 @@ mod tests {
                             .map(|g| g.ids)
                             .collect();
                     assert_eq!(together, alone, "{arch:?}, batch {batch}");
+                }
+            }
+        }
+    }
+
+    /// A prefix longer than one prefill chunk (a many-shot block) is prefilled
+    /// in chunks and kept once, not per row; the answers stay those of
+    /// one-at-a-time decoding, sliding windows included.
+    #[test]
+    fn a_long_shared_prefix_is_kept_once() {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Gemma2,
+            Architecture::Phi3,
+        ] {
+            let model = tiny(arch, 11, Some(2048));
+            let prefix: Vec<u32> = (0..PREFIX_CHUNK as u32 * 2 + 37)
+                .map(|i| 3 + i % 200)
+                .collect();
+            let prompts: Vec<Vec<u32>> = [vec![5u32], vec![6, 7, 8], vec![60, 61]]
+                .into_iter()
+                .map(|own| prefix.iter().copied().chain(own).collect())
+                .collect();
+            let config = GenerationConfig {
+                stop_at_eos: false,
+                ..GenerationConfig::greedy(6)
+            };
+            let alone: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| {
+                    generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {})
+                        .unwrap()
+                        .ids
+                })
+                .collect();
+            let together: Vec<Vec<u32>> =
+                generate_batch(&model.lm, &model.tokenizer, &prompts, &config, 3)
+                    .unwrap()
+                    .into_iter()
+                    .map(|g| g.ids)
+                    .collect();
+            assert_eq!(together, alone, "{arch:?}");
+            let shared = Prefix::prefill(&model.lm, &prefix).unwrap();
+            let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            let (own, kept) = prefill(&model.lm, 0, &shared, &rows).unwrap().cache.bytes();
+            // Three rows of at most 3 own columns against one prefix of 1061.
+            assert!(
+                own * 100 < kept,
+                "{arch:?}: {own} bytes per row set, {kept} shared"
+            );
+        }
+    }
+
+    /// Answers constrained to JSON fit the schema, ended or not, and batched
+    /// constrained answers equal one-at-a-time ones, greedy and sampled.
+    #[test]
+    fn constrained_answers_fit_the_schema() {
+        use crate::generate::json::{JsonMatcher, JsonSchema};
+        let enums = JsonSchema::from_answers(&[
+            r#"{"category": "billing", "priority": "low"}"#,
+            r#"{"category": "account", "priority": "high", "n": 12}"#,
+        ])
+        .unwrap();
+        let free = JsonSchema::from_answers(&[r#"{"note": [1, {"a": "x"}], "ok": true}"#]).unwrap();
+        let model = tiny(Architecture::Llama, 3, Some(400));
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![5, 6, 9, 10], vec![40]];
+        for (schema, must_end) in [(enums, true), (free, false)] {
+            for temperature in [0.0, 1.0] {
+                let config = GenerationConfig {
+                    max_new_tokens: 150,
+                    temperature,
+                    json_schema: Some(std::sync::Arc::new(schema.clone())),
+                    ..GenerationConfig::default()
+                };
+                let alone: Vec<crate::generate::Generation> = prompts
+                    .iter()
+                    .map(|p| {
+                        generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {}).unwrap()
+                    })
+                    .collect();
+                let together =
+                    generate_batch(&model.lm, &model.tokenizer, &prompts, &config, 3).unwrap();
+                for (a, b) in alone.iter().zip(&together) {
+                    assert_eq!(a.ids, b.ids, "temperature {temperature}");
+                    let mut m = JsonMatcher::new(&schema);
+                    assert!(m.feed(a.text.as_bytes()), "{}", a.text);
+                    if must_end {
+                        assert!(a.stopped_at_eos && m.is_done(), "{}", a.text);
+                        serde_json::from_str::<serde_json::Value>(&a.text).unwrap();
+                    }
                 }
             }
         }

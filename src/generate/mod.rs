@@ -2,6 +2,7 @@
 //! top-p, seed), streaming text to a callback as it is produced.
 
 pub mod batched;
+pub mod json;
 
 pub use batched::{generate_batch, DEFAULT_BATCH};
 
@@ -29,6 +30,9 @@ pub struct GenerationConfig {
     pub seed: u64,
     /// Stop at an end-of-sequence token.
     pub stop_at_eos: bool,
+    /// Constrain each answer to a JSON object of this shape ([`json`]).
+    #[serde(skip)]
+    pub json_schema: Option<std::sync::Arc<json::JsonSchema>>,
 }
 
 impl Default for GenerationConfig {
@@ -40,6 +44,7 @@ impl Default for GenerationConfig {
             top_p: None,
             seed: 42,
             stop_at_eos: true,
+            json_schema: None,
         }
     }
 }
@@ -112,6 +117,8 @@ pub fn generate(
     }
     let max_new = config.max_new_tokens.min(context - prompt_ids.len());
     let mut processor = LogitsProcessor::from_sampling(config.seed, config.sampling());
+    let token_bytes = config.json_schema.as_ref().map(|_| tokenizer.token_bytes());
+    let mut matcher = config.json_schema.as_deref().map(json::JsonMatcher::new);
     let mut cache = KvCache::default();
     let device = lm.device();
     let start = Instant::now();
@@ -122,13 +129,24 @@ pub fn generate(
         let ids = Tensor::new(ids, device)?.unsqueeze(0)?;
         crate::threads::pool().install(|| lm.forward_last(&ids, &mut cache))
     };
-    let mut logits = forward(prompt_ids)?;
+    let mut next_logits = forward(prompt_ids)?;
     let mut prefill = Duration::ZERO;
     let mut ids: Vec<u32> = Vec::new();
     let mut emitted = String::new();
     let mut stopped_at_eos = false;
     for step in 0..max_new {
-        let next = processor.sample(&logits.squeeze(0)?.to_dtype(DType::F32)?)?;
+        let logits = next_logits.squeeze(0)?.to_dtype(DType::F32)?;
+        let next = match (&mut matcher, &token_bytes) {
+            (Some(m), Some(bytes)) => json::choose(
+                &logits,
+                &mut processor,
+                config.temperature <= 0.0,
+                m,
+                bytes,
+                tokenizer.eos_ids(),
+            )?,
+            _ => processor.sample(&logits)?,
+        };
         if step == 0 {
             prefill = start.elapsed();
         }
@@ -144,7 +162,7 @@ pub fn generate(
             emitted = text;
         }
         if step + 1 < max_new {
-            logits = forward(&[next])?;
+            next_logits = forward(&[next])?;
         }
     }
     let text = tokenizer.decode(&ids, true)?;

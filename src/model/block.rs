@@ -113,20 +113,56 @@ pub struct BlockSaved {
 
 /// The attention probabilities `[b, h, t, s]`: softmax of the scores of the
 /// scaled, head-grouped queries `q` (`[b, kv, g·t, hd]`) against the keys `k`
-/// (`[b, kv, s, hd]`), soft-capped at `softcap`, plus the additive `mask`.
+/// (`[b, kv, s', hd]`), after the shared prefix's keys `shared` (`[1, kv, s -
+/// s', hd]`) where there are some, soft-capped at `softcap`, plus the
+/// additive `mask`.
 fn attention_probs(
     q: &Tensor,
     k: &Tensor,
+    shared: Option<&Tensor>,
     mask: &Tensor,
     softcap: Option<f64>,
     (b, h, t, s): (usize, usize, usize, usize),
 ) -> candle_core::Result<Tensor> {
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = match shared {
+        Some(prefix) => Tensor::cat(&[&matmul_shared(q, &prefix.t()?)?, &scores], 3)?,
+        None => scores,
+    }
+    .reshape((b, h, t, s))?;
     let scores = match softcap {
         Some(c) => ops::softcap(&scores, c)?,
         None => scores,
     };
     ops::softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
+/// The attention output `[b, kv, g·t, hd]`: the head-grouped probabilities
+/// `probs` (`[b, kv, g·t, s]`) applied to the shared prefix's values `shared`
+/// (`[1, kv, p, hd]`), where there are some, and then to the rows' own `v`.
+fn attend(probs: &Tensor, v: &Tensor, shared: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match shared {
+        Some(prefix) => {
+            let (p, s) = (prefix.dim(2)?, probs.dim(3)?);
+            let own = probs.narrow(3, p, s - p)?.contiguous()?.matmul(v)?;
+            matmul_shared(&probs.narrow(3, 0, p)?, prefix)? + own
+        }
+        None => probs.matmul(v),
+    }
+}
+
+/// `x · w` per kv head, where `x` is `[b, kv, m, n]` and `w` (`[1, kv, n, p]`)
+/// is one matrix per head that every row shares: the rows are stacked into one
+/// product per head, `[kv, b·m, n] · [kv, n, p]`, rather than `b` thin ones.
+fn matmul_shared(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, kv, m, n) = x.dims4()?;
+    let p = w.dim(3)?;
+    let stacked = x.transpose(0, 1)?.contiguous()?.reshape((kv, b * m, n))?;
+    stacked
+        .matmul(&w.squeeze(0)?)?
+        .reshape((kv, b, m, p))?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 /// `norm(x)` where there is a norm, else `x`.
@@ -235,7 +271,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &BlockContext,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<super::LayerCache>,
         save: bool,
     ) -> Result<(Tensor, Option<BlockSaved>)> {
         let (b, t, _) = x.dims3()?;
@@ -258,7 +294,17 @@ impl Block {
         let q = self.rotate(&maybe_norm(q_raw.clone(), a.q_norm.as_ref(), ctx.eps)?, ctx)?;
         let mut k = self.rotate(&maybe_norm(k_raw.clone(), a.k_norm.as_ref(), ctx.eps)?, ctx)?;
         let mut v = heads(v, kv)?.contiguous()?;
-        if let Some(slot) = cache {
+        let mut shared = None;
+        if let Some(super::LayerCache {
+            own: slot,
+            shared: prefix,
+        }) = cache
+        {
+            ensure!(
+                !(save && prefix.is_some()),
+                "the backward pass does not run through a shared prefix"
+            );
+            shared = prefix;
             if let Some((pk, pv)) = slot.as_ref() {
                 // candle's cat of views along an inner axis can return a
                 // strided result, which the attention matmul refuses.
@@ -267,16 +313,15 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dim(2)?;
+        let s = k.dim(2)? + shared.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
         // Grouped-query attention without copying k/v: the g query heads that share
         // a kv head are stacked along the time axis.
         // The 1/√d scale goes on q, which is smaller than the scores.
         let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * a.scale)?;
-        let probs = attention_probs(&q, &k, self.mask(ctx), a.softcap, (b, h, t, s))?;
-        let out = probs
-            .reshape((b, kv, g * t, s))?
-            .matmul(&v)?
-            .reshape((b, h, t, hd))?;
+        let (shared_k, shared_v) = (shared.map(|p| &p.0), shared.map(|p| &p.1));
+        let probs = attention_probs(&q, &k, shared_k, self.mask(ctx), a.softcap, (b, h, t, s))?;
+        let out =
+            attend(&probs.reshape((b, kv, g * t, s))?, &v, shared_v)?.reshape((b, h, t, hd))?;
         let attn = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
         let attn_out = a.o_proj.forward_t(&attn, pass)?;
         let x2 = (x + maybe_norm(attn_out.clone(), self.attn_out_norm.as_ref(), ctx.eps)?)?;
@@ -386,7 +431,7 @@ impl Block {
         // scores = (q·scale) kᵀ, and the scaled q was saved.
         let probs = match &s.probs {
             Some(p) => p.clone(),
-            None => attention_probs(&s.q, &s.k, self.mask(ctx), a.softcap, (b, h, t, t))?,
+            None => attention_probs(&s.q, &s.k, None, self.mask(ctx), a.softcap, (b, h, t, t))?,
         };
         let d_probs = d_out.matmul(&s.v.t()?)?;
         let dv = probs.reshape((b, kv, g * t, t))?.t()?.matmul(&d_out)?;

@@ -5,6 +5,7 @@
 pub mod add_matmul;
 pub mod autograd;
 pub mod block;
+mod cache;
 pub mod dropout;
 mod gemv;
 pub mod linear;
@@ -14,6 +15,7 @@ pub mod projections;
 pub mod rope;
 
 pub use block::{Attention, Block, BlockContext, BlockSaved, Mlp};
+pub use cache::{KvCache, LayerCache};
 pub use linear::Linear;
 pub use projections::Projections;
 
@@ -42,66 +44,6 @@ pub fn linear_names(config: &ModelConfig) -> &'static [&'static str] {
     match config.fused_projections {
         true => &FUSED_LINEAR_NAMES,
         false => &LINEAR_NAMES,
-    }
-}
-
-/// Per-layer cached keys and values for incremental decoding.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    /// How many positions are cached.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The cache of the batch rows `rows` only, in that order (a row may repeat).
-    pub fn select_rows(&self, rows: &[u32]) -> candle_core::Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| {
-                        let index = Tensor::new(rows, k.device())?;
-                        let pick = |t: &Tensor| t.index_select(&index, 0)?.contiguous();
-                        Ok((pick(k)?, pick(v)?))
-                    })
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self { layers })
-    }
-
-    /// The caches of several batches, one after another along the batch axis
-    /// (each must cover the same columns).
-    pub fn cat_rows(parts: &[KvCache]) -> candle_core::Result<Self> {
-        let depth = parts.iter().map(|p| p.layers.len()).max().unwrap_or(0);
-        let layers = (0..depth)
-            .map(|i| {
-                let present: Vec<&(Tensor, Tensor)> = parts
-                    .iter()
-                    .filter_map(|p| p.layers.get(i).and_then(Option::as_ref))
-                    .collect();
-                if present.is_empty() {
-                    return Ok(None);
-                }
-                let ks: Vec<&Tensor> = present.iter().map(|(k, _)| k).collect();
-                let vs: Vec<&Tensor> = present.iter().map(|(_, v)| v).collect();
-                Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)))
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self { layers })
     }
 }
 
@@ -555,14 +497,11 @@ impl CausalLm {
         input: &ForwardInput,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize(self.layers.len(), None);
-        }
         let past = cache.as_deref().map_or(0, |c| c.len());
         let ctx = self.context(input, past)?;
         let mut x = self.embed(&input.ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
             x = layer.forward(&x, &ctx, slot, false)?.0;
         }
         Ok(ops::rms_norm(&x, &self.norm, ctx.eps)?)

@@ -4,6 +4,7 @@
 //! names ([`byte_level`]) or a SentencePiece BPE ([`sentencepiece`]).
 
 pub mod byte_level;
+mod bytes;
 pub mod sentencepiece;
 
 pub use byte_level::{gpt2_byte_chars, pre_tokenizer, PRE_TOKENIZERS};
