@@ -8,6 +8,7 @@
 use anyhow::Result;
 use clap::Parser;
 use std::path::PathBuf;
+use tuneforge::eval::scaling::ScalingConfig;
 use tuneforge::eval::{compare, report, CompareConfig};
 use tuneforge::{DeviceSpec, GenerationConfig};
 
@@ -33,6 +34,16 @@ struct Args {
     /// Random few-shot draws to score (the report gives their median and range).
     #[arg(long, default_value_t = 3)]
     draws: usize,
+    /// The most training examples in the many-shot prompt (default: as many as
+    /// fit the context; 0 skips many-shot).
+    #[arg(long)]
+    max_shots: Option<usize>,
+    /// Training-set sizes for the data-scaling curve, e.g. 25,50,100,200,all:
+    /// an adapter per size, trained with the --adapter run's settings into
+    /// OUT/scaling/n-N (reused on later runs), against retrieved few-shot from
+    /// the same examples.
+    #[arg(long)]
+    scaling: Option<String>,
     /// Evaluate only the first N held-out examples.
     #[arg(long)]
     limit: Option<usize>,
@@ -74,6 +85,12 @@ fn main() -> Result<()> {
         seed: a.seed,
         progress: true,
         batch: a.batch,
+        max_shots: a.max_shots,
+        scaling: a
+            .scaling
+            .map(|sizes| ScalingConfig::new(&sizes, &a.adapter, &a.out))
+            .transpose()?,
+        ..CompareConfig::default()
     };
     let comparison = compare::compare_files(&a.model, a.device, &a.data, &a.adapter, &config)?;
     print!("{}", report::markdown(&comparison));

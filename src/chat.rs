@@ -38,7 +38,7 @@ impl Message {
 }
 
 /// A compiled chat template with the special tokens it refers to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

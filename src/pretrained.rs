@@ -24,7 +24,7 @@ pub struct LoadOptions {
 }
 
 /// A loaded model: decoder, tokenizer and provenance.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model {
     /// The decoder.
     pub lm: CausalLm,

@@ -75,9 +75,53 @@ fn every_variant_is_scored_and_reported() {
             "base, random few-shot (k=2, draw 1)",
             "base, random few-shot (k=2, draw 2)",
             "base, random few-shot (k=2, draw 3)",
+            "base, many-shot (k=3, as many as fit, one shuffled order)",
+            "base, zero-shot + JSON constraint",
             "fine-tuned",
             "fine-tuned + instruction"
         ]
+    );
+    // Many-shot: as many training examples as fit the tiny model's 256-token
+    // context, the same block before every question.
+    assert_eq!(c.many_shots, Some(3));
+    assert!(c.variants[6].prompt_tokens > c.variants[2].prompt_tokens);
+    // The best prompting variant again, held to the training answers' JSON.
+    let constrained = &c.variants[7];
+    assert!(
+        constrained
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("keys seen in training (category)"),
+        "{constrained:?}"
+    );
+    assert_eq!(c.json_schema.as_ref().unwrap().fields[0].key, "category");
+    for v in &c.variants {
+        let q = &v.cost;
+        assert!(
+            q.prefill_s > 0.0 && q.decode_tokens > 0.0 && q.prefill_tokens > 0.0,
+            "{v:?}"
+        );
+        assert!(
+            q.prefill_tokens <= q.prefill_tokens_uncached + 1e-9,
+            "{v:?}"
+        );
+        assert!((q.prefill_tokens_uncached - v.prompt_tokens).abs() < 1e-9);
+    }
+    // Questions sharing a prompt prefix (here: the many-shot block) read it
+    // from the cache; without the cache each would prefill it again.
+    let many = &c.variants[6].cost;
+    assert!(
+        many.prefill_tokens < many.prefill_tokens_uncached / 2.0,
+        "{many:?}"
+    );
+    assert!(many.prefill_s < many.prefill_s_uncached, "{many:?}");
+    assert!(
+        c.notes
+            .iter()
+            .any(|n| n.contains("only 6 held-out examples")),
+        "{:?}",
+        c.notes
     );
     for v in &c.variants {
         assert_eq!(v.outputs.len(), 6);
@@ -124,7 +168,13 @@ fn every_variant_is_scored_and_reported() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
             .unwrap();
-    assert_eq!(json["variants"].as_array().unwrap().len(), 8);
+    assert_eq!(json["variants"].as_array().unwrap().len(), 10);
+    assert_eq!(json["many_shots"], 3);
+    assert!(json["variants"][6]["cost"]["prefill_s_uncached"].is_number());
+    assert!(
+        json["break_even"][0]["queries_by_time_uncached"].is_number()
+            || json["break_even"][0]["queries_by_time_uncached"].is_null()
+    );
     assert_eq!(json["random_few_shot"]["draws"], 3);
     assert!(json["variants"][0]["exact_match_interval"].is_array());
     assert!(json["significance"]["comparison"]["p_value"].is_number());
@@ -133,6 +183,188 @@ fn every_variant_is_scored_and_reported() {
         html.contains("<svg") && html.contains("class=\"wrong\"")
             || html.contains("class=\"right\"")
     );
+    assert!(html.contains("id=\"costs\"") && html.contains("id=\"break-even-chart\"><svg"));
+    check_in_chromium(&out.path().join("report.html"));
+}
+
+/// Answers constrained to the training answers' JSON are all valid JSON with
+/// the training keys and values, whatever the model would have written.
+#[test]
+fn constrained_answers_are_valid_json() {
+    let train = held(&(0..12).map(record).collect::<Vec<_>>(), "train.jsonl");
+    let test = held(&(12..18).map(record).collect::<Vec<_>>(), "test.jsonl");
+    let config = CompareConfig {
+        max_shots: Some(0),
+        generation: GenerationConfig::greedy(80),
+        system_prompt: Some("JSON.".into()),
+        ..config(0)
+    };
+    let c = compare(&mut tiny(), &[], &test, &train, &config).unwrap();
+    let constrained = c.variants.last().unwrap();
+    assert!(
+        constrained.name.ends_with("+ JSON constraint"),
+        "{}",
+        constrained.name
+    );
+    assert_eq!(
+        constrained.json_valid,
+        Some(1.0),
+        "{:?}",
+        constrained.outputs
+    );
+    for o in &constrained.outputs {
+        let v: serde_json::Value = serde_json::from_str(&o.answer).unwrap();
+        let label = v["category"].as_str().unwrap();
+        assert!(
+            ["billing", "bug", "account"].contains(&label),
+            "{}",
+            o.answer
+        );
+    }
+    // Field accuracy among valid outputs is reported beside the overall one.
+    assert!(constrained.field_accuracy_valid.is_some());
+    let free = &c.variants[0];
+    assert!(
+        free.json_valid < Some(1.0),
+        "the random model writes no JSON unconstrained"
+    );
+}
+
+/// Non-JSON answers skip the constrained variant with a note; a question too
+/// long for the many-shot block gets fewer shots, and the report says so.
+#[test]
+fn limits_are_noted_not_errors() {
+    let plain = |i: usize| Record::Completion {
+        prompt: format!("ticket {i}"),
+        completion: format!("answer {i}"),
+    };
+    let train = held(&(0..20).map(plain).collect::<Vec<_>>(), "train.jsonl");
+    let mut questions: Vec<Record> = (20..25).map(plain).collect();
+    questions.push(Record::Completion {
+        prompt: "a long question ".repeat(9),
+        completion: "answer".into(),
+    });
+    let test = held(&questions, "test.jsonl");
+    let short = CompareConfig {
+        system_prompt: Some("Answer.".into()),
+        ..config(1)
+    };
+    let c = compare(&mut tiny(), &[], &test, &train, &short).unwrap();
+    assert!(
+        c.notes
+            .iter()
+            .any(|n| n.contains("constrained decoding skipped")),
+        "{:?}",
+        c.notes
+    );
+    assert!(c
+        .variants
+        .iter()
+        .all(|v| !v.name.contains("JSON constraint")));
+    let many = c
+        .variants
+        .iter()
+        .find(|v| v.name.contains("many-shot"))
+        .unwrap();
+    let k = c.many_shots.unwrap();
+    let note = many.note.as_deref().unwrap();
+    assert!(
+        note.starts_with(&format!(
+            "1 of 6 questions are too long for {k} shots and got"
+        )),
+        "{note}"
+    );
+    // --max-shots caps the block.
+    let capped = CompareConfig {
+        max_shots: Some(2),
+        ..short
+    };
+    let c = compare(&mut tiny(), &[], &test, &train, &capped).unwrap();
+    assert_eq!(c.many_shots, Some(2));
+    assert!(c
+        .variants
+        .iter()
+        .any(|v| v.name == "base, many-shot (k=2, at most 2, one shuffled order)"));
+}
+
+/// The data-scaling curve on a tiny model: an adapter per size with the
+/// run's settings, retrieved few-shot from the same examples, sizes larger
+/// than the training set skipped with a note, and run folders reused.
+#[test]
+fn scaling_trains_each_size_and_reuses_its_run() {
+    use tuneforge::eval::scaling::{scaling, ScalingConfig, Size};
+    let run = tempfile::tempdir().unwrap();
+    let adapter = trained_adapter(run.path());
+    let data = Dataset {
+        train: (0..12).map(record).collect(),
+        valid: (12..14).map(record).collect(),
+        ..Default::default()
+    };
+    let test = held(&(14..18).map(record).collect::<Vec<_>>(), "test.jsonl");
+    let out = tempfile::tempdir().unwrap();
+    let curve = ScalingConfig {
+        sizes: vec![Size::Count(4), Size::Count(50), Size::All],
+        run: adapter,
+        dir: out.path().join("scaling"),
+    };
+    let mut model = tiny();
+    let mut notes = Vec::new();
+    let first = scaling(&mut model, &data, &test, &curve, &config(2), &mut notes).unwrap();
+    let sizes: Vec<usize> = first.points.iter().map(|p| p.n).collect();
+    assert_eq!(sizes, [4, 12]);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("n=50 skipped") && n.contains("only 12 examples")),
+        "{notes:?}"
+    );
+    for p in &first.points {
+        assert!(!p.reused);
+        assert!(p.run.join("adapter_model.safetensors").is_file());
+        let saved = tuneforge::train::RunConfig::read(&p.run).unwrap();
+        assert_eq!(saved.train.max_steps, Some(4), "the run's own settings");
+        let (lo, hi) = p.fine_tuned.interval;
+        assert!(lo <= p.fine_tuned.exact_match && p.fine_tuned.exact_match <= hi);
+    }
+    assert_eq!(
+        first.crossover,
+        first
+            .points
+            .iter()
+            .find(|p| p.fine_tuned.exact_match > p.retrieved.exact_match)
+            .map(|p| p.n)
+    );
+    let again = scaling(
+        &mut model,
+        &data,
+        &test,
+        &curve,
+        &config(2),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert!(again.points.iter().all(|p| p.reused));
+    for (a, b) in first.points.iter().zip(&again.points) {
+        assert_eq!(a.fine_tuned.exact_match, b.fine_tuned.exact_match);
+    }
+    // The reports carry the curve.
+    let mut c = compare(
+        &mut model,
+        &[],
+        &test,
+        &held(&data.train, "train.jsonl"),
+        &config(2),
+    )
+    .unwrap();
+    c.scaling = Some(again);
+    let md = report::markdown(&c);
+    assert!(
+        md.contains("Data scaling") && md.contains("(reused)"),
+        "{md}"
+    );
+    let html = report::html(&c, 4).unwrap();
+    assert!(html.contains("id=\"scaling-chart\"><svg"));
+    report::write(&c, out.path()).unwrap();
     check_in_chromium(&out.path().join("report.html"));
 }
 

@@ -1,27 +1,36 @@
 //! Prompting versus fine-tuning, measured on the user's own held-out examples.
 //!
-//! Each variant answers the same questions: the base model zero-shot; with an
-//! instruction written from the training answers; with the k training
-//! examples most similar to each question (BM25); with k random ones, over
-//! several draws; then each fine-tuned adapter, alone and with the
-//! instruction. Each is scored (exact match with its interval, JSON fields,
+//! Each variant ([`super::variants`]) answers the same questions: the base
+//! model zero-shot; with an instruction written from the training answers;
+//! with the k training examples most similar to each question (BM25); with k
+//! random ones, over several draws; with as many as fit the context
+//! (many-shot); the best of these again with its answers held to the
+//! training answers' JSON shape; then each fine-tuned adapter, alone and with
+//! the instruction. Each is scored (exact match with its interval, JSON fields,
 //! token F1, the teacher-forced NLL of the reference) and costed (prompt
 //! tokens, latency); the one-off training cost is set against the per-query
 //! cost of prompting, and [`super::verdict`] says which wins.
 
+pub use super::comparison::{
+    BreakEven, Comparison, DrawSummary, Output, QueryCost, TrainingCost, VariantReport,
+};
+pub use super::variants::default_instruction;
+
 use super::metrics::{exact_match, json_score, token_f1};
+use super::scaling::ScalingConfig;
 use super::stats::wilson;
-use super::verdict::{break_even, significance, verdict, Significance};
+use super::variants::{constrained, many_shot, Shots, Variant};
+use super::verdict::{break_even, significance, verdict};
 use super::HeldOut;
 use crate::chat::Message;
 use crate::data::{tokenize::tokenize_record, LossOn, Record, TurnEnd};
-use crate::generate::{GenerationConfig, DEFAULT_BATCH};
+use crate::generate::json::JsonSchema;
+use crate::generate::{Generation, GenerationConfig, DEFAULT_BATCH};
 use crate::pretrained::Model;
 use crate::rng::Rng;
 use crate::train::{metrics::Event, summed_loss};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// How to run a comparison.
@@ -45,6 +54,15 @@ pub struct CompareConfig {
     /// How many answers decode together ([`Model::generate_batch`]); 1
     /// decodes one at a time, the slow way, for comparison.
     pub batch: usize,
+    /// The most worked examples in the many-shot prompt (`None`: as many
+    /// as fit the context; 0 skips it).
+    pub max_shots: Option<usize>,
+    /// Run the best prompting variant again with its answers constrained to
+    /// the training answers' JSON shape (skipped, with a note, when the
+    /// answers are not JSON objects).
+    pub constrain_json: bool,
+    /// The data-scaling curve ([`super::scaling`]), run by [`compare_files`].
+    pub scaling: Option<ScalingConfig>,
 }
 
 impl Default for CompareConfig {
@@ -58,232 +76,11 @@ impl Default for CompareConfig {
             seed: 42,
             progress: true,
             batch: DEFAULT_BATCH,
+            max_shots: None,
+            constrain_json: true,
+            scaling: None,
         }
     }
-}
-
-/// One variant's answer to one question.
-#[derive(Debug, Clone, Serialize)]
-pub struct Output {
-    /// The generated answer.
-    pub answer: String,
-    /// Whether it matches the reference exactly (after whitespace normalisation).
-    pub correct: bool,
-}
-
-/// A variant's scores and costs.
-#[derive(Debug, Clone, Serialize)]
-pub struct VariantReport {
-    /// Its name, e.g. `base, few-shot (k=5)`.
-    pub name: String,
-    /// The adapter, for fine-tuned variants.
-    pub adapter: Option<PathBuf>,
-    /// Whether it is a fine-tuned variant.
-    pub fine_tuned: bool,
-    /// Share of exact matches.
-    pub exact_match: f64,
-    /// Its Wilson 95% interval.
-    pub exact_match_interval: (f64, f64),
-    /// Share of outputs that are valid JSON (JSON targets only).
-    pub json_valid: Option<f64>,
-    /// Share of reference fields right (JSON targets only).
-    pub field_accuracy: Option<f64>,
-    /// Mean token F1.
-    pub token_f1: f64,
-    /// Mean negative log-likelihood per reference token, teacher-forced.
-    pub nll: f64,
-    /// `exp(nll)`.
-    pub perplexity: f64,
-    /// Mean prompt tokens per query: what the prompt costs on every call.
-    pub prompt_tokens: f64,
-    /// Mean seconds per query (prompt and generation).
-    pub latency_s: f64,
-    /// Generated tokens per second.
-    pub tokens_per_second: f64,
-    /// Every answer, in held-out order.
-    pub outputs: Vec<Output>,
-}
-
-/// The one-off cost of a fine-tune, read from its run folder's metrics.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainingCost {
-    /// The adapter.
-    pub adapter: PathBuf,
-    /// Wall-clock seconds of training.
-    pub seconds: f64,
-    /// Tokens processed in training.
-    pub tokens: usize,
-}
-
-/// When a fine-tune has paid for itself against a prompting variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct BreakEven {
-    /// The prompting variant.
-    pub prompting: String,
-    /// The fine-tuned variant.
-    pub fine_tuned: String,
-    /// Extra prompt tokens the prompting variant spends per query.
-    pub extra_prompt_tokens: f64,
-    /// Extra seconds the prompting variant spends per query.
-    pub extra_seconds: f64,
-    /// Queries after which the training time is recovered (`None`: never, since
-    /// prompting is not slower per query).
-    pub queries_by_time: Option<f64>,
-    /// The same in compute: training counted as 4·N·T FLOPs, each extra prompt
-    /// token as 2·N.
-    pub queries_by_flops: Option<f64>,
-}
-
-/// The whole comparison.
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    /// The base model.
-    pub model: String,
-    /// The held-out file(s).
-    pub data: String,
-    /// The questions and reference answers, in order.
-    pub examples: Vec<HeldOut>,
-    /// The instruction prompt used.
-    pub instruction: String,
-    /// Few-shot examples used.
-    pub shots: usize,
-    /// The random few-shot draws' exact match: median, lowest and highest.
-    pub random_few_shot: Option<DrawSummary>,
-    /// Every variant.
-    pub variants: Vec<VariantReport>,
-    /// Training costs, when the adapters' run folders record them.
-    pub training: Vec<TrainingCost>,
-    /// Break-even points.
-    pub break_even: Vec<BreakEven>,
-    /// The best fine-tuned variant against the best prompting variant on the
-    /// same examples (exact match), when there are both.
-    pub significance: Option<Significance>,
-    /// The verdict, in one paragraph.
-    pub verdict: String,
-}
-
-/// Exact match over the random few-shot draws.
-#[derive(Debug, Clone, Serialize)]
-pub struct DrawSummary {
-    /// How many draws.
-    pub draws: usize,
-    /// The median exact match.
-    pub median: f64,
-    /// The lowest.
-    pub min: f64,
-    /// The highest.
-    pub max: f64,
-}
-
-impl DrawSummary {
-    fn of(mut values: Vec<f64>) -> Option<Self> {
-        if values.is_empty() {
-            return None;
-        }
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        let median = match n % 2 {
-            1 => values[n / 2],
-            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-        };
-        Some(Self {
-            draws: n,
-            median,
-            min: values[0],
-            max: values[n - 1],
-        })
-    }
-}
-
-/// A way of prompting, with or without an adapter.
-struct Variant {
-    name: String,
-    adapter: Option<PathBuf>,
-    system: Option<String>,
-    shots: Shots,
-}
-
-/// The worked examples a variant puts before the question.
-enum Shots {
-    /// The same examples before every question.
-    Fixed(Vec<(String, String)>),
-    /// Examples chosen for each question, by its index in the held-out set.
-    PerQuestion(Vec<Vec<(String, String)>>),
-}
-
-impl Variant {
-    /// The prompt of held-out question `index`, `held`.
-    fn prompt(&self, index: usize, held: &HeldOut) -> Vec<Message> {
-        let mut turns = held.prompt.clone();
-        let mut messages = Vec::new();
-        if let Some(system) = &self.system {
-            if turns.first().is_some_and(|m| m.role == "system") {
-                let existing = turns.remove(0);
-                messages.push(Message::system(format!("{system}\n\n{}", existing.content)));
-            } else {
-                messages.push(Message::system(system.clone()));
-            }
-        } else if turns.first().is_some_and(|m| m.role == "system") {
-            messages.push(turns.remove(0));
-        }
-        let shots = match &self.shots {
-            Shots::Fixed(shots) => shots.as_slice(),
-            Shots::PerQuestion(each) => each[index].as_slice(),
-        };
-        for (user, assistant) in shots {
-            messages.push(Message::user(user.clone()));
-            messages.push(Message::assistant(assistant.clone()));
-        }
-        messages.extend(turns);
-        messages
-    }
-}
-
-/// An instruction describing the task, written from the training answers: for
-/// JSON objects, their keys and (when few) their allowed values; and a real
-/// answer as an example of the format.
-pub fn default_instruction(answers: &[&str]) -> String {
-    let objects: Vec<serde_json::Map<String, serde_json::Value>> = answers
-        .iter()
-        .filter_map(|a| serde_json::from_str(a.trim()).ok())
-        .filter_map(|v: serde_json::Value| v.as_object().cloned())
-        .collect();
-    // A real answer shows the format.
-    let shown = answers
-        .iter()
-        .map(|a| a.trim())
-        .find(|a| !a.is_empty() && a.len() <= 300)
-        .map_or(String::new(), |a| format!(" For example:\n{a}"));
-    if objects.is_empty() || objects.len() < answers.len() {
-        return format!(
-            "Reply with only the answer, in exactly the expected format, and nothing else.{shown}"
-        );
-    }
-    let mut values: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for o in &objects {
-        for (k, v) in o {
-            values
-                .entry(k)
-                .or_default()
-                .insert(v.as_str().map_or_else(|| v.to_string(), str::to_string));
-        }
-    }
-    let keys: Vec<&str> = values.keys().copied().collect();
-    let mut text = format!(
-        "Reply with only a JSON object with the keys {}.",
-        keys.join(", ")
-    );
-    for (k, vs) in &values {
-        if vs.len() <= 12 {
-            text.push_str(&format!(
-                " \"{k}\" is one of: {}.",
-                vs.iter().cloned().collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    text.push_str(" Write nothing else.");
-    text.push_str(&shown);
-    text
 }
 
 /// The summed teacher-forced NLL of each reference answer after its prompt,
@@ -364,8 +161,9 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// Runs every variant on `held_out` and scores it. `train` supplies the few-shot
-/// examples and the default instruction. Adapters are loaded onto `model` in turn.
+/// Runs every variant on `held_out` and scores it. `train` supplies the
+/// worked examples, the default instruction and the JSON shape. Adapters are
+/// loaded onto `model` in turn.
 pub fn compare(
     model: &mut Model,
     adapters: &[PathBuf],
@@ -387,16 +185,21 @@ pub fn compare(
             train.len(),
             train
                 .first()
-                .map(|t| format!(
-                    " in {}",
-                    t.origin.rsplit_once(':').map_or(t.origin.as_str(), |p| p.0)
-                ))
+                .map(|t| format!(" in {}", file_of(&t.origin)))
                 .unwrap_or_default()
         );
     }
     for adapter in adapters {
         let cfg = crate::adapter::read_config(adapter)?;
         crate::adapter::check_base_model(&cfg, adapter, model.repo_id())?;
+    }
+    let mut notes = Vec::new();
+    if held_out.len() < MIN_FOR_INTERVALS {
+        notes.push(format!(
+            "only {} held-out examples: the intervals are wide and the verdict can detect \
+             only large differences; {MIN_FOR_INTERVALS} or more are needed for a useful one",
+            held_out.len()
+        ));
     }
     let answers: Vec<&str> = if train.is_empty() {
         held_out.iter()
@@ -409,119 +212,36 @@ pub fn compare(
         .system_prompt
         .clone()
         .unwrap_or_else(|| default_instruction(&answers));
-    let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
-    let plain =
-        |name: String, adapter: Option<PathBuf>, system: Option<String>, shots: Shots| Variant {
-            name,
-            adapter,
-            system,
-            shots,
-        };
-    let none = || Shots::Fixed(Vec::new());
-    let mut variants = vec![
-        plain("base, zero-shot".into(), None, None, none()),
-        plain(
-            "base + instruction".into(),
-            None,
-            Some(instruction.clone()),
-            none(),
-        ),
-    ];
-    let k = config.shots;
-    if k > 0 {
-        let retriever = super::retrieve::Retriever::new(train);
-        let retrieved = held_out
-            .iter()
-            .map(|h| {
-                retriever
-                    .nearest(h.question(), k)
-                    .into_iter()
-                    .map(example)
-                    .collect()
-            })
-            .collect();
-        variants.push(plain(
-            format!("base, retrieved few-shot (k={k}, BM25)"),
-            None,
-            None,
-            Shots::PerQuestion(retrieved),
-        ));
-        for draw in 0..config.random_draws {
-            let mut order: Vec<usize> = (0..train.len()).collect();
-            Rng::new(config.seed + draw as u64).shuffle(&mut order);
-            variants.push(plain(
-                format!("base, random few-shot (k={k}, draw {})", draw + 1),
-                None,
-                None,
-                Shots::Fixed(order[..k].iter().map(|&i| example(i)).collect()),
-            ));
-        }
-    }
-    for (i, adapter) in adapters.iter().enumerate() {
-        let tag = if adapters.len() > 1 {
-            format!(" #{}", i + 1)
-        } else {
-            String::new()
-        };
-        variants.push(plain(
-            format!("fine-tuned{tag}"),
-            Some(adapter.clone()),
-            None,
-            none(),
-        ));
-        variants.push(plain(
-            format!("fine-tuned{tag} + instruction"),
-            Some(adapter.clone()),
-            Some(instruction.clone()),
-            none(),
-        ));
+    let (prompting, many_shots) =
+        prompting_variants(model, held_out, train, config, &instruction, &mut notes)?;
+    let fine_tuned = fine_tuned_variants(adapters, &instruction);
+    for v in prompting.iter().chain(&fine_tuned) {
+        check_context(model, v, held_out, config)?;
     }
 
-    // Every prompt must fit the context window with room for the answer.
-    let context = model.config().max_position_embeddings;
-    let mut prompts: Vec<Vec<Vec<u32>>> = Vec::new();
-    for v in &variants {
-        let mut ids = Vec::new();
-        for (i, h) in held_out.iter().enumerate() {
-            let prompt = v.prompt(i, h);
-            let p = model.chat_prompt_ids(&prompt)?;
-            // The reference answer is scored after the prompt too (its NLL).
-            let mut scored = prompt;
-            scored.push(Message::assistant(&h.reference));
-            let text = model.tokenizer.apply_chat_template(&scored, false)?;
-            let reference = model
-                .tokenizer
-                .encode(&text, false)?
-                .len()
-                .saturating_sub(p.len());
-            let answer = config.generation.max_new_tokens.max(reference);
-            if p.len() + answer > context {
-                bail!(
-                    "{}: the {} prompt has {} tokens, which with {answer} answer tokens (at most {} \
-                     generated, {reference} in the reference answer) exceeds the {context}-token \
-                     context window; lower --shots or --max-tokens",
-                    h.origin, v.name, p.len(), config.generation.max_new_tokens
-                );
-            }
-            ids.push(p);
-        }
-        prompts.push(ids);
-    }
-
-    let bar = if config.progress {
-        indicatif::ProgressBar::new((variants.len() * held_out.len()) as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("evaluate [{bar:30}] {pos}/{len} {msg}, ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        config.progress,
+        (prompting.len() + 1 + fine_tuned.len()) * held_out.len(),
     );
     let mut reports = Vec::new();
+    crate::lora::detach(&mut model.lm);
+    for v in &prompting {
+        reports.push(score(model, v, held_out, config, &bar)?);
+    }
+    // The best prompting arm again, its answers held to the JSON shape of
+    // the training answers: a grammar's valid JSON is not fine-tuning's credit.
+    let schema = JsonSchema::from_answers(&answers);
+    match (&schema, best_index(&reports)) {
+        (Some(schema), Some(best)) if config.constrain_json => {
+            let v = constrained(&prompting[best], schema);
+            reports.push(score(model, &v, held_out, config, &bar)?);
+        }
+        (None, _) if config.constrain_json => notes
+            .push("constrained decoding skipped: the answers are not all JSON objects".to_string()),
+        _ => {}
+    }
     let mut loaded: Option<PathBuf> = None;
-    for (v, ids) in variants.iter().zip(&prompts) {
-        bar.set_message(v.name.clone());
+    for v in &fine_tuned {
         if v.adapter != loaded {
             crate::lora::detach(&mut model.lm);
             if let Some(dir) = &v.adapter {
@@ -529,50 +249,7 @@ pub fn compare(
             }
             loaded = v.adapter.clone();
         }
-        let (mut outputs, mut f1, mut json) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut seconds, mut generated) = (0.0, 0usize);
-        let generations = model.generate_batch(ids, &config.generation, config.batch)?;
-        let cases: Vec<(Vec<Message>, &str)> = held_out
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (v.prompt(i, h), h.reference.as_str()))
-            .collect();
-        let (nll, nll_tokens) = reference_nll(model, &cases, config.batch)?;
-        for (h, g) in held_out.iter().zip(generations) {
-            // Each answer's share of its batch's time.
-            seconds += (g.prefill + g.decode).as_secs_f64();
-            generated += g.ids.len();
-            f1.push(token_f1(&g.text, &h.reference));
-            json.push(json_score(&g.text, &h.reference));
-            outputs.push(Output {
-                correct: exact_match(&g.text, &h.reference),
-                answer: g.text,
-            });
-            bar.inc(1);
-        }
-        let scored: Vec<_> = json.iter().flatten().collect();
-        let nll = nll / nll_tokens.max(1) as f64;
-        reports.push(VariantReport {
-            name: v.name.clone(),
-            adapter: v.adapter.clone(),
-            fine_tuned: v.adapter.is_some(),
-            exact_match: mean(outputs.iter().map(|o| o.correct as u8 as f64)),
-            exact_match_interval: wilson(
-                outputs.iter().filter(|o| o.correct).count(),
-                outputs.len(),
-            ),
-            json_valid: (!scored.is_empty())
-                .then(|| mean(scored.iter().map(|s| s.valid as u8 as f64))),
-            field_accuracy: (!scored.is_empty())
-                .then(|| mean(scored.iter().map(|s| s.fields_right))),
-            token_f1: mean(f1.into_iter()),
-            nll,
-            perplexity: nll.exp(),
-            prompt_tokens: mean(ids.iter().map(|p| p.len() as f64)),
-            latency_s: seconds / held_out.len() as f64,
-            tokens_per_second: generated as f64 / seconds.max(1e-9),
-            outputs,
-        });
+        reports.push(score(model, v, held_out, config, &bar)?);
     }
     bar.finish_and_clear();
     crate::lora::detach(&mut model.lm);
@@ -596,25 +273,296 @@ pub fn compare(
         model: model.repo_id().unwrap_or(&model.source.name).to_string(),
         data: held_out
             .first()
-            .map(|h| {
-                h.origin
-                    .rsplit_once(':')
-                    .map_or(h.origin.clone(), |p| p.0.to_string())
-            })
+            .map(|h| file_of(&h.origin).to_string())
             .unwrap_or_default(),
         examples: held_out.to_vec(),
         instruction,
         shots: config.shots,
+        many_shots,
+        json_schema: schema.filter(|_| config.constrain_json),
         variants: reports,
         training,
         break_even,
         random_few_shot,
         significance: None,
         verdict: String::new(),
+        notes,
+        scaling: None,
     };
     comparison.significance = significance(&comparison.variants, config.seed);
     comparison.verdict = verdict(&comparison);
     Ok(comparison)
+}
+
+/// Below this many held-out examples the report says the intervals are too wide to tell much.
+const MIN_FOR_INTERVALS: usize = 20;
+
+/// The file part of a `file:line` origin.
+fn file_of(origin: &str) -> &str {
+    origin.rsplit_once(':').map_or(origin, |p| p.0)
+}
+
+/// The index of the best prompting variant so far ([`super::verdict::better`]).
+fn best_index(reports: &[VariantReport]) -> Option<usize> {
+    (0..reports.len())
+        .filter(|&i| !reports[i].fine_tuned)
+        .max_by(|&a, &b| super::verdict::better(&reports[a], &reports[b]).then(b.cmp(&a)))
+}
+
+/// The prompting variants: zero-shot, the instruction, retrieved few-shot,
+/// random few-shot over the draws, and many-shot; and the many-shot count.
+fn prompting_variants(
+    model: &Model,
+    held_out: &[HeldOut],
+    train: &[HeldOut],
+    config: &CompareConfig,
+    instruction: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Variant>, Option<usize>)> {
+    let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
+    let none = || Shots::Fixed(Vec::new());
+    let mut variants = vec![
+        Variant::new("base, zero-shot".into(), None, None, none()),
+        Variant::new(
+            "base + instruction".into(),
+            None,
+            Some(instruction.to_string()),
+            none(),
+        ),
+    ];
+    let k = config.shots;
+    if k > 0 {
+        let retriever = super::retrieve::Retriever::new(train);
+        let retrieved = held_out
+            .iter()
+            .map(|h| {
+                retriever
+                    .nearest(h.question(), k)
+                    .into_iter()
+                    .map(example)
+                    .collect()
+            })
+            .collect();
+        variants.push(Variant::new(
+            format!("base, retrieved few-shot (k={k}, BM25)"),
+            None,
+            None,
+            Shots::PerQuestion(retrieved),
+        ));
+        for draw in 0..config.random_draws {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            Rng::new(config.seed + draw as u64).shuffle(&mut order);
+            variants.push(Variant::new(
+                format!("base, random few-shot (k={k}, draw {})", draw + 1),
+                None,
+                None,
+                Shots::Fixed(order[..k].iter().map(|&i| example(i)).collect()),
+            ));
+        }
+    }
+    let mut many_shots = None;
+    if config.max_shots != Some(0) && !train.is_empty() {
+        let answer = config.generation.max_new_tokens;
+        match many_shot(
+            model,
+            train,
+            held_out,
+            config.max_shots,
+            answer,
+            config.seed,
+        )? {
+            Some(m) => {
+                many_shots = Some(m.shots);
+                variants.push(m.variant);
+            }
+            None => notes.push(
+                "many-shot skipped: not one training example fits the context beside the \
+                 median question and its answer"
+                    .to_string(),
+            ),
+        }
+    }
+    Ok((variants, many_shots))
+}
+
+/// Each adapter, alone and with the instruction.
+fn fine_tuned_variants(adapters: &[PathBuf], instruction: &str) -> Vec<Variant> {
+    let mut variants = Vec::new();
+    for (i, adapter) in adapters.iter().enumerate() {
+        let tag = match adapters.len() {
+            1 => String::new(),
+            _ => format!(" #{}", i + 1),
+        };
+        let none = || Shots::Fixed(Vec::new());
+        let a = Some(adapter.clone());
+        variants.push(Variant::new(
+            format!("fine-tuned{tag}"),
+            a.clone(),
+            None,
+            none(),
+        ));
+        variants.push(Variant::new(
+            format!("fine-tuned{tag} + instruction"),
+            a,
+            Some(instruction.to_string()),
+            none(),
+        ));
+    }
+    variants
+}
+
+/// Refuses a variant whose prompt, with room for the answer, exceeds the context.
+fn check_context(
+    model: &Model,
+    v: &Variant,
+    held_out: &[HeldOut],
+    config: &CompareConfig,
+) -> Result<()> {
+    let context = model.config().max_position_embeddings;
+    for (i, h) in held_out.iter().enumerate() {
+        let prompt = v.prompt(i, h);
+        let p = model.chat_prompt_ids(&prompt)?.len();
+        // The reference answer is scored after the prompt too (its NLL).
+        let mut scored = prompt;
+        scored.push(Message::assistant(&h.reference));
+        let text = model.tokenizer.apply_chat_template(&scored, false)?;
+        let reference = model
+            .tokenizer
+            .encode(&text, false)?
+            .len()
+            .saturating_sub(p);
+        let answer = config.generation.max_new_tokens.max(reference);
+        if p + answer > context {
+            bail!(
+                "{}: the {} prompt has {p} tokens, which with {answer} answer tokens (at most {} \
+                 generated, {reference} in the reference answer) exceeds the {context}-token \
+                 context window; lower --shots or --max-tokens",
+                h.origin,
+                v.name,
+                config.generation.max_new_tokens
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn progress_bar(show: bool, len: usize) -> indicatif::ProgressBar {
+    let bar = match show {
+        true => indicatif::ProgressBar::new(len as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("evaluate [{bar:30}] {pos}/{len} {msg}, ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Answers every held-out question with variant `v` (on the adapter now
+/// loaded) and scores the answers. Questions that share a prompt prefix
+/// decode together, `config.batch` at a time.
+pub(super) fn score(
+    model: &Model,
+    v: &Variant,
+    held_out: &[HeldOut],
+    config: &CompareConfig,
+    bar: &indicatif::ProgressBar,
+) -> Result<VariantReport> {
+    bar.set_message(v.name.clone());
+    let generation = GenerationConfig {
+        json_schema: v.json_schema.clone(),
+        ..config.generation.clone()
+    };
+    let n = held_out.len();
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in 0..n {
+        groups.entry(v.group(i)).or_default().push(i);
+    }
+    let mut generations: Vec<Option<Generation>> = vec![None; n];
+    let (mut nll, mut nll_tokens) = (0.0, 0);
+    let mut prompt_tokens = vec![0usize; n];
+    let mut costs = vec![QueryCost::default(); n];
+    for members in groups.values() {
+        let prompts: Vec<Vec<Message>> =
+            members.iter().map(|&i| v.prompt(i, &held_out[i])).collect();
+        let ids = prompts
+            .iter()
+            .map(|p| model.chat_prompt_ids(p))
+            .collect::<Result<Vec<_>>>()?;
+        for (&i, p) in members.iter().zip(&ids) {
+            prompt_tokens[i] = p.len();
+        }
+        let together = members.len() as f64;
+        for (&i, g) in members
+            .iter()
+            .zip(model.generate_batch(&ids, &generation, config.batch)?)
+        {
+            // Each answer's share of its batch's time; the shared prefix's
+            // time and tokens split among the group's questions.
+            let (prefill, prefix) = (g.prefill.as_secs_f64(), g.shared_prefix_time.as_secs_f64());
+            let own = (g.prompt_tokens - g.shared_prefix_tokens) as f64;
+            costs[i] = QueryCost {
+                prefill_tokens: own + g.shared_prefix_tokens as f64 / together,
+                prefill_tokens_uncached: g.prompt_tokens as f64,
+                prefill_s: prefill,
+                prefill_s_uncached: prefill - prefix / together + prefix,
+                decode_tokens: g.ids.len() as f64,
+                decode_s: g.decode.as_secs_f64(),
+            };
+            generations[i] = Some(g);
+            bar.inc(1);
+        }
+        let cases: Vec<(Vec<Message>, &str)> = members
+            .iter()
+            .zip(prompts)
+            .map(|(&i, p)| (p, held_out[i].reference.as_str()))
+            .collect();
+        let (sum, tokens) = reference_nll(model, &cases, config.batch)?;
+        nll += sum;
+        nll_tokens += tokens;
+    }
+    let (mut outputs, mut f1, mut json) = (Vec::new(), Vec::new(), Vec::new());
+    for (h, g) in held_out.iter().zip(generations.into_iter().flatten()) {
+        f1.push(token_f1(&g.text, &h.reference));
+        json.push(json_score(&g.text, &h.reference));
+        outputs.push(Output {
+            correct: exact_match(&g.text, &h.reference),
+            answer: g.text,
+        });
+    }
+    let average = |f: fn(&QueryCost) -> f64| mean(costs.iter().map(f));
+    let cost = QueryCost {
+        prefill_tokens: average(|c| c.prefill_tokens),
+        prefill_tokens_uncached: average(|c| c.prefill_tokens_uncached),
+        prefill_s: average(|c| c.prefill_s),
+        prefill_s_uncached: average(|c| c.prefill_s_uncached),
+        decode_tokens: average(|c| c.decode_tokens),
+        decode_s: average(|c| c.decode_s),
+    };
+    let scored: Vec<_> = json.iter().flatten().collect();
+    let valid: Vec<_> = scored.iter().filter(|s| s.valid).collect();
+    let nll = nll / nll_tokens.max(1) as f64;
+    Ok(VariantReport {
+        name: v.name.clone(),
+        adapter: v.adapter.clone(),
+        fine_tuned: v.adapter.is_some(),
+        exact_match: mean(outputs.iter().map(|o| o.correct as u8 as f64)),
+        exact_match_interval: wilson(outputs.iter().filter(|o| o.correct).count(), n),
+        json_valid: (!scored.is_empty()).then(|| mean(scored.iter().map(|s| s.valid as u8 as f64))),
+        field_accuracy: (!scored.is_empty()).then(|| mean(scored.iter().map(|s| s.fields_right))),
+        field_accuracy_valid: (!valid.is_empty())
+            .then(|| mean(valid.iter().map(|s| s.fields_right))),
+        token_f1: mean(f1.into_iter()),
+        nll,
+        perplexity: nll.exp(),
+        prompt_tokens: mean(prompt_tokens.iter().map(|&p| p as f64)),
+        latency_s: cost.seconds(),
+        tokens_per_second: cost.decode_tokens / cost.decode_s.max(1e-9),
+        cost,
+        note: v.note.clone(),
+        outputs,
+    })
 }
 
 /// The comparison as the `compare` example runs it: loads `model`, reads the
@@ -636,6 +584,9 @@ pub fn compare_files(
     if config.shots > 0 && train.is_empty() {
         bail!("the few-shot variant needs a training set: pass a data folder with train.jsonl, or --shots 0");
     }
+    if config.scaling.is_some() && train_path.is_none() {
+        bail!("--scaling needs a training set: pass a data folder with train.jsonl");
+    }
     let mut model = Model::load(
         model,
         &crate::pretrained::LoadOptions {
@@ -643,7 +594,22 @@ pub fn compare_files(
             dtype: None,
         },
     )?;
-    compare(&mut model, adapters, &held_out, &train, config)
+    let mut comparison = compare(&mut model, adapters, &held_out, &train, config)?;
+    if let Some(scaling) = &config.scaling {
+        let dataset = crate::data::Dataset::load(data)?;
+        let held_out = &comparison.examples.clone();
+        let curve = super::scaling::scaling(
+            &mut model,
+            &dataset,
+            held_out,
+            scaling,
+            config,
+            &mut comparison.notes,
+        )?;
+        comparison.scaling = Some(curve);
+        comparison.verdict = verdict(&comparison);
+    }
+    Ok(comparison)
 }
 
 #[cfg(test)]

@@ -2,11 +2,15 @@
 //! answers ([`metrics`]), and the prompting-versus-fine-tuning comparison
 //! ([`compare`](mod@compare)) with its reports ([`report`]).
 
+mod charts;
 pub mod compare;
+pub mod comparison;
 pub mod metrics;
 pub mod report;
 pub mod retrieve;
+pub mod scaling;
 pub mod stats;
+pub mod variants;
 pub mod verdict;
 
 pub use compare::{compare, CompareConfig, Comparison};

@@ -2,32 +2,43 @@
 //! self-contained `report.html` with charts and side-by-side answers, and
 //! `report.json` for machines.
 
-use super::compare::Comparison;
-use anyhow::{anyhow, Result};
+use super::charts::{bar_chart, line_chart, Line, Series};
+use super::comparison::Comparison;
+use anyhow::Result;
+use plotters::style::RGBColor;
 use std::path::Path;
 
 fn pct(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
 }
 
-/// The scores and costs as a Markdown table, with the verdict.
+/// The scores and costs as Markdown tables, with the notes, the scaling
+/// curve and the verdict.
 pub fn markdown(c: &Comparison) -> String {
-    let mut s = String::from("| variant | exact match (95% CI) | JSON valid | fields right | token F1 | NLL | perplexity | prompt tokens | latency (s) | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| variant | exact match (95% CI) | JSON valid | fields right | fields right, valid only | token F1 | NLL | perplexity | prompt tokens | latency (s) | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for v in &c.variants {
         s.push_str(&format!(
-            "| {} | {} ({}-{}) | {} | {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
+            "| {} | {} ({}-{}) | {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
             v.name,
             pct(Some(v.exact_match)),
             pct(Some(v.exact_match_interval.0)),
             pct(Some(v.exact_match_interval.1)),
             pct(v.json_valid),
             pct(v.field_accuracy),
+            pct(v.field_accuracy_valid),
             v.token_f1,
             v.nll,
             v.perplexity,
             v.prompt_tokens,
             v.latency_s,
             v.tokens_per_second
+        ));
+    }
+    for v in c.variants.iter().filter(|v| v.note.is_some()) {
+        s.push_str(&format!(
+            "\n{}: {}.\n",
+            v.name,
+            v.note.as_deref().unwrap_or_default()
         ));
     }
     if let Some(d) = &c.random_few_shot {
@@ -39,6 +50,24 @@ pub fn markdown(c: &Comparison) -> String {
             pct(Some(d.max))
         ));
     }
+    s.push_str(&format!(
+        "\nInstruction: {}\n",
+        c.instruction.replace('\n', " ")
+    ));
+    s.push_str("\nCost per query, with the shared-prefix cache and without it (each query prefilling its whole prompt):\n\n| variant | prefill tokens | prefill tokens, no cache | prefill (s) | prefill, no cache (s) | decode tokens | decode (s) |\n|---|---|---|---|---|---|---|\n");
+    for v in &c.variants {
+        let q = &v.cost;
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.1} | {:.3} |\n",
+            v.name,
+            q.prefill_tokens,
+            q.prefill_tokens_uncached,
+            q.prefill_s,
+            q.prefill_s_uncached,
+            q.decode_tokens,
+            q.decode_s
+        ));
+    }
     for t in &c.training {
         s.push_str(&format!(
             "\nTraining ({}): {:.0} s, {} tokens.\n",
@@ -48,109 +77,46 @@ pub fn markdown(c: &Comparison) -> String {
         ));
     }
     if !c.break_even.is_empty() {
-        s.push_str("\n| prompting variant | extra prompt tokens/query | extra s/query | break-even (queries, compute) | break-even (queries, wall time) |\n|---|---|---|---|---|\n");
+        s.push_str("\n| prompting variant | extra prompt tokens/query | extra s/query | break-even (queries, compute) | break-even (queries, wall time) | break-even (wall time, no prefix cache) |\n|---|---|---|---|---|---|\n");
         for b in &c.break_even {
             let q = |x: Option<f64>| x.map_or("never".into(), |q| format!("{q:.0}"));
             s.push_str(&format!(
-                "| {} | {:.0} | {:.3} | {} | {} |\n",
+                "| {} | {:.0} | {:.3} | {} | {} | {} |\n",
                 b.prompting,
                 b.extra_prompt_tokens,
                 b.extra_seconds,
                 q(b.queries_by_flops),
-                q(b.queries_by_time)
+                q(b.queries_by_time),
+                q(b.queries_by_time_uncached)
             ));
         }
     }
+    if let Some(sc) = &c.scaling {
+        s.push_str(&format!("\nData scaling (retrieved few-shot with k={}):\n\n| n | fine-tuned (95% CI) | retrieved few-shot (95% CI) | run folder |\n|---|---|---|---|\n", sc.shots));
+        for p in &sc.points {
+            let acc = |a: &super::scaling::Accuracy| {
+                format!(
+                    "{} ({}-{})",
+                    pct(Some(a.exact_match)),
+                    pct(Some(a.interval.0)),
+                    pct(Some(a.interval.1))
+                )
+            };
+            s.push_str(&format!(
+                "| {} | {} | {} | {}{} |\n",
+                p.n,
+                acc(&p.fine_tuned),
+                acc(&p.retrieved),
+                p.run.display(),
+                if p.reused { " (reused)" } else { "" }
+            ));
+        }
+    }
+    for note in &c.notes {
+        s.push_str(&format!("\nNote: {note}.\n"));
+    }
     s.push_str(&format!("\n{}\n", c.verdict));
     s
-}
-
-/// One measure per variant, with optional 95% intervals drawn as error bars.
-struct Series<'a> {
-    label: &'a str,
-    values: Vec<f64>,
-    intervals: Option<Vec<(f64, f64)>>,
-    color: plotters::style::RGBColor,
-}
-
-/// A horizontal bar chart (SVG) of one or two measures per variant.
-fn bar_chart(
-    title: &str,
-    names: &[String],
-    series: &[Series<'_>],
-    x_max: f64,
-    unit: &str,
-) -> Result<String> {
-    use plotters::prelude::*;
-    let n = names.len();
-    let mut svg = String::new();
-    {
-        let height = 90 + 44 * n as u32;
-        let root = SVGBackend::with_string(&mut svg, (820, height)).into_drawing_area();
-        let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {title}: {e}");
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(230)
-            .build_cartesian_2d(0f64..x_max, 0f64..n as f64)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .y_labels(n * 2 + 1)
-            .y_label_formatter(&|y| {
-                let i = y.floor() as usize;
-                if (y - i as f64 - 0.5).abs() < 0.01 && i < n {
-                    names[n - 1 - i].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .x_desc(unit)
-            .draw()
-            .map_err(err)?;
-        let band = 0.7 / series.len() as f64;
-        for (k, s) in series.iter().enumerate() {
-            let color = s.color;
-            let y0 = |i: usize| (n - 1 - i) as f64 + 0.15 + band * k as f64;
-            chart
-                .draw_series(s.values.iter().enumerate().map(|(i, &v)| {
-                    Rectangle::new([(0.0, y0(i)), (v, y0(i) + band)], color.filled())
-                }))
-                .map_err(err)?
-                .label(s.label)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                });
-            for (i, &(lo, hi)) in s.intervals.iter().flatten().enumerate() {
-                let (mid, cap) = (y0(i) + band / 2.0, band / 4.0);
-                chart
-                    .draw_series([
-                        PathElement::new(vec![(lo, mid), (hi, mid)], BLACK.stroke_width(2)),
-                        PathElement::new(
-                            vec![(lo, mid - cap), (lo, mid + cap)],
-                            BLACK.stroke_width(2),
-                        ),
-                        PathElement::new(
-                            vec![(hi, mid - cap), (hi, mid + cap)],
-                            BLACK.stroke_width(2),
-                        ),
-                    ])
-                    .map_err(err)?;
-            }
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
 }
 
 const HTML: &str = r#"<!doctype html>
@@ -169,17 +135,32 @@ figure { margin: 1em 0; }
 <p>Model <b>{{ c.model }}</b>, {{ c.examples|length }} held-out examples from <code>{{ c.data }}</code>, greedy decoding.</p>
 <p class="verdict" id="verdict">{{ c.verdict }}</p>
 <h2>Scores</h2>
-<table id="scores"><tr><th>variant</th><th>exact match (95% CI)</th><th>JSON valid</th><th>fields right</th><th>token F1</th><th>NLL</th><th>perplexity</th><th>prompt tokens</th><th>latency (s)</th><th>tokens/s</th></tr>
-{% for v in rows %}<tr><td>{{ v.name }}</td><td>{{ v.em }}</td><td>{{ v.json }}</td><td>{{ v.fields }}</td><td>{{ v.f1 }}</td><td>{{ v.nll }}</td><td>{{ v.ppl }}</td><td>{{ v.prompt }}</td><td>{{ v.latency }}</td><td>{{ v.tps }}</td></tr>
+<table id="scores"><tr><th>variant</th><th>exact match (95% CI)</th><th>JSON valid</th><th>fields right</th><th>fields right, valid only</th><th>token F1</th><th>NLL</th><th>perplexity</th><th>prompt tokens</th><th>latency (s)</th><th>tokens/s</th></tr>
+{% for v in rows %}<tr><td>{{ v.name }}</td><td>{{ v.em }}</td><td>{{ v.json }}</td><td>{{ v.fields }}</td><td>{{ v.fields_valid }}</td><td>{{ v.f1 }}</td><td>{{ v.nll }}</td><td>{{ v.ppl }}</td><td>{{ v.prompt }}</td><td>{{ v.latency }}</td><td>{{ v.tps }}</td></tr>
 {% endfor %}</table>
+<ul id="variant-notes">{% for v in c.variants %}{% if v.note %}<li><b>{{ v.name }}</b>: {{ v.note }}.</li>{% endif %}{% endfor %}
+{% if c.random_few_shot %}<li>Random few-shot over {{ c.random_few_shot.draws }} draws: median {{ "%.1f"|format(100 * c.random_few_shot.median) }}%, range {{ "%.1f"|format(100 * c.random_few_shot.min) }}% to {{ "%.1f"|format(100 * c.random_few_shot.max) }}%.</li>{% endif %}
+<li>Instruction prompt: <code>{{ c.instruction }}</code></li></ul>
 <figure id="accuracy-chart">{{ accuracy_svg|safe }}</figure>
+<h2>Cost per query</h2>
+<p>With the shared-prefix cache, the prompt prefix every query of a variant shares is prefilled once and its cost split among the queries; without it, each query prefills its whole prompt.</p>
+<table id="costs"><tr><th>variant</th><th>prefill tokens</th><th>prefill tokens, no cache</th><th>prefill (s)</th><th>prefill, no cache (s)</th><th>decode tokens</th><th>decode (s)</th></tr>
+{% for v in c.variants %}<tr><td>{{ v.name }}</td><td>{{ "%.0f"|format(v.cost.prefill_tokens) }}</td><td>{{ "%.0f"|format(v.cost.prefill_tokens_uncached) }}</td><td>{{ "%.3f"|format(v.cost.prefill_s) }}</td><td>{{ "%.3f"|format(v.cost.prefill_s_uncached) }}</td><td>{{ "%.1f"|format(v.cost.decode_tokens) }}</td><td>{{ "%.3f"|format(v.cost.decode_s) }}</td></tr>
+{% endfor %}</table>
 <figure id="cost-chart">{{ cost_svg|safe }}</figure>
 <h2>Training cost and break-even</h2>
 {% for t in c.training %}<p>Training {{ t.adapter }}: {{ "%.0f"|format(t.seconds) }} s, {{ t.tokens }} tokens.</p>{% endfor %}
-{% if c.break_even %}<table><tr><th>prompting variant</th><th>extra prompt tokens / query</th><th>extra seconds / query</th><th>break-even, compute (queries)</th><th>break-even, wall time (queries)</th></tr>
-{% for b in c.break_even %}<tr><td>{{ b.prompting }}</td><td>{{ "%.0f"|format(b.extra_prompt_tokens) }}</td><td>{{ "%.3f"|format(b.extra_seconds) }}</td><td>{{ "%.0f"|format(b.queries_by_flops) if b.queries_by_flops is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time) if b.queries_by_time is not none else "never" }}</td></tr>{% endfor %}
-</table>{% else %}<p>No run folder with metrics was given, so the training cost is unknown.</p>{% endif %}
-<p>Few-shot examples: {{ c.shots }}. Instruction prompt: <code>{{ c.instruction }}</code></p>
+{% if c.break_even %}<table id="break-even"><tr><th>prompting variant</th><th>extra prompt tokens / query</th><th>extra seconds / query</th><th>break-even, compute (queries)</th><th>break-even, wall time (queries)</th><th>break-even, wall time, no prefix cache (queries)</th></tr>
+{% for b in c.break_even %}<tr><td>{{ b.prompting }}</td><td>{{ "%.0f"|format(b.extra_prompt_tokens) }}</td><td>{{ "%.3f"|format(b.extra_seconds) }}</td><td>{{ "%.0f"|format(b.queries_by_flops) if b.queries_by_flops is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time) if b.queries_by_time is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time_uncached) if b.queries_by_time_uncached is not none else "never" }}</td></tr>{% endfor %}
+</table>
+<figure id="break-even-chart">{{ break_even_svg|safe }}</figure>{% else %}<p>No run folder with metrics was given, so the training cost is unknown.</p>{% endif %}
+{% if c.scaling %}<h2>How much data does fine-tuning need?</h2>
+<table id="scaling"><tr><th>training examples</th><th>fine-tuned (95% CI)</th><th>retrieved few-shot, k={{ c.scaling.shots }} (95% CI)</th><th>run folder</th></tr>
+{% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
+</table>
+<p>{% if c.scaling.crossover %}Fine-tuning is first ahead at n = {{ c.scaling.crossover }}.{% else %}Fine-tuning is not ahead at any n tried.{% endif %}</p>
+<figure id="scaling-chart">{{ scaling_svg|safe }}</figure>{% endif %}
+{% if c.notes %}<h2>Notes</h2><ul id="notes">{% for n in c.notes %}<li>{{ n }}.</li>{% endfor %}</ul>{% endif %}
 <h2>Sample outputs</h2>
 <table id="samples"><tr><th>question</th><th>reference</th>{% for v in c.variants %}<th>{{ v.name }}</th>{% endfor %}</tr>
 {% for e in samples %}<tr><td><pre>{{ e.question }}</pre></td><td><pre>{{ e.reference }}</pre></td>{% for o in e.outputs %}<td class="{{ 'right' if o.correct else 'wrong' }}"><pre>{{ o.answer }}</pre></td>{% endfor %}</tr>
@@ -187,9 +168,115 @@ figure { margin: 1em 0; }
 </body></html>
 "#;
 
+/// Line colors, in turn.
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(68, 102, 204),
+    RGBColor(230, 140, 40),
+    RGBColor(102, 187, 106),
+    RGBColor(200, 60, 60),
+    RGBColor(140, 90, 180),
+    RGBColor(60, 170, 190),
+    RGBColor(150, 110, 70),
+    RGBColor(120, 120, 120),
+];
+
+/// Cumulative seconds against query volume: the fine-tune (training, then
+/// its per-query time) against each prompting variant, on log axes.
+fn break_even_chart(c: &Comparison) -> Result<Option<String>> {
+    let Some(first) = c.break_even.first() else {
+        return Ok(None);
+    };
+    let by_name = |name: &str| c.variants.iter().find(|v| v.name == name);
+    let (Some(ft), Some(cost)) = (
+        by_name(&first.fine_tuned),
+        c.training.iter().find(|t| {
+            by_name(&first.fine_tuned).and_then(|v| v.adapter.as_ref()) == Some(&t.adapter)
+        }),
+    ) else {
+        return Ok(None);
+    };
+    let furthest = c
+        .break_even
+        .iter()
+        .filter(|b| b.fine_tuned == first.fine_tuned)
+        .filter_map(|b| b.queries_by_time)
+        .fold(1e3, f64::max);
+    let top = 10f64.powf((furthest * 10.0).log10().ceil()).min(1e9);
+    let steps = (top.log10() * 4.0) as usize;
+    let xs: Vec<f64> = (0..=steps).map(|i| 10f64.powf(i as f64 / 4.0)).collect();
+    let mut lines = vec![Line {
+        label: ft.name.as_str(),
+        values: xs.iter().map(|q| cost.seconds + ft.latency_s * q).collect(),
+        intervals: None,
+        color: PALETTE[0],
+    }];
+    for (i, b) in c
+        .break_even
+        .iter()
+        .filter(|b| b.fine_tuned == first.fine_tuned)
+        .enumerate()
+    {
+        if let Some(p) = by_name(&b.prompting) {
+            lines.push(Line {
+                label: p.name.as_str(),
+                values: xs.iter().map(|q| p.latency_s * q).collect(),
+                intervals: None,
+                color: PALETTE[1 + i % (PALETTE.len() - 1)],
+            });
+        }
+    }
+    Ok(Some(line_chart(
+        "Break-even: total seconds against queries served",
+        &xs,
+        &lines,
+        ("queries", "seconds (training + queries)"),
+        (true, true),
+    )?))
+}
+
+/// Exact match against the training-set size, fine-tuned and retrieved
+/// few-shot, with 95% intervals.
+fn scaling_chart(c: &Comparison) -> Result<Option<String>> {
+    let Some(sc) = c.scaling.as_ref().filter(|s| !s.points.is_empty()) else {
+        return Ok(None);
+    };
+    let xs: Vec<f64> = sc.points.iter().map(|p| p.n as f64).collect();
+    let pcts = |f: fn(&super::scaling::ScalingPoint) -> &super::scaling::Accuracy| {
+        let values = sc.points.iter().map(|p| 100.0 * f(p).exact_match).collect();
+        let intervals = sc
+            .points
+            .iter()
+            .map(|p| (100.0 * f(p).interval.0, 100.0 * f(p).interval.1))
+            .collect();
+        (values, Some(intervals))
+    };
+    let (ft, ft_ci) = pcts(|p| &p.fine_tuned);
+    let (rt, rt_ci) = pcts(|p| &p.retrieved);
+    let lines = [
+        Line {
+            label: "fine-tuned on n",
+            values: ft,
+            intervals: ft_ci,
+            color: PALETTE[0],
+        },
+        Line {
+            label: "retrieved few-shot from n",
+            values: rt,
+            intervals: rt_ci,
+            color: PALETTE[1],
+        },
+    ];
+    Ok(Some(line_chart(
+        "Exact match against training examples",
+        &xs,
+        &lines,
+        ("training examples (n)", "% exact match"),
+        (xs.len() > 1 && xs[0] > 0.0, false),
+    )?))
+}
+
 /// The self-contained HTML report.
 pub fn html(c: &Comparison, samples: usize) -> Result<String> {
-    use plotters::style::RGBColor;
     let names: Vec<String> = c.variants.iter().map(|v| v.name.clone()).collect();
     let mut accuracy = vec![Series {
         label: "exact match (95% interval)",
@@ -241,6 +328,7 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
     )?;
     let rows: Vec<serde_json::Value> = c.variants.iter().map(|v| serde_json::json!({
         "name": v.name, "em": format!("{} ({}-{})", pct(Some(v.exact_match)), pct(Some(v.exact_match_interval.0)), pct(Some(v.exact_match_interval.1))), "json": pct(v.json_valid), "fields": pct(v.field_accuracy),
+        "fields_valid": pct(v.field_accuracy_valid),
         "f1": format!("{:.3}", v.token_f1), "nll": format!("{:.3}", v.nll), "ppl": format!("{:.2}", v.perplexity),
         "prompt": format!("{:.0}", v.prompt_tokens), "latency": format!("{:.2}", v.latency_s), "tps": format!("{:.1}", v.tokens_per_second),
     })).collect();
@@ -264,6 +352,8 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
         .render(minijinja::context! {
             c => Serde(c), rows => Serde(rows), samples => Serde(samples),
             accuracy_svg => accuracy_svg, cost_svg => cost_svg,
+            break_even_svg => break_even_chart(c)?.unwrap_or_default(),
+            scaling_svg => scaling_chart(c)?.unwrap_or_default(),
         })?)
 }
 

@@ -2,7 +2,7 @@
 //! variant beats the best prompting variant beyond what chance explains on
 //! this many examples, and what the instruction and the break-even add.
 
-use super::compare::{BreakEven, Comparison, TrainingCost, VariantReport};
+use super::comparison::{BreakEven, Comparison, TrainingCost, VariantReport};
 use super::stats::PairedComparison;
 use serde::Serialize;
 
@@ -39,12 +39,15 @@ pub(super) fn break_even(reports: &[VariantReport], training: &[TrainingCost]) -
         for p in reports.iter().filter(|r| !r.fine_tuned) {
             let extra_prompt_tokens = p.prompt_tokens - ft.prompt_tokens;
             let extra_seconds = p.latency_s - ft.latency_s;
+            let extra_uncached = p.cost.seconds_uncached() - ft.latency_s;
             out.push(BreakEven {
                 prompting: p.name.clone(),
                 fine_tuned: ft.name.clone(),
                 extra_prompt_tokens,
                 extra_seconds,
                 queries_by_time: (extra_seconds > 0.0).then(|| cost.seconds / extra_seconds),
+                queries_by_time_uncached: (extra_uncached > 0.0)
+                    .then(|| cost.seconds / extra_uncached),
                 queries_by_flops: (extra_prompt_tokens > 0.0)
                     .then(|| 4.0 * cost.tokens as f64 / (2.0 * extra_prompt_tokens)),
             });
@@ -59,7 +62,7 @@ fn pct(x: f64) -> String {
 
 /// Orders variants by exact match, then field accuracy, then token F1; on a tie
 /// the cheaper one (fewer prompt tokens) ranks higher.
-fn better(a: &VariantReport, b: &VariantReport) -> std::cmp::Ordering {
+pub(super) fn better(a: &VariantReport, b: &VariantReport) -> std::cmp::Ordering {
     let key = |r: &VariantReport| {
         (
             r.exact_match,
@@ -168,6 +171,21 @@ pub(super) fn verdict(c: &Comparison) -> String {
             " The fine-tune cost {:.0} s of training; against \"{}\", which spends {:.0} extra prompt tokens per query, it pays for itself in compute after about {:.0} queries.",
             c.training.first().map_or(0.0, |t| t.seconds), b.0.prompting, b.0.extra_prompt_tokens, b.1
         ));
+    }
+    if let Some(sc) = &c.scaling {
+        let tried: Vec<String> = sc.points.iter().map(|p| p.n.to_string()).collect();
+        text.push_str(&match sc.crossover {
+            Some(n) => format!(
+                " On the scaling curve (n = {}), fine-tuning is first ahead of retrieved \
+                 few-shot from the same examples at n = {n}.",
+                tried.join(", ")
+            ),
+            None => format!(
+                " On the scaling curve (n = {}), fine-tuning is not ahead of retrieved \
+                 few-shot from the same examples at any n.",
+                tried.join(", ")
+            ),
+        });
     }
     text
 }

@@ -57,7 +57,8 @@ pub fn generate_batch(
     crate::threads::pool().install(|| {
         let start = Instant::now();
         let prefix = Prefix::prefill(lm, &prompts[0][..shared_prefix(prompts)])?;
-        let prefix_share = start.elapsed() / prompts.len() as u32;
+        let prefix_time = start.elapsed();
+        let prefix_share = prefix_time / prompts.len() as u32;
         let token_bytes = match config.json_schema {
             Some(_) => tokenizer.token_bytes(),
             None => Vec::new(),
@@ -72,6 +73,8 @@ pub fn generate_batch(
                 Chunk::new(lm, tokenizer, &prefix, &chunk, config, &token_bytes)?.run()?;
             for (&i, mut g) in rows.iter().zip(generations) {
                 g.prefill += prefix_share;
+                g.shared_prefix_tokens = prefix.len;
+                g.shared_prefix_time = prefix_time;
                 out[i] = Some(g);
             }
         }
@@ -443,6 +446,8 @@ impl<'a> Chunk<'a> {
                     stopped_at_eos: row.stopped_at_eos,
                     prefill: row.prefill,
                     decode: row.decode,
+                    shared_prefix_tokens: 0,
+                    shared_prefix_time: Duration::ZERO,
                 })
             })
             .collect()

@@ -87,6 +87,12 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time spent producing tokens after the prompt.
     pub decode: Duration,
+    /// The prompt's leading tokens that were read from a prefix cache shared
+    /// with other prompts ([`generate_batch`]), not prefilled for this one.
+    pub shared_prefix_tokens: usize,
+    /// That shared prefix's whole prefill time, of which `prefill` holds
+    /// this prompt's share.
+    pub shared_prefix_time: Duration,
 }
 
 impl Generation {
@@ -176,5 +182,7 @@ pub fn generate(
         stopped_at_eos,
         prefill,
         decode: start.elapsed().saturating_sub(prefill),
+        shared_prefix_tokens: 0,
+        shared_prefix_time: Duration::ZERO,
     })
 }

@@ -79,7 +79,7 @@ struct Pipeline {
 }
 
 /// A tokenizer with its special tokens and chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat: Option<ChatTemplate>,

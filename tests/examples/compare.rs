@@ -265,3 +265,90 @@ pub fn out(fx: &Fixture) {
         assert!(out.join(file).is_file(), "{file}");
     }
 }
+
+pub fn max_shots(fx: &Fixture) {
+    let many = |r: &Value| names(r).into_iter().find(|n| n.contains("many-shot"));
+    // By default, as many training examples as fit the tiny model's context.
+    let fitted = baseline(fx)["many_shots"].as_u64().unwrap();
+    assert!(fitted >= 2, "{fitted}");
+    let two = compare(fx, "compare-max-shots-2", &["--max-shots", "2"]);
+    assert_eq!(two["many_shots"], 2);
+    assert_eq!(
+        many(&two).unwrap(),
+        "base, many-shot (k=2, at most 2, one shuffled order)"
+    );
+    let prompt = |r: &Value| {
+        r["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"].as_str().unwrap().contains("many-shot"))
+            .unwrap()["prompt_tokens"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(prompt(&two) < prompt(baseline(fx)) || fitted == 2);
+    let none = compare(fx, "compare-max-shots-0", &["--max-shots", "0"]);
+    assert_eq!(many(&none), None, "{:?}", names(&none));
+    assert!(none["many_shots"].is_null());
+}
+
+pub fn scaling(fx: &Fixture) {
+    let out = fx.path("compare-scaling");
+    let flags = ["--scaling", "4,99,all"];
+    let adapter = ["--adapter", fx.adapter.to_str().unwrap()];
+    run::ok(
+        "compare",
+        &args(fx, &out, &[&adapter[..], &flags[..]].concat()),
+    );
+    let r = report(&out);
+    let points = r["scaling"]["points"].as_array().unwrap();
+    let sizes: Vec<u64> = points.iter().map(|p| p["n"].as_u64().unwrap()).collect();
+    assert_eq!(
+        sizes,
+        [4, 16],
+        "4 and all 16; 99 is more than the training set"
+    );
+    assert!(r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("n=99 skipped")));
+    for p in points {
+        let run = std::path::PathBuf::from(p["run"].as_str().unwrap());
+        assert!(run.starts_with(out.join("scaling")), "{run:?}");
+        assert!(run.join("adapter_model.safetensors").is_file());
+        assert_eq!(p["reused"], false);
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Data scaling"), "{md}");
+    // Run again: the runs are reused.
+    run::ok(
+        "compare",
+        &args(fx, &out, &[&adapter[..], &flags[..]].concat()),
+    );
+    let again = report(&out);
+    assert!(again["scaling"]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["reused"] == true));
+    // Without a run folder to take settings from, --scaling is refused.
+    let err = run::fails(
+        "compare",
+        &args(fx, &fx.path("compare-scaling-none"), &flags),
+    );
+    assert!(
+        err.contains("--scaling needs a fine-tuning run folder"),
+        "{err}"
+    );
+    let err = run::fails(
+        "compare",
+        &args(
+            fx,
+            &fx.path("compare-scaling-bad"),
+            &[&adapter[..], &["--scaling", "4,x"]].concat(),
+        ),
+    );
+    assert!(err.contains("'x' is not a training-set size"), "{err}");
+}
