@@ -6,7 +6,8 @@
 //! - `cpu` (the default): the real SmolLM2-135M-Instruct: load, a forward pass,
 //!   LoRA training steps (forward, backward, AdamW), greedy decoding, and the
 //!   bundled `compare` (every held-out example, every variant, with an
-//!   adapter) batched and one answer at a time.
+//!   adapter) batched and one answer at a time, its many-shot prompt capped
+//!   at 16 examples, and batched with many-shot filling the context.
 //! - `gpu`: training steps with random weights at SmolLM2-135M's and
 //!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
 //!   linears, in the device's default dtype (bf16 on a GPU); and at Qwen3-0.6B's
@@ -109,16 +110,22 @@ impl Row {
 }
 
 /// The rows of the `cpu` suite, in order.
-const CPU_ROWS: [&str; 8] = [
+const CPU_ROWS: [&str; 9] = [
     "load (cached GGUF)",
     "forward, no grad, 4 x 128",
     "train, all-7, r=8, 4 x 128",
     "train, all-7, r=8, 8 x 256",
     "train, q+v, r=8, 4 x 128",
     "greedy decoding, 64 tokens",
-    "compare, bundled data, batched",
-    "compare, bundled data, one at a time",
+    "compare, bundled data, many-shot k<=16, batched",
+    "compare, bundled data, many-shot k<=16, one at a time",
+    "compare, bundled data, many-shot to the context, batched",
 ];
+
+/// The many-shot cap of the compare rows that set one: one at a time, a
+/// many-shot prompt as long as the context (about 8,000 tokens) would take
+/// hours, prefilled again for every question.
+const BENCH_MAX_SHOTS: usize = 16;
 
 /// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row,
 /// LoRA rank (on all seven linears).
@@ -270,18 +277,31 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
                 ..Row::new(name, g.decode.as_secs_f64() / 63.0)
             }
         }
-        "compare, bundled data, batched" => {
-            compare_row(&mut model, name, tuneforge::generate::DEFAULT_BATCH)?
+        "compare, bundled data, many-shot k<=16, batched" => compare_row(
+            &mut model,
+            name,
+            tuneforge::generate::DEFAULT_BATCH,
+            Some(BENCH_MAX_SHOTS),
+        )?,
+        "compare, bundled data, many-shot k<=16, one at a time" => {
+            compare_row(&mut model, name, 1, Some(BENCH_MAX_SHOTS))?
         }
-        "compare, bundled data, one at a time" => compare_row(&mut model, name, 1)?,
+        "compare, bundled data, many-shot to the context, batched" => {
+            compare_row(&mut model, name, tuneforge::generate::DEFAULT_BATCH, None)?
+        }
         other => anyhow::bail!("unknown row '{other}'"),
     })
 }
 
-/// The bundled comparison (`examples/data`: every held-out example, all five
-/// variants, with an adapter of the default settings), once, answering
-/// `batch` at a time. Tokens per second counts the answers' tokens.
-fn compare_row(model: &mut Model, name: &str, batch: usize) -> Result<Row> {
+/// The bundled comparison (`examples/data`: every held-out example, every
+/// variant, with an adapter of the default settings; many-shot capped at
+/// `max_shots`), once, answering `batch` at a time. Tokens per second counts the answers' tokens.
+fn compare_row(
+    model: &mut Model,
+    name: &str,
+    batch: usize,
+    max_shots: Option<usize>,
+) -> Result<Row> {
     let dir = tempfile::tempdir()?;
     let lora_config = LoraConfig::default();
     lora::attach(&mut model.lm, &lora_config, 0)?;
@@ -296,6 +316,7 @@ fn compare_row(model: &mut Model, name: &str, batch: usize) -> Result<Row> {
     let config = tuneforge::eval::CompareConfig {
         progress: false,
         batch,
+        max_shots,
         ..Default::default()
     };
     let t = Instant::now();
@@ -311,7 +332,7 @@ fn compare_row(model: &mut Model, name: &str, batch: usize) -> Result<Row> {
     let tokens: f64 = c
         .variants
         .iter()
-        .map(|v| v.tokens_per_second * v.latency_s * v.outputs.len() as f64)
+        .map(|v| v.cost.decode_tokens * v.outputs.len() as f64)
         .sum();
     eprintln!("{name}: {answers} answers in {seconds:.1} s");
     Ok(Row {

@@ -107,3 +107,20 @@ pub fn check_gradient(
         );
     }
 }
+
+/// A tiny random model of `arch` whose sliding window, where it has one, is
+/// 5 positions (shorter than the test prompts); with `context` as its context window.
+pub fn tiny_with_window(
+    arch: crate::config::Architecture,
+    seed: u64,
+    context: Option<usize>,
+) -> crate::Model {
+    let mut config = crate::config::ModelConfig::tiny(arch);
+    if config.sliding_window.is_some() {
+        config.sliding_window = Some(5);
+    }
+    if let Some(c) = context {
+        config.max_position_embeddings = c;
+    }
+    crate::Model::random(&config, seed, candle_core::DType::F32, &Device::Cpu).unwrap()
+}

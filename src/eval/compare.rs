@@ -23,9 +23,13 @@ use super::variants::{constrained, many_shot, Shots, Variant};
 use super::verdict::{break_even, significance, verdict};
 use super::HeldOut;
 use crate::chat::Message;
+use crate::data::Example;
 use crate::data::{tokenize::tokenize_record, LossOn, Record, TurnEnd};
 use crate::generate::json::JsonSchema;
-use crate::generate::{Generation, GenerationConfig, DEFAULT_BATCH};
+use crate::generate::{
+    generate_batch_after, summed_nll_after, Generation, GenerationConfig, SharedPrefix,
+    DEFAULT_BATCH,
+};
 use crate::pretrained::Model;
 use crate::rng::Rng;
 use crate::train::{metrics::Event, summed_loss};
@@ -83,15 +87,10 @@ impl Default for CompareConfig {
     }
 }
 
-/// The summed teacher-forced NLL of each reference answer after its prompt,
-/// and the number of answer tokens: `batch` examples at a time with their
-/// shared prefix computed once, or one at a time with a batch of 1.
-fn reference_nll(
-    model: &Model,
-    cases: &[(Vec<Message>, &str)],
-    batch: usize,
-) -> Result<(f64, usize)> {
-    let examples = cases
+/// Each reference answer after its prompt, tokenized for teacher-forced
+/// scoring (the answer's tokens trained).
+fn reference_examples(model: &Model, cases: &[(Vec<Message>, &str)]) -> Result<Vec<Example>> {
+    cases
         .iter()
         .map(|(prompt, reference)| {
             let mut messages = prompt.clone();
@@ -103,22 +102,42 @@ fn reference_nll(
                 TurnEnd::EndToken,
             )
         })
-        .collect::<Result<Vec<_>>>()?;
-    let scores = match batch {
-        1 => examples
-            .iter()
-            .map(|e| summed_loss(model, std::slice::from_ref(e), &[vec![0]]))
-            .collect::<Result<Vec<_>>>()?,
-        _ => crate::generate::batched::summed_nll(
-            &model.lm,
-            model.tokenizer.pad_id(),
-            &examples,
-            batch,
-        )?,
+        .collect()
+}
+
+/// Decodes `prompts` and scores `references` (the summed teacher-forced NLL
+/// and its token count): `batch` at a time after one shared prefix that the
+/// decoding and the scoring both read, or one at a time with a batch of 1.
+fn answer_and_score(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    references: &[Example],
+    generation: &GenerationConfig,
+    batch: usize,
+) -> Result<(Vec<Generation>, f64, usize)> {
+    let (generations, scores) = match batch {
+        1 => (
+            model.generate_batch(prompts, generation, 1)?,
+            references
+                .iter()
+                .map(|e| summed_loss(model, std::slice::from_ref(e), &[vec![0]]))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ => {
+            let heads = references.iter().filter_map(crate::generate::nll::head);
+            let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).chain(heads).collect();
+            let prefix = SharedPrefix::of(&model.lm, &sequences)?;
+            let (lm, tokenizer) = (&model.lm, &model.tokenizer);
+            (
+                generate_batch_after(lm, tokenizer, &prefix, prompts, generation, batch)?,
+                summed_nll_after(lm, tokenizer.pad_id(), &prefix, references, batch)?,
+            )
+        }
     };
-    Ok(scores
+    let (sum, tokens) = scores
         .into_iter()
-        .fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m)))
+        .fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+    Ok((generations, sum, tokens))
 }
 
 /// The training cost recorded in an adapter's run folder, if it has one.
@@ -493,11 +512,18 @@ pub(super) fn score(
         for (&i, p) in members.iter().zip(&ids) {
             prompt_tokens[i] = p.len();
         }
-        let together = members.len() as f64;
-        for (&i, g) in members
+        let cases: Vec<(Vec<Message>, &str)> = members
             .iter()
-            .zip(model.generate_batch(&ids, &generation, config.batch)?)
-        {
+            .zip(prompts)
+            .map(|(&i, p)| (p, held_out[i].reference.as_str()))
+            .collect();
+        let references = reference_examples(model, &cases)?;
+        let (answers, sum, tokens) =
+            answer_and_score(model, &ids, &references, &generation, config.batch)?;
+        nll += sum;
+        nll_tokens += tokens;
+        let together = members.len() as f64;
+        for (&i, g) in members.iter().zip(answers) {
             // Each answer's share of its batch's time; the shared prefix's
             // time and tokens split among the group's questions.
             let (prefill, prefix) = (g.prefill.as_secs_f64(), g.shared_prefix_time.as_secs_f64());
@@ -513,14 +539,6 @@ pub(super) fn score(
             generations[i] = Some(g);
             bar.inc(1);
         }
-        let cases: Vec<(Vec<Message>, &str)> = members
-            .iter()
-            .zip(prompts)
-            .map(|(&i, p)| (p, held_out[i].reference.as_str()))
-            .collect();
-        let (sum, tokens) = reference_nll(model, &cases, config.batch)?;
-        nll += sum;
-        nll_tokens += tokens;
     }
     let (mut outputs, mut f1, mut json) = (Vec::new(), Vec::new(), Vec::new());
     for (h, g) in held_out.iter().zip(generations.into_iter().flatten()) {

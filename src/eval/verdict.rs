@@ -189,3 +189,73 @@ pub(super) fn verdict(c: &Comparison) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::comparison::{Output, QueryCost};
+
+    fn variant(name: &str, fine_tuned: bool, right: &[bool]) -> VariantReport {
+        let share = right.iter().filter(|&&r| r).count() as f64 / right.len() as f64;
+        VariantReport {
+            name: name.into(),
+            adapter: None,
+            fine_tuned,
+            exact_match: share,
+            exact_match_interval: (0.0, 1.0),
+            json_valid: None,
+            field_accuracy: None,
+            field_accuracy_valid: None,
+            token_f1: share,
+            nll: 1.0,
+            perplexity: 1.0f64.exp(),
+            prompt_tokens: 10.0,
+            latency_s: 0.1,
+            tokens_per_second: 10.0,
+            cost: QueryCost::default(),
+            note: None,
+            outputs: right
+                .iter()
+                .map(|&correct| Output {
+                    answer: String::new(),
+                    correct,
+                })
+                .collect(),
+        }
+    }
+
+    /// The three outcomes on constructed score vectors, each against the
+    /// best variant of the other kind.
+    #[test]
+    fn the_verdict_has_three_outcomes() {
+        let n = 60;
+        let half: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        let more: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 3 != 0).collect();
+        let mut one_more = half.clone();
+        one_more[1] = true;
+        let weak: Vec<bool> = vec![false; n];
+        for (tuned, prompted, want) in [
+            (&more, &half, "fine-tuning is better".to_string()),
+            (&half, &more, "prompting is better".to_string()),
+            (
+                &one_more,
+                &half,
+                format!("no clear difference on {n} examples"),
+            ),
+        ] {
+            let variants = [
+                variant("zero-shot", false, &weak),
+                variant("few-shot", false, prompted),
+                variant("fine-tuned", true, tuned),
+                variant("fine-tuned, worse", true, &weak),
+            ];
+            let s = significance(&variants, 3).unwrap();
+            assert_eq!(s.conclusion, want);
+            assert_eq!(
+                (s.fine_tuned.as_str(), s.prompting.as_str()),
+                ("fine-tuned", "few-shot")
+            );
+        }
+        assert!(significance(&[variant("zero-shot", false, &weak)], 3).is_none());
+    }
+}

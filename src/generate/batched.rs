@@ -1,24 +1,19 @@
 //! Batched decoding: many prompts decoded together, each row with its own
 //! positions, its own sampler and its own end.
 //!
-//! The prefix that every prompt shares (an instruction, a fixed block of
-//! examples) is prefilled once, in chunks, and every row attends to its one
-//! KV cache ([`KvCache::after_shared`]): a many-shot prefix of thousands of
-//! tokens costs its memory once, not once per row. The
-//! rest of each prompt is left-padded so that every row's last prompt token
-//! sits in the same column, and the batch is prefilled in one pass. Then each
-//! step feeds one token per row; a row that ends leaves the batch. Masks are
-//! built from each cache column's position, so padding is invisible and
-//! sliding windows count positions, not columns.
+//! The prefix that every prompt shares is prefilled once and kept once
+//! ([`super::prefix`]); the rest of each prompt is prefilled in one pass per
+//! thread. Then each step feeds one token per row, at the row's own position;
+//! a row that ends leaves the batch.
 
 use super::json::{self, JsonMatcher};
+use super::prefix::{prefill, step_input, SharedPrefix};
 use super::{Generation, GenerationConfig};
-use crate::model::{mask, CausalLm, ForwardInput, KvCache, Pass};
+use crate::model::{CausalLm, KvCache};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::LogitsProcessor;
-use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
 /// How many sequences decode together unless told otherwise.
@@ -54,15 +49,30 @@ pub fn generate_batch(
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
+    let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let prefix = SharedPrefix::of(lm, &sequences)?;
+    generate_batch_after(lm, tokenizer, &prefix, prompts, config, batch)
+}
+
+/// [`generate_batch`] after `prefix`, which every prompt must start with and
+/// go past. Each generation's `prefill` holds its share of the prefix's
+/// prefill time (split among `prompts`).
+pub fn generate_batch_after(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    prefix: &SharedPrefix,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    batch: usize,
+) -> Result<Vec<Generation>> {
+    let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    prefix.check(&sequences)?;
+    let prefix_share = prefix.prefill_time() / prompts.len().max(1) as u32;
+    let token_bytes = match config.json_schema {
+        Some(_) => tokenizer.token_bytes(),
+        None => Vec::new(),
+    };
     crate::threads::pool().install(|| {
-        let start = Instant::now();
-        let prefix = Prefix::prefill(lm, &prompts[0][..shared_prefix(prompts)])?;
-        let prefix_time = start.elapsed();
-        let prefix_share = prefix_time / prompts.len() as u32;
-        let token_bytes = match config.json_schema {
-            Some(_) => tokenizer.token_bytes(),
-            None => Vec::new(),
-        };
         // Prompts of similar lengths decode together, with less padding.
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
@@ -70,61 +80,16 @@ pub fn generate_batch(
         for rows in order.chunks(batch) {
             let chunk: Vec<&[u32]> = rows.iter().map(|&i| prompts[i].as_slice()).collect();
             let generations =
-                Chunk::new(lm, tokenizer, &prefix, &chunk, config, &token_bytes)?.run()?;
+                Chunk::new(lm, tokenizer, prefix, &chunk, config, &token_bytes)?.run()?;
             for (&i, mut g) in rows.iter().zip(generations) {
                 g.prefill += prefix_share;
-                g.shared_prefix_tokens = prefix.len;
-                g.shared_prefix_time = prefix_time;
+                g.shared_prefix_tokens = prefix.len();
+                g.shared_prefix_time = prefix.prefill_time();
                 out[i] = Some(g);
             }
         }
         Ok(out.into_iter().flatten().collect())
     })
-}
-
-/// The length of the prefix every prompt shares, leaving each at least one
-/// token of its own (whose logits start its answer).
-fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
-    let first = &prompts[0];
-    let common = prompts[1..].iter().fold(first.len(), |n, p| {
-        n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count())
-    });
-    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
-    common.min(shortest.saturating_sub(1))
-}
-
-/// Prefix tokens prefilled per pass: a long prefix in one pass would hold
-/// scores for every pair of its positions.
-const PREFIX_CHUNK: usize = 512;
-
-/// The shared prefix, prefilled once (batch of one).
-struct Prefix {
-    len: usize,
-    cache: KvCache,
-}
-
-impl Prefix {
-    fn prefill(lm: &CausalLm, ids: &[u32]) -> Result<Self> {
-        let mut cache = KvCache::default();
-        for chunk in ids.chunks(PREFIX_CHUNK) {
-            let past = cache.len();
-            let chunk = Tensor::new(chunk, lm.device())?.unsqueeze(0)?;
-            let input = ForwardInput::causal(&chunk, past, lm.dtype())?;
-            lm.forward_hidden(&input, Some(&mut cache))?;
-        }
-        Ok(Self {
-            len: ids.len(),
-            cache,
-        })
-    }
-
-    /// An empty cache for rows that follow this prefix.
-    fn rows_cache(&self) -> Result<KvCache> {
-        Ok(match self.len {
-            0 => KvCache::default(),
-            _ => KvCache::after_shared(&self.cache)?,
-        })
-    }
 }
 
 /// One sequence of a batch.
@@ -159,174 +124,12 @@ struct Chunk<'a> {
     logits: Tensor,
 }
 
-/// A batch of sequences run after the shared prefix.
-struct Prefilled {
-    cache: KvCache,
-    /// Final-normed hidden states, `[rows, width, hidden]`; row r's sequence
-    /// ends in the last column.
-    hidden: Tensor,
-    /// Each row's cache columns' positions (`None` for padding).
-    keys: Vec<Vec<Option<u32>>>,
-}
-
-/// Runs `sequences` (each starting with the prefix) after the prefilled
-/// prefix, left-padded with `pad` to one width, in one shard per thread.
-fn prefill(lm: &CausalLm, pad: u32, prefix: &Prefix, sequences: &[&[u32]]) -> Result<Prefilled> {
-    let (device, p, b) = (lm.device(), prefix.len, sequences.len());
-    let width = sequences.iter().map(|x| x.len() - p).max().unwrap_or(0);
-    let (mut ids, mut positions) = (Vec::new(), Vec::new());
-    let (mut queries, mut keys) = (Vec::new(), Vec::new());
-    for sequence in sequences {
-        let own = &sequence[p..];
-        let gap = width - own.len();
-        ids.extend(std::iter::repeat_n(pad, gap).chain(own.iter().copied()));
-        let query: Vec<Option<u32>> = std::iter::repeat_n(None, gap)
-            .chain((p..sequence.len()).map(|i| Some(i as u32)))
-            .collect();
-        positions.extend(query.iter().map(|q| q.unwrap_or(0)));
-        keys.push(
-            (0..p as u32)
-                .map(Some)
-                .chain(query.iter().copied())
-                .collect(),
-        );
-        queries.push(query);
-    }
-    let shards: Vec<std::ops::Range<usize>> = {
-        let per = b.div_ceil(crate::threads::workers().max(1));
-        (0..b).step_by(per).map(|s| s..(s + per).min(b)).collect()
-    };
-    let parts = shards
-        .par_iter()
-        .map(|range| -> Result<(KvCache, Tensor)> {
-            let n = range.len();
-            let mut cache = prefix.rows_cache()?;
-            let cells = range.start * width..range.end * width;
-            let ids = Tensor::new(&ids[cells.clone()], device)?.reshape((n, width))?;
-            let positions = Tensor::new(&positions[cells], device)?.reshape((n, width))?;
-            let input = step_input(
-                lm,
-                ids,
-                positions,
-                &queries[range.clone()],
-                &keys[range.clone()],
-            )?;
-            let hidden = lm.forward_hidden(&input, Some(&mut cache))?;
-            Ok((cache, hidden))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (caches, hidden): (Vec<KvCache>, Vec<Tensor>) = parts.into_iter().unzip();
-    Ok(Prefilled {
-        cache: KvCache::cat_rows(&caches)?,
-        hidden: Tensor::cat(&hidden, 0)?,
-        keys,
-    })
-}
-
-/// The forward input of `ids` at `positions` (`[rows, t]`), whose queries sit
-/// at the positions `queries` and whose cache columns are at `keys`.
-fn step_input(
-    lm: &CausalLm,
-    ids: Tensor,
-    positions: Tensor,
-    queries: &[Vec<Option<u32>>],
-    keys: &[Vec<Option<u32>>],
-) -> Result<ForwardInput> {
-    let (dtype, device) = (lm.dtype(), lm.device());
-    let sliding_mask = lm
-        .sliding_window()
-        .map(|w| mask::from_positions(queries, keys, Some(w), dtype, device))
-        .transpose()?;
-    Ok(ForwardInput {
-        ids,
-        positions,
-        mask: mask::from_positions(queries, keys, None, dtype, device)?,
-        sliding_mask,
-        pass: Pass::default(),
-    })
-}
-
-/// The teacher-forced negative log-likelihood of each example's trained
-/// tokens, summed, and their count: `batch` examples at a time, the prefix
-/// that every example's untrained start shares prefilled once. The sums of
-/// [`crate::train::summed_loss`] on each example alone, within float rounding.
-pub fn summed_nll(
-    lm: &CausalLm,
-    pad: u32,
-    examples: &[crate::data::Example],
-    batch: usize,
-) -> Result<Vec<(f64, usize)>> {
-    if batch == 0 {
-        bail!("the batch size must be at least 1");
-    }
-    let context = lm.config.max_position_embeddings;
-    if let Some(long) = examples.iter().find(|e| e.ids.len() > context) {
-        bail!(
-            "an example has {} tokens, more than the model's context window of {context}",
-            long.ids.len()
-        );
-    }
-    // Only examples with a trained token count; their parts before it.
-    let scored: Vec<usize> = (0..examples.len())
-        .filter(|&i| examples[i].trained.iter().skip(1).any(|&t| t))
-        .collect();
-    let heads: Vec<Vec<u32>> = scored
-        .iter()
-        .map(|&i| {
-            let e = &examples[i];
-            let first = e.trained.iter().skip(1).position(|&t| t).unwrap_or(0) + 1;
-            e.ids[..first].to_vec()
-        })
-        .collect();
-    let mut out = vec![(0.0, 0); examples.len()];
-    if scored.is_empty() {
-        return Ok(out);
-    }
-    crate::threads::pool().install(|| {
-        let prefix = Prefix::prefill(lm, &heads[0][..shared_prefix(&heads)])?;
-        let mut order = scored.clone();
-        order.sort_by_key(|&i| examples[i].ids.len());
-        for rows in order.chunks(batch) {
-            let sequences: Vec<&[u32]> = rows.iter().map(|&i| examples[i].ids.as_slice()).collect();
-            let run = prefill(lm, pad, &prefix, &sequences)?;
-            let width = run.hidden.dim(1)?;
-            // The hidden state before each trained token, and the token.
-            let (mut cells, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-            for (r, &i) in rows.iter().enumerate() {
-                let e = &examples[i];
-                let last = width - 1;
-                for t in (1..e.ids.len()).filter(|&t| e.trained[t]) {
-                    let column = last - (e.ids.len() - t);
-                    cells.push((r * width + column) as u32);
-                    targets.push(e.ids[t]);
-                    owner.push(i);
-                }
-            }
-            if cells.is_empty() {
-                continue;
-            }
-            let device = lm.device();
-            let flat = run.hidden.flatten_to(1)?;
-            let picked = flat.index_select(&Tensor::new(cells.as_slice(), device)?, 0)?;
-            let logits = lm.logits(&picked)?.to_dtype(DType::F32)?;
-            let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-            let targets = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-            let nll: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.neg()?.to_vec1()?;
-            for (i, x) in owner.into_iter().zip(nll) {
-                out[i].0 += x as f64;
-                out[i].1 += 1;
-            }
-        }
-        Ok(out)
-    })
-}
-
 impl<'a> Chunk<'a> {
     /// Prefills every prompt after the shared prefix.
     fn new(
         lm: &'a CausalLm,
         tokenizer: &'a Tokenizer,
-        prefix: &Prefix,
+        prefix: &SharedPrefix,
         prompts: &[&[u32]],
         config: &'a GenerationConfig,
         token_bytes: &'a [Option<Vec<u8>>],
@@ -457,29 +260,9 @@ impl<'a> Chunk<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Architecture, ModelConfig};
+    use crate::config::Architecture;
     use crate::generate::generate;
-
-    /// A tiny random model of `arch` whose sliding window, where it has one,
-    /// is shorter than the test prompts; with `context` as its context window.
-    fn tiny(arch: Architecture, seed: u64, context: Option<usize>) -> crate::Model {
-        let mut config = ModelConfig::tiny(arch);
-        if config.sliding_window.is_some() {
-            config.sliding_window = Some(5);
-        }
-        if let Some(c) = context {
-            config.max_position_embeddings = c;
-        }
-        crate::Model::random(&config, seed, DType::F32, &candle_core::Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn the_shared_prefix_leaves_each_prompt_a_token() {
-        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 4, 5]]), 2);
-        assert_eq!(shared_prefix(&[vec![1, 2], vec![1, 2, 3]]), 1);
-        assert_eq!(shared_prefix(&[vec![7, 8, 9]]), 2);
-        assert_eq!(shared_prefix(&[vec![1], vec![2]]), 0);
-    }
+    use crate::testing::tiny_with_window;
 
     /// Batched answers equal one-at-a-time answers for every architecture
     /// (sliding windows shorter than the prompts included), at every batch
@@ -489,7 +272,7 @@ mod tests {
         for arch in Architecture::ALL {
             // A short context, so that longer prompts get fewer new tokens
             // and rows leave the batch at different steps.
-            let model = tiny(arch, 5, Some(20));
+            let model = tiny_with_window(arch, 5, Some(20));
             let prefix: Vec<u32> = vec![3, 17, 40, 8, 99];
             let shared: Vec<Vec<u32>> = [vec![5u32], vec![6, 7, 8], vec![60, 61], vec![]]
                 .into_iter()
@@ -528,54 +311,6 @@ mod tests {
         }
     }
 
-    /// A prefix longer than one prefill chunk (a many-shot block) is prefilled
-    /// in chunks and kept once, not per row; the answers stay those of
-    /// one-at-a-time decoding, sliding windows included.
-    #[test]
-    fn a_long_shared_prefix_is_kept_once() {
-        for arch in [
-            Architecture::Llama,
-            Architecture::Gemma2,
-            Architecture::Phi3,
-        ] {
-            let model = tiny(arch, 11, Some(2048));
-            let prefix: Vec<u32> = (0..PREFIX_CHUNK as u32 * 2 + 37)
-                .map(|i| 3 + i % 200)
-                .collect();
-            let prompts: Vec<Vec<u32>> = [vec![5u32], vec![6, 7, 8], vec![60, 61]]
-                .into_iter()
-                .map(|own| prefix.iter().copied().chain(own).collect())
-                .collect();
-            let config = GenerationConfig {
-                stop_at_eos: false,
-                ..GenerationConfig::greedy(6)
-            };
-            let alone: Vec<Vec<u32>> = prompts
-                .iter()
-                .map(|p| {
-                    generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {})
-                        .unwrap()
-                        .ids
-                })
-                .collect();
-            let together: Vec<Vec<u32>> =
-                generate_batch(&model.lm, &model.tokenizer, &prompts, &config, 3)
-                    .unwrap()
-                    .into_iter()
-                    .map(|g| g.ids)
-                    .collect();
-            assert_eq!(together, alone, "{arch:?}");
-            let shared = Prefix::prefill(&model.lm, &prefix).unwrap();
-            let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-            let (own, kept) = prefill(&model.lm, 0, &shared, &rows).unwrap().cache.bytes();
-            // Three rows of at most 3 own columns against one prefix of 1061.
-            assert!(
-                own * 100 < kept,
-                "{arch:?}: {own} bytes per row set, {kept} shared"
-            );
-        }
-    }
-
     /// Answers constrained to JSON fit the schema, ended or not, and batched
     /// constrained answers equal one-at-a-time ones, greedy and sampled.
     #[test]
@@ -587,7 +322,7 @@ mod tests {
         ])
         .unwrap();
         let free = JsonSchema::from_answers(&[r#"{"note": [1, {"a": "x"}], "ok": true}"#]).unwrap();
-        let model = tiny(Architecture::Llama, 3, Some(400));
+        let model = tiny_with_window(Architecture::Llama, 3, Some(400));
         let prompts: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![5, 6, 9, 10], vec![40]];
         for (schema, must_end) in [(enums, true), (free, false)] {
             for temperature in [0.0, 1.0] {
@@ -614,35 +349,6 @@ mod tests {
                         serde_json::from_str::<serde_json::Value>(&a.text).unwrap();
                     }
                 }
-            }
-        }
-    }
-
-    /// Batched teacher-forced scoring gives each example's loss alone, for
-    /// every architecture, with a shared prefix and an example with nothing
-    /// trained.
-    #[test]
-    fn batched_nll_equals_each_example_alone() {
-        use crate::data::Example;
-        for arch in Architecture::ALL {
-            let model = tiny(arch, 9, None);
-            let example = |own: &[u32], trained_from: usize| {
-                let ids: Vec<u32> = [3u32, 17, 40, 8].iter().chain(own).copied().collect();
-                let trained = (0..ids.len()).map(|i| i >= trained_from).collect();
-                Example { ids, trained }
-            };
-            let examples = vec![
-                example(&[5, 6, 7], 5),
-                example(&[9, 10, 11, 12, 13, 14], 6),
-                example(&[20], 99),
-                example(&[21, 22], 3),
-            ];
-            let together = summed_nll(&model.lm, 0, &examples, 2).unwrap();
-            for (e, (sum, n)) in examples.iter().zip(together) {
-                let (want, m) =
-                    crate::train::summed_loss(&model, std::slice::from_ref(e), &[vec![0]]).unwrap();
-                assert_eq!(n, m, "{arch:?}");
-                assert!((sum - want).abs() < 1e-4, "{arch:?}: {sum} vs {want}");
             }
         }
     }

@@ -3,8 +3,12 @@
 
 pub mod batched;
 pub mod json;
+pub mod nll;
+pub mod prefix;
 
-pub use batched::{generate_batch, DEFAULT_BATCH};
+pub use batched::{generate_batch, generate_batch_after, DEFAULT_BATCH};
+pub use nll::{summed_nll, summed_nll_after};
+pub use prefix::SharedPrefix;
 
 use crate::model::{CausalLm, KvCache};
 use crate::tokenizer::Tokenizer;

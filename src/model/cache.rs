@@ -28,6 +28,28 @@ pub struct LayerCache<'a> {
 }
 
 impl KvCache {
+    /// A cache of the given layers' keys and values.
+    pub(crate) fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+        Self {
+            layers,
+            shared: Vec::new(),
+        }
+    }
+
+    /// The largest difference between two caches' own keys and values.
+    #[cfg(test)]
+    pub(crate) fn max_abs_diff(&self, other: &KvCache) -> f32 {
+        let pairs = self.layers.iter().zip(&other.layers);
+        pairs
+            .map(|(a, b)| match (a, b) {
+                (Some((ka, va)), Some((kb, vb))) => {
+                    crate::testing::max_abs_diff(ka, kb).max(crate::testing::max_abs_diff(va, vb))
+                }
+                _ => f32::INFINITY,
+            })
+            .fold(0.0, f32::max)
+    }
+
     /// An empty cache whose rows all follow `prefix` (a cache of one row),
     /// which is kept once and not copied per row.
     pub fn after_shared(prefix: &KvCache) -> Result<Self> {

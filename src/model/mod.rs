@@ -11,6 +11,7 @@ mod gemv;
 pub mod linear;
 pub mod mask;
 pub mod ops;
+mod prefill;
 pub mod projections;
 pub mod rope;
 
