@@ -362,7 +362,14 @@ fn compare_scores_every_variant() {
         let mut model = load(arch, false);
         let adapter = fixture_dir(arch).join("adapter");
         let c = compare(&mut model, &[adapter], &held(0..2), &held(10..14), &config).unwrap();
-        assert_eq!(c.variants.len(), 8, "{arch}");
+        // Zero-shot, instruction, retrieved, 3 random draws, many-shot, and
+        // the adapter alone and with the instruction; these plain-text answers
+        // get no JSON-constrained variant.
+        assert_eq!(c.variants.len(), 9, "{arch}");
+        assert!(
+            c.variants.iter().any(|v| v.name.contains("many-shot")),
+            "{arch}"
+        );
         assert!(
             c.variants
                 .iter()
