@@ -24,14 +24,17 @@ pub(super) fn bar_chart(
     let mut svg = String::new();
     {
         let height = 90 + 44 * n as u32;
-        let root = SVGBackend::with_string(&mut svg, (820, height)).into_drawing_area();
+        // Room for the longest variant name (about 6.5 pixels a character).
+        let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u32;
+        let labels = (longest * 13 / 2 + 16).clamp(230, 460);
+        let root = SVGBackend::with_string(&mut svg, (590 + labels, height)).into_drawing_area();
         let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {title}: {e}");
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
-            .y_label_area_size(230)
+            .y_label_area_size(labels)
             .build_cartesian_2d(0f64..x_max, 0f64..n as f64)
             .map_err(err)?;
         chart
