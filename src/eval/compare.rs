@@ -19,7 +19,7 @@ pub use super::variants::default_instruction;
 use super::metrics::{exact_match, json_score, token_f1};
 use super::scaling::ScalingConfig;
 use super::stats::wilson;
-use super::variants::{constrained, many_shot, Shots, Variant};
+use super::variants::{constrained, many_shot, retrieved_few_shot, Shots, Variant};
 use super::verdict::{break_even, significance, verdict};
 use super::HeldOut;
 use crate::chat::Message;
@@ -351,22 +351,11 @@ fn prompting_variants(
     ];
     let k = config.shots;
     if k > 0 {
-        let retriever = super::retrieve::Retriever::new(train);
-        let retrieved = held_out
-            .iter()
-            .map(|h| {
-                retriever
-                    .nearest(h.question(), k)
-                    .into_iter()
-                    .map(example)
-                    .collect()
-            })
-            .collect();
-        variants.push(Variant::new(
+        variants.push(retrieved_few_shot(
             format!("base, retrieved few-shot (k={k}, BM25)"),
-            None,
-            None,
-            Shots::PerQuestion(retrieved),
+            train,
+            held_out,
+            k,
         ));
         for draw in 0..config.random_draws {
             let mut order: Vec<usize> = (0..train.len()).collect();

@@ -6,7 +6,7 @@
 
 use super::compare::{score, CompareConfig};
 use super::comparison::VariantReport;
-use super::variants::{Shots, Variant};
+use super::variants::{retrieved_few_shot, Shots, Variant};
 use super::HeldOut;
 use crate::data::{Dataset, Record};
 use crate::pretrained::Model;
@@ -174,24 +174,13 @@ pub fn scaling(
             .collect::<Result<Vec<_>>>()
             .context("--scaling: retrieved few-shot needs question-answer records")?;
         let k = shots.min(n);
-        let retriever = super::retrieve::Retriever::new(&pool);
-        let chosen = held_out
-            .iter()
-            .map(|h| {
-                retriever
-                    .nearest(h.question(), k)
-                    .into_iter()
-                    .map(|i| (pool[i].question().to_string(), pool[i].reference.clone()))
-                    .collect()
-            })
-            .collect();
         let bar = super::compare::progress_bar(config.progress, 2 * held_out.len());
         crate::lora::detach(&mut model.lm);
-        let retrieved = Variant::new(
+        let retrieved = retrieved_few_shot(
             format!("retrieved few-shot (k={k}, BM25) from n={n}"),
-            None,
-            None,
-            Shots::PerQuestion(chosen),
+            &pool,
+            held_out,
+            k,
         );
         let retrieved = score(model, &retrieved, held_out, config, &bar)?;
         model.load_adapter(&dir)?;

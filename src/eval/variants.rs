@@ -103,6 +103,28 @@ fn prompt_with(system: Option<&str>, shots: &[Shot], held: &HeldOut) -> Vec<Mess
     messages
 }
 
+/// Retrieved few-shot: before each held-out question, the `k` examples of
+/// `pool` whose questions are most similar to it by BM25; named `name`.
+pub(super) fn retrieved_few_shot(
+    name: String,
+    pool: &[HeldOut],
+    held_out: &[HeldOut],
+    k: usize,
+) -> Variant {
+    let retriever = super::retrieve::Retriever::new(pool);
+    let chosen = held_out
+        .iter()
+        .map(|h| {
+            retriever
+                .nearest(h.question(), k)
+                .into_iter()
+                .map(|i| (pool[i].question().to_string(), pool[i].reference.clone()))
+                .collect()
+        })
+        .collect();
+    Variant::new(name, None, None, Shots::PerQuestion(chosen))
+}
+
 /// How the many-shot variant chose its examples.
 pub(super) struct ManyShot {
     pub variant: Variant,

@@ -261,7 +261,6 @@ impl<'a> Chunk<'a> {
 mod tests {
     use super::*;
     use crate::config::Architecture;
-    use crate::generate::generate;
     use crate::testing::tiny_with_window;
 
     /// Batched answers equal one-at-a-time answers for every architecture
@@ -290,13 +289,12 @@ mod tests {
                     stop_at_eos,
                     ..GenerationConfig::greedy(0)
                 };
-                let alone: Vec<Vec<u32>> = prompts
-                    .iter()
-                    .map(|p| {
-                        generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {})
-                            .unwrap()
-                            .ids
-                    })
+                // One at a time: the old path, `generate` per prompt.
+                let alone: Vec<Vec<u32>> = model
+                    .generate_batch(prompts, &config, 1)
+                    .unwrap()
+                    .into_iter()
+                    .map(|g| g.ids)
                     .collect();
                 for batch in [1, 2, 5] {
                     let together: Vec<Vec<u32>> =
@@ -332,12 +330,7 @@ mod tests {
                     json_schema: Some(std::sync::Arc::new(schema.clone())),
                     ..GenerationConfig::default()
                 };
-                let alone: Vec<crate::generate::Generation> = prompts
-                    .iter()
-                    .map(|p| {
-                        generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {}).unwrap()
-                    })
-                    .collect();
+                let alone = model.generate_batch(&prompts, &config, 1).unwrap();
                 let together =
                     generate_batch(&model.lm, &model.tokenizer, &prompts, &config, 3).unwrap();
                 for (a, b) in alone.iter().zip(&together) {

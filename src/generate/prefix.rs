@@ -203,7 +203,7 @@ pub(super) fn step_input(
 mod tests {
     use super::*;
     use crate::config::Architecture;
-    use crate::generate::{generate, generate_batch, GenerationConfig};
+    use crate::generate::{generate_batch, GenerationConfig};
     use crate::testing::tiny_with_window;
 
     #[test]
@@ -236,13 +236,12 @@ mod tests {
                 stop_at_eos: false,
                 ..GenerationConfig::greedy(6)
             };
-            let alone: Vec<Vec<u32>> = prompts
-                .iter()
-                .map(|p| {
-                    generate(&model.lm, &model.tokenizer, p, &config, &mut |_| {})
-                        .unwrap()
-                        .ids
-                })
+            // One at a time: the old path, `generate` per prompt.
+            let alone: Vec<Vec<u32>> = model
+                .generate_batch(&prompts, &config, 1)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.ids)
                 .collect();
             let together: Vec<Vec<u32>> =
                 generate_batch(&model.lm, &model.tokenizer, &prompts, &config, 3)
