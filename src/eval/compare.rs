@@ -27,8 +27,7 @@ use crate::data::Example;
 use crate::data::{tokenize::tokenize_record, LossOn, Record, TurnEnd};
 use crate::generate::json::JsonSchema;
 use crate::generate::{
-    generate_batch_after, summed_nll_after, Generation, GenerationConfig, SharedPrefix,
-    DEFAULT_BATCH,
+    generate_and_score_after, Generation, GenerationConfig, SharedPrefix, DEFAULT_BATCH,
 };
 use crate::pretrained::Model;
 use crate::rng::Rng;
@@ -106,8 +105,9 @@ fn reference_examples(model: &Model, cases: &[(Vec<Message>, &str)]) -> Result<V
 }
 
 /// Decodes `prompts` and scores `references` (the summed teacher-forced NLL
-/// and its token count): `batch` at a time after one shared prefix that the
-/// decoding and the scoring both read, or one at a time with a batch of 1.
+/// and its token count): `batch` at a time after one shared prefix, each
+/// prompt prefilled once for its decoding and its reference's scoring; or one
+/// at a time with a batch of 1 (the old way: decode, then score apart).
 fn answer_and_score(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -128,10 +128,10 @@ fn answer_and_score(
             let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).chain(heads).collect();
             let prefix = SharedPrefix::of(&model.lm, &sequences)?;
             let (lm, tokenizer) = (&model.lm, &model.tokenizer);
-            (
-                generate_batch_after(lm, tokenizer, &prefix, prompts, generation, batch)?,
-                summed_nll_after(lm, tokenizer.pad_id(), &prefix, references, batch)?,
-            )
+            let references = Some(references);
+            generate_and_score_after(
+                lm, tokenizer, &prefix, prompts, references, generation, batch,
+            )?
         }
     };
     let (sum, tokens) = scores

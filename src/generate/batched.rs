@@ -7,8 +7,10 @@
 //! a row that ends leaves the batch.
 
 use super::json::{self, JsonMatcher};
-use super::prefix::{prefill, step_input, SharedPrefix};
+use super::nll::{check_context, head, nll_of_rows, Score};
+use super::prefix::{prefill_split, step_input, Prefilled, SharedPrefix};
 use super::{Generation, GenerationConfig};
+use crate::data::Example;
 use crate::model::{CausalLm, KvCache};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
@@ -65,22 +67,88 @@ pub fn generate_batch_after(
     config: &GenerationConfig,
     batch: usize,
 ) -> Result<Vec<Generation>> {
+    Ok(generate_and_score_after(lm, tokenizer, prefix, prompts, None, config, batch)?.0)
+}
+
+/// [`generate_batch_after`], and with `references` (one per prompt: the
+/// prompt followed by its reference answer, trained tokens marked) the
+/// summed teacher-forced negative log-likelihood of each reference and its
+/// token count, as [`super::summed_nll_after`] gives them.
+///
+/// A reference that continues its prompt is scored in the pass that
+/// prefills the prompt for decoding: its answer's tokens sit in the columns
+/// after the prompt's, and are dropped from the cache before decoding. Each
+/// prompt is then run once, not once to decode and again to score. A
+/// reference that does not continue its prompt is scored on its own. The
+/// prefill time of a combined pass is split between decoding and scoring by
+/// their columns; each generation's `prefill` holds the decoding's share.
+pub fn generate_and_score_after(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    prefix: &SharedPrefix,
+    prompts: &[Vec<u32>],
+    references: Option<&[Example]>,
+    config: &GenerationConfig,
+    batch: usize,
+) -> Result<(Vec<Generation>, Vec<Score>)> {
+    if batch == 0 {
+        bail!("the batch size must be at least 1");
+    }
     let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     prefix.check(&sequences)?;
+    if let Some(references) = references {
+        if references.len() != prompts.len() {
+            bail!(
+                "{} references for {} prompts: one reference per prompt",
+                references.len(),
+                prompts.len()
+            );
+        }
+        check_context(lm, references)?;
+    }
+    let continues = |i: usize| -> Option<&Example> {
+        let e = &references?[i];
+        let head = head(e)?;
+        (head.len() >= prompts[i].len() && e.ids.starts_with(&prompts[i])).then_some(e)
+    };
     let prefix_share = prefix.prefill_time() / prompts.len().max(1) as u32;
     let token_bytes = match config.json_schema {
         Some(_) => tokenizer.token_bytes(),
         None => Vec::new(),
     };
-    crate::threads::pool().install(|| {
+    let (p, pad) = (prefix.len(), tokenizer.pad_id());
+    let mut scores = vec![(0.0, 0); references.map_or(0, <[Example]>::len)];
+    let generations = crate::threads::pool().install(|| -> Result<Vec<Generation>> {
         // Prompts of similar lengths decode together, with less padding.
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         for rows in order.chunks(batch) {
+            let start = Instant::now();
+            let mut scored = Vec::new();
+            let rows_ids: Vec<&[u32]> = rows
+                .iter()
+                .enumerate()
+                .map(|(r, &i)| match continues(i) {
+                    Some(e) => {
+                        scored.push((r, e));
+                        e.ids.as_slice()
+                    }
+                    None => prompts[i].as_slice(),
+                })
+                .collect();
+            let heads: Vec<usize> = rows.iter().map(|&i| prompts[i].len()).collect();
+            let mut run = prefill_split(lm, pad, prefix, &rows_ids, &heads)?;
+            let share = start
+                .elapsed()
+                .mul_f64(run.head_width as f64 / run.hidden.dim(1)?.max(1) as f64);
+            for ((r, _), score) in scored.iter().zip(nll_of_rows(lm, &run, p, &scored)?) {
+                scores[rows[*r]] = score;
+            }
+            run.keep_heads(p)?;
             let chunk: Vec<&[u32]> = rows.iter().map(|&i| prompts[i].as_slice()).collect();
             let generations =
-                Chunk::new(lm, tokenizer, prefix, &chunk, config, &token_bytes)?.run()?;
+                Chunk::new(lm, tokenizer, run, share, &chunk, config, &token_bytes)?.run()?;
             for (&i, mut g) in rows.iter().zip(generations) {
                 g.prefill += prefix_share;
                 g.shared_prefix_tokens = prefix.len();
@@ -89,7 +157,21 @@ pub fn generate_batch_after(
             }
         }
         Ok(out.into_iter().flatten().collect())
-    })
+    })?;
+    // References that do not continue their prompts, scored on their own.
+    if let Some(references) = references {
+        let alone: Vec<usize> = (0..prompts.len())
+            .filter(|&i| continues(i).is_none() && head(&references[i]).is_some())
+            .collect();
+        if !alone.is_empty() {
+            let examples: Vec<Example> = alone.iter().map(|&i| references[i].clone()).collect();
+            let sums = super::summed_nll_after(lm, tokenizer.pad_id(), prefix, &examples, batch)?;
+            for (i, score) in alone.into_iter().zip(sums) {
+                scores[i] = score;
+            }
+        }
+    }
+    Ok((generations, scores))
 }
 
 /// One sequence of a batch.
@@ -125,22 +207,22 @@ struct Chunk<'a> {
 }
 
 impl<'a> Chunk<'a> {
-    /// Prefills every prompt after the shared prefix.
+    /// The batch of `prompts` from their prefilled heads (`run`, whose
+    /// prefill took `prefill`).
     fn new(
         lm: &'a CausalLm,
         tokenizer: &'a Tokenizer,
-        prefix: &SharedPrefix,
+        run: Prefilled,
+        prefill: Duration,
         prompts: &[&[u32]],
         config: &'a GenerationConfig,
         token_bytes: &'a [Option<Vec<u8>>],
     ) -> Result<Self> {
         let start = Instant::now();
-        let run = prefill(lm, tokenizer.pad_id(), prefix, prompts)?;
-        let width = run.hidden.dim(1)?;
         let logits = lm
-            .logits(&run.hidden.narrow(1, width - 1, 1)?)?
+            .logits(&run.hidden.narrow(1, run.head_width - 1, 1)?)?
             .squeeze(1)?;
-        let share = start.elapsed() / prompts.len() as u32;
+        let share = (prefill + start.elapsed()) / prompts.len() as u32;
         let context = lm.config.max_position_embeddings;
         let rows = prompts
             .iter()
@@ -341,6 +423,66 @@ mod tests {
                         assert!(a.stopped_at_eos && m.is_done(), "{}", a.text);
                         serde_json::from_str::<serde_json::Value>(&a.text).unwrap();
                     }
+                }
+            }
+        }
+    }
+
+    /// Decoding and scoring in one prefill: the answers of decoding alone
+    /// and the scores of scoring alone, for every architecture, with a
+    /// reference that does not continue its prompt (scored apart) and one with
+    /// nothing trained.
+    #[test]
+    fn one_prefill_decodes_and_scores() {
+        use crate::generate::{summed_nll_after, SharedPrefix};
+        for arch in Architecture::ALL {
+            let model = tiny_with_window(arch, 7, Some(40));
+            let (lm, tokenizer) = (&model.lm, &model.tokenizer);
+            let prefix: Vec<u32> = vec![3, 17, 40, 8];
+            let prompts: Vec<Vec<u32>> = [vec![5u32], vec![6, 7, 8, 9], vec![60, 61], vec![70]]
+                .into_iter()
+                .map(|own| prefix.iter().copied().chain(own).collect())
+                .collect();
+            let reference = |prompt: &[u32], answer: &[u32], trained: bool| {
+                let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+                let trained = (0..ids.len())
+                    .map(|i| trained && i >= prompt.len())
+                    .collect();
+                Example { ids, trained }
+            };
+            let references = vec![
+                reference(&prompts[0], &[11, 12, 13, 2], true),
+                reference(&prompts[1], &[14], true),
+                // Not a continuation of its prompt: scored on its own.
+                reference(&[3, 17, 40, 8, 99], &[15, 16], true),
+                reference(&prompts[3], &[21, 22], false),
+            ];
+            let config = GenerationConfig {
+                stop_at_eos: false,
+                ..GenerationConfig::greedy(7)
+            };
+            let sequences: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            let shared = SharedPrefix::of(lm, &sequences).unwrap();
+            let alone = generate_batch_after(lm, tokenizer, &shared, &prompts, &config, 4).unwrap();
+            let scored = summed_nll_after(lm, 0, &shared, &references, 4).unwrap();
+            for batch in [1, 3, 4] {
+                let (answers, scores) = generate_and_score_after(
+                    lm,
+                    tokenizer,
+                    &shared,
+                    &prompts,
+                    Some(&references),
+                    &config,
+                    batch,
+                )
+                .unwrap();
+                for (a, b) in answers.iter().zip(&alone) {
+                    assert_eq!(a.ids, b.ids, "{arch:?}, batch {batch}");
+                }
+                assert_eq!(scores[3], (0.0, 0), "{arch:?}");
+                for ((sum, n), (want, m)) in scores.iter().zip(&scored) {
+                    assert_eq!(n, m, "{arch:?}, batch {batch}");
+                    assert!((sum - want).abs() < 1e-4, "{arch:?}: {sum} vs {want}");
                 }
             }
         }

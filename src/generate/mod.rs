@@ -6,8 +6,8 @@ pub mod json;
 pub mod nll;
 pub mod prefix;
 
-pub use batched::{generate_batch, generate_batch_after, DEFAULT_BATCH};
-pub use nll::{summed_nll, summed_nll_after};
+pub use batched::{generate_and_score_after, generate_batch, generate_batch_after, DEFAULT_BATCH};
+pub use nll::{summed_nll, summed_nll_after, Score};
 pub use prefix::SharedPrefix;
 
 use crate::model::{CausalLm, KvCache};

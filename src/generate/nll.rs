@@ -2,11 +2,15 @@
 //! example's trained tokens (a reference answer after its prompt), with the
 //! prefix that every example shares run once.
 
-use super::prefix::{prefill, SharedPrefix};
+use super::prefix::{prefill, Prefilled, SharedPrefix};
 use crate::data::Example;
 use crate::model::CausalLm;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+
+/// An example's teacher-forced score: the negative log-likelihood of its
+/// trained tokens, summed, and their count.
+pub type Score = (f64, usize);
 
 /// The teacher-forced negative log-likelihood of each example's trained
 /// tokens, summed, and their count: `batch` examples at a time, the prefix
@@ -17,7 +21,7 @@ pub fn summed_nll(
     pad: u32,
     examples: &[Example],
     batch: usize,
-) -> Result<Vec<(f64, usize)>> {
+) -> Result<Vec<Score>> {
     let heads: Vec<&[u32]> = examples.iter().filter_map(head).collect();
     let prefix = SharedPrefix::of(lm, &heads)?;
     summed_nll_after(lm, pad, &prefix, examples, batch)
@@ -39,17 +43,11 @@ pub fn summed_nll_after(
     prefix: &SharedPrefix,
     examples: &[Example],
     batch: usize,
-) -> Result<Vec<(f64, usize)>> {
+) -> Result<Vec<Score>> {
     if batch == 0 {
         bail!("the batch size must be at least 1");
     }
-    let context = lm.config.max_position_embeddings;
-    if let Some(long) = examples.iter().find(|e| e.ids.len() > context) {
-        bail!(
-            "an example has {} tokens, more than the model's context window of {context}",
-            long.ids.len()
-        );
-    }
+    check_context(lm, examples)?;
     // Only examples with a trained token count.
     let scored: Vec<usize> = (0..examples.len())
         .filter(|&i| head(&examples[i]).is_some())
@@ -63,36 +61,69 @@ pub fn summed_nll_after(
         for rows in order.chunks(batch) {
             let sequences: Vec<&[u32]> = rows.iter().map(|&i| examples[i].ids.as_slice()).collect();
             let run = prefill(lm, pad, prefix, &sequences)?;
-            let width = run.hidden.dim(1)?;
-            // The hidden state before each trained token, and the token.
-            let (mut cells, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-            for (r, &i) in rows.iter().enumerate() {
-                let e = &examples[i];
-                let last = width - 1;
-                for t in (1..e.ids.len()).filter(|&t| e.trained[t]) {
-                    let column = last - (e.ids.len() - t);
-                    cells.push((r * width + column) as u32);
-                    targets.push(e.ids[t]);
-                    owner.push(i);
-                }
-            }
-            if cells.is_empty() {
-                continue;
-            }
-            let device = lm.device();
-            let flat = run.hidden.flatten_to(1)?;
-            let picked = flat.index_select(&Tensor::new(cells.as_slice(), device)?, 0)?;
-            let logits = lm.logits(&picked)?.to_dtype(DType::F32)?;
-            let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-            let targets = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-            let nll: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.neg()?.to_vec1()?;
-            for (i, x) in owner.into_iter().zip(nll) {
-                out[i].0 += x as f64;
-                out[i].1 += 1;
+            let members: Vec<(usize, &Example)> = rows
+                .iter()
+                .enumerate()
+                .map(|(r, &i)| (r, &examples[i]))
+                .collect();
+            for (&i, score) in rows
+                .iter()
+                .zip(nll_of_rows(lm, &run, prefix.len(), &members)?)
+            {
+                out[i] = score;
             }
         }
         Ok(out)
     })
+}
+
+/// Refuses an example longer than the model's context window.
+pub(super) fn check_context(lm: &CausalLm, examples: &[Example]) -> Result<()> {
+    let context = lm.config.max_position_embeddings;
+    if let Some(long) = examples.iter().find(|e| e.ids.len() > context) {
+        bail!(
+            "an example has {} tokens, more than the model's context window of {context}",
+            long.ids.len()
+        );
+    }
+    Ok(())
+}
+
+/// The summed negative log-likelihood of each example's trained tokens and
+/// their count, from `run`, in which row `r` of each `(r, example)` in
+/// `members` holds the example after a prefix of `p` tokens.
+pub(super) fn nll_of_rows(
+    lm: &CausalLm,
+    run: &Prefilled,
+    p: usize,
+    members: &[(usize, &Example)],
+) -> Result<Vec<Score>> {
+    let mut out = vec![(0.0, 0); members.len()];
+    let width = run.hidden.dim(1)?;
+    // The hidden state before each trained token, and the token.
+    let (mut cells, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for (m, &(r, e)) in members.iter().enumerate() {
+        for t in (1..e.ids.len()).filter(|&t| e.trained[t]) {
+            cells.push((r * width + run.column(r, p, t - 1)) as u32);
+            targets.push(e.ids[t]);
+            owner.push(m);
+        }
+    }
+    if cells.is_empty() {
+        return Ok(out);
+    }
+    let device = lm.device();
+    let flat = run.hidden.flatten_to(1)?;
+    let picked = flat.index_select(&Tensor::new(cells.as_slice(), device)?, 0)?;
+    let logits = lm.logits(&picked)?.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+    let targets = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
+    let nll: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+    for (m, x) in owner.into_iter().zip(nll) {
+        out[m].0 += x as f64;
+        out[m].1 += 1;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

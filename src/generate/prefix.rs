@@ -110,31 +110,82 @@ impl SharedPrefix {
 /// A batch of sequences run after the shared prefix.
 pub(super) struct Prefilled {
     pub cache: KvCache,
-    /// Final-normed hidden states, `[rows, width, hidden]`; row r's sequence
-    /// ends in the last column.
+    /// Final-normed hidden states, `[rows, width, hidden]`.
     pub hidden: Tensor,
-    /// Each row's cache columns' positions (`None` for padding).
+    /// Each row's cache columns' positions (`None` for padding), the
+    /// prefix's first.
     pub keys: Vec<Vec<Option<u32>>>,
+    /// The column of each row's first token after the prefix.
+    pub starts: Vec<usize>,
+    /// Every row's head ends in column `head_width - 1`.
+    pub head_width: usize,
+}
+
+impl Prefilled {
+    /// The column of row `r`'s token `t` (counted from the sequence's start,
+    /// the prefix's `p` tokens included).
+    pub fn column(&self, r: usize, p: usize, t: usize) -> usize {
+        self.starts[r] + t - p
+    }
+
+    /// Drops every row's tail (see [`prefill_split`]): keeps the cache and
+    /// the key positions of the heads only, after a prefix of `p` tokens.
+    pub fn keep_heads(&mut self, p: usize) -> Result<()> {
+        self.cache = self.cache.keep_columns(self.head_width)?;
+        self.keys
+            .iter_mut()
+            .for_each(|k| k.truncate(p + self.head_width));
+        Ok(())
+    }
 }
 
 /// Runs `sequences` (each starting with the prefix) after the prefilled
-/// prefix, left-padded with `pad` to one width, in one shard per thread.
+/// prefix, left-padded with `pad` so that every row ends in the same column,
+/// in one shard per thread.
 pub(super) fn prefill(
     lm: &CausalLm,
     pad: u32,
     prefix: &SharedPrefix,
     sequences: &[&[u32]],
 ) -> Result<Prefilled> {
+    let heads: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+    prefill_split(lm, pad, prefix, sequences, &heads)
+}
+
+/// [`prefill`], with each row's first `heads[r]` tokens (its head: a prompt)
+/// ending in one column, left-padded, and the rest of the row (its tail: the
+/// prompt's reference answer) after that column, right-padded. The cache's
+/// first [`Prefilled::head_width`] columns are then the heads' cache, the
+/// one a decoding of the prompts would have prefilled.
+pub(super) fn prefill_split(
+    lm: &CausalLm,
+    pad: u32,
+    prefix: &SharedPrefix,
+    sequences: &[&[u32]],
+    heads: &[usize],
+) -> Result<Prefilled> {
     let (device, p, b) = (lm.device(), prefix.len(), sequences.len());
-    let width = sequences.iter().map(|x| x.len() - p).max().unwrap_or(0);
-    let (mut ids, mut positions) = (Vec::new(), Vec::new());
+    let head_width = heads.iter().map(|h| h - p).max().unwrap_or(0);
+    let width = sequences
+        .iter()
+        .zip(heads)
+        .map(|(s, h)| head_width + s.len() - h)
+        .max()
+        .unwrap_or(0);
+    let (mut ids, mut positions, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     let (mut queries, mut keys) = (Vec::new(), Vec::new());
-    for sequence in sequences {
+    for (sequence, head) in sequences.iter().zip(heads) {
         let own = &sequence[p..];
-        let gap = width - own.len();
-        ids.extend(std::iter::repeat_n(pad, gap).chain(own.iter().copied()));
+        let gap = head_width - (head - p);
+        let after = width - gap - own.len();
+        ids.extend(
+            std::iter::repeat_n(pad, gap)
+                .chain(own.iter().copied())
+                .chain(std::iter::repeat_n(pad, after)),
+        );
         let query: Vec<Option<u32>> = std::iter::repeat_n(None, gap)
             .chain((p..sequence.len()).map(|i| Some(i as u32)))
+            .chain(std::iter::repeat_n(None, after))
             .collect();
         positions.extend(query.iter().map(|q| q.unwrap_or(0)));
         keys.push(
@@ -144,6 +195,7 @@ pub(super) fn prefill(
                 .collect(),
         );
         queries.push(query);
+        starts.push(gap);
     }
     let shards: Vec<std::ops::Range<usize>> = {
         let per = b.div_ceil(crate::threads::workers().max(1));
@@ -173,6 +225,8 @@ pub(super) fn prefill(
         cache: KvCache::cat_rows(&caches)?,
         hidden: Tensor::cat(&hidden, 0)?,
         keys,
+        starts,
+        head_width,
     })
 }
 

@@ -129,6 +129,27 @@ impl KvCache {
         })
     }
 
+    /// The cache of every row's first `columns` own columns only (the shared
+    /// prefix stays shared): a teacher-forced continuation dropped.
+    pub fn keep_columns(&self, columns: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| {
+                        let keep = |t: &Tensor| t.narrow(2, 0, columns)?.contiguous();
+                        Ok((keep(k)?, keep(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            shared: self.shared.clone(),
+        })
+    }
+
     /// The caches of several batches, one after another along the batch axis
     /// (each must cover the same columns, after the same shared prefix).
     pub fn cat_rows(parts: &[KvCache]) -> Result<Self> {

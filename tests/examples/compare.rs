@@ -52,6 +52,16 @@ fn answers(report: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Each variant's mean teacher-forced NLL of the references.
+fn nlls(report: &Value) -> Vec<f64> {
+    report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["nll"].as_f64().unwrap())
+        .collect()
+}
+
 fn baseline(fx: &Fixture) -> &'static Value {
     static BASELINE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     BASELINE.get_or_init(|| compare(fx, "compare-baseline", &[]))
@@ -109,7 +119,8 @@ pub fn adapter(fx: &Fixture) {
 
 pub fn batch(fx: &Fixture) {
     // Every variant's answers, decoded one at a time and three at a time, are
-    // those of the default batch.
+    // those of the default batch, and so are the references' scores (scored
+    // apart one at a time; in the pass that prefills the prompt when batched).
     let all = ["--limit", "100"];
     let default = compare(fx, "compare-batch-default", &all);
     for n in ["1", "3"] {
@@ -119,6 +130,12 @@ pub fn batch(fx: &Fixture) {
             &[&all[..], &["--batch", n]].concat(),
         );
         assert_eq!(answers(&r), answers(&default), "--batch {n}");
+        for (a, b) in nlls(&r).into_iter().zip(nlls(&default)) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.max(1.0),
+                "--batch {n}: NLL {a} vs {b}"
+            );
+        }
     }
     let out = fx.path("compare-batch-0");
     let err = run::fails("compare", &args(fx, &out, &["--batch", "0"]));
