@@ -62,6 +62,10 @@ struct Args {
     /// cpu, cuda, cuda:N, metal or auto.
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
+    /// How the base's linear weights are held: none, keep, q8_0, q4_k or
+    /// q4_0 (default: as the first --adapter run trained them, else none).
+    #[arg(long)]
+    quantize: Option<tuneforge::Quantize>,
     /// Where to write the reports.
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
@@ -90,6 +94,7 @@ fn main() -> Result<()> {
             .scaling
             .map(|sizes| ScalingConfig::new(&sizes, &a.adapter, &a.out))
             .transpose()?,
+        quantize: a.quantize,
         ..CompareConfig::default()
     };
     let comparison = compare::compare_files(&a.model, a.device, &a.data, &a.adapter, &config)?;

@@ -43,6 +43,7 @@ fn main() -> Result<()> {
         &LoadOptions {
             device: DeviceSpec::Cpu,
             dtype: Some(candle_core::DType::F32),
+            ..Default::default()
         },
     )?;
     let options = ExportOptions {

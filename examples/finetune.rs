@@ -113,6 +113,10 @@ struct Args {
     /// Test answers to show before and after.
     #[arg(long)]
     samples: Option<usize>,
+    /// How the frozen base's linear weights are held (QLoRA): none (dense),
+    /// keep (a GGUF's blocks as stored), q8_0, q4_k or q4_0.
+    #[arg(long)]
+    quantize: Option<tuneforge::Quantize>,
 }
 
 /// A flag's value as the job config's enum, e.g. `--schedule cosine`.
@@ -153,6 +157,9 @@ fn main() -> Result<()> {
     }
     if let Some(s) = &a.turn_end {
         job.train.turn_end = parse::<TurnEnd>("turn-end", s)?;
+    }
+    if let Some(q) = a.quantize {
+        job.train.quantize = q;
     }
     // For these, 0 turns the setting off.
     let off_at_zero = |flag: Option<usize>, current| flag.map_or(current, |n| (n > 0).then_some(n));

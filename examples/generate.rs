@@ -32,6 +32,10 @@ struct Args {
     /// cpu, cuda, cuda:N, metal or auto.
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
+    /// How the base's linear weights are held (QLoRA): none, keep (a GGUF's
+    /// blocks as stored), q8_0, q4_k or q4_0.
+    #[arg(long, default_value = "none")]
+    quantize: tuneforge::Quantize,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -57,8 +61,20 @@ fn main() -> Result<()> {
         &LoadOptions {
             device: args.device,
             dtype: None,
+            quantize: args.quantize,
         },
     )?;
+    if args.quantize != tuneforge::Quantize::None {
+        let (linears, _) = tuneforge::quantize::base_bytes(&model.lm);
+        eprintln!(
+            "[base: linear weights held as {} ({:.0} MB)]",
+            args.quantize,
+            linears as f64 / 1e6
+        );
+    }
+    for note in &model.notes {
+        eprintln!("[{note}]");
+    }
     if let Some(dir) = &args.adapter {
         let adapter = model.load_adapter(dir)?;
         eprintln!(

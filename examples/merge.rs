@@ -35,6 +35,7 @@ fn main() -> Result<()> {
         &LoadOptions {
             device: DeviceSpec::Cpu,
             dtype: None,
+            ..Default::default()
         },
     )?;
     model.load_adapter(&args.adapter)?;

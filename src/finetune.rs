@@ -141,6 +141,8 @@ pub struct JobReport {
     pub train: TrainReport,
     /// Test answers before and after.
     pub samples: Vec<Sample>,
+    /// How the base's linear weights were held, and what loading noted.
+    pub base: Vec<String>,
 }
 
 /// Runs a job. `stop`, when raised (Ctrl-C), checkpoints and ends training early.
@@ -156,8 +158,16 @@ pub fn run(
         &LoadOptions {
             device,
             dtype: None,
+            quantize: job.train.quantize,
         },
     )?;
+    let (linears, _) = crate::quantize::base_bytes(&model.lm);
+    let mut base = vec![format!(
+        "linear weights held as --quantize {} ({:.0} MB)",
+        job.train.quantize,
+        linears as f64 / 1e6
+    )];
+    base.extend(model.notes.iter().cloned());
     let mut trainer = match existing {
         Existing::Resume => {
             let trainer = Trainer::resume(model, &job.out)?;
@@ -227,6 +237,7 @@ pub fn run(
         out: job.out.clone(),
         train: report,
         samples,
+        base,
     })
 }
 
@@ -234,6 +245,9 @@ impl fmt::Display for JobReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = &self.train;
         writeln!(f, "Run folder: {}", self.out.display())?;
+        for line in &self.base {
+            writeln!(f, "Base: {line}")?;
+        }
         writeln!(
             f,
             "Outcome: {:?} after {} steps, {:.0} s, {} tokens ({:.0} tokens/s)",

@@ -37,6 +37,7 @@ pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod pretrained;
+pub mod quantize;
 pub mod rng;
 pub mod source;
 #[cfg(test)]
@@ -53,6 +54,7 @@ pub use generate::{Generation, GenerationConfig};
 pub use lora::LoraConfig;
 pub use model::CausalLm;
 pub use pretrained::{LoadOptions, Model};
+pub use quantize::Quantize;
 pub use tokenizer::Tokenizer;
 
 /// The README's Rust examples, compiled as doctests so they stay true.

@@ -275,14 +275,15 @@ pub fn parameters(model: &CausalLm) -> Vec<(String, Var)> {
     out
 }
 
-/// Folds every adapter into its base weight (`W += scale · B A`) and removes it.
+/// Folds every adapter into its base weight (`W += scale · B A`) and removes
+/// it. A quantized base weight is requantized into its format
+/// ([`crate::model::FrozenWeight::add`]).
 pub fn merge(model: &mut CausalLm) -> Result<usize> {
     let mut merged = 0;
     for layer in model.layers.iter_mut() {
         for (_, linear) in layer.linears_mut() {
             if let Some(l) = linear.lora.take() {
-                let delta = l.delta()?.to_dtype(linear.weight.dtype())?;
-                linear.weight = (&linear.weight + delta)?;
+                linear.weight = linear.weight.add(&l.delta()?)?;
                 merged += 1;
             }
         }

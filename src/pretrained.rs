@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::device::{default_dtype, DeviceSpec};
 use crate::generate::{generate, Generation, GenerationConfig};
 use crate::model::CausalLm;
+use crate::quantize::Quantize;
 use crate::source::{self, ModelFiles, ResolvedModel};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -21,6 +22,8 @@ pub struct LoadOptions {
     pub device: DeviceSpec,
     /// The compute dtype; by default f32 on CPU and bf16 on GPUs.
     pub dtype: Option<DType>,
+    /// How the frozen base's linear weights are held (QLoRA); dense by default.
+    pub quantize: Quantize,
 }
 
 /// A loaded model: decoder, tokenizer and provenance.
@@ -32,6 +35,8 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// Where the files came from.
     pub source: ResolvedModel,
+    /// What loading did that a user should know (weights left dense).
+    pub notes: Vec<String>,
 }
 
 impl Model {
@@ -41,12 +46,18 @@ impl Model {
         let source = source::resolve(name)?;
         let device = options.device.open()?;
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
-        Self::from_files(source, dtype, &device)
+        Self::from_files(source, dtype, &device, options.quantize)
     }
 
-    /// Loads a model from already-resolved files.
-    pub fn from_files(source: ResolvedModel, dtype: DType, device: &Device) -> Result<Self> {
-        let (lm, tokenizer) = match &source.files {
+    /// Loads a model from already-resolved files, its linear weights held as
+    /// `quantize` asks.
+    pub fn from_files(
+        source: ResolvedModel,
+        dtype: DType,
+        device: &Device,
+        quantize: Quantize,
+    ) -> Result<Self> {
+        let (lm, tokenizer, notes) = match &source.files {
             ModelFiles::Gguf(path) => {
                 let mut file = std::fs::File::open(path)
                     .with_context(|| format!("opening {}", path.display()))?;
@@ -57,8 +68,9 @@ impl Model {
                     .with_context(|| format!("reading the config of {}", path.display()))?;
                 let tokenizer = Tokenizer::from_gguf(&content)
                     .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
-                let weights = Weights::from_gguf(path, &content, &config, dtype, device)?;
-                (CausalLm::new(&config, weights, dtype, device)?, tokenizer)
+                let mut w = Weights::from_gguf(path, &content, &config, dtype, device, quantize)?;
+                let notes = std::mem::take(&mut w.notes);
+                (CausalLm::new(&config, w, dtype, device)?, tokenizer, notes)
             }
             ModelFiles::HfDir {
                 config,
@@ -72,14 +84,16 @@ impl Model {
                     tokenizer_config.as_deref(),
                     &cfg.eos_token_ids,
                 )?;
-                let w = Weights::from_safetensors(weights, dtype, device)?;
-                (CausalLm::new(&cfg, w, dtype, device)?, tok)
+                let mut w = Weights::from_safetensors(weights, dtype, device, quantize)?;
+                let notes = std::mem::take(&mut w.notes);
+                (CausalLm::new(&cfg, w, dtype, device)?, tok, notes)
             }
         };
         Ok(Self {
             lm,
             tokenizer,
             source,
+            notes,
         })
     }
 
@@ -107,14 +121,29 @@ impl Model {
     /// byte-level ChatML tokenizer: for benchmarks at a real model's shapes with
     /// nothing downloaded. Token ids past the tokenizer's 259 still train.
     pub fn random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::random_held(config, seed, dtype, device, Quantize::None)
+    }
+
+    /// [`Model::random`] with the linears held as `quantize` asks
+    /// ([`CausalLm::random_held`]).
+    pub fn random_held(
+        config: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        quantize: Quantize,
+    ) -> Result<Self> {
+        let mut notes = Vec::new();
+        let lm = CausalLm::random_held(config, seed, dtype, device, quantize, &mut notes)?;
         Ok(Self {
-            lm: CausalLm::random(config, seed, dtype, device)?,
+            lm,
             tokenizer: Tokenizer::byte_level_chatml()?,
             source: ResolvedModel {
                 name: "random".into(),
                 repo: Some("tuneforge/random".into()),
                 files: ModelFiles::Gguf("random".into()),
             },
+            notes,
         })
     }
 
@@ -134,7 +163,7 @@ impl Model {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tensors = self
             .lm
-            .named_weights()
+            .named_weights()?
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
             .collect::<Result<Vec<_>>>()?;

@@ -1,6 +1,8 @@
 //! Weights in HF layout, whatever file they came from: safetensors (f32, bf16,
 //! f16) or GGUF (dequantized, with llama.cpp's q/k row permutation undone), so
-//! that everything downstream (rope, adapters, merging) sees one layout.
+//! that everything downstream (rope, adapters, merging) sees one layout. The
+//! decoder blocks' linear weights may be held in GGML blocks instead
+//! ([`Quantize`]): kept as a GGUF stores them, or quantized as they load.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -9,12 +11,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Architecture, ModelConfig};
+use crate::model::{FrozenWeight, QuantizedWeight};
+use crate::quantize::{is_block_linear, Quantize};
 
 /// Named tensors in HF layout (`model.layers.0.self_attn.q_proj.weight`, ...).
 #[derive(Debug, Default)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Linear weights held in GGML blocks.
+    quantized: HashMap<String, QuantizedWeight>,
     origin: String,
+    /// What loading did that a user should know (tensors left dense).
+    pub notes: Vec<String>,
 }
 
 impl Weights {
@@ -23,7 +31,62 @@ impl Weights {
         Self {
             tensors,
             origin: origin.into(),
+            ..Self::default()
         }
+    }
+
+    /// Takes a linear weight out by HF name, checking its shape: its blocks
+    /// where it is held quantized, else the dense tensor.
+    pub fn take_linear(&mut self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
+        let Some(q) = self.quantized.remove(name) else {
+            return Ok(self.take(name, &shape)?.into());
+        };
+        let (out, inp) = q.dims();
+        if [out, inp] != shape {
+            bail!(
+                "tensor {name} in {} has shape {:?}, but the config asks for {shape:?}",
+                self.origin,
+                [out, inp]
+            );
+        }
+        Ok(q.into())
+    }
+
+    /// Holds every dense decoder-block linear weight as `quantize` asks
+    /// (quantized to its target format), one tensor at a time.
+    pub fn quantize_linears(&mut self, quantize: Quantize) -> Result<()> {
+        if quantize.target().is_none() {
+            return Ok(());
+        }
+        let mut names: Vec<String> = (self.tensors.keys())
+            .filter(|n| is_block_linear(n))
+            .cloned()
+            .collect();
+        names.sort();
+        for name in names {
+            if let Some(w) = self.tensors.remove(&name) {
+                self.hold(name, w, quantize)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the tensor `t` named `name`: a decoder-block linear quantized to
+    /// `quantize`'s target format if it has one, anything else as it is.
+    pub(crate) fn hold(&mut self, name: String, t: Tensor, quantize: Quantize) -> Result<()> {
+        let held = match is_block_linear(&name) {
+            true => quantize.dense(&name, t, &mut self.notes)?,
+            false => t.into(),
+        };
+        match held {
+            FrozenWeight::Quantized(q) => {
+                self.quantized.insert(name, q);
+            }
+            FrozenWeight::Dense(t) => {
+                self.tensors.insert(name, t);
+            }
+        }
+        Ok(())
     }
 
     /// Takes a tensor out by HF name, checking its shape.
@@ -63,36 +126,52 @@ impl Weights {
         v
     }
 
-    /// Loads HF-layout safetensors files, converting to `dtype`.
-    pub fn from_safetensors(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        let mut tensors = HashMap::new();
-        for path in paths {
-            let loaded = candle_core::safetensors::load(path, &Device::Cpu)
-                .with_context(|| format!("reading safetensors {}", path.display()))?;
-            for (name, t) in loaded {
-                let t = t.to_dtype(dtype)?.to_device(device)?;
-                tensors.insert(name, t);
-            }
-        }
+    /// Loads HF-layout safetensors files, converting to `dtype`; with a
+    /// `quantize` target, each decoder-block linear is quantized as it loads,
+    /// one tensor at a time.
+    pub fn from_safetensors(
+        paths: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        quantize: Quantize,
+    ) -> Result<Self> {
         let origin = paths
             .first()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        Ok(Self::new(tensors, origin))
+        let mut weights = Self::new(HashMap::new(), origin);
+        for path in paths {
+            // SAFETY: the file is mapped read-only and not modified while mapped.
+            let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .with_context(|| format!("reading safetensors {}", path.display()))?;
+            for (name, _) in file.tensors() {
+                let t = file
+                    .load(&name, &Device::Cpu)
+                    .with_context(|| format!("reading tensor {name} from {}", path.display()))?
+                    .to_dtype(dtype)?
+                    .to_device(device)?;
+                weights.hold(name, t, quantize)?;
+            }
+        }
+        Ok(weights)
     }
 
-    /// Loads and dequantizes a GGUF file's tensors into HF names and layout.
+    /// Loads a GGUF file's tensors into HF names and layout, dequantized, or
+    /// with the decoder blocks' linears held as `quantize` asks (`keep`: in
+    /// the file's blocks, rows reordered where llama.cpp permuted them; a
+    /// target format: dequantized and quantized again, one tensor at a time).
     pub fn from_gguf(
         path: &Path,
         content: &gguf_file::Content,
         config: &ModelConfig,
         dtype: DType,
         device: &Device,
+        quantize: Quantize,
     ) -> Result<Self> {
         check_gguf_size(path, content)?;
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut tensors = HashMap::new();
+        let mut weights = Self::new(HashMap::new(), path.display().to_string());
         let mut rope_tables = Vec::new();
         for name in content.tensor_infos.keys() {
             if let Some(kept) = rope_table_name(name) {
@@ -109,6 +188,18 @@ impl Weights {
             let q = content
                 .tensor(&mut file, name, &Device::Cpu)
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?;
+            let keep = quantize == Quantize::Keep
+                && is_block_linear(&hf)
+                && crate::model::quantized::is_block_format(q.dtype());
+            if keep {
+                let mut w = QuantizedWeight::new(q, dtype)
+                    .with_context(|| format!("keeping tensor {name} quantized"))?;
+                if let Some(heads) = permuted_heads(&hf, config) {
+                    w = w.select_rows(&unpermuted_order(w.dims().0, heads)?)?;
+                }
+                weights.quantized.insert(hf, w.to_device(device)?);
+                continue;
+            }
             let mut t = q
                 .dequantize(&Device::Cpu)
                 .with_context(|| format!("dequantizing tensor {name} ({:?})", q.dtype()))?;
@@ -118,16 +209,16 @@ impl Weights {
                 // llama.cpp stores Gemma's norms as 1 + w; HF layout keeps w.
                 t = (t - 1.0)?;
             }
-            tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
+            weights.hold(hf, t.to_dtype(dtype)?.to_device(device)?, quantize)?;
         }
         for (name, kept) in rope_tables {
             let t = content
                 .tensor(&mut file, &name, &Device::Cpu)
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?
                 .dequantize(&Device::Cpu)?;
-            tensors.insert(kept.to_string(), t);
+            weights.tensors.insert(kept.to_string(), t);
         }
-        Ok(Self::new(tensors, path.display().to_string()))
+        Ok(weights)
     }
 }
 
@@ -288,6 +379,18 @@ pub fn unpermute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
+/// The row order [`unpermute`] gives a tensor of `rows` rows: row `r` of the
+/// result is row `order[r]` of the GGUF's.
+pub fn unpermuted_order(rows: usize, n_heads: usize) -> Result<Vec<usize>> {
+    let index = Tensor::arange(0u32, rows as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, 1))?;
+    let order = unpermute(&index, n_heads)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(order.into_iter().map(|r| r as usize).collect())
+}
+
 /// The inverse of [`unpermute`], as llama.cpp's converter applies it.
 pub fn permute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
@@ -334,7 +437,7 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-            for (hf, _) in model.named_weights() {
+            for (hf, _) in model.named_weights().unwrap() {
                 let gguf = gguf_name(&hf, arch).unwrap_or_else(|| panic!("{arch:?} {hf}"));
                 assert_eq!(hf_name(&gguf, arch).as_deref(), Some(hf.as_str()), "{gguf}");
             }

@@ -14,6 +14,7 @@ fn load_err(name: &str) -> String {
         &LoadOptions {
             device: tuneforge::DeviceSpec::Cpu,
             dtype: None,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -177,6 +178,7 @@ fn saved_hf_folder_loads_back_identically() {
             &LoadOptions {
                 device: tuneforge::DeviceSpec::Cpu,
                 dtype: Some(DType::F32),
+                ..Default::default()
             },
         )
         .unwrap();

@@ -178,6 +178,7 @@ fn dequantized_tensors_match_checksums() {
         &config,
         candle_core::DType::F32,
         &Device::Cpu,
+        tuneforge::Quantize::None,
     )
     .unwrap();
     for check in reference()["dequant_checks"].as_array().unwrap() {
@@ -219,7 +220,10 @@ fn dequantized_tensors_match_checksums() {
 
 #[test]
 fn greedy_generation_matches_64_tokens() {
-    let model = smollm2();
+    check_greedy_generation(smollm2());
+}
+
+fn check_greedy_generation(model: &tuneforge::Model) {
     let g = &reference()["greedy_generation"];
     let prompt = ids(&reference()["strings"][2]["input_ids"]);
     let mut streamed = String::new();
@@ -234,6 +238,41 @@ fn greedy_generation_matches_64_tokens() {
     assert_eq!(out.ids, ids(&g["ids"]));
     assert_eq!(out.text, g["text"].as_str().unwrap());
     assert_eq!(streamed, out.text, "the streamed pieces add up to the text");
+}
+
+/// The GGUF's blocks kept as stored (`--quantize keep`, QLoRA): every block
+/// linear is held in blocks, at a fifth of the bytes or less, and the logits,
+/// the losses and the greedy generation are transformers' on the same GGUF,
+/// as with dequantized weights. Requantized to Q8_0 as they load, they stay
+/// within bf16's bounds.
+#[test]
+fn quantized_bases_match_the_reference() {
+    use tuneforge::quantize::base_bytes;
+    let load = |quantize| {
+        let options = tuneforge::LoadOptions {
+            quantize,
+            ..Default::default()
+        };
+        tuneforge::Model::load("smollm2-135m-instruct", &options).unwrap()
+    };
+    let dense = base_bytes(&smollm2().lm).0;
+    for (quantize, logit_tol, loss_tol) in [
+        (tuneforge::Quantize::Keep, TOL, TOL),
+        (tuneforge::Quantize::Q8_0, BF16_LOGIT_TOL, BF16_LOSS_TOL),
+    ] {
+        let model = load(quantize);
+        for layer in &model.lm.layers {
+            for (name, l) in layer.linears() {
+                assert!(l.weight.is_quantized(), "{quantize}: {name} is dense");
+            }
+        }
+        let held = base_bytes(&model.lm).0;
+        assert!(held * 3 < dense, "{quantize}: {held} bytes against {dense}");
+        check_logits_and_losses(&model, logit_tol, loss_tol);
+        if quantize == tuneforge::Quantize::Keep {
+            check_greedy_generation(&model);
+        }
+    }
 }
 
 /// bf16 keeps 8 bits of mantissa, so logits of size ~20 move by about 0.1: the

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use tuneforge::data::{plan_epoch, Dataset, Record};
 use tuneforge::rng::Rng;
 use tuneforge::train::{step_gradients, Event, Outcome, TrainConfig, Trainer};
-use tuneforge::{adapter, lora, Architecture, LoraConfig, Message, Model};
+use tuneforge::{adapter, lora, Architecture, LoraConfig, Message, Model, Quantize};
 
 fn tiny() -> Model {
     Model::tiny_random(Architecture::Llama, 11).unwrap()
@@ -17,8 +17,13 @@ fn tiny() -> Model {
 
 /// [`tiny`]'s weights, on `device`.
 fn tiny_on(device: &Device) -> Model {
+    tiny_held(device, Quantize::None)
+}
+
+/// [`tiny`]'s weights, on `device`, the linears held as `quantize` asks.
+fn tiny_held(device: &Device, quantize: Quantize) -> Model {
     let config = tuneforge::ModelConfig::tiny(Architecture::Llama);
-    Model::random(&config, 11, candle_core::DType::F32, device).unwrap()
+    Model::random_held(&config, 11, candle_core::DType::F32, device, quantize).unwrap()
 }
 
 fn records(n: usize) -> Vec<Record> {
@@ -139,8 +144,26 @@ fn lora_gradients_match_finite_differences() {
     }
 }
 
+/// The same through frozen weights kept in blocks (QLoRA): the input gradient
+/// goes through the quantized weights the forward read.
+#[test]
+fn lora_gradients_through_quantized_weights_match_finite_differences() {
+    for quantize in [Quantize::Q8_0, Quantize::Q4_0] {
+        let model = tiny_held(&Device::Cpu, quantize);
+        assert!(model.lm.layers[0]
+            .linears()
+            .iter()
+            .all(|(_, l)| l.weight.is_quantized()));
+        lora_gradients_match_finite_differences_of(model);
+    }
+}
+
 fn lora_gradients_match_finite_differences_on(device: &Device) {
-    let mut model = tiny_on(device);
+    lora_gradients_match_finite_differences_of(tiny_on(device));
+}
+
+fn lora_gradients_match_finite_differences_of(mut model: Model) {
+    let device = &model.lm.device().clone();
     lora::attach(
         &mut model.lm,
         &LoraConfig {

@@ -432,4 +432,37 @@ impl ModelConfig {
             ..Self::switches_of(Architecture::Qwen2, 24, 64)
         }
     }
+
+    /// Qwen2.5-1.5B's shapes (q/k/v biases, two kv heads of 128), for
+    /// benchmarks with random weights.
+    pub fn qwen2_5_1_5b() -> Self {
+        Self {
+            hidden_size: 1536,
+            intermediate_size: 8960,
+            num_hidden_layers: 28,
+            num_attention_heads: 12,
+            num_key_value_heads: 2,
+            head_dim: 128,
+            ..Self::qwen2_5_0_5b()
+        }
+    }
+
+    /// Llama-3.2-3B's shapes (a 128,256-token vocabulary tied to the
+    /// embeddings, eight kv heads of 128), for benchmarks with random weights.
+    pub fn llama3_2_3b() -> Self {
+        Self {
+            vocab_size: 128_256,
+            hidden_size: 3072,
+            intermediate_size: 8192,
+            num_hidden_layers: 28,
+            num_attention_heads: 24,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rope_theta: 500_000.0,
+            max_position_embeddings: 131_072,
+            bos_token_id: Some(128_000),
+            eos_token_ids: vec![128_001, 128_009],
+            ..Self::smollm2_135m()
+        }
+    }
 }

@@ -30,6 +30,7 @@ use crate::generate::{
     generate_and_score_after, Generation, GenerationConfig, SharedPrefix, DEFAULT_BATCH,
 };
 use crate::pretrained::Model;
+use crate::quantize::Quantize;
 use crate::rng::Rng;
 use crate::train::{metrics::Event, summed_loss};
 use anyhow::{bail, Context, Result};
@@ -66,6 +67,10 @@ pub struct CompareConfig {
     pub constrain_json: bool,
     /// The data-scaling curve ([`super::scaling`]), run by [`compare_files`].
     pub scaling: Option<ScalingConfig>,
+    /// How [`compare_files`] holds the base's linear weights (QLoRA); `None`:
+    /// as the first adapter's run folder trained them (its
+    /// `train_config.toml`), else dense.
+    pub quantize: Option<Quantize>,
 }
 
 impl Default for CompareConfig {
@@ -82,6 +87,7 @@ impl Default for CompareConfig {
             max_shots: None,
             constrain_json: true,
             scaling: None,
+            quantize: None,
         }
     }
 }
@@ -594,14 +600,26 @@ pub fn compare_files(
     if config.scaling.is_some() && train_path.is_none() {
         bail!("--scaling needs a training set: pass a data folder with train.jsonl");
     }
+    let trained_as = adapters
+        .first()
+        .and_then(|a| crate::train::RunConfig::read(a).ok())
+        .map(|run| run.train.quantize);
+    let quantize = config.quantize.or(trained_as).unwrap_or_default();
     let mut model = Model::load(
         model,
         &crate::pretrained::LoadOptions {
             device,
             dtype: None,
+            quantize,
         },
     )?;
     let mut comparison = compare(&mut model, adapters, &held_out, &train, config)?;
+    if quantize != Quantize::None {
+        comparison.notes.push(format!(
+            "the base's linear weights were held quantized (--quantize {quantize})"
+        ));
+    }
+    comparison.notes.extend(model.notes.iter().cloned());
     if let Some(scaling) = &config.scaling {
         let dataset = crate::data::Dataset::load(data)?;
         let held_out = &comparison.examples.clone();

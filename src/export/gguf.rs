@@ -107,7 +107,7 @@ pub fn gguf_tensors(model: &crate::model::CausalLm) -> Result<Vec<(String, Tenso
     let c = &model.config;
     let arch = c.architecture;
     let mut out = Vec::new();
-    for (hf, t) in model.named_weights() {
+    for (hf, t) in model.named_weights()? {
         let name = gguf_name(&hf, arch)
             .with_context(|| format!("{hf} has no llama.cpp name for {arch:?}"))?;
         let mut t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;

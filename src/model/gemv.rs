@@ -125,9 +125,9 @@ fn dots_portable<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C])
     out
 }
 
-/// Fills `out[r][i] = W[first + r] · x[i]` for the weight rows of one task.
-fn task(w: &[f32], x: &[f32], k: usize, m: usize, first: usize, out: &mut [f32]) {
-    let wrow = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
+/// Fills `out[r][i] = w[r] · x[i]` for the weight rows `w` of one task.
+fn task(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
+    let wrow = |r: usize| &w[r * k..(r + 1) * k];
     let xrow = |i: usize| &x[i * k..(i + 1) * k];
     let rows = out.len() / m;
     let mut r = 0;
@@ -163,6 +163,52 @@ fn task(w: &[f32], x: &[f32], k: usize, m: usize, first: usize, out: &mut [f32])
     }
 }
 
+/// Where a task reads its weight rows from: a dense `W`, or blocks that it
+/// dequantizes into `scratch` ([`super::quantized`]).
+pub(super) trait WeightRows: Sync {
+    /// Rows `range` of `W`, row after row (`k` values each).
+    fn rows<'a>(&'a self, range: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+/// A dense row-major `W` with rows of `k` values.
+struct Dense<'w> {
+    w: &'w [f32],
+    k: usize,
+}
+
+impl WeightRows for Dense<'_> {
+    fn rows<'a>(&'a self, range: std::ops::Range<usize>, _: &'a mut Vec<f32>) -> &'a [f32] {
+        &self.w[range.start * self.k..range.end * self.k]
+    }
+}
+
+/// `x Wᵀ` (`[m, n]`, row-major) for `x`: `[m, k]` and the `n` rows of `w`,
+/// each task reading its block of weight rows once against every row of `x`.
+pub(super) fn products(x: &[f32], m: usize, k: usize, n: usize, w: &impl WeightRows) -> Vec<f32> {
+    // out_t[j][i] = W[j] · x[i]; each task owns a block of weight rows.
+    let mut out_t = vec![0f32; n * m];
+    crate::threads::pool().install(|| {
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (t, block)| {
+                let first = t * ROWS_PER_TASK;
+                let rows = w.rows(first..first + block.len() / m, scratch);
+                task(rows, x, k, m, block)
+            })
+    });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = out_t[j * m + i];
+        }
+    }
+    out
+}
+
 impl CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
         "tuneforge-gemv"
@@ -181,25 +227,7 @@ impl CustomOp2 for Gemv {
         if k != k2 {
             candle_core::bail!("gemv: x has {k} columns but W has {k2}");
         }
-        // out_t[j][i] = W[j] · x[i]; each task owns a block of weight rows.
-        let mut out_t = vec![0f32; n * m];
-        crate::threads::pool().install(|| {
-            out_t
-                .par_chunks_mut(ROWS_PER_TASK * m)
-                .enumerate()
-                .for_each(|(t, block)| task(w, x, k, m, t * ROWS_PER_TASK, block))
-        });
-        let out = if m == 1 {
-            out_t
-        } else {
-            let mut out = vec![0f32; m * n];
-            for j in 0..n {
-                for i in 0..m {
-                    out[i * n + j] = out_t[j * m + i];
-                }
-            }
-            out
-        };
+        let out = products(x, m, k, n, &Dense { w, k });
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

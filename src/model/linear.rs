@@ -1,15 +1,111 @@
 //! A linear layer `y = x Wᵀ + b` over the last dimension, HF layout (`W`: `[out, in]`).
-//! The base weight is frozen: gradients flow to the input only.
+//! The base weight is frozen: gradients flow to the input only. It is dense,
+//! or kept quantized ([`super::quantized`]).
 
+use super::quantized::QuantizedWeight;
 use super::Pass;
 use crate::lora::LoraLayer;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A frozen `[out, in]` weight: dense, or in a GGML block format.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense tensor in the model's dtype.
+    Dense(Tensor),
+    /// Quantized blocks, dequantized as products read them.
+    Quantized(QuantizedWeight),
+}
+
+impl From<Tensor> for FrozenWeight {
+    fn from(t: Tensor) -> Self {
+        Self::Dense(t)
+    }
+}
+
+impl From<QuantizedWeight> for FrozenWeight {
+    fn from(q: QuantizedWeight) -> Self {
+        Self::Quantized(q)
+    }
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Self::Quantized(q) => q.dims(),
+        }
+    }
+
+    /// The dtype its products run in.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(t) => t.dtype(),
+            Self::Quantized(q) => q.dtype(),
+        }
+    }
+
+    /// Where it is.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Dense(t) => t.device().clone(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+
+    /// Whether it is kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized(_))
+    }
+
+    /// The bytes it holds.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.storage_bytes(),
+        }
+    }
+
+    /// The weight as a dense tensor (a quantized one dequantized).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// `x Wᵀ` for `x`: `[rows, in]`, without gradient.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) if super::gemv::applies(x, w) => super::gemv::matmul_t(x, w),
+            Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Quantized(q) => q.matmul_t(x),
+        }
+    }
+
+    /// `dy W` for `dy`: `[rows, out]`: the input gradient of [`Self::matmul_t`].
+    pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => dy.matmul(w),
+            Self::Quantized(q) => q.matmul(dy),
+        }
+    }
+
+    /// `W + delta` (a merged adapter); a quantized weight is requantized
+    /// into its format.
+    pub fn add(&self, delta: &Tensor) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(w) => Self::Dense((w + delta.to_dtype(w.dtype())?)?),
+            Self::Quantized(q) => Self::Quantized(q.add_requantized(delta)?),
+        })
+    }
+}
 
 /// A frozen linear layer, optionally with a trainable LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor>,
     /// The adapter, when one is attached.
@@ -17,10 +113,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A layer from its weight and optional bias.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    /// A layer from its weight (a dense tensor or quantized blocks) and
+    /// optional bias.
+    pub fn new(weight: impl Into<FrozenWeight>, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: weight.into(),
             bias,
             lora: None,
         }
@@ -28,12 +125,12 @@ impl Linear {
 
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        self.weight.dims().1
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.weight.dims().0
     }
 
     /// Applies the layer to `x` of shape `[..., in]` (no dropout, no autograd).
@@ -73,7 +170,7 @@ impl Linear {
         dy: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraGrad>)> {
-        let dx = dy.matmul(&self.weight)?;
+        let dx = self.weight.matmul(dy)?;
         match &self.lora {
             Some(lora) => {
                 let x = x.ok_or_else(|| {

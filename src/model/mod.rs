@@ -13,12 +13,14 @@ pub mod mask;
 pub mod ops;
 mod prefill;
 pub mod projections;
+pub mod quantized;
 pub mod rope;
 
 pub use block::{Attention, Block, BlockContext, BlockSaved, Mlp};
 pub use cache::{KvCache, LayerCache};
-pub use linear::Linear;
+pub use linear::{FrozenWeight, Linear};
 pub use projections::Projections;
+pub use quantized::QuantizedWeight;
 
 use crate::config::ModelConfig;
 use crate::weights::{Weights, LONGROPE_FACTORS, ROPE_FREQS};
@@ -104,8 +106,9 @@ pub struct CausalLm {
     pub layers: Vec<Block>,
     /// Final norm weight.
     pub norm: Tensor,
-    /// The output projection; `None` when tied to the embeddings.
-    pub lm_head: Option<Linear>,
+    /// The output projection (`[vocab, hidden]`, dense: the output stays in
+    /// the model's dtype, as QLoRA keeps it); `None` when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
     rotary: Rotaries,
     dtype: DType,
 }
@@ -159,7 +162,7 @@ impl CausalLm {
             inp: usize,
             bias: bool,
         ) -> Result<Linear> {
-            let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+            let weight = w.take_linear(&format!("{name}.weight"), [out, inp])?;
             let bias = if bias {
                 Some(w.take(&format!("{name}.bias"), &[out])?)
             } else {
@@ -254,7 +257,7 @@ impl CausalLm {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(Linear::new(w.take("lm_head.weight", &[v, d])?, None))
+            Some(w.take("lm_head.weight", &[v, d])?)
         };
         let freq_factors = match w.get(ROPE_FREQS) {
             Some(t) => Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
@@ -296,8 +299,30 @@ impl CausalLm {
 
     /// A model with random weights (std 0.02, norms at 1), for tests and benchmarks.
     pub fn random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::random_held(
+            config,
+            seed,
+            dtype,
+            device,
+            crate::Quantize::None,
+            &mut Vec::new(),
+        )
+    }
+
+    /// [`CausalLm::random`] with the decoder blocks' linears held as
+    /// `quantize` asks, each quantized as it is drawn (no dense copy of the
+    /// model is ever held; `keep` keeps them dense, as there is no file).
+    /// Weights left dense get a line in `notes`.
+    pub fn random_held(
+        config: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        quantize: crate::Quantize,
+        notes: &mut Vec<String>,
+    ) -> Result<Self> {
         let mut rng = crate::rng::Rng::new(seed);
-        let mut tensors = std::collections::HashMap::new();
+        let mut weights = Weights::new(Default::default(), "random init");
         // Norms are neutral: 1, or 0 where they are stored as offsets from 1.
         let neutral = if config.norm_weight_offset { 0.0 } else { 1.0 };
         let mut put = |name: String, shape: &[usize], norm: bool| -> Result<()> {
@@ -305,8 +330,8 @@ impl CausalLm {
             let v: Vec<f32> = (0..n)
                 .map(|_| if norm { neutral } else { 0.02 * rng.normal() })
                 .collect();
-            tensors.insert(name, Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
-            Ok(())
+            let t = Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?;
+            weights.hold(name, t, quantize)
         };
         let c = config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
@@ -369,12 +394,13 @@ impl CausalLm {
                 put(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], true)?;
             }
         }
-        Self::new(config, Weights::new(tensors, "random init"), dtype, device)
+        notes.append(&mut weights.notes);
+        Self::new(config, weights, dtype, device)
     }
 
     /// Every weight under its HF name and in HF layout (Gemma's norms as offsets
-    /// from 1); a tied lm_head is not repeated.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// from 1; quantized weights dequantized); a tied lm_head is not repeated.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let offset = if self.config.norm_weight_offset {
             1.0
         } else {
@@ -389,7 +415,7 @@ impl CausalLm {
             ("model.norm.weight".to_string(), hf_norm(&self.norm)),
         ];
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.weight.clone()));
+            out.push(("lm_head.weight".to_string(), head.clone()));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -411,13 +437,43 @@ impl CausalLm {
                 }
             }
             for (name, linear) in layer.linears() {
-                out.push((format!("{p}.{name}.weight"), linear.weight.clone()));
+                out.push((format!("{p}.{name}.weight"), linear.weight.to_dense()?));
                 if let Some(b) = &linear.bias {
                     out.push((format!("{p}.{name}.bias"), b.clone()));
                 }
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// The number of base weights (a tied output matrix counted once), without
+    /// dequantizing any.
+    pub fn parameter_count(&self) -> usize {
+        let linear = |l: &Linear| {
+            let (out, inp) = l.weight.dims();
+            out * inp + l.bias.as_ref().map_or(0, Tensor::elem_count)
+        };
+        let block = |b: &Block| {
+            let a = &b.self_attn;
+            let norms = [
+                Some(&b.input_layernorm),
+                b.attn_out_norm.as_ref(),
+                Some(&b.post_attention_layernorm),
+                b.mlp_out_norm.as_ref(),
+                a.q_norm.as_ref(),
+                a.k_norm.as_ref(),
+            ];
+            let norms: usize = norms.into_iter().flatten().map(Tensor::elem_count).sum();
+            norms
+                + b.linears()
+                    .into_iter()
+                    .map(|(_, l)| linear(l))
+                    .sum::<usize>()
+        };
+        self.embed_tokens.elem_count()
+            + self.norm.elem_count()
+            + self.lm_head.as_ref().map_or(0, Tensor::elem_count)
+            + self.layers.iter().map(block).sum::<usize>()
     }
 
     /// The compute dtype.
@@ -511,10 +567,8 @@ impl CausalLm {
     /// Projects hidden states (`[..., hidden]`) to vocabulary logits (`[..., vocab]`).
     /// Pass only the positions you need: the vocabulary is wide.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden)?,
-            None => Linear::new(self.embed_tokens.clone(), None).forward(hidden)?,
-        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = Linear::new(head.clone(), None).forward(hidden)?;
         Ok(match self.config.final_logit_softcapping {
             Some(c) => ops::softcap(&logits, c)?,
             None => logits,

@@ -4,6 +4,7 @@
 //! (see [`super::autograd`]). Tests check every gradient against finite differences.
 
 use super::autograd::{apply, Function};
+use super::linear::FrozenWeight;
 use candle_core::{DType, Result, Tensor, D};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
@@ -232,17 +233,16 @@ impl Function for Rope {
 
 /// `x Wᵀ` for a frozen `W` (`[out, in]`), `x`: `[rows, in]`. Only `x` gets a
 /// gradient: no weight gradient is ever computed for frozen weights.
-pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    apply(
-        x,
-        FrozenMatmul {
-            weight: weight.detach(),
-        },
-    )
+pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    let weight = match weight {
+        FrozenWeight::Dense(w) => FrozenWeight::Dense(w.detach()),
+        quantized => quantized.clone(),
+    };
+    apply(x, FrozenMatmul { weight })
 }
 
 struct FrozenMatmul {
-    weight: Tensor,
+    weight: FrozenWeight,
 }
 
 impl Function for FrozenMatmul {
@@ -251,14 +251,11 @@ impl Function for FrozenMatmul {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::gemv::applies(x, &self.weight) {
-            return super::gemv::matmul_t(x, &self.weight);
-        }
-        x.matmul(&self.weight.t()?)
+        self.weight.matmul_t(x)
     }
 
     fn backward(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        grad.matmul(&self.weight)
+        self.weight.matmul(grad)
     }
 }
 
@@ -266,6 +263,7 @@ impl Function for FrozenMatmul {
 mod tests {
     use super::*;
     use crate::testing::{check_gradient, devices, max_abs_diff, randn, randn_on};
+    use candle_core::quantized::GgmlDType;
     use candle_core::{Device, Var};
 
     /// SiLU with its hand-written backward, as the block backward uses it.
@@ -290,7 +288,16 @@ mod tests {
         let constant =
             |shape: &[usize], seed| randn_on(shape, seed, device).to_dtype(dtype).unwrap();
         let (cos, sin) = (constant(&[1, 3, 2], 5), constant(&[1, 3, 2], 6));
-        let (w, weight) = (constant(&[4], 7), constant(&[5, 4], 13));
+        let (w, weight) = (constant(&[4], 7), constant(&[5, 4], 13).into());
+        // A Q8_0 weight (one block per row) on the CPU, where blocks are kept.
+        let quantized: Option<FrozenWeight> = device.is_cpu().then(|| {
+            super::super::quantized::QuantizedWeight::quantize(
+                &constant(&[5, 32], 14),
+                GgmlDType::Q8_0,
+            )
+            .unwrap()
+            .into()
+        });
         vec![
             (
                 "rms_norm",
@@ -315,6 +322,14 @@ mod tests {
                 "frozen_matmul",
                 vec![3, 4],
                 Box::new(move |x| frozen_matmul_t(x, &weight)),
+            ),
+            (
+                "frozen_matmul, Q8_0 weight",
+                vec![3, 32],
+                Box::new(move |x| match &quantized {
+                    Some(q) => frozen_matmul_t(x, q),
+                    None => Ok(x.clone()),
+                }),
             ),
             ("silu", vec![2, 5], Box::new(|x| apply(x, Silu))),
             (
@@ -421,7 +436,8 @@ mod tests {
     fn frozen_weights_get_no_gradient() {
         let w = candle_core::Var::from_tensor(&randn(&[5, 4], 1)).unwrap();
         let x = candle_core::Var::from_tensor(&randn(&[3, 4], 2)).unwrap();
-        let grads = frozen_matmul_t(x.as_tensor(), w.as_tensor())
+        let frozen = FrozenWeight::Dense(w.as_tensor().clone());
+        let grads = frozen_matmul_t(x.as_tensor(), &frozen)
             .unwrap()
             .sum_all()
             .unwrap()

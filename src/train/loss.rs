@@ -195,7 +195,7 @@ pub fn cross_entropy_and_grad(
 
 /// The output matrix of a model (lm_head, or the tied embeddings).
 pub fn output_weight(lm: &CausalLm) -> &Tensor {
-    lm.lm_head.as_ref().map_or(&lm.embed_tokens, |h| &h.weight)
+    lm.lm_head.as_ref().unwrap_or(&lm.embed_tokens)
 }
 
 #[cfg(test)]

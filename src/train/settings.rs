@@ -4,6 +4,7 @@
 use super::{AdamWConfig, Schedule};
 use crate::data::{LossOn, TurnEnd};
 use crate::lora::LoraConfig;
+use crate::quantize::Quantize;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -50,6 +51,9 @@ pub struct TrainConfig {
     /// Recompute each block's activations during the backward pass instead of
     /// keeping them (activation checkpointing): less memory, more compute.
     pub recompute: bool,
+    /// How the frozen base's linear weights are held (QLoRA): `none` (dense),
+    /// `keep` (a GGUF's blocks as stored), `q8_0`, `q4_k` or `q4_0`.
+    pub quantize: Quantize,
     /// Show a progress bar.
     #[serde(skip)]
     pub progress: bool,
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
             clip_grad_norm: Some(1.0),
             seed: 42,
             recompute: false,
+            quantize: Quantize::None,
             progress: true,
         }
     }

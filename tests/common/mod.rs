@@ -21,6 +21,7 @@ pub fn smollm2_as(device: tuneforge::DeviceSpec, dtype: DType) -> Model {
         &LoadOptions {
             device,
             dtype: Some(dtype),
+            ..Default::default()
         },
     )
     .expect("loading smollm2-135m-instruct")

@@ -369,3 +369,19 @@ pub fn scaling(fx: &Fixture) {
     );
     assert!(err.contains("'x' is not a training-set size"), "{err}");
 }
+
+pub fn quantize(fx: &Fixture) {
+    let notes = |r: &Value| -> Vec<String> {
+        (r["notes"].as_array().unwrap().iter())
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = compare(fx, "compare-quantize", &["--quantize", "q8_0"]);
+    assert!(
+        notes(&r).iter().any(|n| n.contains("--quantize q8_0")),
+        "{:?}",
+        notes(&r)
+    );
+    // Not given: as the adapter's run trained it (dense, for the fixture run).
+    assert!(!notes(baseline(fx)).iter().any(|n| n.contains("--quantize")));
+}

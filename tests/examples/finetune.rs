@@ -496,3 +496,22 @@ pub fn samples(fx: &Fixture) {
     assert_eq!(run.stdout.matches("  Q: ").count(), 2);
     assert_eq!(run.stdout.matches("  after: ").count(), 2);
 }
+
+pub fn quantize(fx: &Fixture) {
+    let (out, run) = finetune(fx, "finetune-quantize", &["--quantize", "q8_0"]);
+    let saved = setting(&out, "train.quantize");
+    assert_eq!(saved.as_ref().and_then(|v| v.as_str()), Some("q8_0"));
+    assert!(
+        run.stdout
+            .contains("Base: linear weights held as --quantize q8_0"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !same_adapter(&out, baseline(fx)),
+        "a base in Q8_0 blocks trains another adapter"
+    );
+    let bad = fx.path("finetune-quantize-bad");
+    let err = run::fails("finetune", &args(fx, &bad, &["--quantize", "q3"]));
+    assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
+}

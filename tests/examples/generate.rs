@@ -173,3 +173,21 @@ pub fn seed(fx: &Fixture) {
     assert_eq!(with("1"), with("1"), "a seed repeats");
     assert_ne!(with("1"), with("2"), "another seed samples otherwise");
 }
+
+pub fn quantize(fx: &Fixture) {
+    let q8 = generate(fx, &["--quantize", "q8_0"]);
+    let options = LoadOptions {
+        quantize: tuneforge::Quantize::Q8_0,
+        ..Default::default()
+    };
+    let model = Model::load(fx.model_arg(), &options).unwrap();
+    let want = library_answer(&model, &[Message::user("ticket 7 about billing")]);
+    assert_eq!(q8.text, want, "the answer of the base in Q8_0 blocks");
+    assert!(
+        q8.stderr.contains("linear weights held as q8_0"),
+        "{}",
+        q8.stderr
+    );
+    let err = run::fails("generate", &["--quantize", "q3", "--prompt", "hi"]);
+    assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
+}

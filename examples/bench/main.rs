@@ -8,6 +8,10 @@
 //!   bundled `compare` (every held-out example, every variant, with an
 //!   adapter) batched and one answer at a time, its many-shot prompt capped
 //!   at 16 examples, and batched with many-shot filling the context.
+//! - `qlora`: the frozen base held in GGML blocks (`--quantize`) beside the
+//!   dense base: the real SmolLM2-135M from its Q4_1 GGUF kept as stored, and
+//!   Qwen2.5-1.5B's and Llama-3.2-3B's shapes quantized to Q4_K
+//!   ([`qlora`]): peak memory and training speed.
 //! - `gpu`: training steps with random weights at SmolLM2-135M's and
 //!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
 //!   linears, in the device's default dtype (bf16 on a GPU); and at Qwen3-0.6B's
@@ -20,6 +24,7 @@
 //! ```text
 //! cargo run --release --example bench
 //! cargo run --release --example bench -- --json bench.json --reps 5
+//! cargo run --release --example bench -- --suite qlora --reps 1
 //! cargo run --release --features cuda --example bench -- --suite gpu --device cuda
 //! ```
 
@@ -35,16 +40,20 @@ use tuneforge::{
     ModelConfig,
 };
 
+mod qlora;
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Suite {
     /// The real default model: load, forward, training steps, decoding.
     Cpu,
     /// Random weights at SmolLM2-135M and Qwen2.5-0.5B shapes, large batches.
     Gpu,
+    /// A quantized frozen base (QLoRA) beside the dense one: memory and speed.
+    Qlora,
 }
 
 #[derive(Parser)]
-struct Args {
+pub struct Args {
     /// Which rows.
     #[arg(long, value_enum, default_value_t = Suite::Cpu)]
     suite: Suite,
@@ -69,7 +78,7 @@ struct Args {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Row {
+pub struct Row {
     name: String,
     /// The model measured (`--model`, or the shape of the `gpu` suite's rows).
     #[serde(default)]
@@ -192,12 +201,7 @@ const GPU_ROWS: [GpuRow; 8] = [
 
 /// Weights counted once (a tied output matrix is the embedding).
 fn parameter_count(model: &Model) -> f64 {
-    model
-        .lm
-        .named_weights()
-        .iter()
-        .map(|(_, t)| t.elem_count() as f64)
-        .sum()
+    model.lm.parameter_count() as f64
 }
 
 /// Seconds per call of `f`, over `reps` calls after one warm-up, with the
@@ -212,20 +216,22 @@ fn time(model: &Model, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(t.elapsed().as_secs_f64() / reps as f64)
 }
 
-/// Full LoRA training steps (forward, backward, AdamW) on one batch of `b` × `s`.
+/// Full LoRA training steps (forward, backward, AdamW) on one batch of `b` × `s`,
+/// recomputing each block's activations in the backward pass with `recompute`.
 fn train_row(
     model: &mut Model,
     name: &str,
     lora_config: &LoraConfig,
     (b, s): (usize, usize),
     reps: usize,
+    recompute: bool,
 ) -> Result<Row> {
     lora::attach(&mut model.lm, lora_config, 0)?;
     let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
     let examples = Example::synthetic(b, s, model.config().vocab_size);
     let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
     let seconds = time(model, reps, || {
-        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], false)?;
+        let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], recompute)?;
         opt.step(&update.gradients, 1e-4, 1.0)
     })?;
     Ok(Row::throughput(
@@ -243,6 +249,7 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
         &LoadOptions {
             device: args.device,
             dtype: None,
+            ..Default::default()
         },
     )?;
     let load = t.elapsed().as_secs_f64();
@@ -262,9 +269,13 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
             })?;
             Row::throughput(name, seconds, 512, 2.0 * parameter_count(&model))
         }
-        "train, all-7, r=8, 4 x 128" => train_row(&mut model, name, &all7, (4, 128), args.reps)?,
-        "train, all-7, r=8, 8 x 256" => train_row(&mut model, name, &all7, (8, 256), args.reps)?,
-        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, (4, 128), args.reps)?,
+        "train, all-7, r=8, 4 x 128" => {
+            train_row(&mut model, name, &all7, (4, 128), args.reps, false)?
+        }
+        "train, all-7, r=8, 8 x 256" => {
+            train_row(&mut model, name, &all7, (8, 256), args.reps, false)?
+        }
+        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, (4, 128), args.reps, false)?,
         "greedy decoding, 64 tokens" => {
             let config = GenerationConfig {
                 max_new_tokens: 64,
@@ -349,7 +360,7 @@ fn gpu_row(&(name, shape, b, s, r): &GpuRow, args: &Args) -> Result<Row> {
         alpha: 2.0 * r as f64,
         ..Default::default()
     };
-    let mut row = train_row(&mut model, name, &lora_config, (b, s), args.reps)?;
+    let mut row = train_row(&mut model, name, &lora_config, (b, s), args.reps, false)?;
     row.model = "random weights".into();
     Ok(row)
 }
@@ -415,9 +426,13 @@ fn run_row(name: &str, args: &Args) -> Result<Row> {
         DeviceSpec::Auto => GpuMemory::start(0),
         _ => None,
     };
-    let mut row = match GPU_ROWS.iter().find(|r| r.0 == name) {
-        Some(gpu) => gpu_row(gpu, args)?,
-        None => cpu_row(name, args)?,
+    let mut row = match (
+        GPU_ROWS.iter().find(|r| r.0 == name),
+        qlora::ROWS.iter().find(|r| r.0 == name),
+    ) {
+        (Some(gpu), _) => gpu_row(gpu, args)?,
+        (_, Some(q)) => qlora::row(q, args)?,
+        _ => cpu_row(name, args)?,
     };
     row.peak_gpu_mb = gpu_memory.map(GpuMemory::finish);
     row.reps = args.reps;
@@ -441,6 +456,10 @@ fn main() -> Result<()> {
             CPU_ROWS.to_vec()
         }
         Suite::Gpu => GPU_ROWS.iter().map(|r| r.0).collect(),
+        Suite::Qlora => {
+            tuneforge::source::resolve(&args.model)?;
+            qlora::ROWS.iter().map(|r| r.0).collect()
+        }
     };
     let chosen: Vec<&str> = names
         .iter()
