@@ -26,28 +26,28 @@ pub type QloraRow = (&'static str, Base, Quantize, bool, bool);
 /// The rows of the `qlora` suite, in order.
 pub const ROWS: [QloraRow; 8] = [
     (
-        "--model, load, none",
+        "model file, load, none",
         Base::File,
         Quantize::None,
         false,
         false,
     ),
     (
-        "--model, load, keep",
+        "model file, load, keep",
         Base::File,
         Quantize::Keep,
         false,
         false,
     ),
     (
-        "--model, none, all-7 r=16, 4 x 512",
+        "model file, none, all-7 r=16, 4 x 512",
         Base::File,
         Quantize::None,
         true,
         false,
     ),
     (
-        "--model, keep, all-7 r=16, 4 x 512",
+        "model file, keep, all-7 r=16, 4 x 512",
         Base::File,
         Quantize::Keep,
         true,

@@ -33,9 +33,9 @@ pub fn suite(fx: &Fixture) {
     let err = run::fails("bench", &["--suite", "gpu", "--only", "no such row"]);
     assert!(err.contains("qwen2.5-0.5b, all-7 r=16, 16 x 1024"), "{err}");
     // The qlora suite: its load row, on the fixture model, kept as stored.
-    let only = ["--suite", "qlora", "--only", "--model, load, keep"];
+    let only = ["--suite", "qlora", "--only", "model file, load, keep"];
     let (rows, _) = bench(fx, "bench-suite-qlora", &only);
-    assert_eq!(rows[0]["name"], "--model, load, keep");
+    assert_eq!(rows[0]["name"], "model file, load, keep");
     assert!(rows[0]["peak_rss_mb"].as_f64().unwrap() > 0.0);
     let err = run::fails(
         "bench",
