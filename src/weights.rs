@@ -153,6 +153,13 @@ impl Weights {
                 weights.hold(name, t, quantize)?;
             }
         }
+        if quantize == Quantize::Keep {
+            weights.notes.push(format!(
+                "--quantize keep: {} stores floats, so the linear weights stay dense \
+                 (q8_0, q4_k or q4_0 quantize them as they load)",
+                weights.origin
+            ));
+        }
         Ok(weights)
     }
 
@@ -172,6 +179,7 @@ impl Weights {
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut weights = Self::new(HashMap::new(), path.display().to_string());
+        let mut stored_as_floats = Vec::new();
         let mut rope_tables = Vec::new();
         for name in content.tensor_infos.keys() {
             if let Some(kept) = rope_table_name(name) {
@@ -188,10 +196,10 @@ impl Weights {
             let q = content
                 .tensor(&mut file, name, &Device::Cpu)
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?;
-            let keep = quantize == Quantize::Keep
-                && is_block_linear(&hf)
-                && crate::model::quantized::is_block_format(q.dtype());
-            if keep {
+            let keep = quantize == Quantize::Keep && is_block_linear(&hf);
+            if keep && !crate::model::quantized::is_block_format(q.dtype()) {
+                stored_as_floats.push(name.clone());
+            } else if keep {
                 let mut w = QuantizedWeight::new(q, dtype)
                     .with_context(|| format!("keeping tensor {name} quantized"))?;
                 if let Some(heads) = permuted_heads(&hf, config) {
@@ -217,6 +225,14 @@ impl Weights {
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?
                 .dequantize(&Device::Cpu)?;
             weights.tensors.insert(kept.to_string(), t);
+        }
+        if let Some(first) = stored_as_floats.iter().min() {
+            weights.notes.push(format!(
+                "--quantize keep: {} linear weights ({first}, ...) are stored as floats in {} \
+                 and stay dense",
+                stored_as_floats.len(),
+                path.display()
+            ));
         }
         Ok(weights)
     }

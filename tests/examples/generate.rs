@@ -188,6 +188,10 @@ pub fn quantize(fx: &Fixture) {
         "{}",
         q8.stderr
     );
+    // The fixture model is safetensors: nothing to keep, and it says so.
+    let kept = generate(fx, &["--quantize", "keep"]);
+    assert_eq!(kept.text, generate(fx, &[]).text);
+    assert!(kept.stderr.contains("stores floats"), "{}", kept.stderr);
     let err = run::fails("generate", &["--quantize", "q3", "--prompt", "hi"]);
     assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
 }
