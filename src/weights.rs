@@ -42,33 +42,8 @@ impl Weights {
             return Ok(self.take(name, &shape)?.into());
         };
         let (out, inp) = q.dims();
-        if [out, inp] != shape {
-            bail!(
-                "tensor {name} in {} has shape {:?}, but the config asks for {shape:?}",
-                self.origin,
-                [out, inp]
-            );
-        }
+        self.check_shape(name, &[out, inp], &shape)?;
         Ok(q.into())
-    }
-
-    /// Holds every dense decoder-block linear weight as `quantize` asks
-    /// (quantized to its target format), one tensor at a time.
-    pub fn quantize_linears(&mut self, quantize: Quantize) -> Result<()> {
-        if quantize.target().is_none() {
-            return Ok(());
-        }
-        let mut names: Vec<String> = (self.tensors.keys())
-            .filter(|n| is_block_linear(n))
-            .cloned()
-            .collect();
-        names.sort();
-        for name in names {
-            if let Some(w) = self.tensors.remove(&name) {
-                self.hold(name, w, quantize)?;
-            }
-        }
-        Ok(())
     }
 
     /// Adds the tensor `t` named `name`: a decoder-block linear quantized to
@@ -95,14 +70,19 @@ impl Weights {
             .tensors
             .remove(name)
             .with_context(|| format!("{} has no tensor {name}", self.origin))?;
-        if t.dims() != shape {
+        self.check_shape(name, t.dims(), shape)?;
+        Ok(t)
+    }
+
+    /// Refuses tensor `name` of shape `dims` where the config asks for `shape`.
+    fn check_shape(&self, name: &str, dims: &[usize], shape: &[usize]) -> Result<()> {
+        if dims != shape {
             bail!(
-                "tensor {name} in {} has shape {:?}, but the config asks for {shape:?}",
-                self.origin,
-                t.dims()
+                "tensor {name} in {} has shape {dims:?}, but the config asks for {shape:?}",
+                self.origin
             );
         }
-        Ok(t)
+        Ok(())
     }
 
     /// Takes a tensor if present (optional weights such as biases or an untied lm_head).

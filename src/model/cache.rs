@@ -110,39 +110,25 @@ impl KvCache {
     /// The cache of the batch rows `rows` only, in that order (a row may
     /// repeat); the shared prefix stays shared.
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| {
-                        let index = Tensor::new(rows, k.device())?;
-                        let pick = |t: &Tensor| t.index_select(&index, 0)?.contiguous();
-                        Ok((pick(k)?, pick(v)?))
-                    })
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            shared: self.shared.clone(),
+        self.map_own(|t| {
+            let index = Tensor::new(rows, t.device())?;
+            t.index_select(&index, 0)?.contiguous()
         })
     }
 
     /// The cache of every row's first `columns` own columns only (the shared
     /// prefix stays shared): a teacher-forced continuation dropped.
     pub fn keep_columns(&self, columns: usize) -> Result<Self> {
+        self.map_own(|t| t.narrow(2, 0, columns)?.contiguous())
+    }
+
+    /// Every layer's own keys and values through `f`; the shared prefix
+    /// stays shared.
+    fn map_own(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| {
-                        let keep = |t: &Tensor| t.narrow(2, 0, columns)?.contiguous();
-                        Ok((keep(k)?, keep(v)?))
-                    })
-                    .transpose()
-            })
+            .map(|l| l.as_ref().map(|(k, v)| Ok((f(k)?, f(v)?))).transpose())
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,

@@ -232,15 +232,22 @@ impl CustomOp2 for Gemv {
     }
 }
 
-/// Whether [`matmul_t`] applies to `x` (`[rows, in]`) and `w` (`[out, in]`).
-pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+/// Whether the kernel takes `x` (`[rows, in]`): f32 on the CPU, at most
+/// [`MAX_ROWS`] rows, tracking no gradient (whatever `W` is: dense here,
+/// or blocks in [`super::quantized`]).
+pub fn takes(x: &Tensor) -> bool {
     x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32
-        && w.dtype() == candle_core::DType::F32
         && x.dim(0).is_ok_and(|r| r <= MAX_ROWS)
+        && !x.track_op()
+}
+
+/// Whether [`matmul_t`] applies to `x` (`[rows, in]`) and `w` (`[out, in]`).
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    takes(x)
+        && w.dtype() == candle_core::DType::F32
         && x.is_contiguous()
         && w.is_contiguous()
-        && !x.track_op()
         && !w.track_op()
 }
 

@@ -219,11 +219,7 @@ impl QuantizedWeight {
 
     /// `x Wᵀ` for `x`: `[rows, in]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let few_rows = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && x.dim(0).is_ok_and(|r| r <= gemv::MAX_ROWS)
-            && !x.track_op();
-        if few_rows {
+        if gemv::takes(x) {
             if let Some(rows) = self.cpu_rows()? {
                 let x = x.contiguous()?;
                 let (m, k) = x.dims2()?;
