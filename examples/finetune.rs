@@ -95,6 +95,10 @@ struct Args {
     /// Pack several examples per row.
     #[arg(long)]
     packing: bool,
+    /// Recompute each block's activations in the backward pass instead of
+    /// keeping them: less memory, about a third more compute.
+    #[arg(long)]
+    recompute: bool,
     /// Evaluate every N updates (0: only before and after training).
     #[arg(long)]
     eval_every: Option<usize>,
@@ -148,6 +152,9 @@ fn main() -> Result<()> {
     }
     if a.packing {
         job.train.packing = true;
+    }
+    if a.recompute {
+        job.train.recompute = true;
     }
     if let Some(s) = &a.schedule {
         job.train.schedule = parse::<Schedule>("schedule", s)?;

@@ -161,11 +161,12 @@ pub fn run(
             quantize: job.train.quantize,
         },
     )?;
-    let (linears, _) = crate::quantize::base_bytes(&model.lm);
+    let (linears, vocabulary) = crate::quantize::base_bytes(&model.lm);
     let mut base = vec![format!(
-        "linear weights held as --quantize {} ({:.0} MB)",
+        "linear weights held as --quantize {} ({:.0} MB), embeddings and output {:.0} MB",
         job.train.quantize,
-        linears as f64 / 1e6
+        linears as f64 / 1e6,
+        vocabulary as f64 / 1e6
     )];
     base.extend(model.notes.iter().cloned());
     let mut trainer = match existing {

@@ -61,13 +61,18 @@ impl Model {
             ModelFiles::Gguf(path) => {
                 let mut file = std::fs::File::open(path)
                     .with_context(|| format!("opening {}", path.display()))?;
-                let content = gguf_file::Content::read(&mut file).with_context(|| {
+                let mut content = gguf_file::Content::read(&mut file).with_context(|| {
                     format!("{} is not a readable GGUF file (truncated, or an unsupported version or quantization)", path.display())
                 })?;
                 let config = ModelConfig::from_gguf(&content)
                     .with_context(|| format!("reading the config of {}", path.display()))?;
                 let tokenizer = Tokenizer::from_gguf(&content)
                     .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+                // The metadata (the vocabulary's strings) has been read, and
+                // building the tokenizer left freed scraps: hand both back
+                // before the weights arrive.
+                content.metadata.clear();
+                crate::memory::release_freed();
                 let mut w = Weights::from_gguf(path, &content, &config, dtype, device, quantize)?;
                 let notes = std::mem::take(&mut w.notes);
                 (CausalLm::new(&config, w, dtype, device)?, tokenizer, notes)

@@ -1,9 +1,11 @@
-//! How the frozen base's linear weights are held while training and
-//! generating (QLoRA): dense in the model's dtype (`none`), in the block
-//! format the GGUF file stores them in (`keep`), or quantized to Q8_0, Q4_K
-//! or Q4_0 as they load. The embeddings, the norms and an untied output
-//! matrix stay dense, as QLoRA keeps them; LoRA's parameters, gradients and
-//! optimizer state are f32 whatever the base.
+//! How the frozen base's matrices are held while training and generating
+//! (QLoRA): dense in the model's dtype (`none`), in the block format the
+//! GGUF file stores them in (`keep`), or quantized as they load: the decoder
+//! blocks' linears to Q8_0, Q4_K or Q4_0, and the embeddings and an untied
+//! output matrix to Q8_0 whatever the target (higher precision, as QLoRA
+//! keeps them; a vocabulary matrix is the largest tensor of a small model,
+//! so it is not left in f32). The norms and biases stay dense. LoRA's
+//! parameters, gradients and optimizer state are f32 whatever the base.
 
 use crate::model::{FrozenWeight, QuantizedWeight};
 use anyhow::{bail, Result};
@@ -11,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-/// How the frozen base's linear weights are held.
+/// How the frozen base's matrices are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Quantize {
     /// Dense in the model's dtype (a GGUF's blocks dequantized on load).
@@ -22,13 +24,16 @@ pub enum Quantize {
     /// dequantized as a whole model; weights stored as floats stay dense.
     #[serde(rename = "keep")]
     Keep,
-    /// Quantized to Q8_0 (blocks of 32) as they load.
+    /// Linears and vocabulary matrices quantized to Q8_0 (blocks of 32) as
+    /// they load.
     #[serde(rename = "q8_0")]
     Q8_0,
-    /// Quantized to Q4_K (super-blocks of 256) as they load.
+    /// Linears quantized to Q4_K (super-blocks of 256) as they load; the
+    /// vocabulary matrices to Q8_0.
     #[serde(rename = "q4_k")]
     Q4K,
-    /// Quantized to Q4_0 (blocks of 32) as they load.
+    /// Linears quantized to Q4_0 (blocks of 32) as they load; the
+    /// vocabulary matrices to Q8_0.
     #[serde(rename = "q4_0")]
     Q4_0,
 }
@@ -51,7 +56,7 @@ impl Quantize {
             .map_or("none", |(_, n)| n)
     }
 
-    /// The format weights are quantized to as they load, if any.
+    /// The format the linears are quantized to as they load, if any.
     pub fn target(self) -> Option<GgmlDType> {
         match self {
             Quantize::Q8_0 => Some(GgmlDType::Q8_0),
@@ -61,18 +66,29 @@ impl Quantize {
         }
     }
 
-    /// A dense linear weight (`[out, in]`, HF name `name`) held as this choice
-    /// asks: quantized to the target format, or dense where there is none or
-    /// the rows are not whole blocks (then a note names the tensor).
+    /// The format the HF tensor `name` is quantized to as it loads, if any:
+    /// the target for a block's linear, Q8_0 for a vocabulary matrix.
+    pub fn target_for(self, name: &str) -> Option<GgmlDType> {
+        let target = self.target()?;
+        match (is_block_linear(name), is_vocabulary_matrix(name)) {
+            (true, _) => Some(target),
+            (_, true) => Some(GgmlDType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// A dense weight (`[out, in]`, HF name `name`) held as this choice asks:
+    /// quantized to its format ([`Self::target_for`]), or dense where there
+    /// is none or the rows are not whole blocks (then a note names the
+    /// tensor).
     pub fn dense(self, name: &str, w: Tensor, notes: &mut Vec<String>) -> Result<FrozenWeight> {
-        let Some(format) = self.target() else {
+        let Some(format) = self.target_for(name) else {
             return Ok(w.into());
         };
         let k = w.dims2()?.1;
         if k % format.block_size() != 0 {
             notes.push(format!(
-                "{name} stays dense: its rows of {k} values are not whole {} blocks of {}",
-                self.name(),
+                "{name} stays dense: its rows of {k} values are not whole {format:?} blocks of {}",
                 format.block_size()
             ));
             return Ok(w.into());
@@ -102,14 +118,24 @@ impl std::str::FromStr for Quantize {
     }
 }
 
-/// Whether the HF tensor `name` is a decoder block's linear weight, which a
-/// quantized base holds in blocks.
+/// Whether the HF tensor `name` is a decoder block's linear weight.
 pub fn is_block_linear(name: &str) -> bool {
     name.starts_with("model.layers.") && name.ends_with("_proj.weight")
 }
 
-/// The bytes of the frozen base's weights as held: `(linears, everything
-/// else)`.
+/// Whether the HF tensor `name` is the token embeddings or the lm_head.
+pub fn is_vocabulary_matrix(name: &str) -> bool {
+    matches!(name, "model.embed_tokens.weight" | "lm_head.weight")
+}
+
+/// Whether a quantized base holds the HF tensor `name` in blocks: a block's
+/// linear or a vocabulary matrix.
+pub fn is_held_in_blocks(name: &str) -> bool {
+    is_block_linear(name) || is_vocabulary_matrix(name)
+}
+
+/// The bytes of the frozen base's matrices as held: `(block linears,
+/// embeddings and lm_head)`.
 pub fn base_bytes(lm: &crate::CausalLm) -> (usize, usize) {
     let linears = lm
         .layers
@@ -117,8 +143,8 @@ pub fn base_bytes(lm: &crate::CausalLm) -> (usize, usize) {
         .flat_map(|b| b.linears())
         .map(|(_, l)| l.weight.storage_bytes())
         .sum();
-    let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let rest = dense(&lm.embed_tokens) + lm.lm_head.as_ref().map_or(0, dense);
+    let rest = lm.embed_tokens.storage_bytes()
+        + lm.lm_head.as_ref().map_or(0, FrozenWeight::storage_bytes);
     (linears, rest)
 }
 
@@ -146,7 +172,26 @@ mod tests {
             notes[0].contains("mlp.down_proj") && notes[0].contains("96"),
             "{notes:?}"
         );
-        let q = Quantize::Q8_0.dense("x", w, &mut notes).unwrap();
+        let q = Quantize::Q8_0.dense("x", w.clone(), &mut notes).unwrap();
+        assert!(
+            !q.is_quantized() && notes.len() == 1,
+            "not a matrix held in blocks"
+        );
+        let q = Quantize::Q8_0
+            .dense("lm_head.weight", w, &mut notes)
+            .unwrap();
         assert!(q.is_quantized() && notes.len() == 1);
+    }
+
+    /// The linears go to the target; the vocabulary matrices to Q8_0.
+    #[test]
+    fn vocabulary_matrices_are_held_in_q8_0() {
+        let linear = "model.layers.3.self_attn.q_proj.weight";
+        assert_eq!(Quantize::Q4K.target_for(linear), Some(GgmlDType::Q4K));
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            assert_eq!(Quantize::Q4_0.target_for(name), Some(GgmlDType::Q8_0));
+            assert_eq!(Quantize::Keep.target_for(name), None);
+        }
+        assert_eq!(Quantize::Q4K.target_for("model.norm.weight"), None);
     }
 }

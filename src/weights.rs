@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::model::{FrozenWeight, QuantizedWeight};
-use crate::quantize::{is_block_linear, Quantize};
+use crate::quantize::{is_held_in_blocks, Quantize};
 
 /// Named tensors in HF layout (`model.layers.0.self_attn.q_proj.weight`, ...).
 #[derive(Debug, Default)]
@@ -35,9 +35,10 @@ impl Weights {
         }
     }
 
-    /// Takes a linear weight out by HF name, checking its shape: its blocks
-    /// where it is held quantized, else the dense tensor.
-    pub fn take_linear(&mut self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
+    /// Takes a frozen matrix (a linear weight, the embeddings, the lm_head)
+    /// out by HF name, checking its shape: its blocks where it is held
+    /// quantized, else the dense tensor.
+    pub fn take_frozen(&mut self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
         let Some(q) = self.quantized.remove(name) else {
             return Ok(self.take(name, &shape)?.into());
         };
@@ -46,13 +47,10 @@ impl Weights {
         Ok(q.into())
     }
 
-    /// Adds the tensor `t` named `name`: a decoder-block linear quantized to
-    /// `quantize`'s target format if it has one, anything else as it is.
+    /// Adds the tensor `t` named `name`: quantized as `quantize` asks
+    /// ([`Quantize::dense`]), or as it is.
     pub(crate) fn hold(&mut self, name: String, t: Tensor, quantize: Quantize) -> Result<()> {
-        let held = match is_block_linear(&name) {
-            true => quantize.dense(&name, t, &mut self.notes)?,
-            false => t.into(),
-        };
+        let held = quantize.dense(&name, t, &mut self.notes)?;
         match held {
             FrozenWeight::Quantized(q) => {
                 self.quantized.insert(name, q);
@@ -135,7 +133,7 @@ impl Weights {
         }
         if quantize == Quantize::Keep {
             weights.notes.push(format!(
-                "--quantize keep: {} stores floats, so the linear weights stay dense \
+                "--quantize keep: {} stores floats, so its weights stay dense \
                  (q8_0, q4_k or q4_0 quantize them as they load)",
                 weights.origin
             ));
@@ -161,7 +159,16 @@ impl Weights {
         let mut weights = Self::new(HashMap::new(), path.display().to_string());
         let mut stored_as_floats = Vec::new();
         let mut rope_tables = Vec::new();
-        for name in content.tensor_infos.keys() {
+        // Largest first: the scraps of reading one tensor are reused by the
+        // next ones rather than left below them on the heap.
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort_by_key(|n| {
+            let info = &content.tensor_infos[*n];
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
+            (std::cmp::Reverse(bytes), n.as_str())
+        });
+        for name in names {
             if let Some(kept) = rope_table_name(name) {
                 rope_tables.push((name.clone(), kept));
                 continue;
@@ -173,10 +180,9 @@ impl Weights {
                     config.architecture
                 )
             })?;
-            let q = content
-                .tensor(&mut file, name, &Device::Cpu)
+            let q = read_tensor(&mut file, content, name)
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?;
-            let keep = quantize == Quantize::Keep && is_block_linear(&hf);
+            let keep = quantize == Quantize::Keep && is_held_in_blocks(&hf);
             if keep && !crate::model::quantized::is_block_format(q.dtype()) {
                 stored_as_floats.push(name.clone());
             } else if keep {
@@ -208,7 +214,7 @@ impl Weights {
         }
         if let Some(first) = stored_as_floats.iter().min() {
             weights.notes.push(format!(
-                "--quantize keep: {} linear weights ({first}, ...) are stored as floats in {} \
+                "--quantize keep: {} weights ({first}, ...) are stored as floats in {} \
                  and stay dense",
                 stored_as_floats.len(),
                 path.display()
@@ -216,6 +222,32 @@ impl Weights {
         }
         Ok(weights)
     }
+}
+
+/// Reads tensor `name` of a GGUF file onto the CPU: a matrix of blocks
+/// straight into its storage (one allocation), anything else through candle
+/// (which reads the bytes, then copies them).
+fn read_tensor(
+    file: &mut std::fs::File,
+    content: &gguf_file::Content,
+    name: &str,
+) -> candle_core::Result<candle_core::quantized::QTensor> {
+    use std::io::{Read, Seek, SeekFrom};
+    if let Some(info) = content.tensor_infos.get(name) {
+        if let Ok(dims) = info.shape.dims2() {
+            let start = content.tensor_data_offset + info.offset;
+            let mut read = |buf: &mut [u8]| {
+                file.seek(SeekFrom::Start(start))?;
+                file.read_exact(buf)?;
+                Ok(())
+            };
+            if let Some(t) = crate::model::quantized::cpu_blocks(info.ggml_dtype, dims, &mut read)?
+            {
+                return Ok(t);
+            }
+        }
+    }
+    content.tensor(file, name, &Device::Cpu)
 }
 
 /// Writes named tensors to a safetensors file, atomically.

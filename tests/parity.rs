@@ -266,6 +266,11 @@ fn quantized_bases_match_the_reference() {
                 assert!(l.weight.is_quantized(), "{quantize}: {name} is dense");
             }
         }
+        // The tied embeddings: the GGUF's Q8_0 blocks (keep), or Q8_0 again.
+        assert!(
+            model.lm.embed_tokens.is_quantized(),
+            "{quantize}: embeddings"
+        );
         let held = base_bytes(&model.lm).0;
         assert!(held * 3 < dense, "{quantize}: {held} bytes against {dense}");
         check_logits_and_losses(&model, logit_tol, loss_tol);

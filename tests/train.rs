@@ -154,6 +154,10 @@ fn lora_gradients_through_quantized_weights_match_finite_differences() {
             .linears()
             .iter()
             .all(|(_, l)| l.weight.is_quantized()));
+        assert!(
+            model.lm.embed_tokens.is_quantized(),
+            "{quantize}: embeddings"
+        );
         lora_gradients_match_finite_differences_of(model);
     }
 }

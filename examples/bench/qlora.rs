@@ -3,7 +3,8 @@
 //! real SmolLM2-135M from its Q4_1 GGUF (`keep`: the file's blocks as stored),
 //! and random weights at Qwen2.5-1.5B's and Llama-3.2-3B's shapes quantized to
 //! Q4_K as they are drawn; batch 4 × 512, LoRA r=16 on all seven linears,
-//! activations recomputed in the backward pass for the large shapes.
+//! activations recomputed in the backward pass for the large shapes (and in
+//! two SmolLM2 rows, for its memory).
 
 use super::{train_row, Args, Row};
 use anyhow::Result;
@@ -24,7 +25,7 @@ pub enum Base {
 pub type QloraRow = (&'static str, Base, Quantize, bool, bool);
 
 /// The rows of the `qlora` suite, in order.
-pub const ROWS: [QloraRow; 8] = [
+pub const ROWS: [QloraRow; 10] = [
     (
         "model file, load, none",
         Base::File,
@@ -52,6 +53,20 @@ pub const ROWS: [QloraRow; 8] = [
         Quantize::Keep,
         true,
         false,
+    ),
+    (
+        "model file, keep, all-7 r=16, 4 x 512, recompute",
+        Base::File,
+        Quantize::Keep,
+        true,
+        true,
+    ),
+    (
+        "model file, none, all-7 r=16, 4 x 512, recompute",
+        Base::File,
+        Quantize::None,
+        true,
+        true,
     ),
     (
         "qwen2.5-1.5b shapes, none, all-7 r=16, 4 x 512, recompute",

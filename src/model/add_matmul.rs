@@ -43,13 +43,6 @@ impl InplaceOp3 for AddMatmul {
             );
         }
         let (sa, sb) = (ll.stride(), lr.stride());
-        // Threaded like candle's own matmul: single-threaded after `threads::init`.
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         // SAFETY: the pointers and strides come from the layouts of live storages whose
         // shapes were checked above; dst is contiguous and not aliased by lhs or rhs.
         unsafe {
@@ -72,10 +65,19 @@ impl InplaceOp3 for AddMatmul {
                 false,
                 false,
                 false,
-                parallelism,
+                parallelism(),
             );
         }
         Ok(())
+    }
+}
+
+/// `gemm`'s threading, as candle's own matmul threads: over candle's thread
+/// count, so single-threaded after `threads::init`.
+pub(crate) fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
     }
 }
 

@@ -29,7 +29,8 @@ const X_BLOCK: usize = 3;
 
 struct Gemv;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU storage.
+pub(crate) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("gemv takes f32")
     };

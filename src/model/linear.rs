@@ -91,6 +91,14 @@ impl FrozenWeight {
         }
     }
 
+    /// The rows `ids` (u32, `[len]`): `[len, in]`, dense (an embedding lookup).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.index_select(ids, 0),
+            Self::Quantized(q) => q.rows(ids),
+        }
+    }
+
     /// `W + delta` (a merged adapter); a quantized weight is requantized
     /// into its format.
     pub fn add(&self, delta: &Tensor) -> Result<Self> {

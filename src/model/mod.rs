@@ -100,15 +100,16 @@ impl ForwardInput {
 pub struct CausalLm {
     /// The architecture hyperparameters.
     pub config: ModelConfig,
-    /// Token embeddings, `[vocab, hidden]`.
-    pub embed_tokens: Tensor,
+    /// Token embeddings, `[vocab, hidden]`: dense, or in GGML blocks with a
+    /// quantized base (rows dequantized as a lookup reads them).
+    pub embed_tokens: FrozenWeight,
     /// The decoder blocks.
     pub layers: Vec<Block>,
     /// Final norm weight.
     pub norm: Tensor,
-    /// The output projection (`[vocab, hidden]`, dense: the output stays in
-    /// the model's dtype, as QLoRA keeps it); `None` when tied to the embeddings.
-    pub lm_head: Option<Tensor>,
+    /// The output projection (`[vocab, hidden]`), held like the embeddings;
+    /// `None` when tied to them.
+    pub lm_head: Option<FrozenWeight>,
     rotary: Rotaries,
     dtype: DType,
 }
@@ -162,7 +163,7 @@ impl CausalLm {
             inp: usize,
             bias: bool,
         ) -> Result<Linear> {
-            let weight = w.take_linear(&format!("{name}.weight"), [out, inp])?;
+            let weight = w.take_frozen(&format!("{name}.weight"), [out, inp])?;
             let bias = if bias {
                 Some(w.take(&format!("{name}.bias"), &[out])?)
             } else {
@@ -252,12 +253,12 @@ impl CausalLm {
                 use_rope: c.layer_uses_rope(i),
             });
         }
-        let embed_tokens = w.take("model.embed_tokens.weight", &[v, d])?;
+        let embed_tokens = w.take_frozen("model.embed_tokens.weight", [v, d])?;
         let norm = norm(&mut w, "model.norm", d)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(w.take("lm_head.weight", &[v, d])?)
+            Some(w.take_frozen("lm_head.weight", [v, d])?)
         };
         let freq_factors = match w.get(ROPE_FREQS) {
             Some(t) => Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
@@ -410,12 +411,12 @@ impl CausalLm {
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
-                self.embed_tokens.clone(),
+                self.embed_tokens.to_dense()?,
             ),
             ("model.norm.weight".to_string(), hf_norm(&self.norm)),
         ];
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.clone()));
+            out.push(("lm_head.weight".to_string(), head.to_dense()?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -470,9 +471,10 @@ impl CausalLm {
                     .map(|(_, l)| linear(l))
                     .sum::<usize>()
         };
-        self.embed_tokens.elem_count()
+        let matrix = |w: &FrozenWeight| w.dims().0 * w.dims().1;
+        matrix(&self.embed_tokens)
             + self.norm.elem_count()
-            + self.lm_head.as_ref().map_or(0, Tensor::elem_count)
+            + self.lm_head.as_ref().map_or(0, matrix)
             + self.layers.iter().map(block).sum::<usize>()
     }
 
@@ -483,16 +485,22 @@ impl CausalLm {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        self.norm.device()
+    }
+
+    /// The output matrix: the lm_head, or the tied embeddings.
+    pub fn output_weight(&self) -> &FrozenWeight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     /// Token embeddings of `ids` (`[b, t]`), `[b, t, hidden]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let x = self.embed_tokens.rows(&ids.flatten_all()?)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
         Ok(match self.config.scale_embeddings {
             true => (x * (self.config.hidden_size as f64).sqrt())?,
             false => x,
@@ -567,8 +575,7 @@ impl CausalLm {
     /// Projects hidden states (`[..., hidden]`) to vocabulary logits (`[..., vocab]`).
     /// Pass only the positions you need: the vocabulary is wide.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = Linear::new(head.clone(), None).forward(hidden)?;
+        let logits = Linear::new(self.output_weight().clone(), None).forward(hidden)?;
         Ok(match self.config.final_logit_softcapping {
             Some(c) => ops::softcap(&logits, c)?,
             None => logits,

@@ -59,9 +59,13 @@ impl RotaryTable {
             .to_dtype(DType::F32)?
             .reshape((max_positions, 1))?;
         let angles = pos.broadcast_mul(&inv)?;
+        let scaled = |t: Tensor| match attention_factor {
+            1.0 => t.to_dtype(dtype),
+            f => (t * f)?.to_dtype(dtype),
+        };
         Ok(Self {
-            cos: (angles.cos()? * attention_factor)?.to_dtype(dtype)?,
-            sin: (angles.sin()? * attention_factor)?.to_dtype(dtype)?,
+            cos: scaled(angles.cos()?)?,
+            sin: scaled(angles.sin()?)?,
         })
     }
 

@@ -6,7 +6,7 @@
 //! the frozen output matrix gets no gradient.
 
 use crate::model::autograd::{apply, Function};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, FrozenWeight};
 use candle_core::{DType, Result, Tensor, D};
 
 /// Rows of logits made at once on the CPU (128 × 49152 f32 is 25 MB).
@@ -31,22 +31,22 @@ pub fn summed_cross_entropy(
     let picked = flat.index_select(trained, 0)?;
     let labels = targets.flatten_all()?.index_select(trained, 0)?;
     let softcap = lm.config.final_logit_softcapping;
-    per_row_cross_entropy(&picked, output_weight(lm), &labels, softcap)?.sum_all()
+    per_row_cross_entropy(&picked, lm.output_weight(), &labels, softcap)?.sum_all()
 }
 
 /// Cross-entropy of each row of `hidden` (`[n, d]`) against `labels` (`[n]`),
-/// with logits `hidden · weightᵀ` (weight `[vocab, d]`, frozen), soft-capped at
-/// `softcap` (Gemma 2). Returns `[n]` f32.
+/// with logits `hidden · weightᵀ` (weight `[vocab, d]`, frozen, dense or in
+/// blocks), soft-capped at `softcap` (Gemma 2). Returns `[n]` f32.
 pub fn per_row_cross_entropy(
     hidden: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     apply(
         hidden,
         ChunkedCrossEntropy {
-            weight: weight.detach(),
+            weight: weight.clone(),
             labels: labels.detach(),
             softcap,
         },
@@ -63,7 +63,7 @@ struct Chunk {
 }
 
 struct ChunkedCrossEntropy {
-    weight: Tensor,
+    weight: FrozenWeight,
     labels: Tensor,
     softcap: Option<f64>,
 }
@@ -72,7 +72,13 @@ impl ChunkedCrossEntropy {
     /// Logits, probabilities and labels of rows `start..start + len`.
     fn chunk(&self, hidden: &Tensor, start: usize, len: usize) -> Result<Chunk> {
         let h = hidden.narrow(0, start, len)?;
-        let raw = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        let raw = match &self.weight {
+            // candle's matmul for every chunk, however few its rows, so a
+            // row's loss does not depend on the chunk it falls in.
+            FrozenWeight::Dense(w) => h.matmul(&w.t()?)?,
+            blocks => blocks.matmul_t(&h.contiguous()?)?,
+        }
+        .to_dtype(DType::F32)?;
         let (logits, cap_slope) = match self.softcap {
             Some(c) => {
                 let th = (&raw / c)?.tanh()?;
@@ -111,10 +117,10 @@ impl ChunkedCrossEntropy {
             let vocab = c.probs.dim(1)?;
             let onehot = candle_nn::encoding::one_hot(c.labels.clone(), vocab, 1f32, 0f32)?;
             let d_logits = ((&c.probs - onehot)? * slope)?.to_dtype(self.weight.dtype())?;
-            return d_logits.matmul(&self.weight)?.to_dtype(dtype);
+            return self.weight.matmul(&d_logits)?.to_dtype(dtype);
         }
         let probs = c.probs.to_dtype(self.weight.dtype())?;
-        (probs.matmul(&self.weight)? - self.weight.index_select(&c.labels, 0)?)?.to_dtype(dtype)
+        (self.weight.matmul(&probs)? - self.weight.rows(&c.labels)?)?.to_dtype(dtype)
     }
 
     /// `(start, len)` of each chunk of `hidden`'s rows.
@@ -122,7 +128,7 @@ impl ChunkedCrossEntropy {
         let rows = if hidden.device().is_cpu() {
             CPU_CHUNK_ROWS
         } else {
-            (GPU_CHUNK_LOGITS / self.weight.dim(0)?).max(CPU_CHUNK_ROWS)
+            (GPU_CHUNK_LOGITS / self.weight.dims().0.max(1)).max(CPU_CHUNK_ROWS)
         };
         let n = hidden.dim(0)?;
         Ok((0..n)
@@ -170,12 +176,12 @@ impl Function for ChunkedCrossEntropy {
 /// once and dropped.
 pub fn cross_entropy_and_grad(
     hidden: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let ce = ChunkedCrossEntropy {
-        weight: weight.detach(),
+        weight: weight.clone(),
         labels: labels.detach(),
         softcap,
     };
@@ -193,16 +199,46 @@ pub fn cross_entropy_and_grad(
     Ok((Tensor::cat(&losses, 0)?, Tensor::cat(&grads, 0)?))
 }
 
-/// The output matrix of a model (lm_head, or the tied embeddings).
-pub fn output_weight(lm: &CausalLm) -> &Tensor {
-    lm.lm_head.as_ref().unwrap_or(&lm.embed_tokens)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{check_gradient, devices, randn, randn_on};
+    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
+
+    fn dense(w: &Tensor) -> FrozenWeight {
+        w.clone().into()
+    }
+
+    /// With the output matrix in blocks (a quantized base's tied embeddings),
+    /// losses and gradients are those of its dequantized matrix, over several
+    /// chunks and a last short one; the gradient matches finite differences.
+    #[test]
+    fn a_quantized_output_matrix_gives_its_dequantized_losses() {
+        let q = crate::model::QuantizedWeight::quantize(&randn(&[300, 64], 21), GgmlDType::Q8_0)
+            .unwrap();
+        let blocks = FrozenWeight::from(q.clone());
+        let flat = dense(&q.dequantize().unwrap());
+        let n = 2 * CPU_CHUNK_ROWS + 5;
+        let h = randn(&[n, 64], 22);
+        let labels = Tensor::from_vec(
+            (0..n as u32).map(|i| i * 13 % 300).collect::<Vec<_>>(),
+            n,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for softcap in [None, Some(3.0)] {
+            let (loss, grad) = cross_entropy_and_grad(&h, &blocks, &labels, softcap).unwrap();
+            let (want_loss, want_grad) =
+                cross_entropy_and_grad(&h, &flat, &labels, softcap).unwrap();
+            assert!(crate::testing::max_abs_diff(&loss, &want_loss) < 1e-5);
+            assert!(crate::testing::max_abs_diff(&grad, &want_grad) < 1e-5);
+        }
+        let labels = Tensor::new(&[1u32, 299, 0, 4, 4], &Device::Cpu).unwrap();
+        check_gradient(&Device::Cpu, &[5, 64], 4, |h| {
+            per_row_cross_entropy(h, &blocks, &labels, None)
+        });
+    }
 
     #[test]
     fn matches_plain_cross_entropy() {
@@ -216,7 +252,7 @@ mod tests {
         .unwrap();
         let want =
             candle_nn::loss::cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &labels).unwrap();
-        let got = per_row_cross_entropy(&h, &w, &labels, None)
+        let got = per_row_cross_entropy(&h, &dense(&w), &labels, None)
             .unwrap()
             .mean_all()
             .unwrap();
@@ -230,7 +266,7 @@ mod tests {
         let h = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
         let w = Tensor::new(&[[200f32, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap();
         let labels = Tensor::new(&[1u32], &Device::Cpu).unwrap();
-        let loss: f32 = per_row_cross_entropy(&h, &w, &labels, None)
+        let loss: f32 = per_row_cross_entropy(&h, &dense(&w), &labels, None)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -250,9 +286,9 @@ mod tests {
         )
         .unwrap();
         for softcap in [None, Some(2.0)] {
-            let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels, softcap).unwrap();
+            let (losses, grad) = cross_entropy_and_grad(&h, &dense(&w), &labels, softcap).unwrap();
             let v = candle_core::Var::from_tensor(&h).unwrap();
-            let auto = per_row_cross_entropy(v.as_tensor(), &w, &labels, softcap).unwrap();
+            let auto = per_row_cross_entropy(v.as_tensor(), &dense(&w), &labels, softcap).unwrap();
             let want = auto
                 .sum_all()
                 .unwrap()
@@ -275,7 +311,7 @@ mod tests {
         let labels = Tensor::new(&[1u32, 8, 0, 4, 4, 2, 6], &Device::Cpu).unwrap();
         let capped = crate::model::ops::softcap(&h.matmul(&w.t().unwrap()).unwrap(), 2.0).unwrap();
         let want = candle_nn::loss::cross_entropy(&capped, &labels).unwrap();
-        let got = per_row_cross_entropy(&h, &w, &labels, Some(2.0))
+        let got = per_row_cross_entropy(&h, &dense(&w), &labels, Some(2.0))
             .unwrap()
             .mean_all()
             .unwrap();
@@ -284,7 +320,7 @@ mod tests {
             let w = randn_on(&[9, 4], 3, &device);
             let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &device).unwrap();
             check_gradient(&device, &[5, 4], 4, |h| {
-                per_row_cross_entropy(h, &w, &labels, Some(0.7))
+                per_row_cross_entropy(h, &dense(&w), &labels, Some(0.7))
             });
         }
     }
@@ -295,7 +331,7 @@ mod tests {
             let w = randn_on(&[9, 4], 3, &device);
             let labels = Tensor::new(&[1u32, 8, 0, 4, 4], &device).unwrap();
             check_gradient(&device, &[5, 4], 4, |h| {
-                per_row_cross_entropy(h, &w, &labels, None)
+                per_row_cross_entropy(h, &dense(&w), &labels, None)
             });
         }
     }
@@ -316,7 +352,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let (losses, grad) = cross_entropy_and_grad(&h, &w, &labels, None).unwrap();
+                let (losses, grad) = cross_entropy_and_grad(&h, &dense(&w), &labels, None).unwrap();
                 (losses, grad.to_dtype(DType::F32).unwrap())
             };
             let ((want_loss, want_grad), (loss, grad)) = (run(DType::F32), run(DType::BF16));

@@ -6,7 +6,7 @@
 //! during the forward pass, and the block is run again just before its
 //! backward: less memory for about a third more compute.
 
-use super::loss::{cross_entropy_and_grad, output_weight};
+use super::loss::cross_entropy_and_grad;
 use super::optim::Gradients;
 use crate::data::Batch;
 use crate::model::linear::LoraGrad;
@@ -57,7 +57,7 @@ pub fn loss_and_gradients(
         .index_select(&batch.trained, 0)?;
     let (losses, d_rows) = cross_entropy_and_grad(
         &rows,
-        output_weight(lm),
+        lm.output_weight(),
         &labels,
         lm.config.final_logit_softcapping,
     )?;

@@ -399,6 +399,22 @@ pub fn packing(fx: &Fixture) {
     );
 }
 
+pub fn recompute(fx: &Fixture) {
+    let (out, _) = finetune(fx, "finetune-recompute", &["--recompute"]);
+    assert_eq!(
+        setting(&out, "train.recompute"),
+        Some(toml::Value::Boolean(true))
+    );
+    let (kept, recomputed) = (losses(baseline(fx)), losses(&out));
+    assert_eq!(kept.len(), recomputed.len());
+    for (a, b) in kept.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "recomputing activations changes no loss: {kept:?} vs {recomputed:?}"
+        );
+    }
+}
+
 pub fn eval_every(fx: &Fixture) {
     let (out, _) = finetune(fx, "finetune-eval-every", &["--eval-every", "1"]);
     assert_eq!(

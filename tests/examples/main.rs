@@ -75,6 +75,7 @@ const ROWS: &[Row] = rows![
     "finetune" "--loss-on" => Runs(finetune::loss_on),
     "finetune" "--turn-end" => Runs(finetune::turn_end),
     "finetune" "--packing" => Runs(finetune::packing),
+    "finetune" "--recompute" => Runs(finetune::recompute),
     "finetune" "--eval-every" => Runs(finetune::eval_every),
     "finetune" "--save-every" => Runs(finetune::save_every),
     "finetune" "--patience" => Runs(finetune::patience),

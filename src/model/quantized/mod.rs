@@ -9,20 +9,29 @@
 //! - A few rows of `x` (decoding): the [`super::gemv`] kernel, each task
 //!   dequantizing its block of weight rows into a scratch buffer and reading
 //!   it against every row of `x`, bit for bit the dense kernel's arithmetic.
-//! - Many rows (training, prefill) and the input gradient: the weight is
-//!   dequantized in parallel into a transient f32 copy that lives for the one
-//!   product (one linear's f32 at a time, never the model's), and the f32
-//!   matmul runs on it. Dequantizing costs one pass over the weight, against
-//!   `2·rows` flops per weight element for the product.
-//! - On a GPU, candle dequantizes a layer's weight on the device the same way.
+//! - Many rows (training, prefill, the loss's logits) and the input gradient:
+//!   a tile of the weight's rows (4 MB of f32) is dequantized in parallel,
+//!   the `gemm` kernel multiplies it into its columns of the output (or adds
+//!   its share of the input gradient), and the next tile reuses the buffer.
+//!   No f32 copy of a whole weight is made, so a quantized vocabulary matrix
+//!   costs its blocks and one tile. Dequantizing costs one pass over the
+//!   weight, against `2·rows` flops per weight element for the product.
+//! - An embedding lookup dequantizes only the rows it reads.
+//! - On a GPU, candle dequantizes a layer's weight on the device.
 
-use super::gemv::{self, WeightRows};
-use candle_core::quantized::{k_quants, GgmlDType, GgmlType, QStorage, QTensor};
+mod blocks;
+mod tiled;
+
+pub use blocks::{cpu_blocks, is_block_format, Fill};
+
+use super::gemv;
+use blocks::{format_code, Format, Rows};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::ops::Range;
 use std::sync::Arc;
+use tiled::TiledProduct;
 
 /// A frozen `[out, in]` weight in a GGML block format; products run in `dtype`.
 #[derive(Clone)]
@@ -36,69 +45,6 @@ impl std::fmt::Debug for QuantizedWeight {
         write!(f, "QuantizedWeight({:?}, {:?})", self.format(), self.dims())
     }
 }
-
-/// Dequantizes whole blocks of one format: `bytes` holds a row range's blocks.
-type Decode = fn(&[u8], &mut [f32]);
-
-fn decode<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
-    let n = bytes.len() / std::mem::size_of::<T>();
-    // SAFETY: `bytes` is a whole number of `T` blocks cut at block boundaries
-    // from candle's CPU storage of `T`s, whose alignment `QuantizedWeight::new`
-    // checked; GGML blocks are plain data, valid for any bits.
-    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) };
-    T::to_float(blocks, out)
-}
-
-/// The block decoder and the block's alignment for `format`.
-fn decoder(format: GgmlDType) -> Option<(Decode, usize)> {
-    fn of<T: GgmlType>() -> (Decode, usize) {
-        (decode::<T>, std::mem::align_of::<T>())
-    }
-    Some(match format {
-        GgmlDType::Q4_0 => of::<k_quants::BlockQ4_0>(),
-        GgmlDType::Q4_1 => of::<k_quants::BlockQ4_1>(),
-        GgmlDType::Q5_0 => of::<k_quants::BlockQ5_0>(),
-        GgmlDType::Q5_1 => of::<k_quants::BlockQ5_1>(),
-        GgmlDType::Q8_0 => of::<k_quants::BlockQ8_0>(),
-        GgmlDType::Q2K => of::<k_quants::BlockQ2K>(),
-        GgmlDType::Q3K => of::<k_quants::BlockQ3K>(),
-        GgmlDType::Q4K => of::<k_quants::BlockQ4K>(),
-        GgmlDType::Q5K => of::<k_quants::BlockQ5K>(),
-        GgmlDType::Q6K => of::<k_quants::BlockQ6K>(),
-        _ => return None,
-    })
-}
-
-/// Whether `format` is a block format (not f32, f16 or bf16).
-pub fn is_block_format(format: GgmlDType) -> bool {
-    !matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-}
-
-/// The CPU blocks of a weight, read a row range at a time.
-struct Rows<'a> {
-    bytes: &'a [u8],
-    row_bytes: usize,
-    k: usize,
-    decode: Decode,
-}
-
-impl Rows<'_> {
-    fn decode_into(&self, range: Range<usize>, out: &mut [f32]) {
-        let bytes = &self.bytes[range.start * self.row_bytes..range.end * self.row_bytes];
-        (self.decode)(bytes, out)
-    }
-}
-
-impl WeightRows for Rows<'_> {
-    fn rows<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        scratch.resize(range.len() * self.k, 0.0);
-        self.decode_into(range, scratch);
-        scratch
-    }
-}
-
-/// Weight rows dequantized per parallel task.
-const DEQUANTIZE_TASK_VALUES: usize = 1 << 16;
 
 impl QuantizedWeight {
     /// A weight from a 2-D quantized tensor (`[out, in]`); products run in
@@ -115,8 +61,8 @@ impl QuantizedWeight {
                 format.block_size()
             );
         }
-        if let (true, Some((_, align))) = (blocks.device().is_cpu(), decoder(format)) {
-            if blocks.data()?.as_ptr() as usize % align != 0 {
+        if let (true, Some(code)) = (blocks.device().is_cpu(), format_code(format)) {
+            if blocks.data()?.as_ptr() as usize % code.align != 0 {
                 candle_core::bail!("the {format:?} blocks are not aligned in memory");
             }
         }
@@ -179,7 +125,8 @@ impl QuantizedWeight {
     /// The CPU blocks, for a format with a decoder.
     fn cpu_rows(&self) -> Result<Option<Rows<'_>>> {
         let format = self.format();
-        let (Some((decode, _)), true) = (decoder(format), self.device().is_cpu()) else {
+        let (Some(Format { decode, .. }), true) = (format_code(format), self.device().is_cpu())
+        else {
             return Ok(None);
         };
         let bytes = match self.blocks.data()? {
@@ -201,15 +148,7 @@ impl QuantizedWeight {
         let w = match self.cpu_rows()? {
             Some(rows) => {
                 let mut out = vec![0f32; n * k];
-                let per_task = (DEQUANTIZE_TASK_VALUES / k.max(1)).max(1);
-                crate::threads::pool().install(|| {
-                    out.par_chunks_mut(per_task * k)
-                        .enumerate()
-                        .for_each(|(t, o)| {
-                            let first = t * per_task;
-                            rows.decode_into(first..first + o.len() / k, o)
-                        })
-                });
+                rows.decode_parallel(0..n, &mut out);
                 Tensor::from_vec(out, (n, k), &Device::Cpu)?
             }
             None => self.blocks.dequantize(&self.device())?,
@@ -229,12 +168,57 @@ impl QuantizedWeight {
                 return Tensor::from_vec(out, (m, n), x.device());
             }
         }
-        x.matmul(&self.dequantize()?.t()?)
+        match self.tiled(x, false)? {
+            Some(y) => Ok(y),
+            None => x.matmul(&self.dequantize()?.t()?),
+        }
     }
 
     /// `dy W` for `dy`: `[rows, out]` (the input gradient of [`Self::matmul_t`]).
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
-        dy.matmul(&self.dequantize()?)
+        match self.tiled(dy, true)? {
+            Some(dx) => Ok(dx),
+            None => dy.matmul(&self.dequantize()?),
+        }
+    }
+
+    /// The tiled product ([`TiledProduct`]) of 2-D f32 CPU rows `x`, where
+    /// the weight's products run in f32 on the CPU.
+    fn tiled(&self, x: &Tensor, input_gradient: bool) -> Result<Option<Tensor>> {
+        let takes = x.dtype() == DType::F32 && self.dtype == DType::F32 && x.rank() == 2;
+        let rows = match takes {
+            true => self.cpu_rows()?,
+            false => None,
+        };
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        let op = TiledProduct {
+            rows,
+            n: self.dims().0,
+            input_gradient,
+        };
+        x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    }
+
+    /// The rows `ids` (u32, `[len]`) of the weight, dequantized: `[len, in]`
+    /// in the products' dtype (an embedding lookup).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.dims();
+        let Some(rows) = self.cpu_rows()? else {
+            return self.dequantize()?.index_select(ids, 0);
+        };
+        let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
+            candle_core::bail!("row {bad} of a weight of {n} rows");
+        }
+        let mut out = vec![0f32; ids.len() * k];
+        crate::threads::pool().install(|| {
+            out.par_chunks_mut(k.max(1))
+                .zip(&ids)
+                .for_each(|(o, &id)| rows.decode_into(id as usize..id as usize + 1, o))
+        });
+        Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?.to_dtype(self.dtype)
     }
 
     /// The weight with its rows reordered: row `r` of the result is row
@@ -243,16 +227,30 @@ impl QuantizedWeight {
         let (n, k) = self.dims();
         let format = self.format();
         let row_bytes = k / format.block_size() * format.type_size();
-        let data = self.blocks.data()?;
-        let mut bytes = Vec::with_capacity(data.len());
-        for &r in order {
-            if r >= n {
-                candle_core::bail!("row {r} of a weight of {n} rows");
-            }
-            bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+        if let Some(&r) = order.iter().find(|&&r| r >= n) {
+            candle_core::bail!("row {r} of a weight of {n} rows");
         }
-        let storage = QStorage::from_data(Cow::Owned(bytes), &self.device(), format)?;
-        Self::new(QTensor::new(storage, (order.len(), k))?, self.dtype)
+        let data = self.blocks.data()?;
+        let mut copy_rows = |out: &mut [u8]| {
+            for (to, &r) in out.chunks_exact_mut(row_bytes).zip(order) {
+                to.copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+            }
+            Ok(())
+        };
+        let blocks = match self.device().is_cpu() {
+            true => cpu_blocks(format, (order.len(), k), &mut copy_rows)?,
+            false => None,
+        };
+        let blocks = match blocks {
+            Some(b) => b,
+            None => {
+                let mut bytes = vec![0u8; order.len() * row_bytes];
+                copy_rows(&mut bytes)?;
+                let storage = QStorage::from_data(Cow::Owned(bytes), &self.device(), format)?;
+                QTensor::new(storage, (order.len(), k))?
+            }
+        };
+        Self::new(blocks, self.dtype)
     }
 
     /// `W + delta` requantized into this weight's format (a merged adapter):
@@ -298,6 +296,39 @@ mod tests {
                 assert!(diff < 1e-4, "{format:?} {n}x{k}, {m} rows: dx {diff}");
             }
         }
+    }
+
+    /// A weight larger than one tile is multiplied a tile at a time, and
+    /// its products are still the dequantized weight's.
+    #[test]
+    fn products_over_several_tiles_equal_the_dequantized_weights() {
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            // 1,024 rows per tile of 2^20 values: two tiles, the last partial.
+            let (n, k, m) = (1100, 1024, 67);
+            let w = QuantizedWeight::quantize(&randn(&[n, k], 7), format).unwrap();
+            let dense = w.dequantize().unwrap();
+            let x = randn(&[m, k], 8);
+            let want = x.matmul(&dense.t().unwrap()).unwrap();
+            let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
+            assert!(diff < 1e-4, "{format:?}: {diff}");
+            let dy = randn(&[m, n], 9);
+            let want = dy.matmul(&dense).unwrap();
+            let diff = max_abs_diff(&w.matmul(&dy).unwrap(), &want);
+            assert!(diff < 1e-3, "{format:?}: dx {diff}");
+        }
+    }
+
+    /// An embedding lookup reads the dequantized rows; an id past the last
+    /// row is refused.
+    #[test]
+    fn looked_up_rows_are_the_dequantized_rows() {
+        let w = QuantizedWeight::quantize(&randn(&[50, 64], 10), GgmlDType::Q8_0).unwrap();
+        let ids = Tensor::new(&[3u32, 49, 0, 3], &Device::Cpu).unwrap();
+        let want = w.dequantize().unwrap().index_select(&ids, 0).unwrap();
+        assert_eq!(max_abs_diff(&w.rows(&ids).unwrap(), &want), 0.0);
+        let bad = Tensor::new(&[50u32], &Device::Cpu).unwrap();
+        let err = w.rows(&bad).unwrap_err().to_string();
+        assert!(err.contains("row 50 of a weight of 50 rows"), "{err}");
     }
 
     /// Dequantizing in parallel gives candle's values, and they are within

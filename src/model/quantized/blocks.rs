@@ -1,0 +1,143 @@
+//! GGML blocks on the CPU: decoding a weight's rows to f32, and fresh
+//! storage of a format's blocks filled in place (read from a file, or rows
+//! copied), without the copy candle's `QStorage::from_data` makes.
+
+use super::super::gemv::WeightRows;
+use candle_core::quantized::{k_quants, GgmlDType, GgmlType, QStorage, QTensor, QuantizedType};
+use candle_core::Result;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Weight values dequantized per parallel task.
+const DEQUANTIZE_TASK_VALUES: usize = 1 << 16;
+
+/// Dequantizes whole blocks of one format: `bytes` holds a row range's blocks.
+pub(super) type Decode = fn(&[u8], &mut [f32]);
+
+fn decode<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    // SAFETY: `bytes` is a whole number of `T` blocks cut at block boundaries
+    // from candle's CPU storage of `T`s, whose alignment `QuantizedWeight::new`
+    // checked; GGML blocks are plain data, valid for any bits.
+    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) };
+    T::to_float(blocks, out)
+}
+
+/// Fills a byte buffer: reads a tensor's blocks, or copies rows into it.
+pub type Fill<'a> = &'a mut dyn FnMut(&mut [u8]) -> Result<()>;
+
+/// What a block format's CPU code needs: its decoder, its blocks' alignment,
+/// and fresh storage of its blocks filled in place.
+pub(super) struct Format {
+    pub(super) decode: Decode,
+    pub(super) align: usize,
+    filled: fn(usize, Fill) -> Result<Box<dyn QuantizedType>>,
+}
+
+/// `bytes` bytes of `T` blocks, zeroed, then filled by `fill`: one
+/// allocation, where going through candle's `QStorage::from_data` copies.
+fn filled<T: GgmlType + Send + Sync + 'static>(
+    bytes: usize,
+    fill: Fill,
+) -> Result<Box<dyn QuantizedType>> {
+    let size = std::mem::size_of::<T>();
+    if bytes % size != 0 {
+        candle_core::bail!("{bytes} bytes are not whole blocks of {size}");
+    }
+    let n = bytes / size;
+    let mut blocks: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: GGML blocks are plain data (integers and floats), valid for
+    // any bits, zeros included; the capacity holds `n` blocks, all written.
+    unsafe {
+        std::ptr::write_bytes(blocks.as_mut_ptr(), 0, n);
+        blocks.set_len(n);
+        fill(std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            bytes,
+        ))?;
+    }
+    Ok(Box::new(blocks))
+}
+
+/// The CPU code of `format`, for the block formats it has.
+pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
+    fn of<T: GgmlType + Send + Sync + 'static>() -> Format {
+        Format {
+            decode: decode::<T>,
+            align: std::mem::align_of::<T>(),
+            filled: filled::<T>,
+        }
+    }
+    Some(match format {
+        GgmlDType::Q4_0 => of::<k_quants::BlockQ4_0>(),
+        GgmlDType::Q4_1 => of::<k_quants::BlockQ4_1>(),
+        GgmlDType::Q5_0 => of::<k_quants::BlockQ5_0>(),
+        GgmlDType::Q5_1 => of::<k_quants::BlockQ5_1>(),
+        GgmlDType::Q8_0 => of::<k_quants::BlockQ8_0>(),
+        GgmlDType::Q2K => of::<k_quants::BlockQ2K>(),
+        GgmlDType::Q3K => of::<k_quants::BlockQ3K>(),
+        GgmlDType::Q4K => of::<k_quants::BlockQ4K>(),
+        GgmlDType::Q5K => of::<k_quants::BlockQ5K>(),
+        GgmlDType::Q6K => of::<k_quants::BlockQ6K>(),
+        _ => return None,
+    })
+}
+
+/// A `[rows, cols]` CPU tensor of `format` blocks, filled in place by
+/// `fill` (`rows · cols / block size · block bytes` bytes), where the format
+/// has CPU code; `None` otherwise.
+pub fn cpu_blocks(
+    format: GgmlDType,
+    (rows, cols): (usize, usize),
+    fill: Fill,
+) -> Result<Option<QTensor>> {
+    let Some(code) = format_code(format) else {
+        return Ok(None);
+    };
+    let bytes = rows * cols / format.block_size() * format.type_size();
+    let storage = QStorage::Cpu((code.filled)(bytes, fill)?);
+    QTensor::new(storage, (rows, cols)).map(Some)
+}
+
+/// Whether `format` is a block format (not f32, f16 or bf16).
+pub fn is_block_format(format: GgmlDType) -> bool {
+    !matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// The CPU blocks of a weight, read a row range at a time.
+pub(super) struct Rows<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) row_bytes: usize,
+    pub(super) k: usize,
+    pub(super) decode: Decode,
+}
+
+impl Rows<'_> {
+    /// Rows `range` dequantized into `out`.
+    pub(super) fn decode_into(&self, range: Range<usize>, out: &mut [f32]) {
+        let bytes = &self.bytes[range.start * self.row_bytes..range.end * self.row_bytes];
+        (self.decode)(bytes, out)
+    }
+
+    /// Rows `range` dequantized into `out`, in parallel tasks.
+    pub(super) fn decode_parallel(&self, range: Range<usize>, out: &mut [f32]) {
+        let k = self.k.max(1);
+        let per_task = (DEQUANTIZE_TASK_VALUES / k).max(1);
+        crate::threads::pool().install(|| {
+            out.par_chunks_mut(per_task * k)
+                .enumerate()
+                .for_each(|(t, o)| {
+                    let first = range.start + t * per_task;
+                    self.decode_into(first..first + o.len() / k, o)
+                })
+        });
+    }
+}
+
+impl WeightRows for Rows<'_> {
+    fn rows<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.resize(range.len() * self.k, 0.0);
+        self.decode_into(range, scratch);
+        scratch
+    }
+}

@@ -1,0 +1,107 @@
+//! Products of many rows with a quantized weight on the CPU, a tile of the
+//! weight's rows at a time: each tile is dequantized into one reused f32
+//! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
+//! whole weight is ever made.
+
+use super::super::add_matmul::parallelism;
+use super::super::gemv;
+use super::blocks::Rows;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use std::ops::Range;
+
+/// Weight values a many-row product dequantizes at a time (4 MB of f32).
+const TILE_VALUES: usize = 1 << 20;
+
+/// The row ranges of a weight of `n` rows of `k` values that a product
+/// dequantizes in turn.
+fn tiles(n: usize, k: usize) -> impl Iterator<Item = Range<usize>> {
+    let per_tile = (TILE_VALUES / k.max(1)).max(1);
+    (0..n)
+        .step_by(per_tile)
+        .map(move |start| start..(start + per_tile).min(n))
+}
+
+/// A many-row product of f32 CPU rows with a quantized weight, a tile of the
+/// weight's rows at a time: `x Wᵀ` (`[m, in]` → `[m, out]`), or with
+/// `input_gradient`, `dy W` (`[m, out]` → `[m, in]`).
+pub(super) struct TiledProduct<'a> {
+    pub(super) rows: Rows<'a>,
+    pub(super) n: usize,
+    pub(super) input_gradient: bool,
+}
+
+impl CustomOp1 for TiledProduct<'_> {
+    fn name(&self) -> &'static str {
+        "tuneforge-quantized-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = gemv::contiguous(storage, layout)?;
+        let (m, width) = layout.shape().dims2()?;
+        let (n, k) = (self.n, self.rows.k);
+        let (want, out_width) = match self.input_gradient {
+            false => (k, n),
+            true => (n, k),
+        };
+        if width != want {
+            candle_core::bail!("a [{m}, {width}] input for a [{n}, {k}] quantized weight");
+        }
+        let mut out = vec![0f32; m * out_width];
+        let mut tile = Vec::new();
+        for (i, r) in tiles(n, k).enumerate() {
+            tile.resize(r.len() * k, 0.0);
+            self.rows.decode_parallel(r.clone(), &mut tile);
+            // SAFETY: `x` is `[m, width]` and `out` `[m, out_width]`, both
+            // contiguous; the tile is `[r.len(), k]`. Forward: columns `r` of
+            // `out` get `x · tileᵀ`. Input gradient: `out` gets
+            // `dy[:, r] · tile` added. Every index stays inside its slice.
+            unsafe {
+                match self.input_gradient {
+                    false => gemm::gemm(
+                        m,
+                        r.len(),
+                        k,
+                        out.as_mut_ptr().add(r.start),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(),
+                    ),
+                    true => gemm::gemm(
+                        m,
+                        k,
+                        r.len(),
+                        out.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        i > 0,
+                        x.as_ptr().add(r.start),
+                        1,
+                        n as isize,
+                        tile.as_ptr(),
+                        1,
+                        k as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(),
+                    ),
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, out_width))))
+    }
+}
