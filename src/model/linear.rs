@@ -91,6 +91,15 @@ impl FrozenWeight {
         }
     }
 
+    /// Rows `range` as a dense `[len, in]` tensor: a view of a dense weight,
+    /// a quantized one's rows dequantized.
+    pub fn row_range(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.narrow(0, range.start, range.len()),
+            Self::Quantized(q) => q.dequantize_rows(range),
+        }
+    }
+
     /// The rows `ids` (u32, `[len]`): `[len, in]`, dense (an embedding lookup).
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match self {

@@ -1,19 +1,26 @@
 //! Masked next-token cross-entropy, computed only at trained positions.
 //!
-//! The hidden states of trained positions are gathered first; logits are then
-//! made in chunks of rows and dropped at once, and the backward pass makes them
-//! again, chunk by chunk. So the full `[tokens, vocab]` logits never exist, and
-//! the frozen output matrix gets no gradient.
+//! The hidden states of trained positions are gathered first. The output
+//! matrix is then read a tile of vocabulary rows at a time: each tile's
+//! logits for every row are made, folded into a running softmax (the row's
+//! largest logit so far and its sum of exponentials, rescaled when the
+//! largest grows, as flash attention does), and dropped. The gradient with
+//! respect to the hidden states, `softmax · W − W[label]`, is accumulated in
+//! the same pass and divided by the sum at the end. So neither the
+//! `[tokens, vocab]` logits nor a chunk of them ever exists, the output
+//! matrix is read once per pass (a quantized one is dequantized one tile at a
+//! time), and it gets no gradient.
 
 use crate::model::autograd::{apply, Function};
 use crate::model::{CausalLm, FrozenWeight};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
-/// Rows of logits made at once on the CPU (128 × 49152 f32 is 25 MB).
-const CPU_CHUNK_ROWS: usize = 128;
-/// Logits made at once on a GPU, in elements (256 MB of f32): large matmuls, and
-/// few of the host reads that a chunk's loss needs.
-const GPU_CHUNK_LOGITS: usize = 64 << 20;
+/// Output-matrix values read per tile on the CPU (4 MB of f32).
+const CPU_TILE_VALUES: usize = 1 << 20;
+/// Logits of one tile at most on the CPU (32 MB of f32).
+const CPU_TILE_LOGITS: usize = 8 << 20;
+/// Logits of one tile on a GPU (256 MB of f32): large matmuls, few launches.
+const GPU_TILE_LOGITS: usize = 64 << 20;
 
 /// The summed cross-entropy of `targets` at trained positions.
 ///
@@ -43,160 +50,137 @@ pub fn per_row_cross_entropy(
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    apply(
-        hidden,
-        ChunkedCrossEntropy {
-            weight: weight.clone(),
-            labels: labels.detach(),
-            softcap,
-        },
-    )
-}
-
-/// One chunk's logits (f32), softmax and labels, and with soft-capping the
-/// derivative of the cap at each logit.
-struct Chunk {
-    logits: Tensor,
-    probs: Tensor,
-    labels: Tensor,
-    cap_slope: Option<Tensor>,
-}
-
-struct ChunkedCrossEntropy {
-    weight: FrozenWeight,
-    labels: Tensor,
-    softcap: Option<f64>,
-}
-
-impl ChunkedCrossEntropy {
-    /// Logits, probabilities and labels of rows `start..start + len`.
-    fn chunk(&self, hidden: &Tensor, start: usize, len: usize) -> Result<Chunk> {
-        let h = hidden.narrow(0, start, len)?;
-        let raw = match &self.weight {
-            // candle's matmul for every chunk, however few its rows, so a
-            // row's loss does not depend on the chunk it falls in.
-            FrozenWeight::Dense(w) => h.matmul(&w.t()?)?,
-            blocks => blocks.matmul_t(&h.contiguous()?)?,
-        }
-        .to_dtype(DType::F32)?;
-        let (logits, cap_slope) = match self.softcap {
-            Some(c) => {
-                let th = (&raw / c)?.tanh()?;
-                ((&th * c)?, Some((1.0 - th.sqr()?)?))
-            }
-            None => (raw, None),
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        Ok(Chunk {
-            logits,
-            probs,
-            labels: self.labels.narrow(0, start, len)?,
-            cap_slope,
-        })
-    }
-
-    /// Each row's loss, `−log p(label)`. Taken from the softmax when the label's
-    /// probability is representable, else (losses above ~87) from log-softmax.
-    fn chunk_loss(c: &Chunk) -> Result<Tensor> {
-        let labels = c.labels.unsqueeze(1)?;
-        let p = c.probs.gather(&labels, 1)?.squeeze(1)?;
-        if p.flatten_all()?.min(0)?.to_scalar::<f32>()? > 0.0 {
-            return p.log()?.neg();
-        }
-        candle_nn::ops::log_softmax(&c.logits, D::Minus1)?
-            .gather(&labels, 1)?
-            .squeeze(1)?
-            .neg()
-    }
-
-    /// The gradient of each row's loss with respect to its hidden state:
-    /// `(softmax − onehot(label)) · W = softmax · W − W[label]`.
-    /// With soft-capping, each logit's gradient is scaled by the cap's slope first.
-    fn chunk_grad(&self, c: &Chunk, dtype: DType) -> Result<Tensor> {
-        if let Some(slope) = &c.cap_slope {
-            let vocab = c.probs.dim(1)?;
-            let onehot = candle_nn::encoding::one_hot(c.labels.clone(), vocab, 1f32, 0f32)?;
-            let d_logits = ((&c.probs - onehot)? * slope)?.to_dtype(self.weight.dtype())?;
-            return self.weight.matmul(&d_logits)?.to_dtype(dtype);
-        }
-        let probs = c.probs.to_dtype(self.weight.dtype())?;
-        (self.weight.matmul(&probs)? - self.weight.rows(&c.labels)?)?.to_dtype(dtype)
-    }
-
-    /// `(start, len)` of each chunk of `hidden`'s rows.
-    fn chunks(&self, hidden: &Tensor) -> Result<impl Iterator<Item = (usize, usize)>> {
-        let rows = if hidden.device().is_cpu() {
-            CPU_CHUNK_ROWS
-        } else {
-            (GPU_CHUNK_LOGITS / self.weight.dims().0.max(1)).max(CPU_CHUNK_ROWS)
-        };
-        let n = hidden.dim(0)?;
-        Ok((0..n)
-            .step_by(rows)
-            .map(move |start| (start, rows.min(n - start))))
-    }
-}
-
-impl Function for ChunkedCrossEntropy {
-    fn name(&self) -> &'static str {
-        "chunked_cross_entropy"
-    }
-
-    fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let mut parts = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
-        for (start, len) in self.chunks(hidden)? {
-            parts.push(Self::chunk_loss(&self.chunk(hidden, start, len)?)?);
-        }
-        Tensor::cat(&parts, 0)
-    }
-
-    fn backward(&self, hidden: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let mut parts = vec![Tensor::zeros(
-            (0, hidden.dim(1)?),
-            hidden.dtype(),
-            hidden.device(),
-        )?];
-        for (start, len) in self.chunks(hidden)? {
-            let chunk = self.chunk(hidden, start, len)?;
-            let scale = grad
-                .narrow(0, start, len)?
-                .unsqueeze(1)?
-                .to_dtype(hidden.dtype())?;
-            parts.push(
-                self.chunk_grad(&chunk, hidden.dtype())?
-                    .broadcast_mul(&scale)?,
-            );
-        }
-        Tensor::cat(&parts, 0)
-    }
+    apply(hidden, TiledCrossEntropy::new(weight, labels, softcap)?)
 }
 
 /// Each row's cross-entropy (`[n]`, f32) and the gradient of their sum with
-/// respect to `hidden` (`[n, d]`), in one pass: the logits of each chunk are made
-/// once and dropped.
+/// respect to `hidden` (`[n, d]`), in one pass over the output matrix.
 pub fn cross_entropy_and_grad(
     hidden: &Tensor,
     weight: &FrozenWeight,
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
-    let ce = ChunkedCrossEntropy {
-        weight: weight.clone(),
-        labels: labels.detach(),
-        softcap,
-    };
-    let mut losses = vec![Tensor::zeros(0, DType::F32, hidden.device())?];
-    let mut grads = vec![Tensor::zeros(
-        (0, hidden.dim(1)?),
-        hidden.dtype(),
-        hidden.device(),
-    )?];
-    for (start, len) in ce.chunks(hidden)? {
-        let chunk = ce.chunk(hidden, start, len)?;
-        losses.push(ChunkedCrossEntropy::chunk_loss(&chunk)?);
-        grads.push(ce.chunk_grad(&chunk, hidden.dtype())?);
+    let ce = TiledCrossEntropy::new(weight, labels, softcap)?;
+    let (losses, grad) = ce.run(hidden, true, ce.tile_rows(hidden.dim(0)?))?;
+    Ok((losses, grad.expect("asked for the gradient")))
+}
+
+struct TiledCrossEntropy {
+    weight: FrozenWeight,
+    labels: Tensor,
+    softcap: Option<f64>,
+}
+
+/// Logits soft-capped at `cap` (`c · tanh(z / c)`) and the cap's slope at
+/// each (`1 − tanh²`); without a cap, the logits and no slope.
+fn capped(raw: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    match cap {
+        Some(c) => {
+            let th = (raw / c)?.tanh()?;
+            Ok(((&th * c)?, Some((1.0 - th.sqr()?)?)))
+        }
+        None => Ok((raw, None)),
     }
-    Ok((Tensor::cat(&losses, 0)?, Tensor::cat(&grads, 0)?))
+}
+
+impl TiledCrossEntropy {
+    fn new(weight: &FrozenWeight, labels: &Tensor, softcap: Option<f64>) -> Result<Self> {
+        // A GPU dequantizes a quantized matrix whole: once here, not per tile.
+        let weight = match weight {
+            FrozenWeight::Quantized(q) if !q.device().is_cpu() => q.dequantize()?.into(),
+            w => w.clone(),
+        };
+        Ok(Self {
+            weight,
+            labels: labels.detach(),
+            softcap,
+        })
+    }
+
+    /// Vocabulary rows per tile for `n` rows of hidden states.
+    fn tile_rows(&self, n: usize) -> usize {
+        let (vocab, d) = self.weight.dims();
+        let rows = match self.weight.device().is_cpu() {
+            true => (CPU_TILE_VALUES / d.max(1)).min(CPU_TILE_LOGITS / n.max(1)),
+            false => GPU_TILE_LOGITS / n.max(1),
+        };
+        rows.clamp(1, vocab.max(1))
+    }
+
+    /// Each row's loss (`[n]`, f32) and, with `grad`, the gradient of their
+    /// sum with respect to `hidden`, in `hidden`'s dtype; `per_tile`
+    /// vocabulary rows at a time.
+    fn run(
+        &self,
+        hidden: &Tensor,
+        grad: bool,
+        per_tile: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (n, d) = hidden.dims2()?;
+        let (vocab, _) = self.weight.dims();
+        let device = hidden.device();
+        let h = hidden.detach().to_dtype(self.weight.dtype())?;
+        // The running largest logit of each row, its sum of exponentials
+        // relative to it, and Σ exp(logit − largest) · slope · W[v].
+        let mut largest = Tensor::full(f32::NEG_INFINITY, (n, 1), device)?;
+        let mut sum = Tensor::zeros((n, 1), DType::F32, device)?;
+        let mut acc = Tensor::zeros((n, d), DType::F32, device)?;
+        for start in (0..vocab).step_by(per_tile) {
+            let w = self
+                .weight
+                .row_range(start..(start + per_tile).min(vocab))?;
+            let raw = h.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let (logits, slope) = capped(raw, self.softcap)?;
+            let grown = largest.maximum(&logits.max_keepdim(1)?)?;
+            let rescale = (&largest - &grown)?.exp()?;
+            let e = logits.broadcast_sub(&grown)?.exp()?;
+            sum = (sum.mul(&rescale)? + e.sum_keepdim(1)?)?;
+            if grad {
+                let weighted = match &slope {
+                    Some(s) => (&e * s)?,
+                    None => e,
+                };
+                let part = weighted.to_dtype(w.dtype())?.matmul(&w)?;
+                acc = (acc.broadcast_mul(&rescale)? + part.to_dtype(DType::F32)?)?;
+            }
+            largest = grown;
+        }
+        // The label's own logit, and the slope of the cap there.
+        let label_rows = self.weight.rows(&self.labels)?;
+        let raw = (&h * &label_rows)?.to_dtype(DType::F32)?.sum_keepdim(1)?;
+        let (label_logit, label_slope) = capped(raw, self.softcap)?;
+        let losses = ((largest + sum.log()?)? - label_logit)?.squeeze(1)?;
+        if !grad {
+            return Ok((losses, None));
+        }
+        let label_part = match label_slope {
+            Some(s) => label_rows.to_dtype(DType::F32)?.broadcast_mul(&s)?,
+            None => label_rows.to_dtype(DType::F32)?,
+        };
+        let g = (acc.broadcast_div(&sum)? - label_part)?;
+        Ok((losses, Some(g.to_dtype(hidden.dtype())?)))
+    }
+}
+
+impl Function for TiledCrossEntropy {
+    fn name(&self) -> &'static str {
+        "tiled_cross_entropy"
+    }
+
+    fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.run(hidden, false, self.tile_rows(hidden.dim(0)?))?.0)
+    }
+
+    fn backward(&self, hidden: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let tile = self.tile_rows(hidden.dim(0)?);
+        let g = self
+            .run(hidden, true, tile)?
+            .1
+            .expect("asked for the gradient");
+        let scale = grad.unsqueeze(1)?.to_dtype(hidden.dtype())?;
+        g.broadcast_mul(&scale)
+    }
 }
 
 #[cfg(test)]
@@ -210,16 +194,43 @@ mod tests {
         w.clone().into()
     }
 
+    /// However many vocabulary rows a tile holds (one, a few, a last short
+    /// tile, the whole vocabulary), the losses and gradients are the same,
+    /// with and without soft-capping.
+    #[test]
+    fn tiles_of_any_size_give_the_same_losses() {
+        let h = (randn(&[37, 8], 31) * 2.0).unwrap();
+        let w = dense(&randn(&[50, 8], 32));
+        let labels = Tensor::from_vec(
+            (0..37u32).map(|i| i * 11 % 50).collect::<Vec<_>>(),
+            37,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for softcap in [None, Some(1.5)] {
+            let ce = TiledCrossEntropy::new(&w, &labels, softcap).unwrap();
+            let (want, want_grad) = ce.run(&h, true, 50).unwrap();
+            for per_tile in [1, 7, 16, 49] {
+                let (got, grad) = ce.run(&h, true, per_tile).unwrap();
+                let diff = crate::testing::max_abs_diff(&got, &want);
+                assert!(diff < 1e-5, "{per_tile} per tile: {diff}");
+                let diff =
+                    crate::testing::max_abs_diff(&grad.unwrap(), want_grad.as_ref().unwrap());
+                assert!(diff < 1e-5, "{per_tile} per tile: gradient {diff}");
+            }
+        }
+    }
+
     /// With the output matrix in blocks (a quantized base's tied embeddings),
-    /// losses and gradients are those of its dequantized matrix, over several
-    /// chunks and a last short one; the gradient matches finite differences.
+    /// losses and gradients are those of its dequantized matrix; the gradient
+    /// matches finite differences.
     #[test]
     fn a_quantized_output_matrix_gives_its_dequantized_losses() {
         let q = crate::model::QuantizedWeight::quantize(&randn(&[300, 64], 21), GgmlDType::Q8_0)
             .unwrap();
         let blocks = FrozenWeight::from(q.clone());
         let flat = dense(&q.dequantize().unwrap());
-        let n = 2 * CPU_CHUNK_ROWS + 5;
+        let n = 261;
         let h = randn(&[n, 64], 22);
         let labels = Tensor::from_vec(
             (0..n as u32).map(|i| i * 13 % 300).collect::<Vec<_>>(),

@@ -144,14 +144,27 @@ impl QuantizedWeight {
 
     /// The weight dequantized, `[out, in]` in the products' dtype.
     pub fn dequantize(&self) -> Result<Tensor> {
+        self.dequantize_rows(0..self.dims().0)
+    }
+
+    /// Rows `range` dequantized, `[len, in]` in the products' dtype (on a
+    /// GPU, through the whole weight dequantized).
+    pub fn dequantize_rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
         let (n, k) = self.dims();
+        if range.start > range.end || range.end > n {
+            candle_core::bail!("rows {range:?} of a weight of {n} rows");
+        }
         let w = match self.cpu_rows()? {
             Some(rows) => {
-                let mut out = vec![0f32; n * k];
-                rows.decode_parallel(0..n, &mut out);
-                Tensor::from_vec(out, (n, k), &Device::Cpu)?
+                let mut out = vec![0f32; range.len() * k];
+                let len = range.len();
+                rows.decode_parallel(range, &mut out);
+                Tensor::from_vec(out, (len, k), &Device::Cpu)?
             }
-            None => self.blocks.dequantize(&self.device())?,
+            None => self
+                .blocks
+                .dequantize(&self.device())?
+                .narrow(0, range.start, range.len())?,
         };
         w.to_dtype(self.dtype)
     }
