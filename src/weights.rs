@@ -163,10 +163,10 @@ impl Weights {
         // next ones rather than left below them on the heap.
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort_by_key(|n| {
-            let info = &content.tensor_infos[*n];
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
-            (std::cmp::Reverse(bytes), n.as_str())
+            (
+                std::cmp::Reverse(tensor_bytes(&content.tensor_infos[*n])),
+                *n,
+            )
         });
         for name in names {
             if let Some(kept) = rope_table_name(name) {
@@ -274,6 +274,11 @@ fn rope_table_name(gguf: &str) -> Option<&'static str> {
     }
 }
 
+/// The bytes a GGUF tensor's data takes in the file.
+fn tensor_bytes(info: &gguf_file::TensorInfo) -> usize {
+    crate::model::quantized::block_bytes(info.ggml_dtype, info.shape.elem_count())
+}
+
 /// Fails with a clear message when the file is shorter than its tensor table says.
 fn check_gguf_size(path: &Path, content: &gguf_file::Content) -> Result<()> {
     let len = std::fs::metadata(path)
@@ -282,10 +287,7 @@ fn check_gguf_size(path: &Path, content: &gguf_file::Content) -> Result<()> {
     let needed = content
         .tensor_infos
         .values()
-        .map(|t| {
-            let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
-            content.tensor_data_offset + t.offset + bytes as u64
-        })
+        .map(|t| content.tensor_data_offset + t.offset + tensor_bytes(t) as u64)
         .max()
         .unwrap_or(0);
     if len < needed {

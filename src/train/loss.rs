@@ -194,6 +194,12 @@ mod tests {
         w.clone().into()
     }
 
+    /// `n` labels `i · step mod vocab`.
+    fn labels(n: usize, step: u32, vocab: u32, device: &Device) -> Tensor {
+        let ids: Vec<u32> = (0..n as u32).map(|i| i * step % vocab).collect();
+        Tensor::from_vec(ids, n, device).unwrap()
+    }
+
     /// However many vocabulary rows a tile holds (one, a few, a last short
     /// tile, the whole vocabulary), the losses and gradients are the same,
     /// with and without soft-capping.
@@ -201,12 +207,7 @@ mod tests {
     fn tiles_of_any_size_give_the_same_losses() {
         let h = (randn(&[37, 8], 31) * 2.0).unwrap();
         let w = dense(&randn(&[50, 8], 32));
-        let labels = Tensor::from_vec(
-            (0..37u32).map(|i| i * 11 % 50).collect::<Vec<_>>(),
-            37,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let labels = labels(37, 11, 50, &Device::Cpu);
         for softcap in [None, Some(1.5)] {
             let ce = TiledCrossEntropy::new(&w, &labels, softcap).unwrap();
             let (want, want_grad) = ce.run(&h, true, 50).unwrap();
@@ -232,12 +233,7 @@ mod tests {
         let flat = dense(&q.dequantize().unwrap());
         let n = 261;
         let h = randn(&[n, 64], 22);
-        let labels = Tensor::from_vec(
-            (0..n as u32).map(|i| i * 13 % 300).collect::<Vec<_>>(),
-            n,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let labels = labels(n, 13, 300, &Device::Cpu);
         for softcap in [None, Some(3.0)] {
             let (loss, grad) = cross_entropy_and_grad(&h, &blocks, &labels, softcap).unwrap();
             let (want_loss, want_grad) =
@@ -255,12 +251,7 @@ mod tests {
     fn matches_plain_cross_entropy() {
         let h = randn(&[300, 6], 1);
         let w = randn(&[11, 6], 2);
-        let labels = Tensor::from_vec(
-            (0..300u32).map(|i| i * 7 % 11).collect::<Vec<_>>(),
-            300,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let labels = labels(300, 7, 11, &Device::Cpu);
         let want =
             candle_nn::loss::cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &labels).unwrap();
         let got = per_row_cross_entropy(&h, &dense(&w), &labels, None)
@@ -290,12 +281,7 @@ mod tests {
     fn fused_gradient_equals_the_autograd_one() {
         let h = randn(&[300, 6], 5);
         let w = randn(&[11, 6], 6);
-        let labels = Tensor::from_vec(
-            (0..300u32).map(|i| i * 5 % 11).collect::<Vec<_>>(),
-            300,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let labels = labels(300, 5, 11, &Device::Cpu);
         for softcap in [None, Some(2.0)] {
             let (losses, grad) = cross_entropy_and_grad(&h, &dense(&w), &labels, softcap).unwrap();
             let v = candle_core::Var::from_tensor(&h).unwrap();
@@ -350,12 +336,7 @@ mod tests {
     #[test]
     fn bf16_losses_and_gradients_follow_f32() {
         for device in devices() {
-            let labels = Tensor::from_vec(
-                (0..40u32).map(|i| i * 7 % 300).collect::<Vec<_>>(),
-                40,
-                &device,
-            )
-            .unwrap();
+            let labels = labels(40, 7, 300, &device);
             // The loss per row (f32 in both cases) and the hidden states' gradient.
             let run = |dtype: DType| {
                 let h = randn_on(&[40, 16], 1, &device).to_dtype(dtype).unwrap();

@@ -83,6 +83,11 @@ pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
     })
 }
 
+/// The bytes `values` values take in `format` (whole blocks).
+pub fn block_bytes(format: GgmlDType, values: usize) -> usize {
+    values / format.block_size() * format.type_size()
+}
+
 /// A `[rows, cols]` CPU tensor of `format` blocks, filled in place by
 /// `fill` (`rows · cols / block size · block bytes` bytes), where the format
 /// has CPU code; `None` otherwise.
@@ -94,7 +99,7 @@ pub fn cpu_blocks(
     let Some(code) = format_code(format) else {
         return Ok(None);
     };
-    let bytes = rows * cols / format.block_size() * format.type_size();
+    let bytes = block_bytes(format, rows * cols);
     let storage = QStorage::Cpu((code.filled)(bytes, fill)?);
     QTensor::new(storage, (rows, cols)).map(Some)
 }

@@ -22,7 +22,7 @@
 mod blocks;
 mod tiled;
 
-pub use blocks::{cpu_blocks, is_block_format, Fill};
+pub use blocks::{block_bytes, cpu_blocks, is_block_format, Fill};
 
 use super::gemv;
 use blocks::{format_code, Format, Rows};
@@ -136,7 +136,7 @@ impl QuantizedWeight {
         let k = self.dims().1;
         Ok(Some(Rows {
             bytes,
-            row_bytes: k / format.block_size() * format.type_size(),
+            row_bytes: block_bytes(format, k),
             k,
             decode,
         }))
@@ -239,7 +239,7 @@ impl QuantizedWeight {
     pub fn select_rows(&self, order: &[usize]) -> Result<Self> {
         let (n, k) = self.dims();
         let format = self.format();
-        let row_bytes = k / format.block_size() * format.type_size();
+        let row_bytes = block_bytes(format, k);
         if let Some(&r) = order.iter().find(|&&r| r >= n) {
             candle_core::bail!("row {r} of a weight of {n} rows");
         }
@@ -290,6 +290,22 @@ mod tests {
         GgmlDType::Q6K,
     ];
 
+    /// Checks `w`'s forward on `m` random rows and its input gradient
+    /// against its dequantized f32 copy's, within `tol` and `dx_tol`.
+    fn check_products(w: &QuantizedWeight, m: usize, seed: u64, tol: f32, dx_tol: f32) {
+        let (n, k) = w.dims();
+        let what = format!("{:?} {n}x{k}, {m} rows", w.format());
+        let dense = w.dequantize().unwrap();
+        let x = randn(&[m, k], seed);
+        let want = x.matmul(&dense.t().unwrap()).unwrap();
+        let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
+        assert!(diff < tol, "{what}: {diff}");
+        let dy = randn(&[m, n], seed + 1);
+        let want = dy.matmul(&dense).unwrap();
+        let diff = max_abs_diff(&w.matmul(&dy).unwrap(), &want);
+        assert!(diff < dx_tol, "{what}: dx {diff}");
+    }
+
     /// The products of a quantized weight are those of its dequantized f32
     /// copy, forward (few rows and many) and input gradient, on odd shapes.
     #[test]
@@ -298,15 +314,7 @@ mod tests {
             let k = 2 * format.block_size();
             for (n, m) in [(3, 1), (37, 5), (70, 65), (17, 130)] {
                 let w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
-                let dense = w.dequantize().unwrap();
-                let x = randn(&[m, k], 2);
-                let want = x.matmul(&dense.t().unwrap()).unwrap();
-                let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
-                assert!(diff < 1e-4, "{format:?} {n}x{k}, {m} rows: {diff}");
-                let dy = randn(&[m, n], 3);
-                let want = dy.matmul(&dense).unwrap();
-                let diff = max_abs_diff(&w.matmul(&dy).unwrap(), &want);
-                assert!(diff < 1e-4, "{format:?} {n}x{k}, {m} rows: dx {diff}");
+                check_products(&w, m, 2, 1e-4, 1e-4);
             }
         }
     }
@@ -319,15 +327,7 @@ mod tests {
             // 1,024 rows per tile of 2^20 values: two tiles, the last partial.
             let (n, k, m) = (1100, 1024, 67);
             let w = QuantizedWeight::quantize(&randn(&[n, k], 7), format).unwrap();
-            let dense = w.dequantize().unwrap();
-            let x = randn(&[m, k], 8);
-            let want = x.matmul(&dense.t().unwrap()).unwrap();
-            let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
-            assert!(diff < 1e-4, "{format:?}: {diff}");
-            let dy = randn(&[m, n], 9);
-            let want = dy.matmul(&dense).unwrap();
-            let diff = max_abs_diff(&w.matmul(&dy).unwrap(), &want);
-            assert!(diff < 1e-3, "{format:?}: dx {diff}");
+            check_products(&w, m, 8, 1e-4, 1e-3);
         }
     }
 
