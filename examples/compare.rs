@@ -66,6 +66,10 @@ struct Args {
     /// q4_0 (default: as the first --adapter run trained them, else none).
     #[arg(long)]
     quantize: Option<tuneforge::Quantize>,
+    /// The base's precision: auto, f32 or bf16 (default: as the first
+    /// --adapter run trained it, else auto).
+    #[arg(long)]
+    dtype: Option<tuneforge::quantize::BaseDtype>,
     /// Where to write the reports.
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
@@ -95,6 +99,7 @@ fn main() -> Result<()> {
             .map(|sizes| ScalingConfig::new(&sizes, &a.adapter, &a.out))
             .transpose()?,
         quantize: a.quantize,
+        dtype: a.dtype,
         ..CompareConfig::default()
     };
     let comparison = compare::compare_files(&a.model, a.device, &a.data, &a.adapter, &config)?;

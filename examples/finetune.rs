@@ -121,6 +121,11 @@ struct Args {
     /// keep (a GGUF's blocks as stored), q8_0, q4_k or q4_0.
     #[arg(long)]
     quantize: Option<tuneforge::Quantize>,
+    /// The frozen base's precision: auto (bf16 on CPUs with AMX-BF16 or
+    /// AVX512_BF16 and on GPUs, else f32), f32 or bf16 (on the CPU: the base
+    /// held in bf16, half the memory, multiplied in f32).
+    #[arg(long)]
+    dtype: Option<tuneforge::quantize::BaseDtype>,
 }
 
 /// A flag's value as the job config's enum, e.g. `--schedule cosine`.
@@ -167,6 +172,9 @@ fn main() -> Result<()> {
     }
     if let Some(q) = a.quantize {
         job.train.quantize = q;
+    }
+    if let Some(d) = a.dtype {
+        job.train.dtype = d;
     }
     // For these, 0 turns the setting off.
     let off_at_zero = |flag: Option<usize>, current| flag.map_or(current, |n| (n > 0).then_some(n));

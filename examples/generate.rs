@@ -36,6 +36,10 @@ struct Args {
     /// blocks as stored), q8_0, q4_k or q4_0.
     #[arg(long, default_value = "none")]
     quantize: tuneforge::Quantize,
+    /// The base's precision: auto (bf16 on CPUs with AMX-BF16 or
+    /// AVX512_BF16 and on GPUs, else f32), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: tuneforge::quantize::BaseDtype,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -62,16 +66,16 @@ fn main() -> Result<()> {
             device: args.device,
             dtype: None,
             quantize: args.quantize,
+            base_dtype: args.dtype,
         },
     )?;
-    if args.quantize != tuneforge::Quantize::None {
-        let (linears, _) = tuneforge::quantize::base_bytes(&model.lm);
-        eprintln!(
-            "[base: linear weights held as {} ({:.0} MB)]",
-            args.quantize,
-            linears as f64 / 1e6
-        );
-    }
+    let (linears, _) = tuneforge::quantize::base_bytes(&model.lm);
+    eprintln!(
+        "[base: {}, linear weights held as --quantize {} ({:.0} MB)]",
+        args.dtype.resolve(model.lm.device()),
+        args.quantize,
+        linears as f64 / 1e6
+    );
     for note in &model.notes {
         eprintln!("[{note}]");
     }

@@ -159,11 +159,17 @@ pub fn run(
             device,
             dtype: None,
             quantize: job.train.quantize,
+            base_dtype: job.train.dtype,
         },
     )?;
+    // The run records the precision used, `auto` resolved.
+    let mut job = job.clone();
+    job.train.dtype = job.train.dtype.resolve(model.lm.device());
+    let job = &job;
     let (linears, vocabulary) = crate::quantize::base_bytes(&model.lm);
     let mut base = vec![format!(
-        "linear weights held as --quantize {} ({:.0} MB), embeddings and output {:.0} MB",
+        "{} base; linear weights held as --quantize {} ({:.0} MB), embeddings and output {:.0} MB",
+        job.train.dtype,
         job.train.quantize,
         linears as f64 / 1e6,
         vocabulary as f64 / 1e6
@@ -172,7 +178,10 @@ pub fn run(
     let mut trainer = match existing {
         Existing::Resume => {
             let trainer = Trainer::resume(model, &job.out)?;
-            let changed = changed_settings(trainer.run_config(), job)?;
+            let mut saved = trainer.run_config().clone();
+            // A run saved before `dtype` was recorded says `auto`.
+            saved.train.dtype = saved.train.dtype.resolve(trainer.model().lm.device());
+            let changed = changed_settings(&saved, job)?;
             if !changed.is_empty() {
                 bail!(
                     "--resume continues the run in {} with the settings it was started with, \

@@ -27,6 +27,7 @@ pub mod adapter;
 pub mod atomic;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod eval;

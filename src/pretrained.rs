@@ -3,10 +3,10 @@
 
 use crate::chat::Message;
 use crate::config::ModelConfig;
-use crate::device::{default_dtype, DeviceSpec};
+use crate::device::DeviceSpec;
 use crate::generate::{generate, Generation, GenerationConfig};
 use crate::model::CausalLm;
-use crate::quantize::Quantize;
+use crate::quantize::{BaseDtype, Quantize};
 use crate::source::{self, ModelFiles, ResolvedModel};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -20,10 +20,16 @@ use std::path::Path;
 pub struct LoadOptions {
     /// Where to run.
     pub device: DeviceSpec,
-    /// The compute dtype; by default f32 on CPU and bf16 on GPUs.
+    /// The compute dtype; by default f32 on CPU and, on a GPU, the base's
+    /// precision (bf16 unless `base_dtype` is f32).
     pub dtype: Option<DType>,
     /// How the frozen base's linear weights are held (QLoRA); dense by default.
     pub quantize: Quantize,
+    /// The frozen base's precision (`--dtype`). On the CPU, bf16 holds the
+    /// matrices `quantize` leaves dense in bf16, multiplied in f32; `Auto`
+    /// (the default) picks bf16 on CPUs with bf16 arithmetic and f32 elsewhere
+    /// ([`BaseDtype::resolve`]). On a GPU it is the compute dtype.
+    pub base_dtype: BaseDtype,
 }
 
 /// A loaded model: decoder, tokenizer and provenance.
@@ -45,8 +51,11 @@ impl Model {
     pub fn load(name: &str, options: &LoadOptions) -> Result<Self> {
         let source = source::resolve(name)?;
         let device = options.device.open()?;
-        let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
-        Self::from_files(source, dtype, &device, options.quantize)
+        let dtype = options
+            .dtype
+            .unwrap_or_else(|| options.base_dtype.compute_dtype(&device));
+        let quantize = options.base_dtype.holding(options.quantize, &device);
+        Self::from_files(source, dtype, &device, quantize)
     }
 
     /// Loads a model from already-resolved files, its linear weights held as

@@ -6,11 +6,14 @@
 //! keeps them; a vocabulary matrix is the largest tensor of a small model,
 //! so it is not left in f32). The norms and biases stay dense. LoRA's
 //! parameters, gradients and optimizer state are f32 whatever the base.
+//!
+//! On the CPU the base can also be held in bf16 ([`BaseDtype`], `--dtype`):
+//! the same matrices in half an f32's bytes, their products in f32.
 
 use crate::model::{FrozenWeight, QuantizedWeight};
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// How the frozen base's matrices are held.
@@ -36,6 +39,11 @@ pub enum Quantize {
     /// vocabulary matrices to Q8_0.
     #[serde(rename = "q4_0")]
     Q4_0,
+    /// Linears and vocabulary matrices in bf16, their products in f32: a
+    /// bf16 base on the CPU, asked for with [`BaseDtype::Bf16`] (`--dtype
+    /// bf16`) rather than named on `--quantize`.
+    #[serde(rename = "bf16")]
+    Bf16,
 }
 
 impl Quantize {
@@ -48,12 +56,15 @@ impl Quantize {
         (Quantize::Q4_0, "q4_0"),
     ];
 
-    /// Its name on the command line.
+    /// Its name (on the command line, but for `bf16`, which `--dtype` names).
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(q, _)| *q == self)
-            .map_or("none", |(_, n)| n)
+        match self {
+            Quantize::Bf16 => "bf16",
+            _ => Self::ALL
+                .iter()
+                .find(|(q, _)| *q == self)
+                .map_or("none", |(_, n)| n),
+        }
     }
 
     /// The format the linears are quantized to as they load, if any.
@@ -62,16 +73,19 @@ impl Quantize {
             Quantize::Q8_0 => Some(GgmlDType::Q8_0),
             Quantize::Q4K => Some(GgmlDType::Q4K),
             Quantize::Q4_0 => Some(GgmlDType::Q4_0),
+            Quantize::Bf16 => Some(GgmlDType::BF16),
             Quantize::None | Quantize::Keep => None,
         }
     }
 
     /// The format the HF tensor `name` is quantized to as it loads, if any:
-    /// the target for a block's linear, Q8_0 for a vocabulary matrix.
+    /// the target for a block's linear; for a vocabulary matrix, Q8_0 (bf16
+    /// for a bf16 base).
     pub fn target_for(self, name: &str) -> Option<GgmlDType> {
         let target = self.target()?;
         match (is_block_linear(name), is_vocabulary_matrix(name)) {
             (true, _) => Some(target),
+            (_, true) if self == Quantize::Bf16 => Some(target),
             (_, true) => Some(GgmlDType::Q8_0),
             _ => None,
         }
@@ -114,6 +128,89 @@ impl std::str::FromStr for Quantize {
                 "unknown quantization {s:?}: choose one of {}",
                 names.join(", ")
             ),
+        }
+    }
+}
+
+/// The frozen base's precision on the CPU (`--dtype`): LoRA's parameters,
+/// gradients and optimizer state stay f32 whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BaseDtype {
+    /// bf16 on a CPU with bf16 arithmetic (AMX-BF16 or AVX512_BF16) and on
+    /// a GPU; f32 elsewhere.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// f32: exact, and the CPU's f32 FMA kernels.
+    #[serde(rename = "f32")]
+    F32,
+    /// bf16: on the CPU the base's matrices are held in bf16 (half the
+    /// memory) and multiplied in f32; on a GPU the compute dtype.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl BaseDtype {
+    /// Every choice, with its name on the command line.
+    pub const ALL: [(BaseDtype, &'static str); 3] = [
+        (BaseDtype::Auto, "auto"),
+        (BaseDtype::F32, "f32"),
+        (BaseDtype::Bf16, "bf16"),
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(d, _)| *d == self)
+            .map_or("auto", |(_, n)| n)
+    }
+
+    /// The precision used on `device`: `Auto` becomes bf16 on a GPU and on
+    /// a CPU with bf16 arithmetic ([`crate::cpu::CpuFeatures`]), f32
+    /// elsewhere; `F32` and `Bf16` stay.
+    pub fn resolve(self, device: &Device) -> BaseDtype {
+        match self {
+            BaseDtype::Auto if !device.is_cpu() => BaseDtype::Bf16,
+            BaseDtype::Auto if crate::cpu::features().has_bf16_arithmetic() => BaseDtype::Bf16,
+            BaseDtype::Auto => BaseDtype::F32,
+            chosen => chosen,
+        }
+    }
+
+    /// The compute dtype on `device`: on a GPU this precision (resolved),
+    /// on the CPU f32 (a bf16 base is multiplied in f32).
+    pub fn compute_dtype(self, device: &Device) -> DType {
+        match (device.is_cpu(), self.resolve(device)) {
+            (false, BaseDtype::Bf16) => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// How the base's matrices are held on `device` given `quantize`: on
+    /// the CPU, a bf16 base holds in bf16 what `quantize` leaves dense
+    /// ([`Quantize::Bf16`]); otherwise `quantize` as it is.
+    pub fn holding(self, quantize: Quantize, device: &Device) -> Quantize {
+        match (device.is_cpu(), self.resolve(device), quantize) {
+            (true, BaseDtype::Bf16, Quantize::None) => Quantize::Bf16,
+            _ => quantize,
+        }
+    }
+}
+
+impl std::fmt::Display for BaseDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BaseDtype {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match Self::ALL.iter().find(|(_, n)| n.eq_ignore_ascii_case(s)) {
+            Some((d, _)) => Ok(*d),
+            None => bail!("unknown dtype {s:?}: choose one of auto, f32, bf16"),
         }
     }
 }
@@ -193,5 +290,36 @@ mod tests {
             assert_eq!(Quantize::Keep.target_for(name), None);
         }
         assert_eq!(Quantize::Q4K.target_for("model.norm.weight"), None);
+    }
+
+    /// A bf16 base holds every matrix a quantized base would in bf16, and
+    /// only on the CPU; `auto` follows the CPU's bf16 arithmetic.
+    #[test]
+    fn a_bf16_base_holds_its_matrices_in_bf16_on_the_cpu() {
+        let cpu = Device::Cpu;
+        for name in ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"] {
+            assert_eq!(Quantize::Bf16.target_for(name), Some(GgmlDType::BF16));
+        }
+        assert_eq!(Quantize::Bf16.target_for("model.norm.weight"), None);
+        assert_eq!(
+            BaseDtype::Bf16.holding(Quantize::None, &cpu),
+            Quantize::Bf16
+        );
+        assert_eq!(BaseDtype::Bf16.holding(Quantize::Q4K, &cpu), Quantize::Q4K);
+        assert_eq!(BaseDtype::F32.holding(Quantize::None, &cpu), Quantize::None);
+        assert_eq!(BaseDtype::Bf16.compute_dtype(&cpu), DType::F32);
+        let auto = match crate::cpu::features().has_bf16_arithmetic() {
+            true => BaseDtype::Bf16,
+            false => BaseDtype::F32,
+        };
+        assert_eq!(BaseDtype::Auto.resolve(&cpu), auto);
+        for (d, name) in BaseDtype::ALL {
+            assert_eq!(name.parse::<BaseDtype>().unwrap(), d);
+            assert_eq!(d.to_string(), name);
+        }
+        let err = "f16".parse::<BaseDtype>().unwrap_err().to_string();
+        assert!(err.contains("auto, f32, bf16"), "{err}");
+        let err = "bf16".parse::<Quantize>().unwrap_err().to_string();
+        assert!(err.contains("none, keep"), "--dtype names bf16: {err}");
     }
 }

@@ -25,8 +25,14 @@ fn arch_fixture(arch: &str) -> PathBuf {
 }
 
 fn load(path: &Path) -> Model {
-    Model::load(path.to_str().unwrap(), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+    Model::load(
+        path.to_str().unwrap(),
+        &LoadOptions {
+            base_dtype: tuneforge::quantize::BaseDtype::F32,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
 /// The architectures with tiny reference models.

@@ -251,6 +251,7 @@ fn quantized_bases_match_the_reference() {
     let load = |quantize| {
         let options = tuneforge::LoadOptions {
             quantize,
+            base_dtype: tuneforge::quantize::BaseDtype::F32,
             ..Default::default()
         };
         tuneforge::Model::load("smollm2-135m-instruct", &options).unwrap()
@@ -278,6 +279,31 @@ fn quantized_bases_match_the_reference() {
             check_greedy_generation(&model);
         }
     }
+}
+
+/// A bf16 base on the CPU (`--dtype bf16`): every block linear and the
+/// embeddings held in bf16 at half the f32 bytes, multiplied in f32 on
+/// f32 activations; the logits and losses within bf16's bounds.
+#[test]
+fn a_bf16_base_on_the_cpu_stays_close() {
+    use tuneforge::quantize::{base_bytes, BaseDtype};
+    let options = tuneforge::LoadOptions {
+        base_dtype: BaseDtype::Bf16,
+        device: tuneforge::DeviceSpec::Cpu,
+        ..Default::default()
+    };
+    let model = tuneforge::Model::load("smollm2-135m-instruct", &options).unwrap();
+    for layer in &model.lm.layers {
+        for (name, l) in layer.linears() {
+            assert!(l.weight.is_quantized(), "{name} is not held in bf16");
+        }
+    }
+    assert!(model.lm.embed_tokens.is_quantized(), "embeddings");
+    let (dense, held) = (base_bytes(&smollm2().lm), base_bytes(&model.lm));
+    assert_eq!(2 * held.0, dense.0, "linears at half the bytes");
+    assert_eq!(2 * held.1, dense.1, "embeddings at half the bytes");
+    assert_eq!(model.lm.dtype(), candle_core::DType::F32, "f32 activations");
+    check_logits_and_losses(&model, BF16_LOGIT_TOL, BF16_LOSS_TOL);
 }
 
 /// bf16 keeps 8 bits of mantissa, so logits of size ~20 move by about 0.1: the

@@ -144,11 +144,12 @@ fn lora_gradients_match_finite_differences() {
     }
 }
 
-/// The same through frozen weights kept in blocks (QLoRA): the input gradient
-/// goes through the quantized weights the forward read.
+/// The same through frozen weights kept in blocks (QLoRA), and through a
+/// bf16 base on the CPU: the input gradient goes through the held weights
+/// the forward read.
 #[test]
 fn lora_gradients_through_quantized_weights_match_finite_differences() {
-    for quantize in [Quantize::Q8_0, Quantize::Q4_0] {
+    for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
         let model = tiny_held(&Device::Cpu, quantize);
         assert!(model.lm.layers[0]
             .linears()

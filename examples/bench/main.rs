@@ -34,12 +34,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tuneforge::data::Example;
+use tuneforge::quantize::BaseDtype;
 use tuneforge::train::optim::AdamW;
 use tuneforge::{
     device, lora, memory, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
     ModelConfig,
 };
 
+mod flops;
 mod qlora;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +94,9 @@ pub struct Row {
     #[serde(default)]
     peak_gpu_mb: Option<f64>,
     gflops: Option<f64>,
+    /// The frozen base's precision (`f32`, `bf16`), where the row says.
+    #[serde(default)]
+    base: String,
 }
 
 impl Row {
@@ -105,6 +110,7 @@ impl Row {
             peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / 1e6),
             peak_gpu_mb: None,
             gflops: None,
+            base: String::new(),
         }
     }
 
@@ -118,13 +124,18 @@ impl Row {
     }
 }
 
-/// The rows of the `cpu` suite, in order.
-const CPU_ROWS: [&str; 9] = [
+/// The rows of the `cpu` suite, in order. Rows that end in [`BF16_BASE`]
+/// hold the frozen base in bf16; the others in f32.
+const CPU_ROWS: [&str; 13] = [
     "load (cached GGUF)",
     "forward, no grad, 4 x 128",
     "train, all-7, r=8, 4 x 128",
     "train, all-7, r=8, 8 x 256",
     "train, q+v, r=8, 4 x 128",
+    "forward, no grad, 4 x 128, bf16 base",
+    "train, all-7, r=8, 4 x 128, bf16 base",
+    "train, all-7, r=8, 8 x 256, bf16 base",
+    "train, q+v, r=8, 4 x 128, bf16 base",
     "greedy decoding, 64 tokens",
     "compare, bundled data, many-shot k<=16, batched",
     "compare, bundled data, many-shot k<=16, one at a time",
@@ -199,10 +210,8 @@ const GPU_ROWS: [GpuRow; 8] = [
     ),
 ];
 
-/// Weights counted once (a tied output matrix is the embedding).
-fn parameter_count(model: &Model) -> f64 {
-    model.lm.parameter_count() as f64
-}
+/// The suffix of the `cpu` suite's rows with a bf16 base.
+const BF16_BASE: &str = ", bf16 base";
 
 /// Seconds per call of `f`, over `reps` calls after one warm-up, with the
 /// device's queue drained before the clock stops.
@@ -238,21 +247,33 @@ fn train_row(
         name,
         seconds,
         b * s,
-        4.0 * parameter_count(model),
+        flops::per_token(model, s, true),
     ))
 }
 
-fn cpu_row(name: &str, args: &Args) -> Result<Row> {
+fn cpu_row(row_name: &str, args: &Args) -> Result<Row> {
+    let (name, base) = match row_name.strip_suffix(BF16_BASE) {
+        Some(name) => (name, BaseDtype::Bf16),
+        None => (row_name, BaseDtype::F32),
+    };
     let t = Instant::now();
     let mut model = Model::load(
         &args.model,
         &LoadOptions {
             device: args.device,
             dtype: None,
+            base_dtype: base,
             ..Default::default()
         },
     )?;
-    let load = t.elapsed().as_secs_f64();
+    let mut row = cpu_row_of(&mut model, name, args, t.elapsed().as_secs_f64())?;
+    row.name = row_name.into();
+    row.base = base.to_string();
+    Ok(row)
+}
+
+/// Runs the `cpu` suite's row `name` on `model`, loaded in `load` seconds.
+fn cpu_row_of(model: &mut Model, name: &str, args: &Args, load: f64) -> Result<Row> {
     let all7 = LoraConfig::default();
     let qv = LoraConfig {
         target_modules: vec!["q_proj".into(), "v_proj".into()],
@@ -264,18 +285,14 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
             let examples = Example::synthetic(4, 128, model.config().vocab_size);
             let rows: Vec<Vec<usize>> = (0..4).map(|i| vec![i]).collect();
             // Scores every position, as an evaluation pass does.
-            let seconds = time(&model, args.reps, || {
-                tuneforge::train::summed_loss(&model, &examples, &rows).map(|_| ())
+            let seconds = time(model, args.reps, || {
+                tuneforge::train::summed_loss(model, &examples, &rows).map(|_| ())
             })?;
-            Row::throughput(name, seconds, 512, 2.0 * parameter_count(&model))
+            Row::throughput(name, seconds, 512, flops::per_token(model, 128, false))
         }
-        "train, all-7, r=8, 4 x 128" => {
-            train_row(&mut model, name, &all7, (4, 128), args.reps, false)?
-        }
-        "train, all-7, r=8, 8 x 256" => {
-            train_row(&mut model, name, &all7, (8, 256), args.reps, false)?
-        }
-        "train, q+v, r=8, 4 x 128" => train_row(&mut model, name, &qv, (4, 128), args.reps, false)?,
+        "train, all-7, r=8, 4 x 128" => train_row(model, name, &all7, (4, 128), args.reps, false)?,
+        "train, all-7, r=8, 8 x 256" => train_row(model, name, &all7, (8, 256), args.reps, false)?,
+        "train, q+v, r=8, 4 x 128" => train_row(model, name, &qv, (4, 128), args.reps, false)?,
         "greedy decoding, 64 tokens" => {
             let config = GenerationConfig {
                 max_new_tokens: 64,
@@ -289,16 +306,16 @@ fn cpu_row(name: &str, args: &Args) -> Result<Row> {
             }
         }
         "compare, bundled data, many-shot k<=16, batched" => compare_row(
-            &mut model,
+            model,
             name,
             tuneforge::generate::DEFAULT_BATCH,
             Some(BENCH_MAX_SHOTS),
         )?,
         "compare, bundled data, many-shot k<=16, one at a time" => {
-            compare_row(&mut model, name, 1, Some(BENCH_MAX_SHOTS))?
+            compare_row(model, name, 1, Some(BENCH_MAX_SHOTS))?
         }
         "compare, bundled data, many-shot to the context, batched" => {
-            compare_row(&mut model, name, tuneforge::generate::DEFAULT_BATCH, None)?
+            compare_row(model, name, tuneforge::generate::DEFAULT_BATCH, None)?
         }
         other => anyhow::bail!("unknown row '{other}'"),
     })
@@ -473,6 +490,13 @@ fn main() -> Result<()> {
             names.join("; ")
         );
     }
+    // The peak the rows' GFLOP/s are held against: the best of a reading
+    // before the rows and one after, as other load on the machine lowers it.
+    let measure_peak = || match args.device {
+        DeviceSpec::Cpu => flops::f32_peak(tuneforge::threads::workers()),
+        _ => None,
+    };
+    let before = measure_peak();
     let device = args.device.to_string();
     let mut rows: Vec<Row> = Vec::new();
     for name in chosen {
@@ -493,6 +517,22 @@ fn main() -> Result<()> {
         )?);
     }
 
+    let peak = match (before, measure_peak()) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let features = tuneforge::cpu::features();
+    println!(
+        "CPU: {} ({}), {} threads; f32 FMA peak, measured: {}",
+        tuneforge::cpu::model_name().unwrap_or_else(|| "unknown".into()),
+        features.describe(),
+        tuneforge::threads::workers(),
+        peak.map_or("-".into(), |p| format!("{p:.1} GFLOP/s")),
+    );
+    println!(
+        "(bf16 base rows hold the frozen weights in bf16 and multiply them in f32, \
+         so their peak is the f32 FMA peak too)\n"
+    );
     let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());
     let memory_header = if gpu {
         "peak GPU (MB)"
@@ -500,24 +540,29 @@ fn main() -> Result<()> {
         "peak RSS (MB)"
     };
     println!(
-        "| {:<36} | {:>8} | {:>9} | {:>13} | {:>8} |",
-        "configuration", "s/step", "tokens/s", memory_header, "GFLOP/s"
+        "| {:<46} | {:>8} | {:>9} | {:>13} | {:>8} | {:>6} |",
+        "configuration", "s/step", "tokens/s", memory_header, "GFLOP/s", "peak"
     );
     println!(
-        "|{:-<38}|{:->10}|{:->11}|{:->15}|{:->10}|",
-        "", "", "", "", ""
+        "|{:-<48}|{:->10}|{:->11}|{:->15}|{:->10}|{:->8}|",
+        "", "", "", "", "", ""
     );
     let show =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
         let memory = if gpu { r.peak_gpu_mb } else { r.peak_rss_mb };
+        let share = r
+            .gflops
+            .zip(peak)
+            .map(|(g, p)| format!("{:.0}%", 100.0 * g / p));
         println!(
-            "| {:<36} | {:>8.3} | {:>9} | {:>13} | {:>8} |",
+            "| {:<46} | {:>8.3} | {:>9} | {:>13} | {:>8} | {:>6} |",
             r.name,
             r.seconds,
             show(r.tokens_per_second, 1),
             show(memory, 0),
-            show(r.gflops, 1)
+            show(r.gflops, 1),
+            share.unwrap_or_else(|| "-".into())
         );
     }
     if let Some(path) = args.json {

@@ -107,6 +107,7 @@ pub fn row(&(name, base, quantize, trains, recompute): &QloraRow, args: &Args) -
             let options = LoadOptions {
                 device: args.device,
                 quantize,
+                base_dtype: tuneforge::quantize::BaseDtype::F32,
                 ..Default::default()
             };
             (Model::load(&args.model, &options)?, args.model.clone())

@@ -30,7 +30,7 @@ use crate::generate::{
     generate_and_score_after, Generation, GenerationConfig, SharedPrefix, DEFAULT_BATCH,
 };
 use crate::pretrained::Model;
-use crate::quantize::Quantize;
+use crate::quantize::{BaseDtype, Quantize};
 use crate::rng::Rng;
 use crate::train::{metrics::Event, summed_loss};
 use anyhow::{bail, Context, Result};
@@ -71,6 +71,9 @@ pub struct CompareConfig {
     /// as the first adapter's run folder trained them (its
     /// `train_config.toml`), else dense.
     pub quantize: Option<Quantize>,
+    /// The base's precision in [`compare_files`]; `None`: as the first
+    /// adapter's run trained it, else `auto`.
+    pub dtype: Option<BaseDtype>,
 }
 
 impl Default for CompareConfig {
@@ -88,6 +91,7 @@ impl Default for CompareConfig {
             constrain_json: true,
             scaling: None,
             quantize: None,
+            dtype: None,
         }
     }
 }
@@ -603,17 +607,26 @@ pub fn compare_files(
     let trained_as = adapters
         .first()
         .and_then(|a| crate::train::RunConfig::read(a).ok())
-        .map(|run| run.train.quantize);
-    let quantize = config.quantize.or(trained_as).unwrap_or_default();
+        .map(|run| (run.train.quantize, run.train.dtype));
+    let quantize = config
+        .quantize
+        .or(trained_as.map(|t| t.0))
+        .unwrap_or_default();
+    let dtype = config.dtype.or(trained_as.map(|t| t.1)).unwrap_or_default();
     let mut model = Model::load(
         model,
         &crate::pretrained::LoadOptions {
             device,
             dtype: None,
             quantize,
+            base_dtype: dtype,
         },
     )?;
     let mut comparison = compare(&mut model, adapters, &held_out, &train, config)?;
+    comparison.notes.push(format!(
+        "the base ran in {} (--dtype {dtype})",
+        dtype.resolve(model.lm.device())
+    ));
     if quantize != Quantize::None {
         comparison.notes.push(format!(
             "the base's linear weights were held quantized (--quantize {quantize})"

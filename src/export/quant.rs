@@ -121,7 +121,7 @@ fn q4_k_m_type(name: &str, layers: usize, tied_output: bool) -> GgmlDType {
 /// and f16 where even those blocks do not fit); `None` when `wanted` fits.
 /// The output tensor falls back to Q8_0, as llama.cpp's does.
 pub fn fallback(wanted: GgmlDType, row_len: usize, output: bool) -> Option<GgmlDType> {
-    let fits = |t: GgmlDType| row_len % t.block_size() == 0;
+    let fits = |t: GgmlDType| row_len.is_multiple_of(t.block_size());
     if fits(wanted) {
         return None;
     }

@@ -422,14 +422,17 @@ impl Trainer {
                     elapsed: self.state.elapsed,
                 },
             )?;
-            if cfg.eval_every.is_some_and(|n| step % n == 0) && !valid.is_empty() && step < total {
+            if cfg.eval_every.is_some_and(|n| step.is_multiple_of(n))
+                && !valid.is_empty()
+                && step < total
+            {
                 last_eval_step = Some(step);
                 if self.validate(&valid, &mut log)? {
                     outcome = Outcome::EarlyStopped;
                     break;
                 }
             }
-            if cfg.save_every.is_some_and(|n| step % n == 0) {
+            if cfg.save_every.is_some_and(|n| step.is_multiple_of(n)) {
                 self.save_checkpoint()?;
             }
         }

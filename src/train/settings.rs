@@ -4,7 +4,7 @@
 use super::{AdamWConfig, Schedule};
 use crate::data::{LossOn, TurnEnd};
 use crate::lora::LoraConfig;
-use crate::quantize::Quantize;
+use crate::quantize::{BaseDtype, Quantize};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -54,6 +54,9 @@ pub struct TrainConfig {
     /// How the frozen base's linear weights are held (QLoRA): `none` (dense),
     /// `keep` (a GGUF's blocks as stored), `q8_0`, `q4_k` or `q4_0`.
     pub quantize: Quantize,
+    /// The frozen base's precision: `auto`, `f32` or `bf16` ([`BaseDtype`]).
+    /// A run folder's `train_config.toml` records the one used.
+    pub dtype: BaseDtype,
     /// Show a progress bar.
     #[serde(skip)]
     pub progress: bool,
@@ -81,6 +84,7 @@ impl Default for TrainConfig {
             seed: 42,
             recompute: false,
             quantize: Quantize::None,
+            dtype: BaseDtype::Auto,
             progress: true,
         }
     }

@@ -5,7 +5,8 @@ use crate::fixture::Fixture;
 use crate::run;
 use serde_json::Value;
 
-const FORWARD: &str = "forward, no grad, 4 x 128";
+/// A row whose name no other row's contains.
+const FORWARD: &str = "forward, no grad, 4 x 128, bf16 base";
 
 /// Runs `bench` on the tiny model, the forward row only, once, with the rows
 /// saved as JSON; returns them.
@@ -78,6 +79,10 @@ pub fn json(fx: &Fixture) {
         stdout.contains(FORWARD),
         "the table is printed too: {stdout}"
     );
+    assert!(
+        stdout.contains("f32 FMA peak, measured") && stdout.contains(" peak |"),
+        "the machine's peak and each row's share of it: {stdout}"
+    );
 }
 
 pub fn reps(fx: &Fixture) {
@@ -88,7 +93,15 @@ pub fn reps(fx: &Fixture) {
 pub fn only(fx: &Fixture) {
     let (rows, _) = bench(fx, "bench-only", &["--only", "train, q+v"]);
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["train, q+v, r=8, 4 x 128"]);
+    assert_eq!(
+        names,
+        [
+            "train, q+v, r=8, 4 x 128",
+            "train, q+v, r=8, 4 x 128, bf16 base"
+        ]
+    );
+    let bases: Vec<&str> = rows.iter().map(|r| r["base"].as_str().unwrap()).collect();
+    assert_eq!(bases, ["f32", "bf16"], "each row's base precision");
 }
 
 /// The hidden flag each row's own process is started with.

@@ -370,12 +370,13 @@ pub fn scaling(fx: &Fixture) {
     assert!(err.contains("'x' is not a training-set size"), "{err}");
 }
 
+fn notes(r: &Value) -> Vec<String> {
+    (r["notes"].as_array().unwrap().iter())
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn quantize(fx: &Fixture) {
-    let notes = |r: &Value| -> Vec<String> {
-        (r["notes"].as_array().unwrap().iter())
-            .map(|n| n.as_str().unwrap().to_string())
-            .collect()
-    };
     let r = compare(fx, "compare-quantize", &["--quantize", "q8_0"]);
     assert!(
         notes(&r).iter().any(|n| n.contains("--quantize q8_0")),
@@ -384,4 +385,29 @@ pub fn quantize(fx: &Fixture) {
     );
     // Not given: as the adapter's run trained it (dense, for the fixture run).
     assert!(!notes(baseline(fx)).iter().any(|n| n.contains("--quantize")));
+}
+
+/// `--dtype bf16` runs the base in bf16 and the report says so; not given,
+/// the adapter's run's precision.
+pub fn dtype(fx: &Fixture) {
+    let r = compare(fx, "compare-dtype", &["--dtype", "bf16"]);
+    assert!(
+        notes(&r)
+            .iter()
+            .any(|n| n == "the base ran in bf16 (--dtype bf16)"),
+        "{:?}",
+        notes(&r)
+    );
+    let trained = match tuneforge::cpu::features().has_bf16_arithmetic() {
+        true => "bf16",
+        false => "f32",
+    };
+    let want = format!("the base ran in {trained} (--dtype {trained})");
+    assert!(
+        notes(baseline(fx)).contains(&want),
+        "{:?}",
+        notes(baseline(fx))
+    );
+    let f32 = compare(fx, "compare-dtype-f32", &["--dtype", "f32"]);
+    assert_ne!(nlls(&r), nlls(&f32), "bf16 weights score otherwise");
 }

@@ -519,7 +519,7 @@ pub fn quantize(fx: &Fixture) {
     assert_eq!(saved.as_ref().and_then(|v| v.as_str()), Some("q8_0"));
     assert!(
         run.stdout
-            .contains("Base: linear weights held as --quantize q8_0"),
+            .contains("linear weights held as --quantize q8_0"),
         "{}",
         run.stdout
     );
@@ -530,4 +530,32 @@ pub fn quantize(fx: &Fixture) {
     let bad = fx.path("finetune-quantize-bad");
     let err = run::fails("finetune", &args(fx, &bad, &["--quantize", "q3"]));
     assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
+}
+
+/// `--dtype bf16` holds the base in bf16 (on the CPU, multiplied in f32),
+/// trains another adapter than `--dtype f32`, and the run records which;
+/// `auto` is recorded as what it resolved to on this CPU.
+pub fn dtype(fx: &Fixture) {
+    let text = |out: &std::path::Path| {
+        let v = setting(out, "train.dtype");
+        v.and_then(|v| v.as_str().map(str::to_string))
+    };
+    let (bf16, run) = finetune(fx, "finetune-dtype-bf16", &["--dtype", "bf16"]);
+    assert_eq!(text(&bf16).as_deref(), Some("bf16"));
+    assert!(run.stdout.contains("bf16 base;"), "{}", run.stdout);
+    let (f32, run) = finetune(fx, "finetune-dtype-f32", &["--dtype", "f32"]);
+    assert_eq!(text(&f32).as_deref(), Some("f32"));
+    assert!(run.stdout.contains("f32 base;"), "{}", run.stdout);
+    assert!(
+        !same_adapter(&bf16, &f32),
+        "a bf16 base trains another adapter"
+    );
+    let auto = match tuneforge::cpu::features().has_bf16_arithmetic() {
+        true => "bf16",
+        false => "f32",
+    };
+    assert_eq!(text(baseline(fx)).as_deref(), Some(auto), "auto, resolved");
+    let bad = fx.path("finetune-dtype-bad");
+    let err = run::fails("finetune", &args(fx, &bad, &["--dtype", "f16"]));
+    assert!(err.contains("auto, f32, bf16"), "{err}");
 }

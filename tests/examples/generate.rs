@@ -184,7 +184,7 @@ pub fn quantize(fx: &Fixture) {
     let want = library_answer(&model, &[Message::user("ticket 7 about billing")]);
     assert_eq!(q8.text, want, "the answer of the base in Q8_0 blocks");
     assert!(
-        q8.stderr.contains("linear weights held as q8_0"),
+        q8.stderr.contains("linear weights held as --quantize q8_0"),
         "{}",
         q8.stderr
     );
@@ -194,4 +194,21 @@ pub fn quantize(fx: &Fixture) {
     assert!(kept.stderr.contains("stores floats"), "{}", kept.stderr);
     let err = run::fails("generate", &["--quantize", "q3", "--prompt", "hi"]);
     assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
+}
+
+/// `--dtype bf16`: the answer of the library's bf16 base, and it says so.
+pub fn dtype(fx: &Fixture) {
+    let bf16 = generate(fx, &["--dtype", "bf16"]);
+    let options = LoadOptions {
+        base_dtype: tuneforge::quantize::BaseDtype::Bf16,
+        ..Default::default()
+    };
+    let model = Model::load(fx.model_arg(), &options).unwrap();
+    let want = library_answer(&model, &[Message::user("ticket 7 about billing")]);
+    assert_eq!(bf16.text, want, "the answer of the base in bf16");
+    assert!(bf16.stderr.contains("[base: bf16,"), "{}", bf16.stderr);
+    let f32 = generate(fx, &["--dtype", "f32"]);
+    assert!(f32.stderr.contains("[base: f32,"), "{}", f32.stderr);
+    let err = run::fails("generate", &["--dtype", "f16", "--prompt", "hi"]);
+    assert!(err.contains("auto, f32, bf16"), "{err}");
 }

@@ -1,6 +1,7 @@
-//! GGML blocks on the CPU: decoding a weight's rows to f32, and fresh
-//! storage of a format's blocks filled in place (read from a file, or rows
-//! copied), without the copy candle's `QStorage::from_data` makes.
+//! GGML blocks (and bf16 values) on the CPU: decoding a weight's rows to
+//! f32, and fresh storage of a format's blocks filled in place (read from a
+//! file, or rows copied), without the copy candle's `QStorage::from_data`
+//! makes.
 
 use super::super::gemv::WeightRows;
 use candle_core::quantized::{k_quants, GgmlDType, GgmlType, QStorage, QTensor, QuantizedType};
@@ -23,6 +24,14 @@ fn decode<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     T::to_float(blocks, out)
 }
 
+/// bf16 values to f32: the 16 bits become an f32's high half, exactly (a
+/// shift, which the compiler turns into vector instructions).
+fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+    }
+}
+
 /// Fills a byte buffer: reads a tensor's blocks, or copies rows into it.
 pub type Fill<'a> = &'a mut dyn FnMut(&mut [u8]) -> Result<()>;
 
@@ -41,7 +50,7 @@ fn filled<T: GgmlType + Send + Sync + 'static>(
     fill: Fill,
 ) -> Result<Box<dyn QuantizedType>> {
     let size = std::mem::size_of::<T>();
-    if bytes % size != 0 {
+    if !bytes.is_multiple_of(size) {
         candle_core::bail!("{bytes} bytes are not whole blocks of {size}");
     }
     let n = bytes / size;
@@ -59,7 +68,7 @@ fn filled<T: GgmlType + Send + Sync + 'static>(
     Ok(Box::new(blocks))
 }
 
-/// The CPU code of `format`, for the block formats it has.
+/// The CPU code of `format`, for the block formats it has and bf16.
 pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
     fn of<T: GgmlType + Send + Sync + 'static>() -> Format {
         Format {
@@ -79,6 +88,10 @@ pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
         GgmlDType::Q4K => of::<k_quants::BlockQ4K>(),
         GgmlDType::Q5K => of::<k_quants::BlockQ5K>(),
         GgmlDType::Q6K => of::<k_quants::BlockQ6K>(),
+        GgmlDType::BF16 => Format {
+            decode: decode_bf16,
+            ..of::<half::bf16>()
+        },
         _ => return None,
     })
 }
@@ -107,6 +120,12 @@ pub fn cpu_blocks(
 /// Whether `format` is a block format (not f32, f16 or bf16).
 pub fn is_block_format(format: GgmlDType) -> bool {
     !matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Whether a frozen weight can be held in `format`: a block format, or bf16
+/// (half an f32's bytes, its products in f32).
+pub fn is_held_format(format: GgmlDType) -> bool {
+    is_block_format(format) || format == GgmlDType::BF16
 }
 
 /// The CPU blocks of a weight, read a row range at a time.

@@ -1,6 +1,8 @@
 //! Frozen weights kept quantized, as QLoRA keeps them: a linear's `[out, in]`
 //! weight in a GGML block format (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and the
-//! other GGUF formats candle reads), never held as f32.
+//! other GGUF formats candle reads), never held as f32. A bf16 base on the
+//! CPU (`--dtype bf16`) is held here too, in GGML's BF16 format: half an
+//! f32's bytes, decoded exactly, its products in f32.
 //!
 //! A product dequantizes the blocks to f32 as it goes and runs the f32
 //! arithmetic, so its result is the dequantized weight's f32 product: the
@@ -22,7 +24,7 @@
 mod blocks;
 mod tiled;
 
-pub use blocks::{block_bytes, cpu_blocks, is_block_format, Fill};
+pub use blocks::{block_bytes, cpu_blocks, is_block_format, is_held_format, Fill};
 
 use super::gemv;
 use blocks::{format_code, Format, Rows};
@@ -33,7 +35,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use tiled::TiledProduct;
 
-/// A frozen `[out, in]` weight in a GGML block format; products run in `dtype`.
+/// A frozen `[out, in]` weight in a GGML block format or bf16; products run
+/// in `dtype`.
 #[derive(Clone)]
 pub struct QuantizedWeight {
     blocks: Arc<QTensor>,
@@ -52,7 +55,7 @@ impl QuantizedWeight {
     pub fn new(blocks: QTensor, dtype: DType) -> Result<Self> {
         let (_, k) = blocks.shape().dims2()?;
         let format = blocks.dtype();
-        if !is_block_format(format) {
+        if !is_held_format(format) {
             candle_core::bail!("a {format:?} tensor is not quantized");
         }
         if k % format.block_size() != 0 {
@@ -62,7 +65,7 @@ impl QuantizedWeight {
             );
         }
         if let (true, Some(code)) = (blocks.device().is_cpu(), format_code(format)) {
-            if blocks.data()?.as_ptr() as usize % code.align != 0 {
+            if !(blocks.data()?.as_ptr() as usize).is_multiple_of(code.align) {
                 candle_core::bail!("the {format:?} blocks are not aligned in memory");
             }
         }
@@ -328,6 +331,39 @@ mod tests {
             let (n, k, m) = (1100, 1024, 67);
             let w = QuantizedWeight::quantize(&randn(&[n, k], 7), format).unwrap();
             check_products(&w, m, 8, 1e-4, 1e-3);
+        }
+    }
+
+    /// A bf16 weight's products are those of its f32 values, exactly as
+    /// decoded, on odd shapes, shapes below one tile, across tiles and with
+    /// a large K; and within bf16's rounding (8 bits of mantissa) of the f32
+    /// weight it was rounded from.
+    #[test]
+    fn bf16_products_equal_the_f32_products_within_bf16_rounding() {
+        for (n, k, m) in [
+            (1, 1, 1),
+            (3, 5, 2),
+            (37, 61, 5),
+            (70, 33, 65),
+            (17, 4099, 130),
+            (1100, 1031, 67),
+        ] {
+            let f32_weight = randn(&[n, k], 11);
+            let w = QuantizedWeight::quantize(&f32_weight, GgmlDType::BF16).unwrap();
+            assert_eq!(w.format(), GgmlDType::BF16);
+            assert_eq!(w.storage_bytes(), 2 * n * k, "two bytes a value");
+            let decoded = w.dequantize().unwrap();
+            let rounded = f32_weight.to_dtype(DType::BF16).unwrap();
+            let rounded = rounded.to_dtype(DType::F32).unwrap();
+            assert_eq!(max_abs_diff(&decoded, &rounded), 0.0, "decoding is exact");
+            let scale = (k as f32).sqrt();
+            check_products(&w, m, 12, 2e-5 * scale, 2e-5 * (n as f32).sqrt());
+            // Against the unrounded weight: bf16's relative rounding, 2^-8,
+            // over sums of k random products.
+            let x = randn(&[m, k], 13);
+            let want = x.matmul(&f32_weight.t().unwrap()).unwrap();
+            let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
+            assert!(diff < 4.0 * scale / 256.0, "{n}x{k}, {m} rows: {diff}");
         }
     }
 

@@ -1,0 +1,109 @@
+//! What this CPU's arithmetic units can do, read once from `cpuid`: the
+//! instruction sets the frozen base's products and the precision choice
+//! ([`crate::quantize::BaseDtype`]) are picked by at run time.
+//!
+//! AMX is read from `cpuid` directly (the standard library's detection of
+//! it is not stable yet); the AVX-512 sets through `is_x86_feature_detected!`,
+//! which also checks that the operating system saves their registers.
+
+use std::sync::OnceLock;
+
+/// The instruction sets of this CPU that matter for matmuls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuFeatures {
+    /// 256-bit f32 fused multiply-add (AVX2 + FMA).
+    pub avx2_fma: bool,
+    /// 512-bit f32 (AVX-512 F).
+    pub avx512f: bool,
+    /// bf16 dot products into f32 on 512-bit registers (AVX512_BF16).
+    pub avx512_bf16: bool,
+    /// bf16 tile matrix multiply (AMX-BF16 with AMX-TILE).
+    pub amx_bf16: bool,
+}
+
+impl CpuFeatures {
+    /// Whether the CPU has bf16 arithmetic (AMX-BF16 or AVX512_BF16), the
+    /// condition for `--dtype auto` to pick a bf16 base.
+    pub fn has_bf16_arithmetic(&self) -> bool {
+        self.amx_bf16 || self.avx512_bf16
+    }
+
+    /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
+    pub fn describe(&self) -> String {
+        let names = [
+            (self.avx2_fma, "AVX2+FMA"),
+            (self.avx512f, "AVX-512F"),
+            (self.avx512_bf16, "AVX512_BF16"),
+            (self.amx_bf16, "AMX-BF16"),
+        ];
+        let present: Vec<&str> = names.iter().filter(|(h, _)| *h).map(|(_, n)| *n).collect();
+        match present.is_empty() {
+            true => "no SIMD f32 FMA".into(),
+            false => present.join(", "),
+        }
+    }
+}
+
+/// This CPU's features, detected on the first call.
+pub fn features() -> CpuFeatures {
+    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
+    *FEATURES.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> CpuFeatures {
+    use std::arch::x86_64::__cpuid_count;
+    // Leaf 7 is read only where leaf 0 says it exists.
+    let leaf7_edx = match __cpuid_count(0, 0).eax >= 7 {
+        true => __cpuid_count(7, 0).edx,
+        false => 0,
+    };
+    // Leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let amx = leaf7_edx & (1 << 22) != 0 && leaf7_edx & (1 << 24) != 0;
+    CpuFeatures {
+        avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        avx512f: is_x86_feature_detected!("avx512f"),
+        avx512_bf16: is_x86_feature_detected!("avx512bf16"),
+        amx_bf16: amx,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> CpuFeatures {
+    CpuFeatures::default()
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), where the system says it.
+pub fn model_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The features agree with the kernel's own list of CPU flags, where the
+    /// system has one.
+    #[test]
+    fn features_agree_with_proc_cpuinfo() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            eprintln!("skipped: no /proc/cpuinfo on this system");
+            return;
+        };
+        let Some(flags) = info.lines().find(|l| l.starts_with("flags")) else {
+            eprintln!("skipped: /proc/cpuinfo lists no flags");
+            return;
+        };
+        let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+        let f = features();
+        assert_eq!(f.avx2_fma, has("avx2") && has("fma"), "{flags}");
+        assert_eq!(f.avx512f, has("avx512f"));
+        assert_eq!(f.avx512_bf16, has("avx512_bf16"));
+        assert_eq!(f.amx_bf16, has("amx_bf16") && has("amx_tile"));
+        assert!(!f.describe().is_empty());
+    }
+}
