@@ -25,9 +25,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
+
+from peft_reference import run_rows, write_json
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKLOADS = [
@@ -144,27 +144,15 @@ def main():
         w, p = next((w, p) for w, p in rows if f"{w[0]}, PyTorch + PEFT {p}" == args.row)
         print(json.dumps(run_row(w, p, args.reps)))
         return
-    results = []
-    for w, p in rows:
-        name = f"{w[0]}, PyTorch + PEFT {p}"
-        if args.only not in name:
-            continue
-        out = subprocess.run(
-            [sys.executable, __file__, "--row", name, "--reps", str(args.reps)],
-            capture_output=True, text=True,
-        )
-        if out.returncode != 0:
-            sys.exit(f"row '{name}' failed:\n{out.stderr}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    names = [f"{w[0]}, PyTorch + PEFT {p}" for w, p in rows]
+    results = run_rows(__file__, [n for n in names if args.only in n], args.reps)
     print(f"| {'configuration':<58} | {'s/step':>8} | {'tokens/s':>9} | {'peak RSS (MB)':>13} "
           f"| {'GFLOP/s':>8} |")
     for r in results:
         print(f"| {r['name']:<58} | {r['seconds']:>8.3f} | {r['tokens_per_second']:>9.1f} "
               f"| {r['peak_rss_mb']:>13.0f} | {r['gflops']:>8.1f} |")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,29 @@ def run_row(name, shape, b, s, reps):
     }
 
 
+def run_rows(script, names, reps):
+    """Runs each row of `script` in its own process (`--row NAME`); its results."""
+    results = []
+    for name in names:
+        out = subprocess.run(
+            [sys.executable, script, "--row", name, "--reps", str(reps)],
+            capture_output=True, text=True,
+        )
+        if out.returncode != 0:
+            sys.exit(f"row '{name}' failed:\n{out.stderr}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def write_json(path, results):
+    """Writes the rows to `path` atomically (a temporary file, then a rename)."""
+    import os
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -131,17 +154,8 @@ def main():
         row = next(r for r in ROWS if r[0] == args.row)
         print(json.dumps(run_row(*row, args.reps)))
         return
-    results = []
-    for name, *_ in ROWS:
-        if args.only not in name:
-            continue
-        out = subprocess.run(
-            [sys.executable, __file__, "--row", name, "--reps", str(args.reps)],
-            capture_output=True, text=True,
-        )
-        if out.returncode != 0:
-            sys.exit(f"row '{name}' failed:\n{out.stderr}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    names = [name for name, *_ in ROWS if args.only in name]
+    results = run_rows(__file__, names, args.reps)
     print(f"| {'configuration':<36} | {'s/step':>8} | {'tokens/s':>9} | {'peak GPU (MB)':>13} "
           f"| {'torch alloc/reserved (MB)':>25} | {'GFLOP/s':>8} |")
     for r in results:
@@ -149,11 +163,7 @@ def main():
         print(f"| {r['name']:<36} | {r['seconds']:>8.3f} | {r['tokens_per_second']:>9.1f} "
               f"| {r['peak_gpu_mb']:>13.0f} | {torch_mb:>25} | {r['gflops']:>8.1f} |")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        import os
-
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

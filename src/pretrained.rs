@@ -32,6 +32,17 @@ pub struct LoadOptions {
     pub base_dtype: BaseDtype,
 }
 
+impl LoadOptions {
+    /// The defaults with an f32 base ([`BaseDtype::F32`]) on every CPU: the
+    /// exact weights, whatever bf16 arithmetic the CPU has.
+    pub fn f32_base() -> Self {
+        Self {
+            base_dtype: BaseDtype::F32,
+            ..Self::default()
+        }
+    }
+}
+
 /// A loaded model: decoder, tokenizer and provenance.
 #[derive(Debug, Clone)]
 pub struct Model {

@@ -60,10 +60,7 @@ impl Quantize {
     pub fn name(self) -> &'static str {
         match self {
             Quantize::Bf16 => "bf16",
-            _ => Self::ALL
-                .iter()
-                .find(|(q, _)| *q == self)
-                .map_or("none", |(_, n)| n),
+            _ => name_of(&Self::ALL, self),
         }
     }
 
@@ -121,14 +118,7 @@ impl std::str::FromStr for Quantize {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
-        match Self::ALL.iter().find(|(_, n)| n.eq_ignore_ascii_case(s)) {
-            Some((q, _)) => Ok(*q),
-            None => bail!(
-                "unknown quantization {s:?}: choose one of {}",
-                names.join(", ")
-            ),
-        }
+        parse_choice(&Self::ALL, s, "quantization")
     }
 }
 
@@ -160,10 +150,7 @@ impl BaseDtype {
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(d, _)| *d == self)
-            .map_or("auto", |(_, n)| n)
+        name_of(&Self::ALL, self)
     }
 
     /// The precision used on `device`: `Auto` becomes bf16 on a GPU and on
@@ -181,9 +168,9 @@ impl BaseDtype {
     /// The compute dtype on `device`: on a GPU this precision (resolved),
     /// on the CPU f32 (a bf16 base is multiplied in f32).
     pub fn compute_dtype(self, device: &Device) -> DType {
-        match (device.is_cpu(), self.resolve(device)) {
-            (false, BaseDtype::Bf16) => DType::BF16,
-            _ => DType::F32,
+        match self.resolve(device) {
+            BaseDtype::F32 => DType::F32,
+            _ => crate::device::default_dtype(device),
         }
     }
 
@@ -208,9 +195,24 @@ impl std::str::FromStr for BaseDtype {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match Self::ALL.iter().find(|(_, n)| n.eq_ignore_ascii_case(s)) {
-            Some((d, _)) => Ok(*d),
-            None => bail!("unknown dtype {s:?}: choose one of auto, f32, bf16"),
+        parse_choice(&Self::ALL, s, "dtype")
+    }
+}
+
+/// The command-line name of `choice` in `all`.
+fn name_of<T: PartialEq>(all: &[(T, &'static str)], choice: T) -> &'static str {
+    all.iter()
+        .find(|(c, _)| *c == choice)
+        .map_or("", |(_, n)| n)
+}
+
+/// The choice in `all` named `s` (any case), or an error that lists them.
+fn parse_choice<T: Copy>(all: &[(T, &'static str)], s: &str, what: &str) -> Result<T> {
+    match all.iter().find(|(_, n)| n.eq_ignore_ascii_case(s)) {
+        Some((c, _)) => Ok(*c),
+        None => {
+            let names: Vec<&str> = all.iter().map(|(_, n)| *n).collect();
+            bail!("unknown {what} {s:?}: choose one of {}", names.join(", "))
         }
     }
 }

@@ -35,14 +35,8 @@ fn reference(arch: &str) -> Value {
 fn load(arch: &str, gguf: bool) -> Model {
     let dir = fixture_dir(arch);
     let path = if gguf { dir.join("model.gguf") } else { dir };
-    Model::load(
-        path.to_str().unwrap(),
-        &LoadOptions {
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+    Model::load(path.to_str().unwrap(), &LoadOptions::f32_base())
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
 fn with_adapter(arch: &str) -> Model {
@@ -259,14 +253,7 @@ fn save_hf_round_trips() {
         let model = load(arch, true);
         let dir = tempfile::tempdir().unwrap();
         model.save_hf(dir.path(), candle_core::DType::F32).unwrap();
-        let back = Model::load(
-            dir.path().to_str().unwrap(),
-            &LoadOptions {
-                base_dtype: tuneforge::quantize::BaseDtype::F32,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let back = Model::load(dir.path().to_str().unwrap(), &LoadOptions::f32_base()).unwrap();
         assert_eq!(back.config(), model.config(), "{arch}");
         let ids = Tensor::new(&[[1u32, 80, 81, 82, 2, 90]], &Device::Cpu).unwrap();
         let diff = common::max_abs_diff(
@@ -421,14 +408,7 @@ fn phi3_longrope_matches_transformers_within_and_beyond_the_pretrained_context()
         config_map.insert(k.clone(), v.clone());
     }
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let model = Model::load(
-        dir.path().to_str().unwrap(),
-        &LoadOptions {
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = Model::load(dir.path().to_str().unwrap(), &LoadOptions::f32_base()).unwrap();
     let lr = model.lm.config.longrope.as_ref().expect("longrope is read");
     assert_eq!(lr.original_max_position_embeddings, 16);
     assert_eq!(model.lm.config.rotary_dim, Some(12));

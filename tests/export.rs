@@ -25,14 +25,8 @@ fn arch_fixture(arch: &str) -> PathBuf {
 }
 
 fn load(path: &Path) -> Model {
-    Model::load(
-        path.to_str().unwrap(),
-        &LoadOptions {
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+    Model::load(path.to_str().unwrap(), &LoadOptions::f32_base())
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
 /// The architectures with tiny reference models.

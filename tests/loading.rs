@@ -178,8 +178,7 @@ fn saved_hf_folder_loads_back_identically() {
             &LoadOptions {
                 device: tuneforge::DeviceSpec::Cpu,
                 dtype: Some(DType::F32),
-                base_dtype: tuneforge::quantize::BaseDtype::F32,
-                ..Default::default()
+                ..LoadOptions::f32_base()
             },
         )
         .unwrap();
@@ -280,14 +279,7 @@ fn an_hf_sentencepiece_tokenizer_exports_to_gguf_and_back() {
         let first = model.tokenizer.inner().id_to_token(hello[0]).unwrap();
         assert_eq!(first.starts_with('▁'), add_space_prefix, "{first}");
         // And the exported model loads back whole.
-        let again = Model::load(
-            path.to_str().unwrap(),
-            &LoadOptions {
-                base_dtype: tuneforge::quantize::BaseDtype::F32,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let again = Model::load(path.to_str().unwrap(), &LoadOptions::f32_base()).unwrap();
         assert_eq!(again.config().vocab_size, model.config().vocab_size);
     }
 }

@@ -251,8 +251,7 @@ fn quantized_bases_match_the_reference() {
     let load = |quantize| {
         let options = tuneforge::LoadOptions {
             quantize,
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
+            ..tuneforge::LoadOptions::f32_base()
         };
         tuneforge::Model::load("smollm2-135m-instruct", &options).unwrap()
     };

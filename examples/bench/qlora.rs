@@ -107,8 +107,7 @@ pub fn row(&(name, base, quantize, trains, recompute): &QloraRow, args: &Args) -
             let options = LoadOptions {
                 device: args.device,
                 quantize,
-                base_dtype: tuneforge::quantize::BaseDtype::F32,
-                ..Default::default()
+                ..LoadOptions::f32_base()
             };
             (Model::load(&args.model, &options)?, args.model.clone())
         }

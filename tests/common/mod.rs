@@ -21,8 +21,7 @@ pub fn smollm2_as(device: tuneforge::DeviceSpec, dtype: DType) -> Model {
         &LoadOptions {
             device,
             dtype: Some(dtype),
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
+            ..LoadOptions::f32_base()
         },
     )
     .expect("loading smollm2-135m-instruct")
@@ -147,12 +146,5 @@ pub fn sentencepiece_hf_model(dir: &std::path::Path, add_space_prefix: bool) -> 
     let mut model = Model::random(&config, 11, DType::F32, &Device::Cpu).unwrap();
     model.tokenizer = tokenizer;
     model.save_hf(dir, DType::F32).unwrap();
-    Model::load(
-        dir.to_str().unwrap(),
-        &LoadOptions {
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Model::load(dir.to_str().unwrap(), &LoadOptions::f32_base()).unwrap()
 }

@@ -13,14 +13,7 @@ fn merge(fx: &Fixture, name: &str, extra: &[&str]) -> PathBuf {
 }
 
 pub fn load(path: &Path) -> Model {
-    Model::load(
-        path.to_str().unwrap(),
-        &LoadOptions {
-            base_dtype: tuneforge::quantize::BaseDtype::F32,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Model::load(path.to_str().unwrap(), &LoadOptions::f32_base()).unwrap()
 }
 
 pub fn logits(model: &Model) -> Tensor {
