@@ -335,7 +335,7 @@ impl Block {
             .map_err(|_| anyhow::anyhow!("the MLP needs two projections: gate and up"))?;
         // A fused projection's parts are views: the backward reads them whole.
         let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-        let act = (ops::activation(&gate, m.act)? * &up)?;
+        let act = ops::gated(&gate, &up, m.act)?;
         let mlp_out = m.down_proj.forward_t(&act, pass)?;
         let y = (&x2 + maybe_norm(mlp_out.clone(), self.mlp_out_norm.as_ref(), ctx.eps)?)?;
         let saved = save.then(|| BlockSaved {
@@ -384,9 +384,8 @@ impl Block {
         // MLP: y = x2 + norm?(down(act(gate(h2)) · up(h2))).
         let d_mlp_out =
             maybe_norm_backward(s.mlp_out.as_ref(), self.mlp_out_norm.as_ref(), ctx.eps, dy)?;
-        let act_gate = ops::activation(&s.gate, m.act)?;
         let act = match m.down_proj.needs_input() {
-            true => Some(rows(&(&act_gate * &s.up)?)?),
+            true => Some(rows(&ops::gated(&s.gate, &s.up, m.act)?)?),
             false => None,
         };
         let (d_act, g_down) = m
@@ -394,8 +393,7 @@ impl Block {
             .backward(act.as_ref(), &rows(&d_mlp_out)?, seed)?;
         drop(act);
         let d_act = d_act.reshape((b, t, ()))?;
-        let d_up = (&d_act * &act_gate)?;
-        let d_gate = ops::activation_backward(&s.gate, m.act, &(&d_act * &s.up)?)?;
+        let (d_gate, d_up) = ops::gated_backward(&s.gate, &s.up, m.act, &d_act)?;
         let h2 = match m.gate_up.needs_input() {
             true => Some(rows(&ops::rms_norm(
                 &s.x2,

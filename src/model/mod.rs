@@ -7,6 +7,7 @@ pub mod autograd;
 pub mod block;
 mod cache;
 pub mod dropout;
+pub mod fused;
 mod gemv;
 pub mod linear;
 pub mod mask;

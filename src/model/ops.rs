@@ -4,6 +4,7 @@
 //! (see [`super::autograd`]). Tests check every gradient against finite differences.
 
 use super::autograd::{apply, Function};
+use super::fused;
 use super::linear::FrozenWeight;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -21,6 +22,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// The gradient of [`rms_norm`] with respect to `x`, given the output gradient `dy`.
 pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    if let Some(dx) = fused::rms_norm_backward(x, weight, eps, dy)? {
+        return Ok(dx);
+    }
     // With r = 1/rms(x) and u = dy·w: dx = r·u − x·r³·mean(u·x).
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
@@ -60,6 +64,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The gradient of a softmax over the last dimension, from its output `y` and the
 /// output gradient `dy`: `y · (dy − Σ dy·y)`.
 pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if let Some(dx) = fused::softmax_backward(y, dy)? {
+        return Ok(dx);
+    }
     let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
     y * dy.broadcast_sub(&dot)?
 }
@@ -72,7 +79,11 @@ impl Function for Softmax {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+        let x = x.contiguous()?;
+        match fused::softmax_last_dim(&x)? {
+            Some(y) => Ok(y),
+            None => candle_nn::ops::softmax_last_dim(&x),
+        }
     }
 
     fn backward(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
@@ -146,6 +157,34 @@ pub fn activation_backward(
         crate::config::Activation::Silu => silu_backward(x, dy),
         crate::config::Activation::GeluTanh => gelu_tanh_backward(x, dy),
     }
+}
+
+/// The gated activation of the MLP, `activation(gate) · up`. Where neither
+/// input tracks a gradient (the hand-written backward's path), it runs on the
+/// CPU as one fused kernel.
+pub fn gated(gate: &Tensor, up: &Tensor, act: crate::config::Activation) -> Result<Tensor> {
+    if !(gate.track_op() || up.track_op()) {
+        if let Some(y) = fused::gated(gate, up, act)? {
+            return Ok(y);
+        }
+    }
+    activation(gate, act)? * up
+}
+
+/// The gradients of [`gated`] with respect to `gate` and `up`, given the
+/// output gradient `d`.
+pub fn gated_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    act: crate::config::Activation,
+    d: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if let Some(grads) = fused::gated_backward(gate, up, act, d)? {
+        return Ok(grads);
+    }
+    let d_up = (d * activation(gate, act)?)?;
+    let d_gate = activation_backward(gate, act, &(d * up)?)?;
+    Ok((d_gate, d_up))
 }
 
 /// √(2/π), of GELU's tanh approximation.
@@ -281,6 +320,47 @@ mod tests {
         }
     }
 
+    /// The SwiGLU product through [`gated`] and [`gated_backward`], as a
+    /// function of the gate (`wrt_gate`) or of up, the other held fixed.
+    struct Gated {
+        other: Tensor,
+        wrt_gate: bool,
+        act: crate::config::Activation,
+    }
+
+    impl Function for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            match self.wrt_gate {
+                true => gated(x, &self.other, self.act),
+                false => gated(&self.other, x, self.act),
+            }
+        }
+        fn backward(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+            Ok(match self.wrt_gate {
+                true => gated_backward(x, &self.other, self.act, dy)?.0,
+                false => gated_backward(&self.other, x, self.act, dy)?.1,
+            })
+        }
+    }
+
+    /// [`Gated`] as an op of the tests' list.
+    fn gated_op(other: Tensor, wrt_gate: bool, act: crate::config::Activation) -> Op {
+        Box::new(move |x| {
+            let other = other.clone();
+            apply(
+                x,
+                Gated {
+                    other,
+                    wrt_gate,
+                    act,
+                },
+            )
+        })
+    }
+
     /// Each op with its gradient-free inputs made on `device` in `dtype`:
     /// (name, input shape, op).
     type Op = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
@@ -332,6 +412,42 @@ mod tests {
                 }),
             ),
             ("silu", vec![2, 5], Box::new(|x| apply(x, Silu))),
+            (
+                "gated silu, wrt gate",
+                vec![3, 20],
+                gated_op(
+                    constant(&[3, 20], 15),
+                    true,
+                    crate::config::Activation::Silu,
+                ),
+            ),
+            (
+                "gated silu, wrt up",
+                vec![3, 20],
+                gated_op(
+                    constant(&[3, 20], 16),
+                    false,
+                    crate::config::Activation::Silu,
+                ),
+            ),
+            (
+                "gated gelu_tanh, wrt gate",
+                vec![3, 20],
+                gated_op(
+                    constant(&[3, 20], 17),
+                    true,
+                    crate::config::Activation::GeluTanh,
+                ),
+            ),
+            (
+                "gated gelu_tanh, wrt up",
+                vec![3, 20],
+                gated_op(
+                    constant(&[3, 20], 18),
+                    false,
+                    crate::config::Activation::GeluTanh,
+                ),
+            ),
             (
                 "gelu_tanh",
                 vec![2, 5],

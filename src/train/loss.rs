@@ -134,8 +134,15 @@ impl TiledCrossEntropy {
             let (logits, slope) = capped(raw, self.softcap)?;
             let grown = largest.maximum(&logits.max_keepdim(1)?)?;
             let rescale = (&largest - &grown)?.exp()?;
-            let e = logits.broadcast_sub(&grown)?.exp()?;
-            sum = (sum.mul(&rescale)? + e.sum_keepdim(1)?)?;
+            let (e, e_sum) = match crate::model::fused::exp_shifted(&logits, &grown)? {
+                Some(fused) => fused,
+                None => {
+                    let e = logits.broadcast_sub(&grown)?.exp()?;
+                    let e_sum = e.sum_keepdim(1)?;
+                    (e, e_sum)
+                }
+            };
+            sum = (sum.mul(&rescale)? + e_sum)?;
             if grad {
                 let weighted = match &slope {
                     Some(s) => (&e * s)?,

@@ -1,0 +1,620 @@
+//! Fused element-wise kernels for f32 tensors on the CPU.
+//!
+//! As chains of candle ops, the training step's element-wise work (the MLP's
+//! gated activation and its gradient, the softmax, and the gradients of the
+//! softmax and of RMSNorm) makes one pass over memory and one new tensor per
+//! op, and calls libm's scalar `expf` once per element: together about a sixth
+//! of a SmolLM2 step on 2 cores. Here each is one pass, written as plain loops
+//! that the compiler vectorises for the instructions the CPU has (AVX2+FMA or
+//! AVX-512, chosen at run time), with an [`exp`] that vectorises too.
+//!
+//! Each function returns `None` where it does not apply (another device or
+//! dtype, or a strided input), and its caller in [`super::ops`] runs candle's
+//! ops instead: those stay the reference that the tests hold these kernels to.
+
+use crate::config::Activation;
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// `eˣ` within 2 ulp wherever the result is a normal f32 (0 below −104, ∞
+/// above ln(f32::MAX), NaN for NaN), without branches, so that a loop over it
+/// vectorises. Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ½ln 2, eʳ by a
+/// degree-7 polynomial, and 2ⁿ made from its exponent bits, in two halves so
+/// that neither overflows.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const MAX: f32 = 88.722_84;
+    const MIN: f32 = -104.0;
+    let xc = x.clamp(MIN, MAX);
+    let t = xc.mul_add(std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let k = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    // r = x − n·ln 2, with ln 2 in two parts so that n·ln 2 is exact enough.
+    let r = n.mul_add(-0.693_359_4, xc);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4_f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 0.166_666_65);
+    p = p.mul_add(r, 0.5);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    let (k1, k2) = (k >> 1, k - (k >> 1));
+    let two_to = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    let y = y * two_to(k1) * two_to(k2);
+    if x > MAX {
+        f32::INFINITY
+    } else if x < MIN {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// SiLU `x·σ(x)` and its derivative `σ(x)·(1 + x·(1 − σ(x)))`.
+#[inline(always)]
+fn silu(x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + exp(-x));
+    (x * s, s * x.mul_add(1.0 - s, 1.0))
+}
+
+/// GELU's tanh approximation `½x(1 + tanh u)`, u = k(x + c·x³), and its
+/// derivative `½(1 + tanh u) + ½x(1 − tanh² u)·k(1 + 3c·x²)`.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> (f32, f32) {
+    const K: f32 = 0.797_884_6; // √(2/π)
+    const C: f32 = 0.044_715;
+    let x2 = x * x;
+    let u = K * x * C.mul_add(x2, 1.0);
+    // tanh u = 1 − 2 / (e²ᵘ + 1): ±1 where e²ᵘ overflows or vanishes.
+    let th = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    let value = 0.5 * x * (1.0 + th);
+    let slope = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * K * (3.0 * C).mul_add(x2, 1.0);
+    (value, slope)
+}
+
+/// Defines `$name` to run `$body` compiled for AVX-512 or AVX2+FMA where the
+/// CPU has them (checked once, [`crate::cpu::features`]), else as portable
+/// code: the same source, which the compiler vectorises for each. The body is
+/// a plain function, inlined into each variant, so that nothing in the loop
+/// is left outside the wider instruction set (a closure would be, and its
+/// `mul_add` would become a call to libm).
+macro_rules! kernel {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                let cpu = crate::cpu::features();
+                // SAFETY: the CPU has the features each variant is compiled for.
+                if cpu.avx512f && cpu.avx2_fma {
+                    return unsafe { avx512($($arg),*) };
+                }
+                if cpu.avx2_fma {
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+kernel! {
+    /// `out = act(g) · u`, element by element, with SiLU or (`gelu`) GELU-tanh.
+    fn gated_kernel(g: &[f32], u: &[f32], out: &mut [f32], gelu: bool) {
+        let values = out.iter_mut().zip(g).zip(u);
+        match gelu {
+            false => values.for_each(|((o, &g), &u)| *o = silu(g).0 * u),
+            true => values.for_each(|((o, &g), &u)| *o = gelu_tanh(g).0 * u),
+        }
+    }
+}
+
+kernel! {
+    /// The gradients of `act(g) · u` from the output gradient `d`:
+    /// `d·u·act'(g)` and `d·act(g)`.
+    fn gated_backward_kernel(
+        g: &[f32],
+        u: &[f32],
+        d: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+        gelu: bool,
+    ) {
+        let grads = d_gate.iter_mut().zip(d_up.iter_mut());
+        let values = grads.zip(g.iter().zip(u).zip(d));
+        let act = if gelu { gelu_tanh } else { silu };
+        for ((dg, du), ((&g, &u), &d)) in values {
+            let (a, slope) = act(g);
+            *du = d * a;
+            *dg = d * u * slope;
+        }
+    }
+}
+
+kernel! {
+    /// Softmax of each `w`-wide row of `x` into `y`.
+    fn softmax_kernel(x: &[f32], y: &mut [f32], w: usize) {
+        for (x, y) in x.chunks_exact(w).zip(y.chunks_exact_mut(w)) {
+            let m = max(x);
+            let mut sum = 0.0;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = exp(x - m);
+            }
+            for &y in y.iter() {
+                sum += y;
+            }
+            let scale = 1.0 / sum;
+            for y in y.iter_mut() {
+                *y *= scale;
+            }
+        }
+    }
+}
+
+kernel! {
+    /// The softmax gradient `y · (dy − Σ dy·y)` of each `w`-wide row.
+    fn softmax_backward_kernel(y: &[f32], dy: &[f32], dx: &mut [f32], w: usize) {
+        let rows = y.chunks_exact(w).zip(dy.chunks_exact(w));
+        for ((y, dy), dx) in rows.zip(dx.chunks_exact_mut(w)) {
+            let s = dot(y, dy);
+            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                *dx = y * (dy - s);
+            }
+        }
+    }
+}
+
+kernel! {
+    /// The RMSNorm gradient `r·u − x·r³·mean(u·x)`, u = dy·weight, of each row.
+    fn rms_norm_backward_kernel(x: &[f32], weight: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+        let w = weight.len();
+        let mut u = vec![0f32; w];
+        let rows = x.chunks_exact(w).zip(dy.chunks_exact(w));
+        for ((x, dy), dx) in rows.zip(dx.chunks_exact_mut(w)) {
+            for ((u, &dy), &wt) in u.iter_mut().zip(dy).zip(weight) {
+                *u = dy * wt;
+            }
+            let r = 1.0 / (dot(x, x) / w as f32 + eps).sqrt();
+            let c = r * r * r * dot(&u, x) / w as f32;
+            for ((dx, &u), &x) in dx.iter_mut().zip(&u).zip(x) {
+                *dx = r * u - x * c;
+            }
+        }
+    }
+}
+
+kernel! {
+    /// `e = exp(x − shift)` for each `w`-wide row of `x` and its row's shift,
+    /// and each row's sum of `e` into `sums`.
+    fn exp_shifted_kernel(x: &[f32], shift: &[f32], e: &mut [f32], sums: &mut [f32], w: usize) {
+        let rows = x.chunks_exact(w).zip(e.chunks_exact_mut(w));
+        for (((x, e), &m), sum) in rows.zip(shift).zip(sums.iter_mut()) {
+            let mut lanes = [0f32; 16];
+            let (x16, x_rest) = x.as_chunks::<16>();
+            let (e16, e_rest) = e.as_chunks_mut::<16>();
+            for (x, e) in x16.iter().zip(e16) {
+                for l in 0..16 {
+                    e[l] = exp(x[l] - m);
+                    lanes[l] += e[l];
+                }
+            }
+            let mut s = 0.0;
+            for (e, &x) in e_rest.iter_mut().zip(x_rest) {
+                *e = exp(x - m);
+                s += *e;
+            }
+            for l in lanes {
+                s += l;
+            }
+            *sum = s;
+        }
+    }
+}
+
+/// Values per parallel task: below this, splitting costs more than it saves.
+const TASK: usize = 1 << 14;
+
+/// Splits `outs` (each `width` values a row, all of one length) into chunks
+/// of whole rows and calls `f(first_value, chunks)` on each. The chunks run in
+/// parallel only when candle runs its own ops on several threads: after
+/// [`crate::threads::init`], tuneforge's shards already fill the cores.
+fn by_rows<const N: usize>(
+    outs: [&mut [f32]; N],
+    width: usize,
+    f: impl Fn(usize, [&mut [f32]; N]) + Sync,
+) {
+    let len = outs[0].len();
+    let step = (TASK / width.max(1)).max(1) * width.max(1);
+    let mut tasks: Vec<(usize, [&mut [f32]; N])> = Vec::with_capacity(len.div_ceil(step));
+    let mut rest = outs;
+    let mut at = 0;
+    while at < len {
+        let n = step.min(len - at);
+        let heads = std::array::from_fn(|i| {
+            let (head, tail) = std::mem::take(&mut rest[i]).split_at_mut(n);
+            rest[i] = tail;
+            head
+        });
+        tasks.push((at, heads));
+        at += n;
+    }
+    if candle_core::utils::get_num_threads() > 1 && tasks.len() > 1 {
+        tasks.into_par_iter().for_each(|(at, chunks)| f(at, chunks));
+    } else {
+        tasks.into_iter().for_each(|(at, chunks)| f(at, chunks));
+    }
+}
+
+/// Calls `f` with the values of `tensors`, where every one is a contiguous f32
+/// tensor on the CPU; else returns `None`.
+fn with_values<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    if tensors
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+    {
+        return None;
+    }
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut values = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+            return None;
+        };
+        let (start, end) = layout.contiguous_offsets()?;
+        values.push(&v[start..end]);
+    }
+    Some(f(&values))
+}
+
+/// A tensor of `like`'s shape holding `values`.
+fn shaped(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, like.shape(), like.device())
+}
+
+/// The last dimension of `t` (1 for a scalar).
+fn width(t: &Tensor) -> usize {
+    t.dims().last().copied().unwrap_or(1)
+}
+
+/// `Σ aᵢ·bᵢ`, in 16 independent lanes so that it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, a_rest) = a.as_chunks::<16>();
+    let (b16, b_rest) = b.as_chunks::<16>();
+    for (x, y) in a16.iter().zip(b16) {
+        for l in 0..16 {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    let mut sum = 0.0;
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        sum += x * y;
+    }
+    for l in lanes {
+        sum += l;
+    }
+    sum
+}
+
+/// The largest of `a` (−∞ when empty), in 16 lanes.
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let (a16, rest) = a.as_chunks::<16>();
+    for x in a16 {
+        for l in 0..16 {
+            lanes[l] = lanes[l].max(x[l]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &x in lanes.iter().chain(rest) {
+        m = m.max(x);
+    }
+    m
+}
+
+/// `act(gate) · up`, the MLP's gated activation (SwiGLU, or GeGLU with
+/// GELU's tanh approximation).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Option<Tensor>> {
+    if gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    let gelu = act == Activation::GeluTanh;
+    let out = with_values(&[gate, up], |v| {
+        let (g, u) = (v[0], v[1]);
+        let mut out = vec![0f32; g.len()];
+        by_rows([&mut out], 1, |at, [out]| {
+            let r = at..at + out.len();
+            gated_kernel(&g[r.clone()], &u[r], out, gelu)
+        });
+        out
+    });
+    out.map(|v| shaped(v, gate)).transpose()
+}
+
+/// The gradients of [`gated`] with respect to `gate` and `up`, given the
+/// output gradient `d`: `d·up·act'(gate)` and `d·act(gate)`.
+pub fn gated_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+    d: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if gate.shape() != up.shape() || gate.shape() != d.shape() {
+        return Ok(None);
+    }
+    let gelu = act == Activation::GeluTanh;
+    let out = with_values(&[gate, up, d], |v| {
+        let (g, u, d) = (v[0], v[1], v[2]);
+        let n = g.len();
+        // Both gradients in one buffer, split into the two tensors' halves.
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        by_rows([d_gate, d_up], 1, |at, [dg, du]| {
+            let r = at..at + dg.len();
+            gated_backward_kernel(&g[r.clone()], &u[r.clone()], &d[r], dg, du, gelu)
+        });
+        out
+    });
+    let Some(out) = out else {
+        return Ok(None);
+    };
+    let both = Tensor::from_vec(out, (2, gate.elem_count()), gate.device())?;
+    let part = |i: usize| both.get(i)?.reshape(gate.shape());
+    Ok(Some((part(0)?, part(1)?)))
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
+    let w = width(x);
+    let out = with_values(&[x], |v| {
+        let x = v[0];
+        let mut out = vec![0f32; x.len()];
+        by_rows([&mut out], w, |at, [y]| {
+            softmax_kernel(&x[at..at + y.len()], y, w)
+        });
+        out
+    });
+    out.map(|v| shaped(v, x)).transpose()
+}
+
+/// The gradient of a softmax over the last dimension from its output `y` and
+/// the output gradient `dy`: `y · (dy − Σ dy·y)`.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    if y.shape() != dy.shape() {
+        return Ok(None);
+    }
+    let w = width(y);
+    let out = with_values(&[y, dy], |v| {
+        let (y, dy) = (v[0], v[1]);
+        let mut out = vec![0f32; y.len()];
+        by_rows([&mut out], w, |at, [dx]| {
+            let r = at..at + dx.len();
+            softmax_backward_kernel(&y[r.clone()], &dy[r], dx, w)
+        });
+        out
+    });
+    out.map(|v| shaped(v, y)).transpose()
+}
+
+/// `exp(x − shift)` for `x` (`[n, w]`) and `shift` (`[n, 1]`), with the sum of
+/// each row (`[n, 1]`): the cross-entropy's running softmax, one tile of the
+/// vocabulary at a time.
+pub fn exp_shifted(x: &Tensor, shift: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let (n, w) = x.dims2()?;
+    if shift.dims() != [n, 1] {
+        return Ok(None);
+    }
+    let out = with_values(&[x, shift], |v| {
+        let (x, shift) = (v[0], v[1]);
+        let (mut e, mut sums) = (vec![0f32; x.len()], vec![0f32; n]);
+        // Rows are split by hand: `by_rows` takes outputs of one width.
+        let rows = (TASK / w.max(1)).max(1);
+        let tasks = e.chunks_mut(rows * w.max(1)).zip(sums.chunks_mut(rows));
+        for (i, (e, sums)) in tasks.enumerate() {
+            let r = i * rows..i * rows + sums.len();
+            exp_shifted_kernel(&x[r.start * w..r.end * w], &shift[r], e, sums, w);
+        }
+        (e, sums)
+    });
+    let Some((e, sums)) = out else {
+        return Ok(None);
+    };
+    Ok(Some((
+        Tensor::from_vec(e, (n, w), x.device())?,
+        Tensor::from_vec(sums, (n, 1), x.device())?,
+    )))
+}
+
+/// The gradient of RMSNorm (`x / rms(x) · weight` over the last dimension)
+/// with respect to `x`, given the output gradient `dy`: with r = 1/rms(x) and
+/// u = dy·weight, `r·u − x·r³·mean(u·x)`.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<Option<Tensor>> {
+    let w = width(x);
+    if x.shape() != dy.shape() || weight.dims() != [w] {
+        return Ok(None);
+    }
+    let out = with_values(&[x, weight, dy], |v| {
+        let (x, weight, dy) = (v[0], v[1], v[2]);
+        let mut out = vec![0f32; x.len()];
+        by_rows([&mut out], w, |at, [dx]| {
+            let r = at..at + dx.len();
+            rms_norm_backward_kernel(&x[r.clone()], weight, &dy[r], dx, eps as f32)
+        });
+        out
+    });
+    out.map(|v| shaped(v, x)).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{max_abs_diff, randn};
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        let mut x = -103.0f32;
+        while x < 88.7 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            if want >= f32::MIN_POSITIVE as f64 {
+                let ulp = f32::EPSILON as f64 * (want as f32).abs() as f64;
+                worst = worst.max((got - want).abs() / ulp);
+            } else {
+                // Subnormal results: within one step of the smallest subnormal.
+                assert!(
+                    (got - want).abs() <= 2.0 * 1.5e-45,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            x += 0.000_37;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(88.8), f32::INFINITY);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// Odd widths, widths below and above the 16 lanes, and enough rows to
+    /// split into several tasks.
+    const SHAPES: [&[usize]; 5] = [&[1], &[3, 7], &[2, 5, 17], &[40, 600], &[3, 2, 1000]];
+
+    fn close(name: &str, shape: &[usize], want: &Tensor, got: &Tensor) {
+        let scale = max_abs_diff(want, &want.zeros_like().unwrap()).max(1.0);
+        let diff = max_abs_diff(want, got);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{name} {shape:?}: differs from candle's ops by {diff} (scale {scale})"
+        );
+    }
+
+    #[test]
+    fn kernels_match_candles_ops() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let seed = 10 * i as u64;
+            let (a, b, c) = (
+                (randn(shape, seed) * 3.0).unwrap(),
+                randn(shape, seed + 1),
+                randn(shape, seed + 2),
+            );
+            let w = *shape.last().unwrap();
+            let weight = randn(&[w], seed + 3);
+
+            for act in [Activation::Silu, Activation::GeluTanh] {
+                let name = format!("gated {act:?}");
+                let composite = |g: &Tensor| super::super::ops::activation(g, act).unwrap();
+                let want = (composite(&a) * &b).unwrap();
+                close(&name, shape, &want, &gated(&a, &b, act).unwrap().unwrap());
+                let (dg, du) = gated_backward(&a, &b, act, &c).unwrap().unwrap();
+                let want_dg =
+                    super::super::ops::activation_backward(&a, act, &(&c * &b).unwrap()).unwrap();
+                close(&format!("{name} backward (gate)"), shape, &want_dg, &dg);
+                close(
+                    &format!("{name} backward (up)"),
+                    shape,
+                    &(&c * composite(&a)).unwrap(),
+                    &du,
+                );
+            }
+
+            let want = candle_nn::ops::softmax_last_dim(&a).unwrap();
+            let y = softmax_last_dim(&a).unwrap().unwrap();
+            close("softmax", shape, &want, &y);
+
+            let dot = (&c * &y).unwrap().sum_keepdim(shape.len() - 1).unwrap();
+            let want = (&y * c.broadcast_sub(&dot).unwrap()).unwrap();
+            close(
+                "softmax_backward",
+                shape,
+                &want,
+                &softmax_backward(&y, &c).unwrap().unwrap(),
+            );
+
+            let rows = a.reshape(((), w)).unwrap();
+            let shift = rows.max_keepdim(1).unwrap();
+            let (e, sums) = exp_shifted(&rows, &shift).unwrap().unwrap();
+            let want = rows.broadcast_sub(&shift).unwrap().exp().unwrap();
+            close("exp_shifted", shape, &want, &e);
+            close(
+                "exp_shifted (sums)",
+                shape,
+                &want.sum_keepdim(1).unwrap(),
+                &sums,
+            );
+
+            let x = &b;
+            let u = c.broadcast_mul(&weight).unwrap();
+            let r = (x.sqr().unwrap().mean_keepdim(shape.len() - 1).unwrap() + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .recip()
+                .unwrap();
+            let mean_ux = (&u * x).unwrap().mean_keepdim(shape.len() - 1).unwrap();
+            let want = (u.broadcast_mul(&r).unwrap()
+                - x.broadcast_mul(&(r.powf(3.0).unwrap() * mean_ux).unwrap())
+                    .unwrap())
+            .unwrap();
+            let got = rms_norm_backward(x, &weight, 1e-5, &c).unwrap().unwrap();
+            close("rms_norm_backward", shape, &want, &got);
+        }
+    }
+
+    #[test]
+    fn softmax_gives_masked_positions_exactly_zero() {
+        let x = Tensor::new(
+            &[[0.5f32, f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let y: Vec<f32> = softmax_last_dim(&x)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!((y[1], y[3]), (0.0, 0.0));
+        assert!((y[0] + y[2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kernels_decline_what_they_do_not_handle() {
+        let a = randn(&[4, 6], 1);
+        let strided = a.t().unwrap();
+        assert!(softmax_last_dim(&strided).unwrap().is_none());
+        assert!(softmax_last_dim(&a.to_dtype(DType::BF16).unwrap())
+            .unwrap()
+            .is_none());
+        let silu = Activation::Silu;
+        assert!(gated(&a, &randn(&[6, 4], 2), silu).unwrap().is_none());
+        // A view that starts mid-buffer is contiguous, and is read from its start.
+        let rows = a.narrow(0, 1, 2).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&rows).unwrap();
+        close(
+            "softmax of a view",
+            &[2, 6],
+            &want,
+            &softmax_last_dim(&rows).unwrap().unwrap(),
+        );
+    }
+}
