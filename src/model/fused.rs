@@ -13,7 +13,7 @@
 //! ops instead: those stay the reference that the tests hold these kernels to.
 
 use crate::config::Activation;
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// `eˣ` within 2 ulp wherever the result is a normal f32 (0 below −104, ∞
@@ -301,11 +301,10 @@ fn with_values<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut values = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
-        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+        let Storage::Cpu(cpu) = &**storage else {
             return None;
         };
-        let (start, end) = layout.contiguous_offsets()?;
-        values.push(&v[start..end]);
+        values.push(super::gemv::contiguous(cpu, layout).ok()?);
     }
     Some(f(&values))
 }
