@@ -40,10 +40,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let base = Model::load(
         &args.model,
+        // The exact f32 weights, whatever bf16 arithmetic the CPU has: a
+        // merge is rounded once, to `--quant`.
         &LoadOptions {
             device: DeviceSpec::Cpu,
             dtype: Some(candle_core::DType::F32),
-            ..Default::default()
+            ..LoadOptions::f32_base()
         },
     )?;
     let options = ExportOptions {

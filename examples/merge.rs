@@ -30,12 +30,13 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // The exact f32 weights, whatever bf16 arithmetic the CPU has: the sum
+    // is rounded once, to the dtype saved.
     let mut model = Model::load(
         &args.model,
         &LoadOptions {
             device: DeviceSpec::Cpu,
-            dtype: None,
-            ..Default::default()
+            ..LoadOptions::f32_base()
         },
     )?;
     model.load_adapter(&args.adapter)?;

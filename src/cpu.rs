@@ -28,6 +28,14 @@ impl CpuFeatures {
         self.amx_bf16 || self.avx512_bf16
     }
 
+    /// The instruction set a bf16 base's products run on, where the CPU has
+    /// one tuneforge has a kernel for: `AVX512_BF16`. (AMX-BF16 has no
+    /// kernel yet: a CPU with AMX also has AVX512_BF16, which then runs.)
+    /// Elsewhere a bf16 base is multiplied in f32.
+    pub fn bf16_kernel(&self) -> Option<&'static str> {
+        self.avx512_bf16.then_some("AVX512_BF16")
+    }
+
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
     pub fn describe(&self) -> String {
         let names = [

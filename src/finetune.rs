@@ -168,8 +168,9 @@ pub fn run(
     let job = &job;
     let (linears, vocabulary) = crate::quantize::base_bytes(&model.lm);
     let mut base = vec![format!(
-        "{} base; linear weights held as --quantize {} ({:.0} MB), embeddings and output {:.0} MB",
+        "{} base ({}); linear weights held as --quantize {} ({:.0} MB), embeddings and output {:.0} MB",
         job.train.dtype,
+        job.train.dtype.arithmetic(model.lm.device()),
         job.train.quantize,
         linears as f64 / 1e6,
         vocabulary as f64 / 1e6

@@ -55,7 +55,7 @@ pub use generate::{Generation, GenerationConfig};
 pub use lora::LoraConfig;
 pub use model::CausalLm;
 pub use pretrained::{LoadOptions, Model};
-pub use quantize::Quantize;
+pub use quantize::{BaseDtype, Quantize};
 pub use tokenizer::Tokenizer;
 
 /// The README's Rust examples, compiled as doctests so they stay true.

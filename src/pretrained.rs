@@ -26,7 +26,8 @@ pub struct LoadOptions {
     /// How the frozen base's linear weights are held (QLoRA); dense by default.
     pub quantize: Quantize,
     /// The frozen base's precision (`--dtype`). On the CPU, bf16 holds the
-    /// matrices `quantize` leaves dense in bf16, multiplied in f32; `Auto`
+    /// matrices `quantize` leaves dense in bf16 (multiplied with bf16 dot
+    /// products where the CPU has them, else in f32); `Auto`
     /// (the default) picks bf16 on CPUs with bf16 arithmetic and f32 elsewhere
     /// ([`BaseDtype::resolve`]). On a GPU it is the compute dtype.
     pub base_dtype: BaseDtype,

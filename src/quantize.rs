@@ -8,7 +8,9 @@
 //! parameters, gradients and optimizer state are f32 whatever the base.
 //!
 //! On the CPU the base can also be held in bf16 ([`BaseDtype`], `--dtype`):
-//! the same matrices in half an f32's bytes, their products in f32.
+//! the same matrices in half an f32's bytes, multiplied with AVX512_BF16 dot
+//! products where the CPU has them (the other side rounded to bf16) and in
+//! f32 elsewhere.
 
 use crate::model::{FrozenWeight, QuantizedWeight};
 use anyhow::{bail, Result};
@@ -39,7 +41,8 @@ pub enum Quantize {
     /// vocabulary matrices to Q8_0.
     #[serde(rename = "q4_0")]
     Q4_0,
-    /// Linears and vocabulary matrices in bf16, their products in f32: a
+    /// Linears and vocabulary matrices in bf16 (their products with bf16
+    /// dot products where the CPU has them, else in f32): a
     /// bf16 base on the CPU, asked for with [`BaseDtype::Bf16`] (`--dtype
     /// bf16`) rather than named on `--quantize`.
     #[serde(rename = "bf16")]
@@ -135,7 +138,9 @@ pub enum BaseDtype {
     #[serde(rename = "f32")]
     F32,
     /// bf16: on the CPU the base's matrices are held in bf16 (half the
-    /// memory) and multiplied in f32; on a GPU the compute dtype.
+    /// memory) and multiplied with bf16 dot products where the CPU has them
+    /// ([`crate::cpu::CpuFeatures::bf16_kernel`]), in f32 elsewhere; on a
+    /// GPU the compute dtype.
     #[serde(rename = "bf16")]
     Bf16,
 }
@@ -166,7 +171,7 @@ impl BaseDtype {
     }
 
     /// The compute dtype on `device`: on a GPU this precision (resolved),
-    /// on the CPU f32 (a bf16 base is multiplied in f32).
+    /// on the CPU f32 (the activations stay f32 with a bf16 base).
     pub fn compute_dtype(self, device: &Device) -> DType {
         match self.resolve(device) {
             BaseDtype::F32 => DType::F32,
@@ -181,6 +186,20 @@ impl BaseDtype {
         match (device.is_cpu(), self.resolve(device), quantize) {
             (true, BaseDtype::Bf16, Quantize::None) => Quantize::Bf16,
             _ => quantize,
+        }
+    }
+
+    /// How the dense base's products run on `device`, in words: for a bf16
+    /// base on the CPU, the bf16 kernel's instruction set (the other side
+    /// rounded to bf16) or f32 arithmetic on the bf16 values.
+    pub fn arithmetic(self, device: &Device) -> String {
+        match (self.resolve(device), device.is_cpu()) {
+            (BaseDtype::F32, _) => "f32 products".into(),
+            (_, false) => "bf16 products".into(),
+            (_, true) => match crate::cpu::features().bf16_kernel() {
+                Some(kernel) => format!("{kernel} bf16 dot products, activations rounded to bf16"),
+                None => "f32 products of the bf16 values".into(),
+            },
         }
     }
 }

@@ -226,6 +226,8 @@ fn fine_tuned() -> &'static PathBuf {
                 max_steps: Some(30),
                 eval_every: None,
                 save_every: None,
+                // The same adapter on every CPU, bf16 arithmetic or not.
+                dtype: tuneforge::BaseDtype::F32,
                 ..JobConfig::default().train
             },
             ..JobConfig::default()

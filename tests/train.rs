@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use tuneforge::data::{plan_epoch, Dataset, Record};
 use tuneforge::rng::Rng;
 use tuneforge::train::{step_gradients, Event, Outcome, TrainConfig, Trainer};
-use tuneforge::{adapter, lora, Architecture, LoraConfig, Message, Model, Quantize};
+use tuneforge::{adapter, lora, Architecture, LoadOptions, LoraConfig, Message, Model, Quantize};
 
 fn tiny() -> Model {
     Model::tiny_random(Architecture::Llama, 11).unwrap()
@@ -506,7 +506,7 @@ fn adapters_load_back_and_merge() {
     loaded
         .save_hf(merged.path(), candle_core::DType::F32)
         .unwrap();
-    let back = Model::load(merged.path().to_str().unwrap(), &Default::default()).unwrap();
+    let back = Model::load(merged.path().to_str().unwrap(), &LoadOptions::f32_base()).unwrap();
     assert!(common::max_abs_diff(&want, &logits(&back)) < 1e-4);
 }
 

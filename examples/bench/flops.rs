@@ -49,20 +49,12 @@ pub fn f32_peak(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let features = tuneforge::cpu::features();
-        if !features.avx2_fma {
-            return None;
-        }
-        let wide = features.avx512f;
-        let per_thread: Vec<f64> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads.max(1))
-                .map(|_| s.spawn(move || fma_rate(wide)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(0.0))
-                .collect()
-        });
-        Some(per_thread.iter().sum::<f64>() / 1e9)
+        let chains = match (features.avx512f, features.avx2_fma) {
+            (true, _) => fma_chains_512,
+            (false, true) => fma_chains_256,
+            (false, false) => return None,
+        };
+        Some(rate_over_threads(threads, chains))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -71,29 +63,60 @@ pub fn f32_peak(threads: usize) -> Option<f64> {
     }
 }
 
-/// FLOP/s of one thread's FMA chains: the best of several timed rounds.
+/// This machine's bf16 dot-product peak (AVX512_BF16's `vdpbf16ps`, two
+/// multiplies and two adds per f32 lane), measured as [`f32_peak`]; `None`
+/// where the CPU lacks it.
+pub fn bf16_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match tuneforge::cpu::features().avx512_bf16 {
+            true => Some(rate_over_threads(threads, bf16_dot_chains)),
+            false => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// Rounds of independent vector chains: (FLOPs, a value the caller keeps so
+/// the work is not optimised away).
 #[cfg(target_arch = "x86_64")]
-fn fma_rate(wide: bool) -> f64 {
-    let iterations = 20_000_000u64;
+type Chains = unsafe fn(u64) -> (f64, f32);
+
+/// GFLOP/s of `chains` on `threads` threads at once.
+#[cfg(target_arch = "x86_64")]
+fn rate_over_threads(threads: usize, chains: Chains) -> f64 {
+    let per_thread: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| s.spawn(move || rate(chains)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0.0))
+            .collect()
+    });
+    per_thread.iter().sum::<f64>() / 1e9
+}
+
+/// FLOP/s of one thread's chains: the best of several timed rounds of about
+/// 0.1 s.
+#[cfg(target_arch = "x86_64")]
+fn rate(chains: Chains) -> f64 {
     let mut best = 0f64;
     for _ in 0..3 {
         let t = std::time::Instant::now();
-        // SAFETY: `f32_peak` checked that the CPU has AVX2 and FMA (and
-        // AVX-512 F for the wide loop).
-        let (flops, sink) = unsafe {
-            match wide {
-                true => fma_chains_512(iterations / 2),
-                false => fma_chains_256(iterations),
-            }
-        };
+        // SAFETY: the callers pick `chains` by the CPU's features.
+        let (flops, sink) = unsafe { chains(10_000_000) };
         std::hint::black_box(sink);
         best = best.max(flops / t.elapsed().as_secs_f64());
     }
     best
 }
 
-/// Twelve independent chains of 8-wide FMAs, `n` rounds: (FLOPs, a value
-/// the caller keeps so the work is not optimised away).
+/// Twelve independent chains of 8-wide FMAs, `n` rounds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_chains_256(n: u64) -> (f64, f32) {
@@ -137,4 +160,28 @@ unsafe fn fma_chains_512(n: u64) -> (f64, f32) {
         sum = _mm512_add_ps(sum, v);
     }
     (n as f64 * 12.0 * 32.0, _mm512_reduce_add_ps(sum))
+}
+
+/// Twelve independent chains of `vdpbf16ps` on 16 f32 lanes (32 bf16
+/// products each), `n` rounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_chains(n: u64) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    let a = _mm512_cvtne2ps_pbh(
+        _mm512_set1_ps(black_box(1e-3)),
+        _mm512_set1_ps(black_box(1e-3)),
+    );
+    let mut acc: [_; 12] = std::array::from_fn(|i| _mm512_set1_ps(black_box(i as f32)));
+    for _ in 0..black_box(n) {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, a);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for v in acc {
+        sum = _mm512_add_ps(sum, v);
+    }
+    (n as f64 * 12.0 * 64.0, _mm512_reduce_add_ps(sum))
 }

@@ -493,13 +493,16 @@ fn main() -> Result<()> {
             names.join("; ")
         );
     }
-    // The peak the rows' GFLOP/s are held against: the best of a reading
+    // The peaks the rows' GFLOP/s are held against: the best of a reading
     // before the rows and one after, as other load on the machine lowers it.
-    let measure_peak = || match args.device {
-        DeviceSpec::Cpu => flops::f32_peak(tuneforge::threads::workers()),
-        _ => None,
+    let measure_peaks = || match args.device {
+        DeviceSpec::Cpu => {
+            let threads = tuneforge::threads::workers();
+            (flops::f32_peak(threads), flops::bf16_peak(threads))
+        }
+        _ => (None, None),
     };
-    let before = measure_peak();
+    let before = measure_peaks();
     let device = args.device.to_string();
     let mut rows: Vec<Row> = Vec::new();
     for name in chosen {
@@ -520,22 +523,32 @@ fn main() -> Result<()> {
         )?);
     }
 
-    let peak = match (before, measure_peak()) {
+    let after = measure_peaks();
+    let best = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    let (f32_peak, bf16_peak) = (best(before.0, after.0), best(before.1, after.1));
     let features = tuneforge::cpu::features();
+    let gflops = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.1} GFLOP/s"));
     println!(
-        "CPU: {} ({}), {} threads; f32 FMA peak, measured: {}",
+        "CPU: {} ({}), {} threads; measured peaks: f32 FMA {}, bf16 dot {}",
         tuneforge::cpu::model_name().unwrap_or_else(|| "unknown".into()),
         features.describe(),
         tuneforge::threads::workers(),
-        peak.map_or("-".into(), |p| format!("{p:.1} GFLOP/s")),
+        gflops(f32_peak),
+        gflops(bf16_peak),
     );
-    println!(
-        "(bf16 base rows hold the frozen weights in bf16 and multiply them in f32, \
-         so their peak is the f32 FMA peak too)\n"
-    );
+    match features.bf16_kernel() {
+        Some(kernel) => println!(
+            "(bf16 base rows multiply the frozen weights with {kernel} dot products, \
+             the activations rounded to bf16: their share is of the bf16 dot peak)\n"
+        ),
+        None => println!(
+            "(bf16 base rows hold the frozen weights in bf16 and multiply them in f32, \
+             so their share is of the f32 FMA peak)\n"
+        ),
+    }
     let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());
     let memory_header = if gpu {
         "peak GPU (MB)"
@@ -554,6 +567,10 @@ fn main() -> Result<()> {
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
         let memory = if gpu { r.peak_gpu_mb } else { r.peak_rss_mb };
+        let peak = match (r.base.as_str(), features.bf16_kernel()) {
+            ("bf16", Some(_)) => bf16_peak,
+            _ => f32_peak,
+        };
         let share = r
             .gflops
             .zip(peak)

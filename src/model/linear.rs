@@ -91,12 +91,21 @@ impl FrozenWeight {
         }
     }
 
-    /// Rows `range` as a dense `[len, in]` tensor: a view of a dense weight,
-    /// a quantized one's rows dequantized.
-    pub fn row_range(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+    /// `x W[range]ᵀ` for `x`: `[rows, in]`: the product with the weight's
+    /// rows `range` alone, `[rows, range.len()]` (a tile of the logits).
+    pub fn matmul_t_rows(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => w.narrow(0, range.start, range.len()),
-            Self::Quantized(q) => q.dequantize_rows(range),
+            Self::Dense(w) => x.matmul(&w.narrow(0, range.start, range.len())?.t()?),
+            Self::Quantized(q) => q.matmul_t_rows(x, range),
+        }
+    }
+
+    /// `dy W[range]` for `dy`: `[rows, range.len()]`, the input gradient of
+    /// [`Self::matmul_t_rows`]: `[rows, in]`.
+    pub fn matmul_rows(&self, dy: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => dy.matmul(&w.narrow(0, range.start, range.len())?),
+            Self::Quantized(q) => q.matmul_rows(dy, range),
         }
     }
 

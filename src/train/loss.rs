@@ -127,10 +127,9 @@ impl TiledCrossEntropy {
         let mut sum = Tensor::zeros((n, 1), DType::F32, device)?;
         let mut acc = Tensor::zeros((n, d), DType::F32, device)?;
         for start in (0..vocab).step_by(per_tile) {
-            let w = self
-                .weight
-                .row_range(start..(start + per_tile).min(vocab))?;
-            let raw = h.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let tile = start..(start + per_tile).min(vocab);
+            let raw = self.weight.matmul_t_rows(&h, tile.clone())?;
+            let raw = raw.to_dtype(DType::F32)?;
             let (logits, slope) = capped(raw, self.softcap)?;
             let grown = largest.maximum(&logits.max_keepdim(1)?)?;
             let rescale = (&largest - &grown)?.exp()?;
@@ -148,7 +147,8 @@ impl TiledCrossEntropy {
                     Some(s) => (&e * s)?,
                     None => e,
                 };
-                let part = weighted.to_dtype(w.dtype())?.matmul(&w)?;
+                let weighted = weighted.to_dtype(self.weight.dtype())?;
+                let part = self.weight.matmul_rows(&weighted, tile)?;
                 acc = (acc.broadcast_mul(&rescale)? + part.to_dtype(DType::F32)?)?;
             }
             largest = grown;

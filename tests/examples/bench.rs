@@ -80,8 +80,17 @@ pub fn json(fx: &Fixture) {
         "the table is printed too: {stdout}"
     );
     assert!(
-        stdout.contains("f32 FMA peak, measured") && stdout.contains(" peak |"),
-        "the machine's peak and each row's share of it: {stdout}"
+        stdout.contains("measured peaks: f32 FMA ") && stdout.contains(" peak |"),
+        "the machine's peaks and each row's share of one: {stdout}"
+    );
+    // The bf16 dot peak is measured where the CPU has a bf16 kernel, and
+    // bf16 base rows are held against it there.
+    let kernel = tuneforge::cpu::features().bf16_kernel();
+    assert_eq!(stdout.contains("bf16 dot -"), kernel.is_none(), "{stdout}");
+    assert_eq!(
+        stdout.contains("their share is of the bf16 dot peak"),
+        kernel.is_some(),
+        "{stdout}"
     );
 }
 

@@ -532,9 +532,10 @@ pub fn quantize(fx: &Fixture) {
     assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
 }
 
-/// `--dtype bf16` holds the base in bf16 (on the CPU, multiplied in f32),
-/// trains another adapter than `--dtype f32`, and the run records which;
-/// `auto` is recorded as what it resolved to on this CPU.
+/// `--dtype bf16` holds the base in bf16 (on the CPU, multiplied with
+/// AVX512_BF16 dot products where the CPU has them, else in f32), trains
+/// another adapter than `--dtype f32`, and the run records which and says
+/// how it multiplied; `auto` is recorded as what it resolved to on this CPU.
 pub fn dtype(fx: &Fixture) {
     let text = |out: &std::path::Path| {
         let v = setting(out, "train.dtype");
@@ -542,10 +543,18 @@ pub fn dtype(fx: &Fixture) {
     };
     let (bf16, run) = finetune(fx, "finetune-dtype-bf16", &["--dtype", "bf16"]);
     assert_eq!(text(&bf16).as_deref(), Some("bf16"));
-    assert!(run.stdout.contains("bf16 base;"), "{}", run.stdout);
+    let arithmetic = match tuneforge::cpu::features().bf16_kernel() {
+        Some(_) => "bf16 base (AVX512_BF16 bf16 dot products, activations rounded to bf16);",
+        None => "bf16 base (f32 products of the bf16 values);",
+    };
+    assert!(run.stdout.contains(arithmetic), "{}", run.stdout);
     let (f32, run) = finetune(fx, "finetune-dtype-f32", &["--dtype", "f32"]);
     assert_eq!(text(&f32).as_deref(), Some("f32"));
-    assert!(run.stdout.contains("f32 base;"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("f32 base (f32 products);"),
+        "{}",
+        run.stdout
+    );
     assert!(
         !same_adapter(&bf16, &f32),
         "a bf16 base trains another adapter"

@@ -123,20 +123,42 @@ pub fn is_block_format(format: GgmlDType) -> bool {
 }
 
 /// Whether a frozen weight can be held in `format`: a block format, or bf16
-/// (half an f32's bytes, its products in f32).
+/// (half an f32's bytes).
 pub fn is_held_format(format: GgmlDType) -> bool {
     is_block_format(format) || format == GgmlDType::BF16
 }
 
 /// The CPU blocks of a weight, read a row range at a time.
+#[derive(Clone, Copy)]
 pub(super) struct Rows<'a> {
+    pub(super) format: GgmlDType,
     pub(super) bytes: &'a [u8],
     pub(super) row_bytes: usize,
     pub(super) k: usize,
     pub(super) decode: Decode,
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// The weight's rows `range` alone.
+    pub(super) fn slice(&self, range: Range<usize>) -> Rows<'a> {
+        Rows {
+            bytes: &self.bytes[range.start * self.row_bytes..range.end * self.row_bytes],
+            ..*self
+        }
+    }
+
+    /// The values of a bf16 weight, as stored.
+    pub(super) fn bf16_values(&self) -> Option<&'a [u16]> {
+        if self.format != GgmlDType::BF16 {
+            return None;
+        }
+        let bytes = self.bytes;
+        // SAFETY: a bf16 weight's bytes are candle's storage of `half::bf16`
+        // (two-byte values, aligned as `QuantizedWeight::new` checked), and
+        // any bits are a valid u16.
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), bytes.len() / 2) })
+    }
+
     /// Rows `range` dequantized into `out`.
     pub(super) fn decode_into(&self, range: Range<usize>, out: &mut [f32]) {
         let bytes = &self.bytes[range.start * self.row_bytes..range.end * self.row_bytes];

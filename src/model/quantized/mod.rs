@@ -2,7 +2,8 @@
 //! weight in a GGML block format (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and the
 //! other GGUF formats candle reads), never held as f32. A bf16 base on the
 //! CPU (`--dtype bf16`) is held here too, in GGML's BF16 format: half an
-//! f32's bytes, decoded exactly, its products in f32.
+//! f32's bytes, decoded exactly; its many-row products run on the bf16
+//! kernel (`bf16_dot.rs`) where the CPU has AVX512_BF16, in f32 elsewhere.
 //!
 //! A product dequantizes the blocks to f32 as it goes and runs the f32
 //! arithmetic, so its result is the dequantized weight's f32 product: the
@@ -18,9 +19,14 @@
 //!   No f32 copy of a whole weight is made, so a quantized vocabulary matrix
 //!   costs its blocks and one tile. Dequantizing costs one pass over the
 //!   weight, against `2·rows` flops per weight element for the product.
+//!   A bf16 weight with AVX512_BF16 is instead read by the bf16 kernel,
+//!   which rounds `x` (or `dy`) to bf16: its result is within bf16's
+//!   rounding of the f32 product, as PyTorch's bf16 autocast's is.
 //! - An embedding lookup dequantizes only the rows it reads.
 //! - On a GPU, candle dequantizes a layer's weight on the device.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_dot;
 mod blocks;
 mod tiled;
 
@@ -138,6 +144,7 @@ impl QuantizedWeight {
         };
         let k = self.dims().1;
         Ok(Some(Rows {
+            format,
             bytes,
             row_bytes: block_bytes(format, k),
             k,
@@ -184,23 +191,45 @@ impl QuantizedWeight {
                 return Tensor::from_vec(out, (m, n), x.device());
             }
         }
-        match self.tiled(x, false)? {
-            Some(y) => Ok(y),
-            None => x.matmul(&self.dequantize()?.t()?),
-        }
+        self.matmul_t_rows(x, 0..self.dims().0)
     }
 
     /// `dy W` for `dy`: `[rows, out]` (the input gradient of [`Self::matmul_t`]).
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
-        match self.tiled(dy, true)? {
-            Some(dx) => Ok(dx),
-            None => dy.matmul(&self.dequantize()?),
+        self.matmul_rows(dy, 0..self.dims().0)
+    }
+
+    /// `x W[range]ᵀ` for `x`: `[rows, in]`: the product with the weight's
+    /// rows `range` alone (`[rows, range.len()]`).
+    pub fn matmul_t_rows(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        match self.tiled(x, range.clone(), false)? {
+            Some(y) => Ok(y),
+            None => x.matmul(&self.dequantize_rows(range)?.t()?),
         }
     }
 
-    /// The tiled product ([`TiledProduct`]) of 2-D f32 CPU rows `x`, where
-    /// the weight's products run in f32 on the CPU.
-    fn tiled(&self, x: &Tensor, input_gradient: bool) -> Result<Option<Tensor>> {
+    /// `dy W[range]` for `dy`: `[rows, range.len()]`: the input gradient of
+    /// [`Self::matmul_t_rows`] (`[rows, in]`).
+    pub fn matmul_rows(&self, dy: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        match self.tiled(dy, range.clone(), true)? {
+            Some(dx) => Ok(dx),
+            None => dy.matmul(&self.dequantize_rows(range)?),
+        }
+    }
+
+    /// The tiled product ([`TiledProduct`]) of 2-D f32 CPU rows `x` with the
+    /// weight's rows `range`, where the weight's products run in f32 on the
+    /// CPU.
+    fn tiled(
+        &self,
+        x: &Tensor,
+        range: std::ops::Range<usize>,
+        input_gradient: bool,
+    ) -> Result<Option<Tensor>> {
+        let n = self.dims().0;
+        if range.start > range.end || range.end > n {
+            candle_core::bail!("rows {range:?} of a weight of {n} rows");
+        }
         let takes = x.dtype() == DType::F32 && self.dtype == DType::F32 && x.rank() == 2;
         let rows = match takes {
             true => self.cpu_rows()?,
@@ -210,8 +239,8 @@ impl QuantizedWeight {
             return Ok(None);
         };
         let op = TiledProduct {
-            rows,
-            n: self.dims().0,
+            rows: rows.slice(range.clone()),
+            n: range.len(),
             input_gradient,
         };
         x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
@@ -335,11 +364,16 @@ mod tests {
     }
 
     /// A bf16 weight's products are those of its f32 values, exactly as
-    /// decoded, on odd shapes, shapes below one tile, across tiles and with
-    /// a large K; and within bf16's rounding (8 bits of mantissa) of the f32
-    /// weight it was rounded from.
+    /// decoded (in f32) or within the rounding of the other side to bf16
+    /// (the AVX512_BF16 kernel), on odd shapes, shapes below one tile,
+    /// across tiles and with a large K; and within bf16's rounding (8 bits
+    /// of mantissa) of the f32 weight it was rounded from.
     #[test]
     fn bf16_products_equal_the_f32_products_within_bf16_rounding() {
+        #[cfg(target_arch = "x86_64")]
+        let kernel = bf16_dot::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernel = false;
         for (n, k, m) in [
             (1, 1, 1),
             (3, 5, 2),
@@ -356,8 +390,11 @@ mod tests {
             let rounded = f32_weight.to_dtype(DType::BF16).unwrap();
             let rounded = rounded.to_dtype(DType::F32).unwrap();
             assert_eq!(max_abs_diff(&decoded, &rounded), 0.0, "decoding is exact");
-            let scale = (k as f32).sqrt();
-            check_products(&w, m, 12, 2e-5 * scale, 2e-5 * (n as f32).sqrt());
+            // Sums of k (or n) random products: f32's rounding, or the
+            // other side's rounding to bf16 (2⁻⁹ relative) with the kernel.
+            let per_value = if kernel { 4.0 / 256.0 } else { 2e-5 };
+            let (scale, dx_scale) = ((k as f32).sqrt(), (n as f32).sqrt());
+            check_products(&w, m, 12, per_value * scale, per_value * dx_scale);
             // Against the unrounded weight: bf16's relative rounding, 2^-8,
             // over sums of k random products.
             let x = randn(&[m, k], 13);
@@ -365,6 +402,46 @@ mod tests {
             let diff = max_abs_diff(&w.matmul_t(&x).unwrap(), &want);
             assert!(diff < 4.0 * scale / 256.0, "{n}x{k}, {m} rows: {diff}");
         }
+    }
+
+    /// Where the CPU has AVX512_BF16, a bf16 weight's many-row products
+    /// (forward and input gradient, the loss's row ranges too) run on the
+    /// bf16 kernel: the other side is rounded to bf16 first.
+    #[test]
+    fn bf16_many_row_products_take_the_bf16_kernel_where_the_cpu_has_it() {
+        #[cfg(target_arch = "x86_64")]
+        let kernel = bf16_dot::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernel = false;
+        if !kernel {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let (n, k, m) = (40, 96, 100);
+        let w = QuantizedWeight::quantize(&randn(&[n, k], 21), GgmlDType::BF16).unwrap();
+        let x = randn(&[m, k], 22);
+        let x_rounded = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let dense = w.dequantize().unwrap();
+        let want = x_rounded.matmul(&dense.t().unwrap()).unwrap();
+        assert!(max_abs_diff(&w.matmul_t(&x).unwrap(), &want) < 1e-4);
+        let part = w.matmul_t_rows(&x, 5..29).unwrap();
+        let want_part = want.narrow(1, 5, 24).unwrap();
+        assert!(max_abs_diff(&part, &want_part) < 1e-4);
+        let dy = randn(&[m, 24], 23);
+        let dy_rounded = dy
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let want = dy_rounded.matmul(&dense.narrow(0, 5, 24).unwrap()).unwrap();
+        assert!(max_abs_diff(&w.matmul_rows(&dy, 5..29).unwrap(), &want) < 1e-4);
+        // Not the f32 product of the unrounded rows: the rounding shows.
+        let exact = x.matmul(&dense.t().unwrap()).unwrap();
+        assert!(max_abs_diff(&w.matmul_t(&x).unwrap(), &exact) > 1e-4);
     }
 
     /// An embedding lookup reads the dequantized rows; an id past the last

@@ -1,7 +1,8 @@
 //! Products of many rows with a quantized weight on the CPU, a tile of the
 //! weight's rows at a time: each tile is dequantized into one reused f32
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
-//! whole weight is ever made.
+//! whole weight is ever made. A bf16 weight on a CPU with AVX512_BF16 goes
+//! to the bf16 kernel instead ([`super::bf16_dot`]).
 
 use super::super::add_matmul::parallelism;
 use super::super::gemv;
@@ -47,6 +48,12 @@ impl CustomOp1 for TiledProduct<'_> {
             candle_core::bail!("a [{m}, {width}] input for a [{n}, {k}] quantized weight");
         }
         let mut out = vec![0f32; m * out_width];
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(values), true) = (self.rows.bf16_values(), super::bf16_dot::available()) {
+            let w = super::bf16_dot::Bf16Weight { values, n, k };
+            super::bf16_dot::product(x, m, w, self.input_gradient, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((m, out_width))));
+        }
         let mut tile = Vec::new();
         for (i, r) in tiles(n, k).enumerate() {
             tile.resize(r.len() * k, 0.0);
