@@ -33,7 +33,11 @@ impl CpuFeatures {
     /// kernel yet: a CPU with AMX also has AVX512_BF16, which then runs.)
     /// Elsewhere a bf16 base is multiplied in f32.
     pub fn bf16_kernel(&self) -> Option<&'static str> {
-        self.avx512_bf16.then_some("AVX512_BF16")
+        #[cfg(target_arch = "x86_64")]
+        let bw = is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        let bw = false;
+        (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
     }
 
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
