@@ -14,6 +14,7 @@
 use crate::model::autograd::{apply, Function};
 use crate::model::{CausalLm, FrozenWeight};
 use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
 
 /// Output-matrix values read per tile on the CPU (4 MB of f32).
 const CPU_TILE_VALUES: usize = 1 << 20;
@@ -126,10 +127,20 @@ impl TiledCrossEntropy {
         let mut largest = Tensor::full(f32::NEG_INFINITY, (n, 1), device)?;
         let mut sum = Tensor::zeros((n, 1), DType::F32, device)?;
         let mut acc = Tensor::zeros((n, d), DType::F32, device)?;
+        // Each row's label logit, read off the tile that holds it: the same
+        // product as the logits it is compared with (with a bf16 kernel, a
+        // separate f32 dot product would differ by its rounding, and a
+        // confident row's loss could come out below zero).
+        let labels = self.labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= vocab) {
+            candle_core::bail!("label {bad} of a vocabulary of {vocab}");
+        }
+        let mut label_raw = vec![0f32; n];
         for start in (0..vocab).step_by(per_tile) {
             let tile = start..(start + per_tile).min(vocab);
             let raw = self.weight.matmul_t_rows(&h, tile.clone())?;
             let raw = raw.to_dtype(DType::F32)?;
+            read_labels(&raw, &labels, &tile, &mut label_raw)?;
             let (logits, slope) = capped(raw, self.softcap)?;
             let grown = largest.maximum(&logits.max_keepdim(1)?)?;
             let rescale = (&largest - &grown)?.exp()?;
@@ -154,13 +165,13 @@ impl TiledCrossEntropy {
             largest = grown;
         }
         // The label's own logit, and the slope of the cap there.
-        let label_rows = self.weight.rows(&self.labels)?;
-        let raw = (&h * &label_rows)?.to_dtype(DType::F32)?.sum_keepdim(1)?;
+        let raw = Tensor::from_vec(label_raw, (n, 1), device)?;
         let (label_logit, label_slope) = capped(raw, self.softcap)?;
         let losses = ((largest + sum.log()?)? - label_logit)?.squeeze(1)?;
         if !grad {
             return Ok((losses, None));
         }
+        let label_rows = self.weight.rows(&self.labels)?;
         let label_part = match label_slope {
             Some(s) => label_rows.to_dtype(DType::F32)?.broadcast_mul(&s)?,
             None => label_rows.to_dtype(DType::F32)?,
@@ -168,6 +179,27 @@ impl TiledCrossEntropy {
         let g = (acc.broadcast_div(&sum)? - label_part)?;
         Ok((losses, Some(g.to_dtype(hidden.dtype())?)))
     }
+}
+
+/// Copies into `out[i]` the raw logit `raw[i, labels[i] − tile.start]` of
+/// each row whose label is in `tile` (`raw`: `[rows, tile.len()]`).
+fn read_labels(raw: &Tensor, labels: &[u32], tile: &Range<usize>, out: &mut [f32]) -> Result<()> {
+    let width = tile.len();
+    let (rows, at): (Vec<usize>, Vec<u32>) = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| tile.contains(&(l as usize)))
+        .map(|(i, &l)| (i, (i * width + l as usize - tile.start) as u32))
+        .unzip();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let at = Tensor::new(at, raw.device())?;
+    let values = raw.flatten_all()?.index_select(&at, 0)?.to_vec1::<f32>()?;
+    for (i, v) in rows.into_iter().zip(values) {
+        out[i] = v;
+    }
+    Ok(())
 }
 
 impl Function for TiledCrossEntropy {
@@ -205,6 +237,31 @@ mod tests {
     fn labels(n: usize, step: u32, vocab: u32, device: &Device) -> Tensor {
         let ids: Vec<u32> = (0..n as u32).map(|i| i * step % vocab).collect();
         Tensor::from_vec(ids, n, device).unwrap()
+    }
+
+    /// A confident row's loss is the log-sum-exp of its logits minus the
+    /// label's logit taken from the same products, so it is never below
+    /// zero, whatever arithmetic the output matrix's products use (here a
+    /// bf16 matrix: the bf16 kernel where the CPU has AVX512_BF16). A label
+    /// past the vocabulary is refused.
+    #[test]
+    fn confident_losses_are_never_negative() {
+        let (vocab, d, n) = (300, 64, 100);
+        let w = randn(&[vocab, d], 41);
+        let held = crate::model::QuantizedWeight::quantize(&w, GgmlDType::BF16).unwrap();
+        let labels = labels(n, 7, vocab as u32, &Device::Cpu);
+        // Each hidden state points hard at its label's row.
+        let h = (w.index_select(&labels, 0).unwrap() * 4.0).unwrap();
+        let h = (h + (randn(&[n, d], 42) * 0.01).unwrap()).unwrap();
+        let held: FrozenWeight = held.into();
+        let losses = per_row_cross_entropy(&h, &held, &labels, None).unwrap();
+        let losses = losses.to_vec1::<f32>().unwrap();
+        assert!(losses.iter().all(|&l| l >= 0.0), "{losses:?}");
+        assert!(losses.iter().all(|&l| l < 1e-3), "confident: {losses:?}");
+        let bad = Tensor::new(&[vocab as u32], &Device::Cpu).unwrap();
+        let err = per_row_cross_entropy(&h.narrow(0, 0, 1).unwrap(), &held, &bad, None);
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("label 300 of a vocabulary of 300"), "{err}");
     }
 
     /// However many vocabulary rows a tile holds (one, a few, a last short
