@@ -92,6 +92,8 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
     }
 }
 
+/// [`product`] on the calling thread: the rows rounded to bf16 pairs once,
+/// then for each packed block of the weight, every micro-tile against it.
 fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f32]) {
     let (q, p) = match input_gradient {
         false => (w.k, w.n),
