@@ -525,6 +525,53 @@ mod tests {
         }
     }
 
+    /// Adversarial values: an infinity or a NaN in a row reaches only that
+    /// row's outputs, a value past bf16's range rounds to infinity, and
+    /// subnormal values (which `vdpbf16ps` may treat as zero) move their
+    /// row's outputs by no more than their own size, below 1e-38.
+    #[test]
+    fn special_values_stay_in_their_rows() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let (m, n, k) = (14, 35, 40);
+        let mut rng = Rng::new(9);
+        let values: Vec<u16> = random(n * k, &mut rng)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let w = Bf16Weight {
+            values: &values,
+            n,
+            k,
+        };
+        let mut x = random(m * k, &mut rng);
+        x[3 * k + 5] = f32::INFINITY;
+        x[7 * k] = f32::NAN;
+        x[9 * k + 2] = 3.4e38; // rounds past bf16's largest finite value
+        for v in &mut x[11 * k..12 * k] {
+            *v *= 1e-39; // subnormal in f32
+        }
+        let mut out = vec![0f32; m * n];
+        product(&x, m, w, false, &mut out);
+        let want = reference(&x, m, w, false);
+        for i in 0..m {
+            for j in 0..n {
+                let (g, e) = (out[i * n + j], want[i * n + j]);
+                match i {
+                    3 | 9 => assert!(g.is_infinite() || g.is_nan(), "row {i}: {g}"),
+                    7 => assert!(g.is_nan(), "row {i}: {g}"),
+                    11 => assert!(g.abs() < 1e-36 && e.abs() < 1e-36, "row {i}: {g}"),
+                    _ => assert!(
+                        (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "row {i}: {g} against {e}"
+                    ),
+                }
+            }
+        }
+    }
+
     /// The vector packers lay out exactly what the portable one does, on
     /// partial panels and depths that are not multiples of 16.
     #[test]
