@@ -146,11 +146,15 @@ fn lora_gradients_match_finite_differences() {
 
 /// The same through frozen weights kept in blocks (QLoRA), and through a
 /// bf16 base on the CPU: the input gradient goes through the held weights
-/// the forward read.
+/// the forward read. The bf16 base runs its exact f32 products here: the
+/// bf16 kernel rounds every activation at a frozen product to bf16, which
+/// makes the loss a step function at bf16's resolution, too rough for finite
+/// differences; the next test holds the kernel's gradients to these.
 #[test]
 fn lora_gradients_through_quantized_weights_match_finite_differences() {
     for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
-        let model = tiny_held(&Device::Cpu, quantize);
+        let mut model = tiny_held(&Device::Cpu, quantize);
+        model.lm.set_bf16_arithmetic(false);
         assert!(model.lm.layers[0]
             .linears()
             .iter()
@@ -161,6 +165,57 @@ fn lora_gradients_through_quantized_weights_match_finite_differences() {
         );
         lora_gradients_match_finite_differences_of(model);
     }
+}
+
+/// With the bf16 kernel (where the CPU has AVX512_BF16), a bf16 base's LoRA
+/// gradients are those of its exact f32 products within bf16's rounding.
+#[test]
+fn bf16_kernel_gradients_follow_the_exact_ones() {
+    if tuneforge::cpu::features().bf16_kernel().is_none() {
+        eprintln!("skipped: this CPU has no bf16 kernel (AVX512_BF16)");
+        return;
+    }
+    let mut model = tiny_held(&Device::Cpu, Quantize::Bf16);
+    lora::attach(
+        &mut model.lm,
+        &LoraConfig {
+            r: 2,
+            ..Default::default()
+        },
+        5,
+    )
+    .unwrap();
+    for (name, var) in lora::parameters(&model.lm) {
+        if name.contains("lora_B") {
+            var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                .unwrap();
+        }
+    }
+    let examples = examples(&model, 3);
+    let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
+    let flat = |update: tuneforge::train::Update| -> (f64, Vec<f32>) {
+        let mut all = Vec::new();
+        for g in update.gradients.iter().flatten() {
+            all.extend(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        (update.loss, all)
+    };
+    let (kernel_loss, kernel) =
+        flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
+    model.lm.set_bf16_arithmetic(false);
+    let (exact_loss, exact) =
+        flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
+    assert_eq!(kernel.len(), exact.len());
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: Vec<f32> = kernel.iter().zip(&exact).map(|(a, b)| a - b).collect();
+    let relative = norm(&diff) / norm(&exact);
+    eprintln!("bf16 kernel: loss {kernel_loss} vs {exact_loss}, gradients off by {relative:.4} of their norm");
+    assert!(relative > 0.0, "the kernel ran");
+    assert!(relative < 0.02, "gradients off by {relative} of their norm");
+    assert!(
+        (kernel_loss - exact_loss).abs() < 0.01 * exact_loss.abs(),
+        "{kernel_loss} vs {exact_loss}"
+    );
 }
 
 fn lora_gradients_match_finite_differences_on(device: &Device) {

@@ -91,6 +91,15 @@ impl FrozenWeight {
         }
     }
 
+    /// For a weight held in bf16: whether its many-row products use the
+    /// bf16 kernel where the CPU has one
+    /// ([`QuantizedWeight::set_bf16_arithmetic`]); nothing otherwise.
+    pub fn set_bf16_arithmetic(&mut self, on: bool) {
+        if let Self::Quantized(q) = self {
+            q.set_bf16_arithmetic(on);
+        }
+    }
+
     /// `x W[range]ᵀ` for `x`: `[rows, in]`: the product with the weight's
     /// rows `range` alone, `[rows, range.len()]` (a tile of the logits).
     pub fn matmul_t_rows(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {

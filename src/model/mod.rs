@@ -143,6 +143,32 @@ impl NormNames {
 }
 
 impl CausalLm {
+    /// Whether the frozen matrices held in bf16 multiply with the bf16
+    /// kernel where the CPU has one (the default: the other side of each
+    /// product rounded to bf16), or, with `false`, widen to f32 exactly as
+    /// on CPUs without it. Matrices in other formats are unaffected.
+    ///
+    /// ```
+    /// # use tuneforge::{Architecture, ModelConfig, Model, Quantize};
+    /// let config = ModelConfig::tiny(Architecture::Llama);
+    /// let device = candle_core::Device::Cpu;
+    /// let dtype = candle_core::DType::F32;
+    /// let mut model = Model::random_held(&config, 1, dtype, &device, Quantize::Bf16)?;
+    /// model.lm.set_bf16_arithmetic(false); // exact f32 products of the bf16 weights
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn set_bf16_arithmetic(&mut self, on: bool) {
+        for block in &mut self.layers {
+            for (_, linear) in block.linears_mut() {
+                linear.weight.set_bf16_arithmetic(on);
+            }
+        }
+        self.embed_tokens.set_bf16_arithmetic(on);
+        if let Some(head) = &mut self.lm_head {
+            head.set_bf16_arithmetic(on);
+        }
+    }
+
     /// Builds the model from HF-named weights, checking every shape against the config.
     pub fn new(
         config: &ModelConfig,

@@ -47,6 +47,9 @@ use tiled::TiledProduct;
 pub struct QuantizedWeight {
     blocks: Arc<QTensor>,
     dtype: DType,
+    /// Whether a bf16 weight's many-row products may use the bf16 kernel
+    /// (rounding the other side to bf16) where the CPU has one.
+    bf16_arithmetic: bool,
 }
 
 impl std::fmt::Debug for QuantizedWeight {
@@ -78,6 +81,7 @@ impl QuantizedWeight {
         Ok(Self {
             blocks: Arc::new(blocks),
             dtype,
+            bf16_arithmetic: true,
         })
     }
 
@@ -94,6 +98,13 @@ impl QuantizedWeight {
         let f32 = w.to_dtype(DType::F32)?;
         let blocks = QTensor::quantize_onto(&f32, format, w.device())?;
         Self::new(blocks, w.dtype())
+    }
+
+    /// Whether a bf16 weight's many-row products use the bf16 kernel where
+    /// the CPU has one (the default), rounding the other side to bf16; or,
+    /// with `false`, widen the weight to f32 exactly as on other CPUs.
+    pub fn set_bf16_arithmetic(&mut self, on: bool) {
+        self.bf16_arithmetic = on;
     }
 
     /// The block format.
@@ -123,7 +134,10 @@ impl QuantizedWeight {
         }
         let storage = QStorage::from_data(self.blocks.data()?, device, self.format())?;
         let blocks = QTensor::new(storage, self.blocks.shape().clone())?;
-        Self::new(blocks, self.dtype)
+        Ok(Self {
+            bf16_arithmetic: self.bf16_arithmetic,
+            ..Self::new(blocks, self.dtype)?
+        })
     }
 
     /// The blocks' size in bytes.
@@ -242,6 +256,7 @@ impl QuantizedWeight {
             rows: rows.slice(range.clone()),
             n: range.len(),
             input_gradient,
+            bf16_arithmetic: self.bf16_arithmetic,
         };
         x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
     }
@@ -295,7 +310,10 @@ impl QuantizedWeight {
                 QTensor::new(storage, (order.len(), k))?
             }
         };
-        Self::new(blocks, self.dtype)
+        Ok(Self {
+            bf16_arithmetic: self.bf16_arithmetic,
+            ..Self::new(blocks, self.dtype)?
+        })
     }
 
     /// `W + delta` requantized into this weight's format (a merged adapter):
@@ -304,6 +322,7 @@ impl QuantizedWeight {
         let sum = (self.dequantize()?.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
         let mut merged = Self::quantize(&sum, self.format())?;
         merged.dtype = self.dtype;
+        merged.bf16_arithmetic = self.bf16_arithmetic;
         Ok(merged)
     }
 }

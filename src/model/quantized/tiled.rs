@@ -29,6 +29,8 @@ pub(super) struct TiledProduct<'a> {
     pub(super) rows: Rows<'a>,
     pub(super) n: usize,
     pub(super) input_gradient: bool,
+    /// A bf16 weight may use the bf16 kernel.
+    pub(super) bf16_arithmetic: bool,
 }
 
 impl CustomOp1 for TiledProduct<'_> {
@@ -49,7 +51,10 @@ impl CustomOp1 for TiledProduct<'_> {
         }
         let mut out = vec![0f32; m * out_width];
         #[cfg(target_arch = "x86_64")]
-        if let (Some(values), true) = (self.rows.bf16_values(), super::bf16_dot::available()) {
+        if let (Some(values), true) = (
+            self.rows.bf16_values(),
+            self.bf16_arithmetic && super::bf16_dot::available(),
+        ) {
             let w = super::bf16_dot::Bf16Weight { values, n, k };
             super::bf16_dot::product(x, m, w, self.input_gradient, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((m, out_width))));
