@@ -1,0 +1,234 @@
+//! Repacking a block of the bf16 weight into the micro-kernel's layout:
+//! micro-panels of [`NR`] columns, each step one u32 pair of bf16 values per
+//! column (the first of the pair in the low half), so that a step is two
+//! 16-lane registers. The forward's block is a transpose of the weight's rows
+//! (16 × 16 u32s at a time in registers), the input gradient's an
+//! interleave of two rows; a value-by-value packer is the reference.
+
+use super::{low_mask, Bf16Weight, NR};
+
+/// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
+/// gradient) at columns `cols` and pairs of rows `pairs` into `packed`:
+/// micro-panels of [`NR`] columns, each `depth` steps of `NR` u32 pairs
+/// (`B[2t, c]` low, `B[2t + 1, c]` high); zeros past the edges.
+pub(super) fn pack(
+    w: Bf16Weight,
+    input_gradient: bool,
+    cols: std::ops::Range<usize>,
+    pairs: std::ops::Range<usize>,
+    packed: &mut Vec<u32>,
+) {
+    let depth = pairs.len();
+    let panels = cols.len().div_ceil(NR);
+    packed.clear();
+    packed.resize(panels * depth * NR, 0);
+    for (j, panel) in packed.chunks_exact_mut(depth * NR).enumerate() {
+        let first = cols.start + j * NR;
+        let width = NR.min(cols.end - first);
+        match (input_gradient, w.k.is_multiple_of(2)) {
+            // SAFETY: `product` checked that the CPU has the kernel's
+            // features; the panel and the weight's bounds are checked inside.
+            (false, true) => unsafe { pack_rows_as_columns(w, first, width, pairs.start, panel) },
+            (false, false) => pack_portable(w, false, first, width, pairs.start, panel),
+            (true, _) => unsafe { pack_interleaved_rows(w, first, width, pairs.start, panel) },
+        }
+    }
+}
+
+/// One micro-panel of [`pack`], value by value: the reference the vector
+/// packers are tested against, and the forward's packer for an odd `k`
+/// (where a row's last pair is its last value and a zero).
+fn pack_portable(
+    w: Bf16Weight,
+    input_gradient: bool,
+    first: usize,
+    width: usize,
+    first_pair: usize,
+    panel: &mut [u32],
+) {
+    for (t, step) in panel.chunks_exact_mut(NR).enumerate() {
+        let at = 2 * (first_pair + t);
+        for (c, s) in step[..width].iter_mut().enumerate() {
+            *s = match input_gradient {
+                // B[q, p] = W[p, q]: a column of B is a row of W.
+                false => w.value(first + c, at) | w.value(first + c, at + 1) << 16,
+                // B[q, p] = W[q, p]: a step interleaves two rows of W.
+                true => w.value(at, first + c) | w.value(at + 1, first + c) << 16,
+            };
+        }
+    }
+}
+
+/// The forward's micro-panel for an even `k`: the pairs of `width` rows of
+/// `W` (each row's pairs are contiguous u32s) transposed, 16 rows × 16 pairs
+/// at a time in registers.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows_as_columns(
+    w: Bf16Weight,
+    first: usize,
+    width: usize,
+    first_pair: usize,
+    panel: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let depth = panel.len() / NR;
+    assert!(w.k.is_multiple_of(2) && first + width <= w.n && 2 * (first_pair + depth) <= w.k);
+    for half in (0..width).step_by(16) {
+        for t0 in (0..depth).step_by(16) {
+            let steps = 16.min(depth - t0);
+            let rows: [__m512i; 16] = std::array::from_fn(|i| match half + i < width {
+                // SAFETY: `steps` pairs from pair `first_pair + t0` are inside
+                // row `first + half + i` (asserted above).
+                true => unsafe {
+                    let row = w.values.as_ptr().add((first + half + i) * w.k);
+                    let at = row.add(2 * (first_pair + t0)).cast::<i32>();
+                    _mm512_maskz_loadu_epi32(low_mask(steps), at)
+                },
+                false => _mm512_setzero_si512(),
+            });
+            let columns = transpose16(rows);
+            for (t, column) in columns.iter().take(steps).enumerate() {
+                let to = &mut panel[(t0 + t) * NR + half..][..16];
+                // SAFETY: `to` holds 16 u32s.
+                unsafe { _mm512_storeu_si512(to.as_mut_ptr().cast(), *column) };
+            }
+        }
+    }
+}
+
+/// A 16 × 16 transpose of u32s: lane `c` of result `i` is lane `i` of row
+/// `c`.
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved by u32 (within each
+    // 128-bit lane L: elements 4L, 4L + 1, then 4L + 2, 4L + 3).
+    let a: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        match i % 2 {
+            0 => _mm512_unpacklo_epi32(x, y),
+            _ => _mm512_unpackhi_epi32(x, y),
+        }
+    });
+    // b[4g + o]: lane L holds rows 4g..4g + 4 of element 4L + o.
+    let b: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, o) = (i / 4, i % 4);
+        let (x, y) = (a[4 * g + o / 2], a[4 * g + 2 + o / 2]);
+        match o % 2 {
+            0 => _mm512_unpacklo_epi64(x, y),
+            _ => _mm512_unpackhi_epi64(x, y),
+        }
+    });
+    // c[8h + o]: groups 2h, 2h + 1 of elements o and 8 + o;
+    // c[8h + 4 + o]: of elements 4 + o and 12 + o.
+    let c: [__m512i; 16] = std::array::from_fn(|i| {
+        let (h, upper, o) = (i / 8, (i / 4) % 2, i % 4);
+        let (x, y) = (b[8 * h + o], b[8 * h + 4 + o]);
+        match upper {
+            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
+            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
+        }
+    });
+    // d[i]: all four groups of element i.
+    std::array::from_fn(|i| {
+        let (high, s, o) = (i / 8, (i / 4) % 2, i % 4);
+        let (x, y) = (c[4 * s + o], c[8 + 4 * s + o]);
+        match high {
+            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
+            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
+        }
+    })
+}
+
+/// The input gradient's micro-panel: each step interleaves `width` values
+/// of two rows of `W` (zeros past the last row).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_interleaved_rows(
+    w: Bf16Weight,
+    first: usize,
+    width: usize,
+    first_pair: usize,
+    panel: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    assert!(width <= NR && first + width <= w.k);
+    let mask = match width {
+        32 => u32::MAX,
+        n => (1u32 << n) - 1,
+    };
+    // Halves 0 and 1 of the step: value c of the first row, then of the
+    // second, for c in 0..16 and in 16..32.
+    let order = |half: i16| -> __m512i {
+        let idx: [i16; 32] =
+            std::array::from_fn(|i| 16 * half + i as i16 / 2 + 32 * (i as i16 % 2));
+        // SAFETY: 32 i16s are one register.
+        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
+    };
+    let (low_half, high_half) = (order(0), order(1));
+    for (t, step) in panel.chunks_exact_mut(NR).enumerate() {
+        let r = 2 * (first_pair + t);
+        let row = |r: usize| match r < w.n {
+            // SAFETY: the mask reads `width` values of row `r`, inside it.
+            true => unsafe {
+                _mm512_maskz_loadu_epi16(mask, w.values.as_ptr().add(r * w.k + first).cast())
+            },
+            false => _mm512_setzero_si512(),
+        };
+        let (lo, hi) = (row(r), row(r + 1));
+        // SAFETY: a step holds 32 u32s.
+        unsafe {
+            let to = step.as_mut_ptr().cast::<__m512i>();
+            _mm512_storeu_si512(to, _mm512_permutex2var_epi16(lo, low_half, hi));
+            _mm512_storeu_si512(to.add(1), _mm512_permutex2var_epi16(lo, high_half, hi));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The vector packers lay out exactly what the portable one does, on
+    /// partial panels and depths that are not multiples of 16.
+    #[test]
+    fn vector_packing_equals_the_portable_packing() {
+        if !super::super::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for (n, k) in [(70, 90), (33, 2), (5, 600), (64, 64)] {
+            let values: Vec<u16> = (0..n * k)
+                .map(|_| (rng.normal().to_bits() >> 16) as u16)
+                .collect();
+            let w = Bf16Weight {
+                values: &values,
+                n,
+                k,
+            };
+            for input_gradient in [false, true] {
+                let (q, p) = match input_gradient {
+                    false => (k, n),
+                    true => (n, k),
+                };
+                let pairs = q.div_ceil(2);
+                for (first, first_pair) in [(0, 0), (p.saturating_sub(7), pairs / 3)] {
+                    let width = NR.min(p - first);
+                    let depth = pairs - first_pair;
+                    let mut want = vec![0u32; depth * NR];
+                    pack_portable(w, input_gradient, first, width, first_pair, &mut want);
+                    let mut got = vec![0u32; depth * NR];
+                    // SAFETY: checked above that the CPU has the features.
+                    unsafe {
+                        match input_gradient {
+                            false => pack_rows_as_columns(w, first, width, first_pair, &mut got),
+                            true => pack_interleaved_rows(w, first, width, first_pair, &mut got),
+                        }
+                    }
+                    assert_eq!(got, want, "{n}x{k}, input gradient {input_gradient}, from column {first}, pair {first_pair}");
+                }
+            }
+        }
+    }
+}
