@@ -176,21 +176,7 @@ fn bf16_kernel_gradients_follow_the_exact_ones() {
         return;
     }
     let mut model = tiny_held(&Device::Cpu, Quantize::Bf16);
-    lora::attach(
-        &mut model.lm,
-        &LoraConfig {
-            r: 2,
-            ..Default::default()
-        },
-        5,
-    )
-    .unwrap();
-    for (name, var) in lora::parameters(&model.lm) {
-        if name.contains("lora_B") {
-            var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
-                .unwrap();
-        }
-    }
+    attach_checked_adapters(&mut model);
     let examples = examples(&model, 3);
     let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
     let flat = |update: tuneforge::train::Update| -> (f64, Vec<f32>) {
@@ -218,12 +204,9 @@ fn bf16_kernel_gradients_follow_the_exact_ones() {
     );
 }
 
-fn lora_gradients_match_finite_differences_on(device: &Device) {
-    lora_gradients_match_finite_differences_of(tiny_on(device));
-}
-
-fn lora_gradients_match_finite_differences_of(mut model: Model) {
-    let device = &model.lm.device().clone();
+/// Rank-2 adapters on every linear, B set to 0.05 so that A's gradient is
+/// not zero: what the gradient checks differentiate.
+fn attach_checked_adapters(model: &mut Model) {
     lora::attach(
         &mut model.lm,
         &LoraConfig {
@@ -233,13 +216,21 @@ fn lora_gradients_match_finite_differences_of(mut model: Model) {
         5,
     )
     .unwrap();
-    // Give B some weight so that A's gradient is not zero.
     for (name, var) in lora::parameters(&model.lm) {
         if name.contains("lora_B") {
             var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
                 .unwrap();
         }
     }
+}
+
+fn lora_gradients_match_finite_differences_on(device: &Device) {
+    lora_gradients_match_finite_differences_of(tiny_on(device));
+}
+
+fn lora_gradients_match_finite_differences_of(mut model: Model) {
+    let device = &model.lm.device().clone();
+    attach_checked_adapters(&mut model);
     let examples = examples(&model, 3);
     let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
     let params = lora::parameters(&model.lm);

@@ -161,8 +161,7 @@ impl<'a> Rows<'a> {
 
     /// Rows `range` dequantized into `out`.
     pub(super) fn decode_into(&self, range: Range<usize>, out: &mut [f32]) {
-        let bytes = &self.bytes[range.start * self.row_bytes..range.end * self.row_bytes];
-        (self.decode)(bytes, out)
+        (self.decode)(self.slice(range).bytes, out)
     }
 
     /// Rows `range` dequantized into `out`, in parallel tasks.

@@ -100,6 +100,15 @@ impl QuantizedWeight {
         Self::new(blocks, w.dtype())
     }
 
+    /// A weight of `blocks` with this one's settings (products' dtype, bf16
+    /// arithmetic).
+    fn with_blocks(&self, blocks: QTensor) -> Result<Self> {
+        Ok(Self {
+            bf16_arithmetic: self.bf16_arithmetic,
+            ..Self::new(blocks, self.dtype)?
+        })
+    }
+
     /// Whether a bf16 weight's many-row products use the bf16 kernel where
     /// the CPU has one (the default), rounding the other side to bf16; or,
     /// with `false`, widen the weight to f32 exactly as on other CPUs.
@@ -134,10 +143,7 @@ impl QuantizedWeight {
         }
         let storage = QStorage::from_data(self.blocks.data()?, device, self.format())?;
         let blocks = QTensor::new(storage, self.blocks.shape().clone())?;
-        Ok(Self {
-            bf16_arithmetic: self.bf16_arithmetic,
-            ..Self::new(blocks, self.dtype)?
-        })
+        self.with_blocks(blocks)
     }
 
     /// The blocks' size in bytes.
@@ -310,20 +316,15 @@ impl QuantizedWeight {
                 QTensor::new(storage, (order.len(), k))?
             }
         };
-        Ok(Self {
-            bf16_arithmetic: self.bf16_arithmetic,
-            ..Self::new(blocks, self.dtype)?
-        })
+        self.with_blocks(blocks)
     }
 
     /// `W + delta` requantized into this weight's format (a merged adapter):
     /// the sum is rounded to the format again.
     pub fn add_requantized(&self, delta: &Tensor) -> Result<Self> {
         let sum = (self.dequantize()?.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
-        let mut merged = Self::quantize(&sum, self.format())?;
-        merged.dtype = self.dtype;
-        merged.bf16_arithmetic = self.bf16_arithmetic;
-        Ok(merged)
+        let blocks = QTensor::quantize_onto(&sum, self.format(), sum.device())?;
+        self.with_blocks(blocks)
     }
 }
 
@@ -389,10 +390,7 @@ mod tests {
     /// of mantissa) of the f32 weight it was rounded from.
     #[test]
     fn bf16_products_equal_the_f32_products_within_bf16_rounding() {
-        #[cfg(target_arch = "x86_64")]
-        let kernel = bf16_dot::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernel = false;
+        let kernel = crate::cpu::features().bf16_kernel().is_some();
         for (n, k, m) in [
             (1, 1, 1),
             (3, 5, 2),
@@ -428,10 +426,7 @@ mod tests {
     /// bf16 kernel: the other side is rounded to bf16 first.
     #[test]
     fn bf16_many_row_products_take_the_bf16_kernel_where_the_cpu_has_it() {
-        #[cfg(target_arch = "x86_64")]
-        let kernel = bf16_dot::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernel = false;
+        let kernel = crate::cpu::features().bf16_kernel().is_some();
         if !kernel {
             eprintln!("skipped: this CPU has no AVX512_BF16");
             return;

@@ -41,7 +41,7 @@ const ROW_BLOCK: usize = 8 * MR;
 /// Whether this CPU runs the kernel (AVX512_BF16 with AVX-512 F and BW,
 /// checked once).
 pub(super) fn available() -> bool {
-    crate::cpu::features().bf16_kernel() == Some("AVX512_BF16")
+    crate::cpu::features().bf16_kernel().is_some()
 }
 
 /// A bf16 weight `W`: `[n, k]` row-major, as stored (each value the high
@@ -54,6 +54,16 @@ pub(super) struct Bf16Weight<'a> {
 }
 
 impl Bf16Weight<'_> {
+    /// `(q, p)`: the contraction's length and the output's width of the
+    /// forward product `x Wᵀ` (`(k, n)`), or with `input_gradient` of
+    /// `dy W` (`(n, k)`).
+    pub(super) fn sides(&self, input_gradient: bool) -> (usize, usize) {
+        match input_gradient {
+            false => (self.k, self.n),
+            true => (self.n, self.k),
+        }
+    }
+
     /// The pair `(W[r, c], W[r + 1, c])` or `(W[r, c], W[r, c + 1])`, as one
     /// u32 (first in the low half), with zero past the weight's edge.
     pub(super) fn value(&self, r: usize, c: usize) -> u32 {
@@ -72,10 +82,7 @@ impl Bf16Weight<'_> {
 /// If the CPU lacks AVX512_BF16 or the slices' lengths do not match.
 pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f32]) {
     assert!(available(), "the CPU has no AVX512_BF16");
-    let (q, p) = match input_gradient {
-        false => (w.k, w.n),
-        true => (w.n, w.k),
-    };
+    let (q, p) = w.sides(input_gradient);
     assert_eq!(w.values.len(), w.n * w.k, "a [{}, {}] weight", w.n, w.k);
     assert_eq!(x.len(), m * q, "a [{m}, {q}] input");
     assert_eq!(out.len(), m * p, "a [{m}, {p}] output");
@@ -100,10 +107,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
 /// [`product`] on the calling thread: the rows rounded to bf16 pairs once,
 /// then for each packed block of the weight, every micro-tile against it.
 fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f32]) {
-    let (q, p) = match input_gradient {
-        false => (w.k, w.n),
-        true => (w.n, w.k),
-    };
+    let (q, p) = w.sides(input_gradient);
     let pairs = q.div_ceil(2);
     let mut rows = vec![0u32; m * pairs];
     for (x, r) in x.chunks_exact(q).zip(rows.chunks_exact_mut(pairs)) {
@@ -190,10 +194,7 @@ mod tests {
     /// The f64 product of `x` rounded to bf16 with the bf16 weight: what the
     /// kernel computes, up to the order of its f32 sums.
     fn reference(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool) -> Vec<f64> {
-        let (q, p) = match input_gradient {
-            false => (w.k, w.n),
-            true => (w.n, w.k),
-        };
+        let (q, p) = w.sides(input_gradient);
         let weight = |qi: usize, pi: usize| {
             let (r, c) = match input_gradient {
                 false => (pi, qi),
@@ -216,14 +217,31 @@ mod tests {
         (0..len).map(|_| rng.normal()).collect()
     }
 
+    /// `len` random normal values rounded to bf16, as a bf16 weight stores
+    /// them.
+    pub(super) fn random_bf16(len: usize, rng: &mut Rng) -> Vec<u16> {
+        random(len, rng)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    /// Whether the kernel's tests can run here; says why not where not.
+    pub(super) fn runs_here() -> bool {
+        let here = available();
+        if !here {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+        }
+        here
+    }
+
     /// Forward and input gradient against the f64 reference, on sizes below
     /// one tile, odd sizes, sizes across the packed blocks (more than
     /// `COLUMN_BLOCK` columns, more than `PAIR_BLOCK` pairs) and a large
     /// contraction.
     #[test]
     fn products_equal_the_bf16_rounded_products() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+        if !runs_here() {
             return;
         }
         let mut rng = Rng::new(3);
@@ -237,20 +255,14 @@ mod tests {
             (5, 17, 4099),
             (130, 40, 33),
         ] {
-            let values: Vec<u16> = random(n * k, &mut rng)
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
+            let values = random_bf16(n * k, &mut rng);
             let w = Bf16Weight {
                 values: &values,
                 n,
                 k,
             };
             for input_gradient in [false, true] {
-                let (q, p) = match input_gradient {
-                    false => (k, n),
-                    true => (n, k),
-                };
+                let (q, p) = w.sides(input_gradient);
                 let x = random(m * q, &mut rng);
                 let mut out = vec![f32::NAN; m * p];
                 product(&x, m, w, input_gradient, &mut out);
@@ -274,16 +286,12 @@ mod tests {
     /// row's outputs by no more than their own size, below 1e-38.
     #[test]
     fn special_values_stay_in_their_rows() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+        if !runs_here() {
             return;
         }
         let (m, n, k) = (14, 35, 40);
         let mut rng = Rng::new(9);
-        let values: Vec<u16> = random(n * k, &mut rng)
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
+        let values = random_bf16(n * k, &mut rng);
         let w = Bf16Weight {
             values: &values,
             n,
@@ -319,8 +327,7 @@ mod tests {
     /// conversion, including at a tie and for values past the last pair.
     #[test]
     fn rows_round_to_nearest_even() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+        if !runs_here() {
             return;
         }
         let tie_down = f32::from_bits(0x3f80_8000); // 1 + 2⁻⁸: ties to 1.0

@@ -186,6 +186,7 @@ unsafe fn pack_interleaved_rows(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{random_bf16, runs_here};
     use super::*;
     use crate::rng::Rng;
 
@@ -193,25 +194,19 @@ mod tests {
     /// partial panels and depths that are not multiples of 16.
     #[test]
     fn vector_packing_equals_the_portable_packing() {
-        if !super::super::available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+        if !runs_here() {
             return;
         }
         let mut rng = Rng::new(5);
         for (n, k) in [(70, 90), (33, 2), (5, 600), (64, 64)] {
-            let values: Vec<u16> = (0..n * k)
-                .map(|_| (rng.normal().to_bits() >> 16) as u16)
-                .collect();
+            let values = random_bf16(n * k, &mut rng);
             let w = Bf16Weight {
                 values: &values,
                 n,
                 k,
             };
             for input_gradient in [false, true] {
-                let (q, p) = match input_gradient {
-                    false => (k, n),
-                    true => (n, k),
-                };
+                let (q, p) = w.sides(input_gradient);
                 let pairs = q.div_ceil(2);
                 for (first, first_pair) in [(0, 0), (p.saturating_sub(7), pairs / 3)] {
                     let width = NR.min(p - first);
