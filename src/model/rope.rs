@@ -1,15 +1,21 @@
-//! Rotary position tables: cos/sin per position and frequency, with Llama 3
+//! Rotary positions: cos/sin per position and frequency, with Llama 3
 //! or LongRoPE frequency scaling, gathered per token so that packed rows can
 //! restart positions.
 
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Precomputed cos/sin for every position up to the context length.
+/// cos/sin of the positions up to the context length, computed for the
+/// positions a batch asks for rather than held as a table: a table for Llama
+/// 3's 131,072 positions would take 64 MB, and the angles `position ·
+/// frequency` are the same f32 products either way.
 #[derive(Debug, Clone)]
 pub struct RotaryTable {
-    cos: Tensor,
-    sin: Tensor,
+    /// The inverse frequencies, `[1, rotary_dim / 2]`, f32.
+    inv_freq: Tensor,
+    max_positions: usize,
+    attention_factor: f64,
+    dtype: DType,
 }
 
 /// The inverse frequencies of a config, `[rotary_dim / 2]`, with Llama 3 scaling
@@ -44,8 +50,8 @@ pub fn inverse_frequencies(config: &ModelConfig, freq_factors: Option<&[f32]>) -
 }
 
 impl RotaryTable {
-    /// Tables for positions `0..max_positions`, cos and sin multiplied by
-    /// `attention_factor` (LongRoPE's; 1 otherwise).
+    /// Positions `0..max_positions`, cos and sin multiplied by
+    /// `attention_factor` (LongRoPE's; 1 otherwise), in `dtype`.
     pub fn new(
         inv_freq: &[f32],
         max_positions: usize,
@@ -53,25 +59,17 @@ impl RotaryTable {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = inv_freq.len();
-        let inv = Tensor::from_slice(inv_freq, (1, half), device)?;
-        let pos = Tensor::arange(0u32, max_positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let angles = pos.broadcast_mul(&inv)?;
-        let scaled = |t: Tensor| match attention_factor {
-            1.0 => t.to_dtype(dtype),
-            f => (t * f)?.to_dtype(dtype),
-        };
         Ok(Self {
-            cos: scaled(angles.cos()?)?,
-            sin: scaled(angles.sin()?)?,
+            inv_freq: Tensor::from_slice(inv_freq, (1, inv_freq.len()), device)?,
+            max_positions,
+            attention_factor,
+            dtype,
         })
     }
 
     /// The number of positions covered.
     pub fn len(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.max_positions
     }
 
     /// Whether the table is empty.
@@ -82,10 +80,18 @@ impl RotaryTable {
     /// cos and sin for `positions` (`[b, t]`, u32), each `[b, t, rotary_dim / 2]`.
     pub fn gather(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let half = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, t, half))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, t, half))?;
+        let half = self.inv_freq.dim(1)?;
+        let angles = positions
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .reshape((b * t, 1))?
+            .broadcast_mul(&self.inv_freq)?;
+        let scaled = |t: Tensor| match self.attention_factor {
+            1.0 => t.to_dtype(self.dtype),
+            f => (t * f)?.to_dtype(self.dtype),
+        };
+        let cos = scaled(angles.cos()?)?.reshape((b, t, half))?;
+        let sin = scaled(angles.sin()?)?.reshape((b, t, half))?;
         Ok((cos, sin))
     }
 }
@@ -187,6 +193,26 @@ impl Rotaries {
 mod tests {
     use super::*;
     use crate::config::{Architecture, Llama3RopeScaling};
+
+    #[test]
+    fn gathered_angles_are_the_positions_times_the_frequencies() -> Result<()> {
+        let inv = [1.0f32, 0.1, 1e-4];
+        let table = RotaryTable::new(&inv, 8192, 2.0, DType::F32, &Device::Cpu)?;
+        let positions = Tensor::new(&[[0u32, 5, 8191], [7, 7, 1]], &Device::Cpu)?;
+        let (cos, sin) = table.gather(&positions)?;
+        assert_eq!(cos.dims(), [2, 3, 3]);
+        let (cos, sin) = (cos.to_vec3::<f32>()?, sin.to_vec3::<f32>()?);
+        for (i, row) in positions.to_vec2::<u32>()?.iter().enumerate() {
+            for (j, &p) in row.iter().enumerate() {
+                for (k, f) in inv.iter().enumerate() {
+                    let angle = (p as f32 * f) as f64;
+                    assert!((cos[i][j][k] as f64 - 2.0 * angle.cos()).abs() < 1e-6);
+                    assert!((sin[i][j][k] as f64 - 2.0 * angle.sin()).abs() < 1e-6);
+                }
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
