@@ -19,6 +19,8 @@ pub struct CpuFeatures {
     pub avx512_bf16: bool,
     /// bf16 tile matrix multiply (AMX-BF16 with AMX-TILE).
     pub amx_bf16: bool,
+    /// u8 × i8 dot products into i32 on 512-bit registers (AVX512_VNNI).
+    pub avx512_vnni: bool,
 }
 
 impl CpuFeatures {
@@ -40,11 +42,23 @@ impl CpuFeatures {
         (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
     }
 
+    /// The instruction set products with Q8_0, Q4_0, Q4_1 and Q4_K blocks run on,
+    /// where the CPU has one tuneforge has a kernel for: `AVX512_VNNI` (with
+    /// AVX-512 F, BW and DQ). Elsewhere they are dequantized to f32.
+    pub fn int8_kernel(&self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
+        #[cfg(not(target_arch = "x86_64"))]
+        let rest = false;
+        (self.avx512_vnni && self.avx512f && rest).then_some("AVX512_VNNI")
+    }
+
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
     pub fn describe(&self) -> String {
         let names = [
             (self.avx2_fma, "AVX2+FMA"),
             (self.avx512f, "AVX-512F"),
+            (self.avx512_vnni, "AVX512_VNNI"),
             (self.avx512_bf16, "AVX512_BF16"),
             (self.amx_bf16, "AMX-BF16"),
         ];
@@ -77,6 +91,7 @@ fn detect() -> CpuFeatures {
         avx512f: is_x86_feature_detected!("avx512f"),
         avx512_bf16: is_x86_feature_detected!("avx512bf16"),
         amx_bf16: amx,
+        avx512_vnni: is_x86_feature_detected!("avx512vnni"),
     }
 }
 
@@ -116,6 +131,7 @@ mod tests {
         assert_eq!(f.avx512f, has("avx512f"));
         assert_eq!(f.avx512_bf16, has("avx512_bf16"));
         assert_eq!(f.amx_bf16, has("amx_bf16") && has("amx_tile"));
+        assert_eq!(f.avx512_vnni, has("avx512_vnni"));
         assert!(!f.describe().is_empty());
     }
 }

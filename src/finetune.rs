@@ -175,6 +175,7 @@ pub fn run(
         linears as f64 / 1e6,
         vocabulary as f64 / 1e6
     )];
+    base.extend(crate::quantize::block_arithmetic(&model.lm));
     base.extend(model.notes.iter().cloned());
     let mut trainer = match existing {
         Existing::Resume => {

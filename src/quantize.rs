@@ -252,6 +252,35 @@ pub fn is_held_in_blocks(name: &str) -> bool {
     is_block_linear(name) || is_vocabulary_matrix(name)
 }
 
+/// How the frozen base's blocks are multiplied, where a low-precision kernel
+/// reads some of them: e.g. "forward products of Q4_1 and Q8_0 blocks on
+/// AVX512_VNNI int8 dot products, activations rounded to 8-bit blocks".
+/// `None` where none of them is.
+pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
+    let matrices = lm
+        .layers
+        .iter()
+        .flat_map(|b| b.linears().into_iter().map(|(_, l)| &l.weight))
+        .chain([&lm.embed_tokens])
+        .chain(lm.lm_head.as_ref());
+    let mut formats: Vec<String> = matrices
+        .filter_map(|w| match w {
+            FrozenWeight::Quantized(q) if q.uses_int8_kernel() => Some(format!("{:?}", q.format())),
+            _ => None,
+        })
+        .collect();
+    formats.sort();
+    formats.dedup();
+    let kernel = crate::cpu::features().int8_kernel()?;
+    (!formats.is_empty()).then(|| {
+        format!(
+            "forward products of {} blocks on {kernel} int8 dot products, activations \
+             rounded to 8-bit blocks",
+            formats.join(" and ")
+        )
+    })
+}
+
 /// The bytes of the frozen base's matrices as held: `(block linears,
 /// embeddings and lm_head)`.
 pub fn base_bytes(lm: &crate::CausalLm) -> (usize, usize) {
@@ -269,6 +298,41 @@ pub fn base_bytes(lm: &crate::CausalLm) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reports name the int8 kernel for Q8_0 and Q4_0 blocks where the
+    /// CPU has it, and nothing for a dense base or with the low-precision
+    /// kernels off.
+    #[test]
+    fn block_arithmetic_names_the_int8_kernel_where_it_runs() {
+        let config = crate::ModelConfig::tiny(crate::Architecture::Llama);
+        let held = |quantize| {
+            let (dtype, device) = (candle_core::DType::F32, candle_core::Device::Cpu);
+            crate::Model::random_held(&config, 1, dtype, &device, quantize).unwrap()
+        };
+        let kernel = crate::cpu::features().int8_kernel();
+        for (quantize, format) in [(Quantize::Q8_0, "Q8_0"), (Quantize::Q4_0, "Q4_0")] {
+            let mut model = held(quantize);
+            let said = block_arithmetic(&model.lm);
+            match kernel {
+                Some(kernel) => {
+                    let said = said.unwrap();
+                    assert!(said.contains(format) && said.contains(kernel), "{said}");
+                }
+                None => assert_eq!(said, None),
+            }
+            model.lm.set_low_precision_kernels(false);
+            assert_eq!(block_arithmetic(&model.lm), None);
+        }
+        assert_eq!(block_arithmetic(&held(Quantize::None).lm), None);
+        // The tiny model's rows are not whole Q4_K blocks (256): its linears
+        // stay dense, and only its Q8_0 embeddings are read by the kernel.
+        let q4k = block_arithmetic(&held(Quantize::Q4K).lm);
+        assert_eq!(q4k.is_some(), kernel.is_some());
+        assert!(
+            q4k.is_none_or(|s| s.contains("of Q8_0 blocks")),
+            "only Q8_0"
+        );
+    }
 
     #[test]
     fn names_round_trip_and_unknown_ones_list_the_choices() {

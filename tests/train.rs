@@ -146,15 +146,16 @@ fn lora_gradients_match_finite_differences() {
 
 /// The same through frozen weights kept in blocks (QLoRA), and through a
 /// bf16 base on the CPU: the input gradient goes through the held weights
-/// the forward read. The bf16 base runs its exact f32 products here: the
-/// bf16 kernel rounds every activation at a frozen product to bf16, which
-/// makes the loss a step function at bf16's resolution, too rough for finite
-/// differences; the next test holds the kernel's gradients to these.
+/// the forward read. They run their exact f32 products here: the bf16
+/// kernel rounds every activation at a frozen product to bf16 (the int8
+/// kernel to 8-bit blocks), which makes the loss a step function at that
+/// resolution, too rough for finite differences; the next test holds the
+/// kernels' gradients to these.
 #[test]
 fn lora_gradients_through_quantized_weights_match_finite_differences() {
     for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
         let mut model = tiny_held(&Device::Cpu, quantize);
-        model.lm.set_bf16_arithmetic(false);
+        model.lm.set_low_precision_kernels(false);
         assert!(model.lm.layers[0]
             .linears()
             .iter()
@@ -167,41 +168,55 @@ fn lora_gradients_through_quantized_weights_match_finite_differences() {
     }
 }
 
-/// With the bf16 kernel (where the CPU has AVX512_BF16), a bf16 base's LoRA
-/// gradients are those of its exact f32 products within bf16's rounding.
+/// With the low-precision kernels (where the CPU has them), a held base's
+/// LoRA gradients are those of its exact f32 products within the kernel's
+/// rounding: the bf16 kernel (AVX512_BF16) for a bf16 base, the int8 kernel
+/// (AVX512_VNNI) for Q8_0 and Q4_0 blocks.
 #[test]
-fn bf16_kernel_gradients_follow_the_exact_ones() {
-    if tuneforge::cpu::features().bf16_kernel().is_none() {
-        eprintln!("skipped: this CPU has no bf16 kernel (AVX512_BF16)");
-        return;
-    }
-    let mut model = tiny_held(&Device::Cpu, Quantize::Bf16);
-    attach_checked_adapters(&mut model);
-    let examples = examples(&model, 3);
-    let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
-    let flat = |update: tuneforge::train::Update| -> (f64, Vec<f32>) {
-        let mut all = Vec::new();
-        for g in update.gradients.iter().flatten() {
-            all.extend(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+fn low_precision_kernel_gradients_follow_the_exact_ones() {
+    let cpu = tuneforge::cpu::features();
+    for (quantize, kernel, tolerance) in [
+        (Quantize::Bf16, cpu.bf16_kernel(), 0.02),
+        (Quantize::Q8_0, cpu.int8_kernel(), 0.05),
+        (Quantize::Q4_0, cpu.int8_kernel(), 0.05),
+    ] {
+        if kernel.is_none() {
+            eprintln!("skipped {quantize}: this CPU has no kernel for it");
+            continue;
         }
-        (update.loss, all)
-    };
-    let (kernel_loss, kernel) =
-        flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
-    model.lm.set_bf16_arithmetic(false);
-    let (exact_loss, exact) =
-        flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
-    assert_eq!(kernel.len(), exact.len());
-    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let diff: Vec<f32> = kernel.iter().zip(&exact).map(|(a, b)| a - b).collect();
-    let relative = norm(&diff) / norm(&exact);
-    eprintln!("bf16 kernel: loss {kernel_loss} vs {exact_loss}, gradients off by {relative:.4} of their norm");
-    assert!(relative > 0.0, "the kernel ran");
-    assert!(relative < 0.02, "gradients off by {relative} of their norm");
-    assert!(
-        (kernel_loss - exact_loss).abs() < 0.01 * exact_loss.abs(),
-        "{kernel_loss} vs {exact_loss}"
-    );
+        let mut model = tiny_held(&Device::Cpu, quantize);
+        attach_checked_adapters(&mut model);
+        let examples = examples(&model, 3);
+        let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
+        let flat = |update: tuneforge::train::Update| -> (f64, Vec<f32>) {
+            let mut all = Vec::new();
+            for g in update.gradients.iter().flatten() {
+                all.extend(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            (update.loss, all)
+        };
+        let (kernel_loss, kernel) =
+            flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
+        model.lm.set_low_precision_kernels(false);
+        let (exact_loss, exact) =
+            flat(step_gradients(&model, &examples, &plan[0], &[0], false).unwrap());
+        assert_eq!(kernel.len(), exact.len());
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: Vec<f32> = kernel.iter().zip(&exact).map(|(a, b)| a - b).collect();
+        let relative = norm(&diff) / norm(&exact);
+        eprintln!(
+            "{quantize}: loss {kernel_loss} vs {exact_loss}, gradients off by {relative:.4} of their norm"
+        );
+        assert!(relative > 0.0, "{quantize}: the kernel ran");
+        assert!(
+            relative < tolerance,
+            "{quantize}: gradients off by {relative} of their norm"
+        );
+        assert!(
+            (kernel_loss - exact_loss).abs() < 0.01 * exact_loss.abs(),
+            "{quantize}: {kernel_loss} vs {exact_loss}"
+        );
+    }
 }
 
 /// Rank-2 adapters on every linear, B set to 0.05 so that A's gradient is

@@ -91,12 +91,13 @@ impl FrozenWeight {
         }
     }
 
-    /// For a weight held in bf16: whether its many-row products use the
-    /// bf16 kernel where the CPU has one
-    /// ([`QuantizedWeight::set_bf16_arithmetic`]); nothing otherwise.
-    pub fn set_bf16_arithmetic(&mut self, on: bool) {
+    /// For a held weight (bf16 or blocks): whether its many-row products use
+    /// the CPU's low-precision kernels where it has them
+    /// ([`QuantizedWeight::set_low_precision_kernels`]); nothing for a
+    /// dense weight.
+    pub fn set_low_precision_kernels(&mut self, on: bool) {
         if let Self::Quantized(q) = self {
-            q.set_bf16_arithmetic(on);
+            q.set_low_precision_kernels(on);
         }
     }
 

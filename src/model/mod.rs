@@ -143,10 +143,12 @@ impl NormNames {
 }
 
 impl CausalLm {
-    /// Whether the frozen matrices held in bf16 multiply with the bf16
-    /// kernel where the CPU has one (the default: the other side of each
-    /// product rounded to bf16), or, with `false`, widen to f32 exactly as
-    /// on CPUs without it. Matrices in other formats are unaffected.
+    /// Whether the frozen matrices held in bf16 or blocks multiply with the
+    /// CPU's low-precision kernels where it has them (the default: the bf16
+    /// kernel rounds the other side of each product to bf16, the int8 kernel
+    /// for Q8_0, Q4_0, Q4_1 and Q4_K rounds the activations to 8-bit blocks), or,
+    /// with `false`, widen to f32 and multiply exactly, as on CPUs without
+    /// them. Dense matrices are unaffected.
     ///
     /// ```
     /// # use tuneforge::{Architecture, ModelConfig, Model, Quantize};
@@ -154,18 +156,18 @@ impl CausalLm {
     /// let device = candle_core::Device::Cpu;
     /// let dtype = candle_core::DType::F32;
     /// let mut model = Model::random_held(&config, 1, dtype, &device, Quantize::Bf16)?;
-    /// model.lm.set_bf16_arithmetic(false); // exact f32 products of the bf16 weights
+    /// model.lm.set_low_precision_kernels(false); // exact f32 products of the held weights
     /// # anyhow::Ok(())
     /// ```
-    pub fn set_bf16_arithmetic(&mut self, on: bool) {
+    pub fn set_low_precision_kernels(&mut self, on: bool) {
         for block in &mut self.layers {
             for (_, linear) in block.linears_mut() {
-                linear.weight.set_bf16_arithmetic(on);
+                linear.weight.set_low_precision_kernels(on);
             }
         }
-        self.embed_tokens.set_bf16_arithmetic(on);
+        self.embed_tokens.set_low_precision_kernels(on);
         if let Some(head) = &mut self.lm_head {
-            head.set_bf16_arithmetic(on);
+            head.set_low_precision_kernels(on);
         }
     }
 

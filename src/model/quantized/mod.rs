@@ -28,6 +28,8 @@
 #[cfg(target_arch = "x86_64")]
 mod bf16_dot;
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod int8_dot;
 mod tiled;
 
 pub use blocks::{block_bytes, cpu_blocks, is_block_format, is_held_format, Fill};
@@ -47,9 +49,9 @@ use tiled::TiledProduct;
 pub struct QuantizedWeight {
     blocks: Arc<QTensor>,
     dtype: DType,
-    /// Whether a bf16 weight's many-row products may use the bf16 kernel
-    /// (rounding the other side to bf16) where the CPU has one.
-    bf16_arithmetic: bool,
+    /// Whether many-row products may use a low-precision kernel (bf16 or
+    /// int8, rounding the other side) where the CPU has one.
+    low_precision_kernels: bool,
 }
 
 impl std::fmt::Debug for QuantizedWeight {
@@ -81,7 +83,7 @@ impl QuantizedWeight {
         Ok(Self {
             blocks: Arc::new(blocks),
             dtype,
-            bf16_arithmetic: true,
+            low_precision_kernels: true,
         })
     }
 
@@ -104,16 +106,32 @@ impl QuantizedWeight {
     /// arithmetic).
     fn with_blocks(&self, blocks: QTensor) -> Result<Self> {
         Ok(Self {
-            bf16_arithmetic: self.bf16_arithmetic,
+            low_precision_kernels: self.low_precision_kernels,
             ..Self::new(blocks, self.dtype)?
         })
     }
 
-    /// Whether a bf16 weight's many-row products use the bf16 kernel where
-    /// the CPU has one (the default), rounding the other side to bf16; or,
-    /// with `false`, widen the weight to f32 exactly as on other CPUs.
-    pub fn set_bf16_arithmetic(&mut self, on: bool) {
-        self.bf16_arithmetic = on;
+    /// Whether many-row products use the CPU's low-precision kernels where
+    /// it has them (the default): the bf16 kernel for a bf16 weight (the
+    /// other side rounded to bf16), the int8 kernel for Q8_0, Q4_0, Q4_1 and Q4_K
+    /// blocks (the activations rounded to 8-bit blocks, as llama.cpp does).
+    /// With `false`, the weight is widened to f32 and multiplied exactly, as
+    /// on other CPUs.
+    pub fn set_low_precision_kernels(&mut self, on: bool) {
+        self.low_precision_kernels = on;
+    }
+
+    /// Whether its forward products with many rows run on the int8 kernel:
+    /// Q8_0, Q4_0 or Q4_1 blocks on a CPU with AVX512_VNNI, low-precision
+    /// kernels on ([`Self::set_low_precision_kernels`]).
+    pub fn uses_int8_kernel(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.low_precision_kernels
+            && self.device().is_cpu()
+            && int8_dot::reads(self.format())
+            && int8_dot::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
     }
 
     /// The block format.
@@ -262,7 +280,7 @@ impl QuantizedWeight {
             rows: rows.slice(range.clone()),
             n: range.len(),
             input_gradient,
-            bf16_arithmetic: self.bf16_arithmetic,
+            low_precision_kernels: self.low_precision_kernels,
         };
         x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
     }
@@ -359,13 +377,35 @@ mod tests {
     }
 
     /// The products of a quantized weight are those of its dequantized f32
-    /// copy, forward (few rows and many) and input gradient, on odd shapes.
+    /// copy, forward (few rows and many) and input gradient, on odd shapes:
+    /// exactly with the low-precision kernels off, and within the rounding
+    /// of the rows to 8-bit blocks where the int8 kernel runs.
     #[test]
     fn products_equal_the_dequantized_weights() {
         for format in FORMATS {
             let k = 2 * format.block_size();
             for (n, m) in [(3, 1), (37, 5), (70, 65), (17, 130)] {
-                let w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
+                let mut w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
+                let int8 = w.uses_int8_kernel();
+                assert_eq!(
+                    int8,
+                    crate::cpu::features().int8_kernel().is_some()
+                        && matches!(
+                            format,
+                            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K
+                        )
+                );
+                // Normal rows: a block's largest value is about 2.5, its
+                // step 2.5/127, each value off by up to half of it (standard
+                // deviation step/√12); the errors add up as a random walk:
+                // the bound is about 7 of its standard deviations.
+                let tol = match int8 {
+                    true => 2.0 * 2.5 / 127.0 * (k as f32).sqrt(),
+                    false => 1e-4,
+                };
+                check_products(&w, m, 2, tol, 1e-4);
+                w.set_low_precision_kernels(false);
+                assert!(!w.uses_int8_kernel());
                 check_products(&w, m, 2, 1e-4, 1e-4);
             }
         }
@@ -378,7 +418,8 @@ mod tests {
         for format in [GgmlDType::Q8_0, GgmlDType::Q4K] {
             // 1,024 rows per tile of 2^20 values: two tiles, the last partial.
             let (n, k, m) = (1100, 1024, 67);
-            let w = QuantizedWeight::quantize(&randn(&[n, k], 7), format).unwrap();
+            let mut w = QuantizedWeight::quantize(&randn(&[n, k], 7), format).unwrap();
+            w.set_low_precision_kernels(false);
             check_products(&w, m, 8, 1e-4, 1e-3);
         }
     }

@@ -2,7 +2,9 @@
 //! weight's rows at a time: each tile is dequantized into one reused f32
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
 //! whole weight is ever made. A bf16 weight on a CPU with AVX512_BF16 goes
-//! to the bf16 kernel instead ([`super::bf16_dot`]).
+//! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
+//! of Q8_0, Q4_0, Q4_1 and Q4_K blocks on a CPU with AVX512_VNNI to the int8
+//! kernel ([`super::int8_dot`]).
 
 use super::super::add_matmul::parallelism;
 use super::super::gemv;
@@ -29,8 +31,9 @@ pub(super) struct TiledProduct<'a> {
     pub(super) rows: Rows<'a>,
     pub(super) n: usize,
     pub(super) input_gradient: bool,
-    /// A bf16 weight may use the bf16 kernel.
-    pub(super) bf16_arithmetic: bool,
+    /// A bf16 weight may use the bf16 kernel, Q8_0, Q4_0, Q4_1 and Q4_K blocks the
+    /// int8 kernel (forward).
+    pub(super) low_precision_kernels: bool,
 }
 
 impl CustomOp1 for TiledProduct<'_> {
@@ -53,10 +56,20 @@ impl CustomOp1 for TiledProduct<'_> {
         #[cfg(target_arch = "x86_64")]
         if let (Some(values), true) = (
             self.rows.bf16_values(),
-            self.bf16_arithmetic && super::bf16_dot::available(),
+            self.low_precision_kernels && super::bf16_dot::available(),
         ) {
             let w = super::bf16_dot::Bf16Weight { values, n, k };
             super::bf16_dot::product(x, m, w, self.input_gradient, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((m, out_width))));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.low_precision_kernels
+            && !self.input_gradient
+            && super::int8_dot::reads(self.rows.format)
+            && super::int8_dot::available()
+        {
+            let w = super::int8_dot::Int8Weight { rows: self.rows, n };
+            super::int8_dot::product(x, m, w, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((m, out_width))));
         }
         let mut tile = Vec::new();

@@ -1,0 +1,421 @@
+//! Products with Q8_0, Q4_0, Q4_1 and Q4_K weights on AVX512_VNNI: `vpdpbusd`
+//! sums four u8 × i8 products into each of 16 i32 lanes per instruction,
+//! 64 multiply-adds where an f32 FMA does 16.
+//!
+//! As llama.cpp does for these formats, the f32 rows on the other side
+//! (the activations) are quantized to 8 bits per block of 32 values: a
+//! block's scale is its largest magnitude over 127, and each value is
+//! rounded to the nearest multiple of it (ties to even). The weight's own
+//! blocks are used as stored. So the result is the exact product of the
+//! stored weight with the rows rounded to 8-bit blocks: every integer sum of
+//! a block is exact, and the blocks' sums are scaled and added in f32.
+//!
+//! Every format is read as `W = d · (u − z) + min` per block of 32: `u` the
+//! stored unsigned value (a nibble of Q4_0, Q4_1 or Q4_K, a Q8_0 byte plus
+//! 128), `z` the format's zero point (8 for Q4_0, 128 for Q8_0, else 0),
+//! `min` the offset of Q4_1 and of Q4_K's sub-blocks (0 for the others); a
+//! Q4_K sub-block's `d` is its super-block's scale times its own 6-bit one. A block of a row `x̂ = s · q` then contributes
+//! `s · (d · (Σ u·q − z·Σ q) + min · Σ q)`: the rows carry `−z·Σ q` (the
+//! integer sums' starting value) and `s·Σ q` per block beside their scale.
+//!
+//! The kernel is a blocked GEMM as the bf16 one ([`super::bf16_dot`]): a
+//! block of the weight (up to [`COLUMN_BLOCK`] output columns × [`DEPTH`]
+//! blocks of the contraction) is unpacked into micro-panels of [`NR`]
+//! columns laid out as `vpdpbusd` reads them (`pack.rs`), and the
+//! micro-kernel (`tile.rs`) runs up to [`MR`] rows against a panel, the
+//! `MR × NR` tile in registers. Only the forward product `x Wᵀ` runs here;
+//! the input gradient's contraction runs along the weight's output rows,
+//! across its blocks' scales, and stays on the f32 path.
+
+mod pack;
+mod tile;
+
+use super::blocks::Rows;
+use candle_core::quantized::GgmlDType;
+use pack::{pack, BLOCK_PANEL_BYTES};
+use rayon::prelude::*;
+use tile::Tile;
+
+/// Values per block of every format this kernel reads.
+const BLOCK: usize = 32;
+/// Rows of a micro-tile.
+const MR: usize = 6;
+/// Columns of a micro-tile: two registers of 16 i32 lanes.
+const NR: usize = 32;
+/// Blocks of the contraction per packed block (256 values): a micro-panel
+/// is 10 KB, which stays in L1 while the rows stream by.
+const DEPTH: usize = 8;
+/// Output columns per packed block: 320 KB of packed panels, in L2.
+const COLUMN_BLOCK: usize = 1024;
+/// Rows read against one packed block before the next (a multiple of [`MR`]).
+const ROW_BLOCK: usize = 16 * MR;
+
+/// Whether this CPU runs the kernel (AVX512_VNNI with AVX-512 F, BW and DQ,
+/// checked once).
+pub(super) fn available() -> bool {
+    crate::cpu::features().int8_kernel().is_some()
+}
+
+/// Whether the kernel reads `format`'s blocks.
+pub(super) fn reads(format: GgmlDType) -> bool {
+    matches!(
+        format,
+        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K
+    )
+}
+
+/// The zero point `z` of `format`'s unsigned values.
+fn zero_point(format: GgmlDType) -> i32 {
+    match format {
+        GgmlDType::Q8_0 => 128,
+        GgmlDType::Q4_0 => 8,
+        _ => 0,
+    }
+}
+
+/// `m` f32 rows of `k` values (a multiple of [`BLOCK`]) quantized to 8-bit
+/// blocks, with what the kernel adds per block.
+struct QuantizedRows {
+    /// The rounded values, `[m, k]`.
+    values: Vec<i8>,
+    /// Per row and block (`[m, k / BLOCK]`): the scale `s`,
+    scales: Vec<f32>,
+    /// `−z · Σ q`, where the block's integer sums start,
+    starts: Vec<i32>,
+    /// and `s · Σ q`, which multiplies the offsets (Q4_1, Q4_K).
+    scaled_sums: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// `x` (`[m, k]`) quantized for a weight of zero point `zero_point`.
+    fn new(x: &[f32], m: usize, k: usize, zero_point: i32) -> Self {
+        let blocks = k / BLOCK;
+        let mut rows = Self {
+            values: vec![0; m * k],
+            scales: vec![0.0; m * blocks],
+            starts: vec![0; m * blocks],
+            scaled_sums: vec![0.0; m * blocks],
+        };
+        for (i, x) in x.chunks_exact(BLOCK).enumerate() {
+            let sum;
+            // SAFETY: `product` checked that the CPU has the kernel's features.
+            (rows.scales[i], sum) =
+                unsafe { quantize_block(x, &mut rows.values[i * BLOCK..(i + 1) * BLOCK]) };
+            rows.starts[i] = -zero_point * sum;
+            rows.scaled_sums[i] = rows.scales[i] * sum as f32;
+        }
+        rows
+    }
+}
+
+/// Rounds a block of 32 values to multiples of its scale (largest magnitude
+/// over 127), ties to even, into `out`; returns the scale and the sum of the
+/// rounded values. A block with an infinity or a NaN gets a NaN scale (its
+/// products are NaN, as the f32 product's would be non-finite), and a
+/// block of zeros and subnormals (below 1.2e-38) a zero scale.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq")]
+unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    assert!(x.len() == BLOCK && out.len() == BLOCK);
+    // SAFETY: both slices hold 32 values, as asserted.
+    unsafe {
+        let lo = _mm512_loadu_ps(x.as_ptr());
+        let hi = _mm512_loadu_ps(x.as_ptr().add(16));
+        // QNaN, SNaN, +inf, -inf.
+        let special = _mm512_fpclass_ps_mask::<0x99>(lo) | _mm512_fpclass_ps_mask::<0x99>(hi);
+        let largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        if special != 0 || largest < f32::MIN_POSITIVE {
+            out.fill(0);
+            return (if special != 0 { f32::NAN } else { 0.0 }, 0);
+        }
+        let inverse = _mm512_set1_ps(127.0 / largest);
+        // Rounded to nearest even (the default rounding mode); at most 127.
+        let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+        let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+        _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(qlo));
+        _mm_storeu_si128(out.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(qhi));
+        (
+            largest / 127.0,
+            _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)),
+        )
+    }
+}
+
+/// A Q8_0, Q4_0, Q4_1 or Q4_K weight `[n, k]` as stored.
+#[derive(Clone, Copy)]
+pub(super) struct Int8Weight<'a> {
+    pub(super) rows: Rows<'a>,
+    pub(super) n: usize,
+}
+
+/// `x Wᵀ` (`x`: `[m, k]` → `out`: `[m, n]`), the rows of `x` quantized to
+/// 8-bit blocks, on a CPU with AVX512_VNNI. Rows are split over threads
+/// when candle runs multi-threaded.
+///
+/// # Panics
+/// If the CPU lacks the kernel's features, the weight's format is not one
+/// it reads, or the slices' lengths do not match.
+pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
+    assert!(available(), "the CPU has no AVX512_VNNI");
+    let (n, k) = (w.n, w.rows.k);
+    assert!(
+        reads(w.rows.format),
+        "no int8 kernel for {:?}",
+        w.rows.format
+    );
+    assert!(k.is_multiple_of(BLOCK), "rows of {k} values");
+    assert_eq!(
+        w.rows.bytes.len(),
+        n * w.rows.row_bytes,
+        "a [{n}, {k}] weight"
+    );
+    assert_eq!(x.len(), m * k, "a [{m}, {k}] input");
+    assert_eq!(out.len(), m * n, "a [{m}, {n}] output");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let rows_per_thread = m.div_ceil(threads).next_multiple_of(MR);
+    if threads > 1 && m > MR {
+        out.par_chunks_mut(rows_per_thread * n)
+            .zip(x.par_chunks(rows_per_thread * k))
+            .for_each(|(o, x)| serial(x, o.len() / n, w, o));
+    } else {
+        serial(x, m, w, out);
+    }
+}
+
+/// [`product`] on the calling thread: the rows quantized once, then for each
+/// packed block of the weight, every micro-tile against it.
+fn serial(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
+    let (n, k) = (w.n, w.rows.k);
+    let blocks = k / BLOCK;
+    let rows = QuantizedRows::new(x, m, k, zero_point(w.rows.format));
+    let with_min = matches!(w.rows.format, GgmlDType::Q4_1 | GgmlDType::Q4K);
+    let mut packed = Vec::new();
+    for col in (0..n).step_by(COLUMN_BLOCK) {
+        let cols = COLUMN_BLOCK.min(n - col);
+        for first in (0..blocks).step_by(DEPTH) {
+            let depth = DEPTH.min(blocks - first);
+            pack(w.rows, col..col + cols, first..first + depth, &mut packed);
+            for row in (0..m).step_by(ROW_BLOCK) {
+                let block_rows = ROW_BLOCK.min(m - row);
+                for (j, panel) in packed.chunks_exact(depth * BLOCK_PANEL_BYTES).enumerate() {
+                    let first_col = col + j * NR;
+                    let width = NR.min(col + cols - first_col);
+                    for r in (row..row + block_rows).step_by(MR) {
+                        let scale_at = r * blocks + first;
+                        let tile = Tile {
+                            values: &rows.values[r * k + first * BLOCK..],
+                            values_stride: k,
+                            scales: &rows.scales[scale_at..],
+                            starts: &rows.starts[scale_at..],
+                            scaled_sums: &rows.scaled_sums[scale_at..],
+                            scales_stride: blocks,
+                            panel,
+                            depth,
+                            with_min,
+                            out: &mut out[r * n + first_col..],
+                            out_stride: n,
+                            width,
+                            accumulate: first > 0,
+                        };
+                        // SAFETY: the CPU has the kernel's features (checked
+                        // in `product`); the tile's bounds are checked inside.
+                        unsafe { tile.run(MR.min(row + block_rows - r)) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::QuantizedWeight;
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Tensor};
+
+    const FORMATS: [GgmlDType; 4] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+    ];
+
+    /// Whether the kernel's tests can run here; says why not where not.
+    fn runs_here() -> bool {
+        let here = available();
+        if !here {
+            eprintln!("skipped: this CPU has no AVX512_VNNI (with AVX-512 F, BW and DQ)");
+        }
+        here
+    }
+
+    fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..len).map(|_| rng.normal()).collect()
+    }
+
+    /// A random `[n, k]` weight quantized to `format`.
+    fn weight(format: GgmlDType, n: usize, k: usize, rng: &mut Rng) -> QuantizedWeight {
+        let w = Tensor::from_vec(random(n * k, rng), (n, k), &Device::Cpu).unwrap();
+        QuantizedWeight::quantize(&w, format).unwrap()
+    }
+
+    /// A row rounded to 8-bit blocks, value by value: the scales and values.
+    fn rounded(x: &[f32]) -> Vec<f64> {
+        let mut out = Vec::with_capacity(x.len());
+        for block in x.chunks_exact(BLOCK) {
+            let largest = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let (scale, inverse) = match largest < f32::MIN_POSITIVE {
+                true => (0.0, 0.0),
+                false => (largest / 127.0, 127.0 / largest),
+            };
+            out.extend(
+                block
+                    .iter()
+                    .map(|v| (v * inverse).round_ties_even() as f64 * scale as f64),
+            );
+        }
+        out
+    }
+
+    /// `x` (rounded to 8-bit blocks when `round`) times the dequantized
+    /// weight, in f64.
+    fn reference(x: &[f32], m: usize, w: &QuantizedWeight, round: bool) -> Vec<f64> {
+        let (n, k) = w.dims();
+        let dense = w.dequantize().unwrap().to_vec2::<f32>().unwrap();
+        let mut out = vec![0f64; m * n];
+        for (i, x) in x.chunks_exact(k).enumerate() {
+            let x = match round {
+                true => rounded(x),
+                false => x.iter().map(|&v| v as f64).collect(),
+            };
+            for (j, row) in dense.iter().enumerate() {
+                out[i * n + j] = x.iter().zip(row).map(|(a, &b)| a * b as f64).sum();
+            }
+        }
+        out
+    }
+
+    /// Each format against the f64 product of the rows rounded to 8-bit
+    /// blocks with the dequantized weight, on sizes below one tile, odd
+    /// sizes, sizes across the packed blocks (more than `COLUMN_BLOCK`
+    /// columns, more than `DEPTH` blocks) and a large contraction; and
+    /// within the rows' rounding of the unrounded product.
+    #[test]
+    fn products_equal_the_products_of_the_rounded_rows() {
+        if !runs_here() {
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for format in FORMATS {
+            for (m, n, k) in [
+                (1, 1, 32usize),
+                (2, 3, 64),
+                (13, 33, 96),
+                (6, 32, 256),
+                (25, 70, 288),
+                (7, 45, 512),
+                (97, 1031, 320),
+                (19, 1029, 768),
+                (5, 17, 4096),
+                (130, 40, 32),
+            ] {
+                if !k.is_multiple_of(format.block_size()) {
+                    continue;
+                }
+                let w = weight(format, n, k, &mut rng);
+                let rows = w.cpu_rows().unwrap().unwrap();
+                let x = random(m * k, &mut rng);
+                let mut out = vec![f32::NAN; m * n];
+                product(&x, m, Int8Weight { rows, n }, &mut out);
+                let want = reference(&x, m, &w, true);
+                let exact = reference(&x, m, &w, false);
+                // f32 sums over blocks of exact integer sums: a few ulp of the
+                // sum's scale; the rows' rounding: half a step per value.
+                let tol = 16.0 * (k as f64).sqrt() * f32::EPSILON as f64 * 4.0;
+                let rounding = 0.5 / 127.0 * 4.0 * (k as f64).sqrt() * 4.0;
+                for (i, ((g, e), x)) in out.iter().zip(&want).zip(&exact).enumerate() {
+                    let g = *g as f64;
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{format:?} {m}x{k} by {n}x{k}, value {i}: {g} against {e}"
+                    );
+                    assert!(
+                        (g - x).abs() <= rounding,
+                        "{format:?}, value {i}: {g} against unrounded {x}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Adversarial rows: an infinity or a NaN makes only its row's outputs
+    /// NaN, a row of subnormals counts as zero, a row of zeros gives zeros,
+    /// and huge values near f32's largest stay finite.
+    #[test]
+    fn special_values_stay_in_their_rows() {
+        if !runs_here() {
+            return;
+        }
+        let (m, n, k) = (14, 35, 256);
+        let mut rng = Rng::new(9);
+        for format in FORMATS {
+            let w = weight(format, n, k, &mut rng);
+            let rows = w.cpu_rows().unwrap().unwrap();
+            let mut x = random(m * k, &mut rng);
+            x[3 * k + 5] = f32::INFINITY;
+            x[7 * k + 40] = f32::NAN;
+            x[9 * k..10 * k].fill(0.0);
+            for v in &mut x[11 * k..12 * k] {
+                *v *= 1e-39; // subnormal in f32
+            }
+            for v in &mut x[12 * k..13 * k] {
+                *v *= 1e36;
+            }
+            let mut out = vec![0f32; m * n];
+            product(&x, m, Int8Weight { rows, n }, &mut out);
+            let want = reference(&x, m, &w, true);
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, e) = (out[i * n + j], want[i * n + j]);
+                    match i {
+                        3 | 7 => assert!(g.is_nan(), "{format:?} row {i}: {g}"),
+                        9 | 11 => assert_eq!(g, 0.0, "{format:?} row {i}"),
+                        _ => assert!(
+                            (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{format:?} row {i}: {g} against {e}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows' rounding: ties go to even, the largest magnitude becomes
+    /// ±127, and the block's sum is the rounded values'.
+    #[test]
+    fn blocks_round_to_nearest_even() {
+        if !runs_here() {
+            return;
+        }
+        let mut x = [0f32; BLOCK];
+        x[0] = -127.0; // scale 1
+        x[1] = 2.5; // tie: to 2
+        x[2] = 3.5; // tie: to 4
+        x[3] = -0.5; // tie: to 0
+        x[4] = 126.6;
+        let mut q = [0i8; BLOCK];
+        // SAFETY: checked above that the CPU has the kernel's features.
+        let (scale, sum) = unsafe { quantize_block(&x, &mut q) };
+        assert_eq!(scale, 1.0);
+        assert_eq!(&q[..5], &[-127, 2, 4, 0, 127]);
+        assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+    }
+}
