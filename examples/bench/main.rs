@@ -549,6 +549,13 @@ fn main() -> Result<()> {
              so their share is of the f32 FMA peak)\n"
         ),
     }
+    if let (Suite::Qlora, Some(kernel)) = (args.suite, features.int8_kernel()) {
+        println!(
+            "(rows with a quantized base multiply Q8_0, Q4_0, Q4_1 and Q4_K blocks forward \
+             with {kernel} int8 dot products, the activations rounded to 8-bit blocks; \
+             their share is of the f32 FMA peak)\n"
+        );
+    }
     let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());
     let memory_header = if gpu {
         "peak GPU (MB)"
