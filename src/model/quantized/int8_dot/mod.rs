@@ -14,7 +14,8 @@
 //! stored unsigned value (a nibble of Q4_0, Q4_1 or Q4_K, a Q8_0 byte plus
 //! 128), `z` the format's zero point (8 for Q4_0, 128 for Q8_0, else 0),
 //! `min` the offset of Q4_1 and of Q4_K's sub-blocks (0 for the others); a
-//! Q4_K sub-block's `d` is its super-block's scale times its own 6-bit one. A block of a row `x̂ = s · q` then contributes
+//! Q4_K sub-block's `d` is its super-block's scale times its own 6-bit one.
+//! A block of a row `x̂ = s · q` then contributes
 //! `s · (d · (Σ u·q − z·Σ q) + min · Σ q)`: the rows carry `−z·Σ q` (the
 //! integer sums' starting value) and `s·Σ q` per block beside their scale.
 //!
