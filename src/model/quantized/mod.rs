@@ -30,6 +30,8 @@ mod bf16_dot;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod int8_dot;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 mod tiled;
 
 pub use blocks::{block_bytes, cpu_blocks, is_block_format, is_held_format, Fill};

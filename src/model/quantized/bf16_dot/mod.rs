@@ -21,8 +21,8 @@
 mod pack;
 mod tile;
 
+use super::simd::{low_mask, split_rows};
 use pack::pack;
-use rayon::prelude::*;
 use tile::Tile;
 
 /// Rows of a micro-tile.
@@ -93,15 +93,9 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
         out.fill(0.0);
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
-    let rows_per_thread = m.div_ceil(threads).next_multiple_of(MR);
-    if threads > 1 && m > MR {
-        out.par_chunks_mut(rows_per_thread * p)
-            .zip(x.par_chunks(rows_per_thread * q))
-            .for_each(|(o, x)| serial(x, o.len() / p, w, input_gradient, o));
-    } else {
-        serial(x, m, w, input_gradient, out);
-    }
+    split_rows(x, m, (q, p), MR, out, |x, m, out| {
+        serial(x, m, w, input_gradient, out)
+    });
 }
 
 /// [`product`] on the calling thread: the rows rounded to bf16 pairs once,
@@ -174,15 +168,6 @@ unsafe fn to_bf16_pairs(x: &[f32], out: &mut [u32]) {
         let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
         // SAFETY: the mask only writes the `o.len()` u32s of `o`.
         unsafe { _mm512_mask_storeu_epi32(o.as_mut_ptr().cast(), low_mask(o.len()), packed) };
-    }
-}
-
-/// A mask of the lowest `n` of 16 lanes.
-pub(super) fn low_mask(n: usize) -> u16 {
-    match n {
-        0 => 0,
-        n if n >= 16 => u16::MAX,
-        n => (1u16 << n) - 1,
     }
 }
 

@@ -2,7 +2,8 @@
 //! micro-panel of [`NR`] columns, a `vdpbf16ps` per row and register per
 //! step, the `MR × NR` f32 tile held in registers.
 
-use super::{low_mask, NR};
+use super::super::simd::store_tile;
+use super::NR;
 
 /// One micro-tile: up to [`MR`](super::MR) rows of bf16 pairs against one packed
 /// micro-panel, into (or added to) `out`.
@@ -70,21 +71,7 @@ impl Tile<'_> {
                 }
             }
         }
-        let (m0, m1) = (
-            low_mask(self.width),
-            low_mask(self.width.saturating_sub(16)),
-        );
-        for (i, acc) in acc.iter().enumerate() {
-            unsafe {
-                let row = self.out.as_mut_ptr().add(i * self.out_stride);
-                let (mut v0, mut v1) = (acc[0], acc[1]);
-                if self.accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-                }
-                _mm512_mask_storeu_ps(row, m0, v0);
-                _mm512_mask_storeu_ps(row.add(16), m1, v1);
-            }
-        }
+        // SAFETY: `run` asserted that `out` holds the tile's rows.
+        unsafe { store_tile(&acc, self.out, self.out_stride, self.width, self.accumulate) };
     }
 }

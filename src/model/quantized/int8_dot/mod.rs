@@ -32,9 +32,9 @@ mod pack;
 mod tile;
 
 use super::blocks::Rows;
+use super::simd::split_rows;
 use candle_core::quantized::GgmlDType;
 use pack::{pack, BLOCK_PANEL_BYTES};
-use rayon::prelude::*;
 use tile::Tile;
 
 /// Values per block of every format this kernel reads.
@@ -179,15 +179,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
-    let rows_per_thread = m.div_ceil(threads).next_multiple_of(MR);
-    if threads > 1 && m > MR {
-        out.par_chunks_mut(rows_per_thread * n)
-            .zip(x.par_chunks(rows_per_thread * k))
-            .for_each(|(o, x)| serial(x, o.len() / n, w, o));
-    } else {
-        serial(x, m, w, out);
-    }
+    split_rows(x, m, (k, n), MR, out, |x, m, out| serial(x, m, w, out));
 }
 
 /// [`product`] on the calling thread: the rows quantized once, then for each

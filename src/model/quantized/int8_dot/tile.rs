@@ -5,7 +5,7 @@
 //! with the offsets' `min · s · Σ q` added (Q4_1, Q4_K). The `MR × NR` tile and its integer
 //! sums stay in registers.
 
-use super::super::bf16_dot::low_mask;
+use super::super::simd::store_tile;
 use super::pack::{BLOCK_PANEL_BYTES, MINS_AT, SCALES_AT};
 use super::{BLOCK, NR};
 
@@ -118,21 +118,7 @@ impl Tile<'_> {
                 }
             }
         }
-        let (m0, m1) = (
-            low_mask(self.width),
-            low_mask(self.width.saturating_sub(16)),
-        );
-        for (i, acc) in acc.iter().enumerate() {
-            unsafe {
-                let row = self.out.as_mut_ptr().add(i * self.out_stride);
-                let (mut v0, mut v1) = (acc[0], acc[1]);
-                if self.accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-                }
-                _mm512_mask_storeu_ps(row, m0, v0);
-                _mm512_mask_storeu_ps(row.add(16), m1, v1);
-            }
-        }
+        // SAFETY: `run` asserted that `out` holds the tile's rows.
+        unsafe { store_tile(&acc, self.out, self.out_stride, self.width, self.accumulate) };
     }
 }
