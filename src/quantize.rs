@@ -254,7 +254,7 @@ pub fn is_held_in_blocks(name: &str) -> bool {
 
 /// How the frozen base's blocks are multiplied, where a low-precision kernel
 /// reads some of them: e.g. "forward products of Q4_1 and Q8_0 blocks on
-/// AVX512_VNNI int8 dot products, activations rounded to 8-bit blocks".
+/// AVX512_VNNI int8 dot products, activations rounded to 8-bit groups".
 /// `None` where none of them is.
 pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
     let matrices = lm
@@ -265,20 +265,31 @@ pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
         .chain(lm.lm_head.as_ref());
     let mut formats: Vec<String> = matrices
         .filter_map(|w| match w {
-            FrozenWeight::Quantized(q) if q.uses_int8_kernel() => Some(format!("{:?}", q.format())),
+            FrozenWeight::Quantized(q) if q.uses_int8_kernel() => Some(format_name(q.format())),
             _ => None,
         })
         .collect();
     formats.sort();
     formats.dedup();
     let kernel = crate::cpu::features().int8_kernel()?;
-    (!formats.is_empty()).then(|| {
-        format!(
-            "forward products of {} blocks on {kernel} int8 dot products, activations \
-             rounded to 8-bit blocks",
-            formats.join(" and ")
-        )
-    })
+    let (last, rest) = formats.split_last()?;
+    let formats = match rest.is_empty() {
+        true => last.clone(),
+        false => format!("{} and {last}", rest.join(", ")),
+    };
+    Some(format!(
+        "forward products of {formats} blocks on {kernel} int8 dot products, activations \
+         rounded to 8-bit groups"
+    ))
+}
+
+/// A GGML block format's name as llama.cpp writes it: `Q4_K`, `Q8_0`.
+pub fn format_name(format: GgmlDType) -> String {
+    let debug = format!("{format:?}");
+    match debug.strip_suffix('K') {
+        Some(stem) if !stem.contains('_') => format!("{stem}_K"),
+        _ => debug,
+    }
 }
 
 /// The bytes of the frozen base's matrices as held: `(block linears,
@@ -298,6 +309,21 @@ pub fn base_bytes(lm: &crate::CausalLm) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Formats are named as llama.cpp names them.
+    #[test]
+    fn formats_have_llama_cpp_names() {
+        for (format, name) in [
+            (GgmlDType::Q4K, "Q4_K"),
+            (GgmlDType::Q6K, "Q6_K"),
+            (GgmlDType::Q8K, "Q8_K"),
+            (GgmlDType::Q8_0, "Q8_0"),
+            (GgmlDType::Q5_1, "Q5_1"),
+            (GgmlDType::BF16, "BF16"),
+        ] {
+            assert_eq!(format_name(format), name);
+        }
+    }
 
     /// The reports name the int8 kernel for Q8_0 and Q4_0 blocks where the
     /// CPU has it, and nothing for a dense base or with the low-precision

@@ -16,7 +16,9 @@ use std::sync::OnceLock;
 use tuneforge::eval::HeldOut;
 use tuneforge::export::{export, ExportOptions, Quant};
 use tuneforge::finetune::{run, Existing, JobConfig};
-use tuneforge::{GenerationConfig, LoadOptions, Model};
+use tuneforge::model::FrozenWeight;
+use tuneforge::quantize::format_name;
+use tuneforge::{GenerationConfig, LoadOptions, Model, Quantize};
 
 fn arch_fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -142,6 +144,53 @@ fn the_merged_gguf_trains_again() {
         losses.last().unwrap() < losses.first().unwrap(),
         "{losses:?}"
     );
+}
+
+/// A K-quant export (q4_k_m: Q4_K and Q6_K, and Q5_0 and Q8_0 where
+/// SmolLM2's 576-value rows are not whole 256-value blocks, as llama.cpp
+/// falls back) loads with `--quantize keep` in its own blocks: its exact
+/// products give the logits of the same file loaded dense, and the int8
+/// kernel (where the CPU has it) stays within its rounding of them.
+#[test]
+fn a_k_quant_export_is_kept_in_its_blocks() {
+    tuneforge::threads::init();
+    let path = exported("q4_k_m-kept", true, Quant::Q4KM).join("model.gguf");
+    let load_as = |quantize| {
+        let options = LoadOptions {
+            quantize,
+            ..LoadOptions::f32_base()
+        };
+        Model::load(path.to_str().unwrap(), &options).unwrap()
+    };
+    let (mut kept, dense) = (load_as(Quantize::Keep), load_as(Quantize::None));
+    let mut formats: Vec<String> = kept
+        .lm
+        .layers
+        .iter()
+        .flat_map(|b| b.linears())
+        .filter_map(|(_, l)| match &l.weight {
+            FrozenWeight::Quantized(q) => Some(format_name(q.format())),
+            _ => None,
+        })
+        .collect();
+    formats.sort();
+    formats.dedup();
+    assert_eq!(formats, ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]);
+    let prompts: Vec<u32> = test_prompts()
+        .iter()
+        .flat_map(|h| kept.chat_prompt_ids(&h.prompt).unwrap())
+        .take(4 * 80)
+        .collect();
+    let input = Tensor::from_vec(prompts, (4, 80), &Device::Cpu).unwrap();
+    kept.lm.set_low_precision_kernels(false);
+    let exact = kept.lm.forward(&input).unwrap();
+    let diff = common::max_abs_diff(&exact, &dense.lm.forward(&input).unwrap());
+    assert!(diff < 1e-3, "kept and dense logits differ by {diff}");
+    match tuneforge::cpu::features().int8_kernel() {
+        Some(kernel) => common::Int8Departure::measure(&mut kept, &input)
+            .assert_small(&format!("q4_k_m export on {kernel}")),
+        None => eprintln!("no int8 kernel on this CPU (AVX512_VNNI): its check skipped"),
+    }
 }
 
 /// An adapter made for another base model is refused, naming both.

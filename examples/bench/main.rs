@@ -551,8 +551,9 @@ fn main() -> Result<()> {
     }
     if let (Suite::Qlora, Some(kernel)) = (args.suite, features.int8_kernel()) {
         println!(
-            "(rows with a quantized base multiply Q8_0, Q4_0, Q4_1 and Q4_K blocks forward \
-             with {kernel} int8 dot products, the activations rounded to 8-bit blocks; \
+            "(rows with a quantized base multiply Q8_0, Q4_x, Q5_x, Q4_K, Q5_K and Q6_K \
+             blocks forward with {kernel} int8 dot products, the activations rounded to \
+             8-bit groups; \
              their share is of the f32 FMA peak)\n"
         );
     }

@@ -45,6 +45,19 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use tiled::TiledProduct;
 
+/// The block formats the int8 kernel reads, on CPUs with AVX512_VNNI
+/// ([`QuantizedWeight::uses_int8_kernel`]); others take f32 products.
+pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// A frozen `[out, in]` weight in a GGML block format or bf16; products run
 /// in `dtype`.
 #[derive(Clone)]
@@ -115,8 +128,9 @@ impl QuantizedWeight {
 
     /// Whether many-row products use the CPU's low-precision kernels where
     /// it has them (the default): the bf16 kernel for a bf16 weight (the
-    /// other side rounded to bf16), the int8 kernel for Q8_0, Q4_0, Q4_1 and Q4_K
-    /// blocks (the activations rounded to 8-bit blocks, as llama.cpp does).
+    /// other side rounded to bf16), the int8 kernel for Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks (the activations rounded to
+    /// 8-bit groups, as llama.cpp does).
     /// With `false`, the weight is widened to f32 and multiplied exactly, as
     /// on other CPUs.
     pub fn set_low_precision_kernels(&mut self, on: bool) {
@@ -353,14 +367,8 @@ mod tests {
     use super::*;
     use crate::testing::{max_abs_diff, randn};
 
-    const FORMATS: [GgmlDType; 6] = [
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
+    /// Every format with a kernel of its own.
+    const FORMATS: [GgmlDType; 8] = INT8_KERNEL_FORMATS;
 
     /// Checks `w`'s forward on `m` random rows and its input gradient
     /// against its dequantized f32 copy's, within `tol` and `dx_tol`.
@@ -389,14 +397,8 @@ mod tests {
             for (n, m) in [(3, 1), (37, 5), (70, 65), (17, 130)] {
                 let mut w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
                 let int8 = w.uses_int8_kernel();
-                assert_eq!(
-                    int8,
-                    crate::cpu::features().int8_kernel().is_some()
-                        && matches!(
-                            format,
-                            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K
-                        )
-                );
+                // Every format of the list has the kernel where the CPU does.
+                assert_eq!(int8, crate::cpu::features().int8_kernel().is_some());
                 // Normal rows: a block's largest value is about 2.5, its
                 // step 2.5/127, each value off by up to half of it (standard
                 // deviation step/√12); the errors add up as a random walk:

@@ -3,8 +3,8 @@
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
 //! whole weight is ever made. A bf16 weight on a CPU with AVX512_BF16 goes
 //! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
-//! of Q8_0, Q4_0, Q4_1 and Q4_K blocks on a CPU with AVX512_VNNI to the int8
-//! kernel ([`super::int8_dot`]).
+//! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q4_K, Q5_K, Q6_K) on a CPU with
+//! AVX512_VNNI to the int8 kernel ([`super::int8_dot`]).
 
 use super::super::add_matmul::parallelism;
 use super::super::gemv;
@@ -31,8 +31,8 @@ pub(super) struct TiledProduct<'a> {
     pub(super) rows: Rows<'a>,
     pub(super) n: usize,
     pub(super) input_gradient: bool,
-    /// A bf16 weight may use the bf16 kernel, Q8_0, Q4_0, Q4_1 and Q4_K blocks the
-    /// int8 kernel (forward).
+    /// A bf16 weight may use the bf16 kernel, the blocks the int8 kernel
+    /// reads that kernel (forward).
     pub(super) low_precision_kernels: bool,
 }
 

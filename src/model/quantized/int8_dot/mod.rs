@@ -1,27 +1,29 @@
-//! Products with Q8_0, Q4_0, Q4_1 and Q4_K weights on AVX512_VNNI: `vpdpbusd`
-//! sums four u8 × i8 products into each of 16 i32 lanes per instruction,
-//! 64 multiply-adds where an f32 FMA does 16.
+//! Products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights
+//! on AVX512_VNNI: `vpdpbusd` sums four u8 × i8 products into each of 16 i32
+//! lanes per instruction, 64 multiply-adds where an f32 FMA does 16.
 //!
 //! As llama.cpp does for these formats, the f32 rows on the other side
-//! (the activations) are quantized to 8 bits per block of 32 values: a
-//! block's scale is its largest magnitude over 127, and each value is
-//! rounded to the nearest multiple of it (ties to even). The weight's own
-//! blocks are used as stored. So the result is the exact product of the
-//! stored weight with the rows rounded to 8-bit blocks: every integer sum of
-//! a block is exact, and the blocks' sums are scaled and added in f32.
+//! (the activations) are quantized to 8 bits per group of values that
+//! share a weight scale (32, or 16 for Q6_K): a group's scale is its
+//! largest magnitude over 127, and each value is rounded to the nearest
+//! multiple of it (ties to even). The weight's own blocks are used as
+//! stored. So the result is the exact product of the stored weight with
+//! the rows rounded to 8-bit groups: every integer sum of a group is exact,
+//! and the groups' sums are scaled and added in f32.
 //!
-//! Every format is read as `W = d · (u − z) + min` per block of 32: `u` the
-//! stored unsigned value (a nibble of Q4_0, Q4_1 or Q4_K, a Q8_0 byte plus
-//! 128), `z` the format's zero point (8 for Q4_0, 128 for Q8_0, else 0),
-//! `min` the offset of Q4_1 and of Q4_K's sub-blocks (0 for the others); a
-//! Q4_K sub-block's `d` is its super-block's scale times its own 6-bit one.
-//! A block of a row `x̂ = s · q` then contributes
-//! `s · (d · (Σ u·q − z·Σ q) + min · Σ q)`: the rows carry `−z·Σ q` (the
-//! integer sums' starting value) and `s·Σ q` per block beside their scale.
+//! Every format is read as `W = d · (u − z) + min` per group: `u` the
+//! stored unsigned value (4, 5 or 6 bits, or a Q8_0 byte plus 128), `z` the
+//! format's zero point (8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 128 for Q8_0,
+//! else 0), `min` the offset of Q4_1, Q5_1 and of Q4_K's and Q5_K's
+//! sub-blocks (0 for the others); a K format sub-block's `d` is its
+//! super-block's scale times its own. A group of a row `x̂ = s · q` then
+//! contributes `s · (d · (Σ u·q − z·Σ q) + min · Σ q)`: the rows carry
+//! `−z·Σ q` (the integer sums' starting value) and `s·Σ q` per group beside
+//! their scale.
 //!
 //! The kernel is a blocked GEMM as the bf16 one ([`super::bf16_dot`]): a
 //! block of the weight (up to [`COLUMN_BLOCK`] output columns × [`DEPTH`]
-//! blocks of the contraction) is unpacked into micro-panels of [`NR`]
+//! values of the contraction) is unpacked into micro-panels of [`NR`]
 //! columns laid out as `vpdpbusd` reads them (`pack.rs`), and the
 //! micro-kernel (`tile.rs`) runs up to [`MR`] rows against a panel, the
 //! `MR × NR` tile in registers. Only the forward product `x Wᵀ` runs here;
@@ -34,18 +36,16 @@ mod tile;
 use super::blocks::Rows;
 use super::simd::split_rows;
 use candle_core::quantized::GgmlDType;
-use pack::{pack, BLOCK_PANEL_BYTES};
+use pack::{group_panel_bytes, group_size, pack};
 use tile::Tile;
 
-/// Values per block of every format this kernel reads.
-const BLOCK: usize = 32;
 /// Rows of a micro-tile.
 const MR: usize = 6;
 /// Columns of a micro-tile: two registers of 16 i32 lanes.
 const NR: usize = 32;
-/// Blocks of the contraction per packed block (256 values): a micro-panel
-/// is 10 KB, which stays in L1 while the rows stream by.
-const DEPTH: usize = 8;
+/// Values of the contraction per packed block: a micro-panel is 10 KB (12
+/// KB for Q6_K's groups of 16), which stays in L1 while the rows stream by.
+const DEPTH: usize = 256;
 /// Output columns per packed block: 320 KB of packed panels, in L2.
 const COLUMN_BLOCK: usize = 1024;
 /// Rows read against one packed block before the next (a multiple of [`MR`]).
@@ -59,49 +59,49 @@ pub(super) fn available() -> bool {
 
 /// Whether the kernel reads `format`'s blocks.
 pub(super) fn reads(format: GgmlDType) -> bool {
-    matches!(
-        format,
-        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K
-    )
+    super::INT8_KERNEL_FORMATS.contains(&format)
 }
 
 /// The zero point `z` of `format`'s unsigned values.
 fn zero_point(format: GgmlDType) -> i32 {
     match format {
         GgmlDType::Q8_0 => 128,
+        GgmlDType::Q6K => 32,
+        GgmlDType::Q5_0 => 16,
         GgmlDType::Q4_0 => 8,
         _ => 0,
     }
 }
 
-/// `m` f32 rows of `k` values (a multiple of [`BLOCK`]) quantized to 8-bit
-/// blocks, with what the kernel adds per block.
+/// `m` f32 rows of `k` values (a multiple of `G`) quantized to 8-bit
+/// groups of `G` values, with what the kernel adds per group.
 struct QuantizedRows {
     /// The rounded values, `[m, k]`.
     values: Vec<i8>,
-    /// Per row and block (`[m, k / BLOCK]`): the scale `s`,
+    /// Per row and group (`[m, k / G]`): the scale `s`,
     scales: Vec<f32>,
-    /// `−z · Σ q`, where the block's integer sums start,
+    /// `−z · Σ q`, where the group's integer sums start,
     starts: Vec<i32>,
-    /// and `s · Σ q`, which multiplies the offsets (Q4_1, Q4_K).
+    /// and `s · Σ q`, which multiplies the offsets (formats with a min).
     scaled_sums: Vec<f32>,
 }
 
 impl QuantizedRows {
-    /// `x` (`[m, k]`) quantized for a weight of zero point `zero_point`.
-    fn new(x: &[f32], m: usize, k: usize, zero_point: i32) -> Self {
-        let blocks = k / BLOCK;
+    /// `x` (`[m, k]`) quantized in groups of `G` for a weight of zero point
+    /// `zero_point`.
+    fn new<const G: usize>(x: &[f32], m: usize, k: usize, zero_point: i32) -> Self {
+        let groups = k / G;
         let mut rows = Self {
             values: vec![0; m * k],
-            scales: vec![0.0; m * blocks],
-            starts: vec![0; m * blocks],
-            scaled_sums: vec![0.0; m * blocks],
+            scales: vec![0.0; m * groups],
+            starts: vec![0; m * groups],
+            scaled_sums: vec![0.0; m * groups],
         };
-        for (i, x) in x.chunks_exact(BLOCK).enumerate() {
+        for (i, x) in x.chunks_exact(G).enumerate() {
             let sum;
             // SAFETY: `product` checked that the CPU has the kernel's features.
             (rows.scales[i], sum) =
-                unsafe { quantize_block(x, &mut rows.values[i * BLOCK..(i + 1) * BLOCK]) };
+                unsafe { quantize_group(x, &mut rows.values[i * G..(i + 1) * G]) };
             rows.starts[i] = -zero_point * sum;
             rows.scaled_sums[i] = rows.scales[i] * sum as f32;
         }
@@ -109,19 +109,23 @@ impl QuantizedRows {
     }
 }
 
-/// Rounds a block of 32 values to multiples of its scale (largest magnitude
-/// over 127), ties to even, into `out`; returns the scale and the sum of the
-/// rounded values. A block with an infinity or a NaN gets a NaN scale (its
-/// products are NaN, as the f32 product's would be non-finite), and a
-/// block of zeros and subnormals (below 1.2e-38) a zero scale.
+/// Rounds a group of 16 or 32 values to multiples of its scale (largest
+/// magnitude over 127), ties to even, into `out`; returns the scale and the
+/// sum of the rounded values. A group with an infinity or a NaN gets a NaN
+/// scale (its products are NaN, as the f32 product's would be non-finite),
+/// and a group of zeros and subnormals (below 1.2e-38) a zero scale.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
-unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+unsafe fn quantize_group(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
-    assert!(x.len() == BLOCK && out.len() == BLOCK);
-    // SAFETY: both slices hold 32 values, as asserted.
+    let wide = x.len() == 32;
+    assert!((wide || x.len() == 16) && out.len() == x.len());
+    // SAFETY: both slices hold 16 values, or 32 where `wide`, as asserted.
     unsafe {
         let lo = _mm512_loadu_ps(x.as_ptr());
-        let hi = _mm512_loadu_ps(x.as_ptr().add(16));
+        let hi = match wide {
+            true => _mm512_loadu_ps(x.as_ptr().add(16)),
+            false => _mm512_setzero_ps(),
+        };
         // QNaN, SNaN, +inf, -inf.
         let special = _mm512_fpclass_ps_mask::<0x99>(lo) | _mm512_fpclass_ps_mask::<0x99>(hi);
         let largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -134,7 +138,9 @@ unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
         let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
         let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
         _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(qlo));
-        _mm_storeu_si128(out.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(qhi));
+        if wide {
+            _mm_storeu_si128(out.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(qhi));
+        }
         (
             largest / 127.0,
             _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)),
@@ -142,7 +148,7 @@ unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     }
 }
 
-/// A Q8_0, Q4_0, Q4_1 or Q4_K weight `[n, k]` as stored.
+/// A weight `[n, k]` of a format the kernel reads, as stored.
 #[derive(Clone, Copy)]
 pub(super) struct Int8Weight<'a> {
     pub(super) rows: Rows<'a>,
@@ -150,7 +156,7 @@ pub(super) struct Int8Weight<'a> {
 }
 
 /// `x Wᵀ` (`x`: `[m, k]` → `out`: `[m, n]`), the rows of `x` quantized to
-/// 8-bit blocks, on a CPU with AVX512_VNNI. Rows are split over threads
+/// 8-bit groups, on a CPU with AVX512_VNNI. Rows are split over threads
 /// when candle runs multi-threaded.
 ///
 /// # Panics
@@ -164,7 +170,10 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
         "no int8 kernel for {:?}",
         w.rows.format
     );
-    assert!(k.is_multiple_of(BLOCK), "rows of {k} values");
+    assert!(
+        k.is_multiple_of(w.rows.format.block_size()),
+        "rows of {k} values"
+    );
     assert_eq!(
         w.rows.bytes.len(),
         n * w.rows.row_bytes,
@@ -179,36 +188,44 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    split_rows(x, m, (k, n), MR, out, |x, m, out| serial(x, m, w, out));
+    split_rows(x, m, (k, n), MR, out, |x, m, out| {
+        match group_size(w.rows.format) {
+            16 => serial::<16>(x, m, w, out),
+            _ => serial::<32>(x, m, w, out),
+        }
+    });
 }
 
-/// [`product`] on the calling thread: the rows quantized once, then for each
-/// packed block of the weight, every micro-tile against it.
-fn serial(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
+/// [`product`] on the calling thread for a format with groups of `G`
+/// values: the rows quantized once, then for each packed block of the
+/// weight, every micro-tile against it.
+fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
+    use GgmlDType::*;
     let (n, k) = (w.n, w.rows.k);
-    let blocks = k / BLOCK;
-    let rows = QuantizedRows::new(x, m, k, zero_point(w.rows.format));
-    let with_min = matches!(w.rows.format, GgmlDType::Q4_1 | GgmlDType::Q4K);
+    let (groups, depth_groups) = (k / G, DEPTH / G);
+    let rows = QuantizedRows::new::<G>(x, m, k, zero_point(w.rows.format));
+    let with_min = matches!(w.rows.format, Q4_1 | Q5_1 | Q4K | Q5K);
     let mut packed = Vec::new();
     for col in (0..n).step_by(COLUMN_BLOCK) {
         let cols = COLUMN_BLOCK.min(n - col);
-        for first in (0..blocks).step_by(DEPTH) {
-            let depth = DEPTH.min(blocks - first);
-            pack(w.rows, col..col + cols, first..first + depth, &mut packed);
+        for first in (0..groups).step_by(depth_groups) {
+            let depth = depth_groups.min(groups - first);
+            pack::<G>(w.rows, col..col + cols, first..first + depth, &mut packed);
+            let panel_bytes = depth * group_panel_bytes(G);
             for row in (0..m).step_by(ROW_BLOCK) {
                 let block_rows = ROW_BLOCK.min(m - row);
-                for (j, panel) in packed.chunks_exact(depth * BLOCK_PANEL_BYTES).enumerate() {
+                for (j, panel) in packed.chunks_exact(panel_bytes).enumerate() {
                     let first_col = col + j * NR;
                     let width = NR.min(col + cols - first_col);
                     for r in (row..row + block_rows).step_by(MR) {
-                        let scale_at = r * blocks + first;
+                        let scale_at = r * groups + first;
                         let tile = Tile {
-                            values: &rows.values[r * k + first * BLOCK..],
+                            values: &rows.values[r * k + first * G..],
                             values_stride: k,
                             scales: &rows.scales[scale_at..],
                             starts: &rows.starts[scale_at..],
                             scaled_sums: &rows.scaled_sums[scale_at..],
-                            scales_stride: blocks,
+                            scales_stride: groups,
                             panel,
                             depth,
                             with_min,
@@ -219,7 +236,7 @@ fn serial(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
                         };
                         // SAFETY: the CPU has the kernel's features (checked
                         // in `product`); the tile's bounds are checked inside.
-                        unsafe { tile.run(MR.min(row + block_rows - r)) };
+                        unsafe { tile.run::<G>(MR.min(row + block_rows - r)) };
                     }
                 }
             }
@@ -234,12 +251,7 @@ mod tests {
     use crate::rng::Rng;
     use candle_core::{Device, Tensor};
 
-    const FORMATS: [GgmlDType; 4] = [
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q4K,
-    ];
+    use super::super::INT8_KERNEL_FORMATS as FORMATS;
 
     /// Whether the kernel's tests can run here; says why not where not.
     fn runs_here() -> bool {
@@ -260,10 +272,10 @@ mod tests {
         QuantizedWeight::quantize(&w, format).unwrap()
     }
 
-    /// A row rounded to 8-bit blocks, value by value: the scales and values.
-    fn rounded(x: &[f32]) -> Vec<f64> {
+    /// A row rounded to 8-bit groups of `group` values, value by value.
+    fn rounded(x: &[f32], group: usize) -> Vec<f64> {
         let mut out = Vec::with_capacity(x.len());
-        for block in x.chunks_exact(BLOCK) {
+        for block in x.chunks_exact(group) {
             let largest = block.iter().fold(0f32, |a, v| a.max(v.abs()));
             let (scale, inverse) = match largest < f32::MIN_POSITIVE {
                 true => (0.0, 0.0),
@@ -278,15 +290,15 @@ mod tests {
         out
     }
 
-    /// `x` (rounded to 8-bit blocks when `round`) times the dequantized
-    /// weight, in f64.
+    /// `x` (rounded to 8-bit groups of the weight's when `round`) times the
+    /// dequantized weight, in f64.
     fn reference(x: &[f32], m: usize, w: &QuantizedWeight, round: bool) -> Vec<f64> {
         let (n, k) = w.dims();
         let dense = w.dequantize().unwrap().to_vec2::<f32>().unwrap();
         let mut out = vec![0f64; m * n];
         for (i, x) in x.chunks_exact(k).enumerate() {
             let x = match round {
-                true => rounded(x),
+                true => rounded(x, group_size(w.format())),
                 false => x.iter().map(|&v| v as f64).collect(),
             };
             for (j, row) in dense.iter().enumerate() {
@@ -394,21 +406,25 @@ mod tests {
     /// The rows' rounding: ties go to even, the largest magnitude becomes
     /// ±127, and the block's sum is the rounded values'.
     #[test]
-    fn blocks_round_to_nearest_even() {
+    fn groups_round_to_nearest_even() {
         if !runs_here() {
             return;
         }
-        let mut x = [0f32; BLOCK];
-        x[0] = -127.0; // scale 1
-        x[1] = 2.5; // tie: to 2
-        x[2] = 3.5; // tie: to 4
-        x[3] = -0.5; // tie: to 0
-        x[4] = 126.6;
-        let mut q = [0i8; BLOCK];
-        // SAFETY: checked above that the CPU has the kernel's features.
-        let (scale, sum) = unsafe { quantize_block(&x, &mut q) };
-        assert_eq!(scale, 1.0);
-        assert_eq!(&q[..5], &[-127, 2, 4, 0, 127]);
-        assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+        for group in [16, 32] {
+            let mut x = vec![0f32; group];
+            x[0] = -127.0; // scale 1
+            x[1] = 2.5; // tie: to 2
+            x[2] = 3.5; // tie: to 4
+            x[3] = -0.5; // tie: to 0
+            x[4] = 126.6;
+            x[group - 1] = 9.5; // tie: to 10
+            let mut q = vec![0i8; group];
+            // SAFETY: checked above that the CPU has the kernel's features.
+            let (scale, sum) = unsafe { quantize_group(&x, &mut q) };
+            assert_eq!(scale, 1.0);
+            assert_eq!(&q[..5], &[-127, 2, 4, 0, 127]);
+            assert_eq!(q[group - 1], 10);
+            assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+        }
     }
 }

@@ -1,79 +1,52 @@
 //! Unpacking a block of the weight into micro-panels laid out as the
 //! micro-kernel reads them. A panel holds [`NR`] columns (the weight's rows)
-//! over a run of blocks; per block of 32 values:
-//! - 8 groups of 4 values: for each, `NR` columns × 4 unsigned bytes, the
-//!   two registers one `vpdpbusd` step reads (column `c`'s 4 values in lane
-//!   `c`);
+//! over a run of groups of `G` values (32, or 16 for Q6_K); per group:
+//! - `G / 4` runs of 4 values: for each, `NR` columns × 4 unsigned bytes,
+//!   the two registers one `vpdpbusd` step reads (column `c`'s 4 values in
+//!   lane `c`);
 //! - the `NR` columns' scales `d`, f32;
-//! - their offsets `min` (Q4_1, Q4_K; zero for the others), f32.
+//! - their offsets `min` (Q4_1, Q5_1 and the K formats' sub-blocks with a
+//!   min; zero for the others), f32.
 //!
 //! Columns past the weight's edge are zeros (scale 0).
 
 use super::super::blocks::Rows;
-use super::{BLOCK, NR};
+use super::NR;
 use candle_core::quantized::GgmlDType;
 use std::ops::Range;
 
-/// Bytes of the unsigned values of one block of a panel.
-const VALUE_BYTES: usize = BLOCK * NR;
-/// Bytes of one block of a panel: values, scales, offsets.
-pub(super) const BLOCK_PANEL_BYTES: usize = VALUE_BYTES + 2 * 4 * NR;
-/// Where a block's scales start in its panel bytes.
-pub(super) const SCALES_AT: usize = VALUE_BYTES;
-/// Where a block's offsets start in its panel bytes.
-pub(super) const MINS_AT: usize = VALUE_BYTES + 4 * NR;
+/// Bytes of one group of `G` values of a panel: values, scales, offsets.
+pub(super) const fn group_panel_bytes(group: usize) -> usize {
+    group * NR + 2 * 4 * NR
+}
 
-/// Block `b` (of 32 values) of a stored row: its unsigned values `u`, scale
-/// `d` and offset `min`.
-fn unpack(format: GgmlDType, row: &[u8], b: usize) -> ([u8; BLOCK], f32, f32) {
-    let mut u = [0u8; BLOCK];
-    if format == GgmlDType::Q4K {
-        return unpack_q4k(row, b, &mut u);
-    }
-    let size = format.type_size();
-    let block = &row[b * size..(b + 1) * size];
-    let f16 = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
-    let nibbles = |qs: &[u8], u: &mut [u8; BLOCK]| {
-        for (j, &b) in qs.iter().enumerate() {
-            u[j] = b & 0x0f;
-            u[j + BLOCK / 2] = b >> 4;
-        }
-    };
+/// Where a group's scales start in its panel bytes.
+pub(super) const fn scales_at(group: usize) -> usize {
+    group * NR
+}
+
+/// Where a group's offsets start in its panel bytes.
+pub(super) const fn mins_at(group: usize) -> usize {
+    group * NR + 4 * NR
+}
+
+/// The values per scale of `format`'s blocks, as the kernel reads them.
+pub(super) fn group_size(format: GgmlDType) -> usize {
     match format {
-        // d (f16), 32 i8 values, read as u = q + 128.
-        GgmlDType::Q8_0 => {
-            for (u, &q) in u.iter_mut().zip(&block[2..2 + BLOCK]) {
-                *u = q ^ 0x80;
-            }
-            (u, f16(0), 0.0)
-        }
-        // d (f16), 16 bytes: value j in the low nibble of byte j, value
-        // j + 16 in its high nibble.
-        GgmlDType::Q4_0 => {
-            nibbles(&block[2..2 + BLOCK / 2], &mut u);
-            (u, f16(0), 0.0)
-        }
-        // d, min (f16), 16 bytes of nibbles as Q4_0's.
-        GgmlDType::Q4_1 => {
-            nibbles(&block[4..4 + BLOCK / 2], &mut u);
-            (u, f16(0), f16(2))
-        }
-        other => unreachable!("no int8 kernel for {other:?}"),
+        GgmlDType::Q6K => 16,
+        _ => 32,
     }
 }
 
-/// Block `b` of 32 values of a Q4_K row. A Q4_K block of 256 values holds
-/// `d` and `dmin` (f16), 12 bytes of eight 6-bit scales and mins, and 128
-/// bytes of nibbles: each 64 values' 32 bytes hold the first 32 in their low
-/// nibbles, the next 32 in their high ones. Value `l` of sub-block `j` is
-/// `d · scale_j · q_l − dmin · min_j`: for the kernel, `d · scale_j` and
-/// `−dmin · min_j`.
-fn unpack_q4k(row: &[u8], b: usize, u: &mut [u8; BLOCK]) -> ([u8; BLOCK], f32, f32) {
-    const SIZE: usize = 144;
-    let (block, j) = (&row[b / 8 * SIZE..(b / 8 + 1) * SIZE], b % 8);
-    let f16 = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
-    let scales = &block[4..16];
-    // llama.cpp's get_scale_min_k4.
+/// A format's value `l` of a 16-byte run of nibbles holding 32 values:
+/// value `l` in the low nibble of byte `l`, value `l + 16` in its high one.
+fn nibble(qs: &[u8], l: usize) -> u8 {
+    (qs[l % 16] >> (4 * (l / 16))) & 0x0f
+}
+
+/// A K format's 6-bit scale and min of sub-block `j` of 8, from the 12 bytes
+/// that pack them (llama.cpp's `get_scale_min_k4`).
+fn scale_min_k4(scales: &[u8], j: usize) -> (f32, f32) {
     let (scale, min) = match j < 4 {
         true => (scales[j] & 63, scales[j + 4] & 63),
         false => (
@@ -81,34 +54,126 @@ fn unpack_q4k(row: &[u8], b: usize, u: &mut [u8; BLOCK]) -> ([u8; BLOCK], f32, f
             (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
         ),
     };
-    let qs = &block[16 + 32 * (j / 2)..16 + 32 * (j / 2 + 1)];
-    let shift = 4 * (j % 2);
-    for (u, &q) in u.iter_mut().zip(qs) {
-        *u = (q >> shift) & 0x0f;
-    }
-    (*u, f16(0) * scale as f32, -f16(2) * min as f32)
+    (scale as f32, min as f32)
 }
 
-/// Packs blocks `blocks` of the weight's rows `cols` into `out`, one panel
-/// of [`NR`] columns after another (the last padded with zero columns).
-pub(super) fn pack(rows: Rows, cols: Range<usize>, blocks: Range<usize>, out: &mut Vec<u8>) {
-    let panel_bytes = blocks.len() * BLOCK_PANEL_BYTES;
+/// Group `g` of a stored row: its unsigned values `u` written to `u`
+/// (`group_size(format)` of them); returns the scale `d` and offset `min`
+/// with which value `l` is `d · (u_l − z) + min`.
+fn unpack(format: GgmlDType, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
+    // K formats: super-blocks of 256 values, their groups.
+    let (size, per_block) = match format {
+        GgmlDType::Q4K => (144, 8),
+        GgmlDType::Q5K => (176, 8),
+        GgmlDType::Q6K => (210, 16),
+        other => (other.type_size(), 1),
+    };
+    let (block, j) = (&row[g / per_block * size..][..size], g % per_block);
+    let f16 = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
+    // Q5_0 and Q5_1: value `l` ORed with bit `l` of the little-endian u32
+    // at `at` (the values' fifth bits), as the value's bit 4.
+    let add_fifth_bits = |at: usize, u: &mut [u8]| {
+        let bits = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+        for (l, u) in u.iter_mut().enumerate() {
+            *u |= (((bits >> l) & 1) << 4) as u8;
+        }
+    };
+    match format {
+        // d (f16), 32 i8 values, read as u = q + 128.
+        GgmlDType::Q8_0 => {
+            for (u, &q) in u.iter_mut().zip(&block[2..34]) {
+                *u = q ^ 0x80;
+            }
+            (f16(0), 0.0)
+        }
+        // d (f16), 16 bytes of nibbles.
+        GgmlDType::Q4_0 => {
+            (0..32).for_each(|l| u[l] = nibble(&block[2..18], l));
+            (f16(0), 0.0)
+        }
+        // d, min (f16), 16 bytes of nibbles.
+        GgmlDType::Q4_1 => {
+            (0..32).for_each(|l| u[l] = nibble(&block[4..20], l));
+            (f16(0), f16(2))
+        }
+        // d (f16), the fifth bits, 16 bytes of nibbles; zero point 16.
+        GgmlDType::Q5_0 => {
+            (0..32).for_each(|l| u[l] = nibble(&block[6..22], l));
+            add_fifth_bits(2, u);
+            (f16(0), 0.0)
+        }
+        // d, min (f16), the fifth bits, 16 bytes of nibbles.
+        GgmlDType::Q5_1 => {
+            (0..32).for_each(|l| u[l] = nibble(&block[8..24], l));
+            add_fifth_bits(4, u);
+            (f16(0), f16(2))
+        }
+        // d, dmin (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes
+        // of nibbles: each 64 values' 32 bytes hold the first 32 in their low
+        // nibbles, the next 32 in their high ones. Value `l` of sub-block `j`
+        // is `d · scale_j · q_l − dmin · min_j`.
+        GgmlDType::Q4K => {
+            let (scale, min) = scale_min_k4(&block[4..16], j);
+            let qs = &block[16 + 32 * (j / 2)..][..32];
+            for (u, &q) in u.iter_mut().zip(qs) {
+                *u = (q >> (4 * (j % 2))) & 0x0f;
+            }
+            (f16(0) * scale, -f16(2) * min)
+        }
+        // Q4_K's layout with 32 bytes of fifth bits before the nibbles:
+        // sub-block `j`'s are bit `j` of each.
+        GgmlDType::Q5K => {
+            let (scale, min) = scale_min_k4(&block[4..16], j);
+            let (qh, qs) = (&block[16..48], &block[48 + 32 * (j / 2)..][..32]);
+            for (l, u) in u.iter_mut().enumerate() {
+                *u = ((qs[l] >> (4 * (j % 2))) & 0x0f) | (((qh[l] >> j) & 1) << 4);
+            }
+            (f16(0) * scale, -f16(2) * min)
+        }
+        // 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 i8 scales (one
+        // per 16 values), d (f16); zero point 32. Value `v` of each 128 (half
+        // `h`) is in run `t = v / 32` at `l = v % 32`: its low bits in the
+        // nibble `t / 2` of `ql[64h + 32(t % 2) + l]`, its high ones at bit
+        // `2t` of `qh[32h + l]`.
+        GgmlDType::Q6K => {
+            let (ql, qh) = (&block[..128], &block[128..192]);
+            let (h, t, first) = (j / 8, (j % 8) / 2, 16 * (j % 2));
+            for (i, u) in u.iter_mut().enumerate() {
+                let l = first + i;
+                let low = (ql[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2))) & 0x0f;
+                *u = low | (((qh[32 * h + l] >> (2 * t)) & 3) << 4);
+            }
+            (f16(208) * block[192 + j] as i8 as f32, 0.0)
+        }
+        other => unreachable!("no int8 kernel for {other:?}"),
+    }
+}
+
+/// Packs groups `groups` (of `G` values) of the weight's rows `cols` into
+/// `out`, one panel of [`NR`] columns after another (the last padded with
+/// zero columns).
+pub(super) fn pack<const G: usize>(
+    rows: Rows,
+    cols: Range<usize>,
+    groups: Range<usize>,
+    out: &mut Vec<u8>,
+) {
+    let (group_bytes, scales, mins) = (group_panel_bytes(G), scales_at(G), mins_at(G));
+    let panel_bytes = groups.len() * group_bytes;
     out.clear();
     out.resize(cols.len().div_ceil(NR) * panel_bytes, 0);
+    let mut u = [0u8; G];
     for (j, panel) in out.chunks_exact_mut(panel_bytes).enumerate() {
         for c in 0..NR.min(cols.len() - j * NR) {
             let row = cols.start + j * NR + c;
             let stored = &rows.bytes[row * rows.row_bytes..(row + 1) * rows.row_bytes];
-            for (b, dst) in blocks
-                .clone()
-                .zip(panel.chunks_exact_mut(BLOCK_PANEL_BYTES))
-            {
-                let (u, d, min) = unpack(rows.format, stored, b);
-                for (g, four) in u.chunks_exact(4).enumerate() {
-                    dst[g * 4 * NR + 4 * c..][..4].copy_from_slice(four);
+            for (g, dst) in groups.clone().zip(panel.chunks_exact_mut(group_bytes)) {
+                let (d, min) = unpack(rows.format, stored, g, &mut u);
+                for (run, four) in u.chunks_exact(4).enumerate() {
+                    dst[run * 4 * NR + 4 * c..][..4].copy_from_slice(four);
                 }
-                dst[SCALES_AT + 4 * c..][..4].copy_from_slice(&d.to_le_bytes());
-                dst[MINS_AT + 4 * c..][..4].copy_from_slice(&min.to_le_bytes());
+                dst[scales + 4 * c..][..4].copy_from_slice(&d.to_le_bytes());
+                dst[mins + 4 * c..][..4].copy_from_slice(&min.to_le_bytes());
             }
         }
     }

@@ -1,30 +1,31 @@
 //! The micro-kernel: up to [`MR`](super::MR) quantized rows against one
-//! packed micro-panel of [`NR`] columns. Per block of 32 values, each row's
-//! integer sums start at `−z · Σ q` and take 8 `vpdpbusd` steps (4 values
-//! each) per register; they are then scaled (`s · d`) into the f32 tile,
-//! with the offsets' `min · s · Σ q` added (Q4_1, Q4_K). The `MR × NR` tile and its integer
-//! sums stay in registers.
+//! packed micro-panel of [`NR`] columns. Per group of `G` values (32, or
+//! 16), each row's integer sums start at `−z · Σ q` and take `G / 4`
+//! `vpdpbusd` steps (4 values each) per register; they are then scaled
+//! (`s · d`) into the f32 tile, with the offsets' `min · s · Σ q` added
+//! (formats with a min). The `MR × NR` tile and its integer sums stay in
+//! registers.
 
 use super::super::simd::store_tile;
-use super::pack::{BLOCK_PANEL_BYTES, MINS_AT, SCALES_AT};
-use super::{BLOCK, NR};
+use super::pack::{group_panel_bytes, mins_at, scales_at};
+use super::NR;
 
 /// One micro-tile: up to [`MR`](super::MR) quantized rows against one
 /// packed micro-panel, into (or added to) `out`.
 pub(super) struct Tile<'a> {
-    /// The tile's first row's rounded values, from the panel's first block on.
+    /// The tile's first row's rounded values, from the panel's first group on.
     pub(super) values: &'a [i8],
     pub(super) values_stride: usize,
-    /// The first row's per-block scales, integer sums' starts and scaled
-    /// sums, from the panel's first block on.
+    /// The first row's per-group scales, integer sums' starts and scaled
+    /// sums, from the panel's first group on.
     pub(super) scales: &'a [f32],
     pub(super) starts: &'a [i32],
     pub(super) scaled_sums: &'a [f32],
     pub(super) scales_stride: usize,
     pub(super) panel: &'a [u8],
-    /// Blocks in the panel.
+    /// Groups in the panel.
     pub(super) depth: usize,
-    /// Add the panel's offsets (Q4_1, Q4_K).
+    /// Add the panel's offsets (formats with a min).
     pub(super) with_min: bool,
     /// The tile's first output row, from its first column on.
     pub(super) out: &'a mut [f32],
@@ -36,28 +37,29 @@ pub(super) struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Runs the tile's first `rows` rows (1 to [`MR`](super::MR)).
+    /// Runs the tile's first `rows` rows (1 to [`MR`](super::MR)) on a
+    /// panel of groups of `G` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
-    pub(super) unsafe fn run(self, rows: usize) {
+    pub(super) unsafe fn run<const G: usize>(self, rows: usize) {
         let (last_values, last_scales) = (
             (rows - 1) * self.values_stride,
             (rows - 1) * self.scales_stride,
         );
-        assert!(self.panel.len() >= self.depth * BLOCK_PANEL_BYTES);
-        assert!(self.values.len() >= last_values + self.depth * BLOCK);
-        for per_block in [self.scales.len(), self.starts.len(), self.scaled_sums.len()] {
-            assert!(per_block >= last_scales + self.depth);
+        assert!(self.panel.len() >= self.depth * group_panel_bytes(G));
+        assert!(self.values.len() >= last_values + self.depth * G);
+        for per_group in [self.scales.len(), self.starts.len(), self.scaled_sums.len()] {
+            assert!(per_group >= last_scales + self.depth);
         }
         assert!(self.out.len() >= (rows - 1) * self.out_stride + self.width);
         // SAFETY: bounds asserted above; the CPU has the features.
         unsafe {
             match rows {
-                6 => self.rows_of::<6>(),
-                5 => self.rows_of::<5>(),
-                4 => self.rows_of::<4>(),
-                3 => self.rows_of::<3>(),
-                2 => self.rows_of::<2>(),
-                _ => self.rows_of::<1>(),
+                6 => self.rows_of::<6, G>(),
+                5 => self.rows_of::<5, G>(),
+                4 => self.rows_of::<4, G>(),
+                3 => self.rows_of::<3, G>(),
+                2 => self.rows_of::<2, G>(),
+                _ => self.rows_of::<1, G>(),
             }
         }
     }
@@ -67,11 +69,11 @@ impl Tile<'_> {
     /// `R` rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn rows_of<const R: usize>(self) {
+    unsafe fn rows_of<const R: usize, const G: usize>(self) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (q, panel) = (self.values.as_ptr(), self.panel.as_ptr());
-        let per_block = |v: *const f32, i: usize, b: usize| {
+        let per_group = |v: *const f32, i: usize, b: usize| {
             // SAFETY: inside the bounds `run` asserted.
             unsafe { _mm512_set1_ps(*v.add(i * self.scales_stride + b)) }
         };
@@ -79,18 +81,18 @@ impl Tile<'_> {
             // SAFETY (this block and the stores below): every offset is
             // inside the bounds `run` asserted.
             unsafe {
-                let w = panel.add(b * BLOCK_PANEL_BYTES);
+                let w = panel.add(b * group_panel_bytes(G));
                 let mut sums = [[_mm512_setzero_si512(); 2]; R];
                 for (i, s) in sums.iter_mut().enumerate() {
                     let start = *self.starts.as_ptr().add(i * self.scales_stride + b);
                     *s = [_mm512_set1_epi32(start); 2];
                 }
-                for g in 0..BLOCK / 4 {
+                for g in 0..G / 4 {
                     let w0 = _mm512_loadu_si512(w.add(g * 4 * NR).cast());
                     let w1 = _mm512_loadu_si512(w.add(g * 4 * NR + 64).cast());
                     for (i, s) in sums.iter_mut().enumerate() {
                         let four = q
-                            .add(i * self.values_stride + b * BLOCK + 4 * g)
+                            .add(i * self.values_stride + b * G + 4 * g)
                             .cast::<i32>()
                             .read_unaligned();
                         let xv = _mm512_set1_epi32(four);
@@ -98,20 +100,20 @@ impl Tile<'_> {
                         s[1] = _mm512_dpbusd_epi32(s[1], w1, xv);
                     }
                 }
-                let d0 = _mm512_loadu_ps(w.add(SCALES_AT).cast());
-                let d1 = _mm512_loadu_ps(w.add(SCALES_AT + 64).cast());
+                let d0 = _mm512_loadu_ps(w.add(scales_at(G)).cast());
+                let d1 = _mm512_loadu_ps(w.add(scales_at(G) + 64).cast());
                 for (i, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
-                    let scale = per_block(self.scales.as_ptr(), i, b);
+                    let scale = per_group(self.scales.as_ptr(), i, b);
                     a[0] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(d0, scale), a[0]);
                     a[1] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]), _mm512_mul_ps(d1, scale), a[1]);
                 }
                 if self.with_min {
-                    let m0 = _mm512_loadu_ps(w.add(MINS_AT).cast());
-                    let m1 = _mm512_loadu_ps(w.add(MINS_AT + 64).cast());
+                    let m0 = _mm512_loadu_ps(w.add(mins_at(G)).cast());
+                    let m1 = _mm512_loadu_ps(w.add(mins_at(G) + 64).cast());
                     for (i, a) in acc.iter_mut().enumerate() {
-                        let sum = per_block(self.scaled_sums.as_ptr(), i, b);
+                        let sum = per_group(self.scaled_sums.as_ptr(), i, b);
                         a[0] = _mm512_fmadd_ps(m0, sum, a[0]);
                         a[1] = _mm512_fmadd_ps(m1, sum, a[1]);
                     }
