@@ -2,8 +2,18 @@
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resident set size of this process now, in bytes (Linux `VmRSS`), if known.
+pub fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// A figure of `/proc/self/status` given in kB, in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -38,5 +48,22 @@ pub fn release_freed() {
     // SAFETY: malloc_trim only returns free pages of the heap to the system.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The current RSS is at most the peak, and 64 MB touched are in both
+    /// (other tests run beside this one, so only lower bounds hold).
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn rss_follows_what_is_touched() {
+        let now = super::rss_bytes().unwrap();
+        assert!(now > 0 && now <= super::peak_rss_bytes().unwrap());
+        let touched = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = super::rss_bytes().unwrap();
+        assert!(after >= 64 << 20, "{after}");
+        assert!(super::peak_rss_bytes().unwrap() >= after);
+        drop(touched);
     }
 }

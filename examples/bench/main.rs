@@ -37,12 +37,15 @@ use tuneforge::data::Example;
 use tuneforge::quantize::BaseDtype;
 use tuneforge::train::optim::AdamW;
 use tuneforge::{
-    device, lora, memory, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
+    device, lora, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
     ModelConfig,
 };
 
 mod flops;
 mod qlora;
+mod table;
+
+use table::Row;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Suite {
@@ -77,51 +80,6 @@ pub struct Args {
     /// Run one row in this process and print it as JSON (used internally).
     #[arg(long, hide = true)]
     row: Option<String>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct Row {
-    name: String,
-    /// The model measured (`--model`, or the shape of the `gpu` suite's rows).
-    #[serde(default)]
-    model: String,
-    /// Timed repetitions the seconds are the fastest of.
-    #[serde(default)]
-    reps: usize,
-    seconds: f64,
-    tokens_per_second: Option<f64>,
-    peak_rss_mb: Option<f64>,
-    #[serde(default)]
-    peak_gpu_mb: Option<f64>,
-    gflops: Option<f64>,
-    /// The frozen base's precision (`f32`, `bf16`), where the row says.
-    #[serde(default)]
-    base: String,
-}
-
-impl Row {
-    fn new(name: &str, seconds: f64) -> Self {
-        Self {
-            name: name.into(),
-            model: String::new(),
-            reps: 0,
-            seconds,
-            tokens_per_second: None,
-            peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / 1e6),
-            peak_gpu_mb: None,
-            gflops: None,
-            base: String::new(),
-        }
-    }
-
-    /// A row for `tokens` processed per `seconds`, at `flops_per_token`.
-    fn throughput(name: &str, seconds: f64, tokens: usize, flops_per_token: f64) -> Self {
-        Self {
-            tokens_per_second: Some(tokens as f64 / seconds),
-            gflops: Some(flops_per_token * tokens as f64 / seconds / 1e9),
-            ..Self::new(name, seconds)
-        }
-    }
 }
 
 /// The rows of the `cpu` suite, in order. Rows that end in [`BF16_BASE`]
@@ -528,71 +486,8 @@ fn main() -> Result<()> {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    let (f32_peak, bf16_peak) = (best(before.0, after.0), best(before.1, after.1));
-    let features = tuneforge::cpu::features();
-    let gflops = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.1} GFLOP/s"));
-    println!(
-        "CPU: {} ({}), {} threads; measured peaks: f32 FMA {}, bf16 dot {}",
-        tuneforge::cpu::model_name().unwrap_or_else(|| "unknown".into()),
-        features.describe(),
-        tuneforge::threads::workers(),
-        gflops(f32_peak),
-        gflops(bf16_peak),
-    );
-    match features.bf16_kernel() {
-        Some(kernel) => println!(
-            "(bf16 base rows multiply the frozen weights with {kernel} dot products, \
-             the activations rounded to bf16: their share is of the bf16 dot peak)\n"
-        ),
-        None => println!(
-            "(bf16 base rows hold the frozen weights in bf16 and multiply them in f32, \
-             so their share is of the f32 FMA peak)\n"
-        ),
-    }
-    if let (Suite::Qlora, Some(kernel)) = (args.suite, features.int8_kernel()) {
-        println!(
-            "(rows with a quantized base multiply Q8_0, Q4_x, Q5_x, Q4_K, Q5_K and Q6_K \
-             blocks forward with {kernel} int8 dot products, the activations rounded to \
-             8-bit groups; \
-             their share is of the f32 FMA peak)\n"
-        );
-    }
-    let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());
-    let memory_header = if gpu {
-        "peak GPU (MB)"
-    } else {
-        "peak RSS (MB)"
-    };
-    println!(
-        "| {:<46} | {:>8} | {:>9} | {:>13} | {:>8} | {:>6} |",
-        "configuration", "s/step", "tokens/s", memory_header, "GFLOP/s", "peak"
-    );
-    println!(
-        "|{:-<48}|{:->10}|{:->11}|{:->15}|{:->10}|{:->8}|",
-        "", "", "", "", "", ""
-    );
-    let show =
-        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
-    for r in &rows {
-        let memory = if gpu { r.peak_gpu_mb } else { r.peak_rss_mb };
-        let peak = match (r.base.as_str(), features.bf16_kernel()) {
-            ("bf16", Some(_)) => bf16_peak,
-            _ => f32_peak,
-        };
-        let share = r
-            .gflops
-            .zip(peak)
-            .map(|(g, p)| format!("{:.0}%", 100.0 * g / p));
-        println!(
-            "| {:<46} | {:>8.3} | {:>9} | {:>13} | {:>8} | {:>6} |",
-            r.name,
-            r.seconds,
-            show(r.tokens_per_second, 1),
-            show(memory, 0),
-            show(r.gflops, 1),
-            share.unwrap_or_else(|| "-".into())
-        );
-    }
+    let peaks = (best(before.0, after.0), best(before.1, after.1));
+    table::print(&rows, args.suite == Suite::Qlora, peaks);
     if let Some(path) = args.json {
         tuneforge::atomic::write(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     }

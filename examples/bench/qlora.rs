@@ -100,6 +100,7 @@ pub const ROWS: [QloraRow; 10] = [
 
 /// Runs one row of the suite.
 pub fn row(&(name, base, quantize, trains, recompute): &QloraRow, args: &Args) -> Result<Row> {
+    let before = tuneforge::memory::rss_bytes();
     let t = Instant::now();
     let device = args.device.open()?;
     let (mut model, what) = match base {
@@ -127,7 +128,10 @@ pub fn row(&(name, base, quantize, trains, recompute): &QloraRow, args: &Args) -
         eprintln!("{name}: {note}");
     }
     let mut row = match trains {
-        false => Row::new(name, load),
+        false => Row {
+            note: load_note(name, &model, before),
+            ..Row::new(name, load)
+        },
         true => {
             let lora = LoraConfig {
                 r: 16,
@@ -139,4 +143,23 @@ pub fn row(&(name, base, quantize, trains, recompute): &QloraRow, args: &Args) -
     };
     row.model = what;
     Ok(row)
+}
+
+/// What a load row's peak RSS holds: the process before the load (the
+/// program), and what the load added against the file's size.
+fn load_note(name: &str, model: &Model, before: Option<u64>) -> Option<String> {
+    let tuneforge::source::ModelFiles::Gguf(path) = &model.source.files else {
+        return None;
+    };
+    let file = std::fs::metadata(path).ok()?.len() as f64 / 1e6;
+    let (before, peak) = (
+        before? as f64 / 1e6,
+        tuneforge::memory::peak_rss_bytes()? as f64 / 1e6,
+    );
+    Some(format!(
+        "{name}: the process held {before:.1} MB before loading and peaked at {peak:.1} MB: \
+         the load added {:.1} MB, {:.2}x the {file:.1} MB file",
+        peak - before,
+        (peak - before) / file
+    ))
 }

@@ -3,7 +3,7 @@
 //! merges join symbols within a word. SmolLM, Llama 3, Qwen and Phi-4 use it;
 //! `tokenizer.ggml.pre` names the splitting regex.
 
-use super::Pipeline;
+use super::{BpeModel, Pipeline};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
@@ -64,15 +64,28 @@ pub fn pre_tokenizer(pre: &str) -> Result<(Value, bool)> {
 
 /// The `tokenizers` pipeline of a byte-level BPE with these merges (`"a b"`,
 /// by priority) and llama.cpp's pre-tokenizer `pre`.
-pub(super) fn pipeline(vocab: Value, merges: &[String], pre: &str) -> Result<Pipeline> {
+pub(super) fn pipeline(merges: &[String], pre: &str) -> Result<Pipeline> {
     let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
+    // Each merge is two tokens separated by one space, as `tokenizers` reads them.
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match m.split(' ').collect::<Vec<_>>()[..] {
+            [left, right] => Ok((left.to_string(), right.to_string())),
+            _ => bail!("merge {i} ('{m}') is not two tokens separated by a space"),
+        })
+        .collect::<Result<_>>()?;
     Ok(Pipeline {
         normalizer: Value::Null,
         pre_tokenizer,
         decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
-        model: json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}),
+        model: BpeModel {
+            merges,
+            unk_token: None,
+            fuse_unk: false,
+            byte_fallback: false,
+            ignore_merges,
+        },
     })
 }
 

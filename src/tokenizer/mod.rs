@@ -70,12 +70,57 @@ pub enum VocabKind<'a> {
     },
 }
 
-/// The stages of a `tokenizers` pipeline that differ between tokenizer models.
+/// The stages of a `tokenizers` pipeline that differ between tokenizer models
+/// (`tokenizers`' JSON for the small ones, `Null` for none).
 struct Pipeline {
     normalizer: Value,
     pre_tokenizer: Value,
     decoder: Value,
-    model: Value,
+    model: BpeModel,
+}
+
+/// A BPE model's merges and switches; its vocabulary is the tokens by id.
+/// Built directly rather than through `tokenizers`' JSON, whose text and
+/// values for 50,000 tokens would leave the heap fragmented around the
+/// tables kept (about 4 MB more resident for SmolLM2's vocabulary).
+struct BpeModel {
+    merges: Vec<(String, String)>,
+    unk_token: Option<String>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+}
+
+impl BpeModel {
+    /// The `tokenizers` BPE model of `tokens` (by id) with these merges.
+    fn build(self, tokens: &[String]) -> Result<tokenizers::models::bpe::BPE> {
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut builder = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(vocab, self.merges)
+            .fuse_unk(self.fuse_unk)
+            .byte_fallback(self.byte_fallback)
+            .ignore_merges(self.ignore_merges);
+        if let Some(unk) = self.unk_token {
+            builder = builder.unk_token(unk);
+        }
+        builder
+            .build()
+            .map_err(|e| anyhow!("building the BPE model from its vocabulary: {e}"))
+    }
+}
+
+/// A pipeline stage from `tokenizers`' JSON for it; `Null` is none.
+fn stage<T: serde::de::DeserializeOwned>(json: Value, what: &str) -> Result<Option<T>> {
+    match json {
+        Value::Null => Ok(None),
+        json => serde_json::from_value(json)
+            .map(Some)
+            .with_context(|| format!("building the tokenizer's {what}")),
+    }
 }
 
 /// A tokenizer with its special tokens and chat template.
@@ -228,38 +273,19 @@ impl Tokenizer {
     /// Builds a tokenizer from its vocabulary, as GGUF stores it.
     pub fn from_vocab(v: GgufVocab<'_>) -> Result<Self> {
         let tokens = v.tokens;
-        let vocab: serde_json::Map<String, Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let pipeline = match v.kind {
-            VocabKind::ByteLevel { merges, pre } => {
-                byte_level::pipeline(Value::Object(vocab), merges, pre)?
-            }
+            VocabKind::ByteLevel { merges, pre } => byte_level::pipeline(merges, pre)?,
             VocabKind::SentencePiece {
                 scores,
                 add_space_prefix,
             } => sentencepiece::pipeline(
-                Value::Object(vocab),
                 tokens,
                 scores,
                 name_of(v.unk_id).as_deref(),
                 add_space_prefix,
             )?,
         };
-        // Unknown, control and user-defined tokens are matched whole in text.
-        let added: Vec<Value> = tokens
-            .iter()
-            .zip(v.types)
-            .enumerate()
-            .filter(|(_, (_, &ty))| matches!(ty, UNKNOWN_TYPE | CONTROL_TYPE | USER_DEFINED_TYPE))
-            .map(|(i, (t, &ty))| {
-                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty != USER_DEFINED_TYPE})
-            })
-            .collect();
         let post_processor = match (v.add_bos, name_of(v.bos_id)) {
             (true, Some(bos)) => json!({"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -268,16 +294,41 @@ impl Tokenizer {
                 "special_tokens": {bos.clone(): {"id": bos, "ids": [v.bos_id], "tokens": [bos]}}}),
             _ => Value::Null,
         };
-        let spec = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added, "normalizer": pipeline.normalizer,
-            "pre_tokenizer": pipeline.pre_tokenizer, "post_processor": post_processor,
-            "decoder": pipeline.decoder, "model": pipeline.model,
-        });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| anyhow!("building the tokenizer from its vocabulary: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(pipeline.model.build(tokens)?);
+        inner
+            .with_normalizer(stage::<tokenizers::NormalizerWrapper>(
+                pipeline.normalizer,
+                "normalizer",
+            )?)
+            .map_err(|e| anyhow!("setting the tokenizer's normalizer: {e}"))?;
+        inner
+            .with_pre_tokenizer(stage::<tokenizers::PreTokenizerWrapper>(
+                pipeline.pre_tokenizer,
+                "pre-tokenizer",
+            )?)
+            .with_decoder(stage::<tokenizers::DecoderWrapper>(
+                pipeline.decoder,
+                "decoder",
+            )?)
+            .with_post_processor(stage::<tokenizers::PostProcessorWrapper>(
+                post_processor,
+                "post-processor",
+            )?);
+        // Unknown, control and user-defined tokens are matched whole in text.
+        let added = tokens
+            .iter()
+            .zip(v.types)
+            .filter(|(_, &ty)| matches!(ty, UNKNOWN_TYPE | CONTROL_TYPE | USER_DEFINED_TYPE))
+            .map(|(t, &ty)| {
+                tokenizers::AddedToken::from(t.clone(), ty != USER_DEFINED_TYPE)
+                    .single_word(false)
+                    .lstrip(false)
+                    .rstrip(false)
+                    .normalized(false)
+            });
+        inner
+            .add_tokens(added)
+            .map_err(|e| anyhow!("adding the special tokens: {e}"))?;
         let eos_ids: Vec<u32> = v.eos_id.into_iter().collect();
         Self::assemble(
             inner,

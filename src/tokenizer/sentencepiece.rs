@@ -7,7 +7,7 @@
 //! other as transformers derives a fast tokenizer from a SentencePiece model:
 //! every token that splits into two tokens gives a merge, ranked by its score.
 
-use super::Pipeline;
+use super::{BpeModel, Pipeline};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -20,7 +20,6 @@ pub const BYTE_TYPE: i32 = 6;
 
 /// The `tokenizers` pipeline of a SentencePiece BPE vocabulary.
 pub(super) fn pipeline(
-    vocab: Value,
     tokens: &[String],
     scores: &[f32],
     unk: Option<&str>,
@@ -33,9 +32,9 @@ pub(super) fn pipeline(
             scores.len()
         );
     }
-    let merges: Vec<[&str; 2]> = merges_from_scores(tokens, scores)
+    let merges = merges_from_scores(tokens, scores)
         .into_iter()
-        .map(|(l, r)| [tokens[l].as_str(), tokens[r].as_str()])
+        .map(|(l, r)| (tokens[l].clone(), tokens[r].clone()))
         .collect();
     let mut decoder = vec![
         json!({"type": "Replace", "pattern": {"String": SPACE}, "content": " "}),
@@ -49,9 +48,13 @@ pub(super) fn pipeline(
         normalizer: normalizer(add_space_prefix),
         pre_tokenizer: Value::Null,
         decoder: json!({"type": "Sequence", "decoders": decoder}),
-        model: json!({"type": "BPE", "dropout": null, "unk_token": unk,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-            "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}),
+        model: BpeModel {
+            merges,
+            unk_token: unk.map(String::from),
+            fuse_unk: true,
+            byte_fallback: true,
+            ignore_merges: false,
+        },
     })
 }
 
