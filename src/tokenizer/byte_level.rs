@@ -124,4 +124,17 @@ mod tests {
         // Qwen2 splits every digit.
         assert_eq!(words("qwen2", "a 123"), ["a", " ", "1", "2", "3"]);
     }
+
+    /// A merge that is not two tokens separated by one space is refused,
+    /// naming its index.
+    #[test]
+    fn malformed_merges_are_refused_by_index() {
+        let merges = ["a b", "ab c d"].map(String::from);
+        let err = pipeline(&merges, "gpt-2")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("merge 1 ('ab c d')"), "{err}");
+        assert!(pipeline(&merges[..1], "gpt-2").is_ok());
+    }
 }
