@@ -42,16 +42,20 @@ impl CpuFeatures {
         (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
     }
 
-    /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
-    /// Q5_K and Q6_K blocks run on, where the CPU has one tuneforge has a
-    /// kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ). Elsewhere they
-    /// are dequantized to f32.
+    /// The instruction set the int8 kernel runs on, where the CPU has one
+    /// tuneforge has a kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ;
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks), else `AVX2`
+    /// (with FMA; the same but Q8_0). Elsewhere blocks are dequantized to f32.
     pub fn int8_kernel(&self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
         #[cfg(not(target_arch = "x86_64"))]
         let rest = false;
-        (self.avx512_vnni && self.avx512f && rest).then_some("AVX512_VNNI")
+        match (self.avx512_vnni && self.avx512f && rest, self.avx2_fma) {
+            (true, _) => Some("AVX512_VNNI"),
+            (false, true) => Some("AVX2"),
+            (false, false) => None,
+        }
     }
 
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
@@ -71,10 +75,42 @@ impl CpuFeatures {
     }
 }
 
-/// This CPU's features, detected on the first call.
+/// The environment variable that caps the instruction sets tuneforge's own
+/// kernels use: `avx2` (no AVX-512, no AMX) or `avx512` (no AMX), to run or
+/// measure the paths of a smaller CPU on a larger one. (candle and `gemm`
+/// pick their own.)
+pub const MAX_ISA_VAR: &str = "TUNEFORGE_MAX_ISA";
+
+/// This CPU's features, detected on the first call, capped by
+/// [`MAX_ISA_VAR`] where it is set.
 pub fn features() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(detect)
+    *FEATURES.get_or_init(|| {
+        let cap = std::env::var(MAX_ISA_VAR).ok();
+        capped(detect(), cap.as_deref()).unwrap_or_else(|e| {
+            eprintln!("warning: {e}; using every instruction set this CPU has");
+            detect()
+        })
+    })
+}
+
+/// `features` without what `max_isa` (`avx2`, `avx512`, or none) leaves out.
+fn capped(features: CpuFeatures, max_isa: Option<&str>) -> Result<CpuFeatures, String> {
+    let no_amx = CpuFeatures {
+        amx_bf16: false,
+        ..features
+    };
+    match max_isa.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(features),
+        Some("avx512") => Ok(no_amx),
+        Some("avx2") => Ok(CpuFeatures {
+            avx512f: false,
+            avx512_bf16: false,
+            avx512_vnni: false,
+            ..no_amx
+        }),
+        Some(other) => Err(format!("{MAX_ISA_VAR}={other} is not one of avx2, avx512")),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -127,12 +163,34 @@ mod tests {
             return;
         };
         let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
-        let f = features();
+        let f = detect();
         assert_eq!(f.avx2_fma, has("avx2") && has("fma"), "{flags}");
         assert_eq!(f.avx512f, has("avx512f"));
         assert_eq!(f.avx512_bf16, has("avx512_bf16"));
         assert_eq!(f.amx_bf16, has("amx_bf16") && has("amx_tile"));
         assert_eq!(f.avx512_vnni, has("avx512_vnni"));
         assert!(!f.describe().is_empty());
+    }
+
+    /// `TUNEFORGE_MAX_ISA` leaves out what it caps, and nothing else; an
+    /// unknown value is refused with the known ones.
+    #[test]
+    fn the_cap_leaves_out_the_larger_instruction_sets() {
+        let all = CpuFeatures {
+            avx2_fma: true,
+            avx512f: true,
+            avx512_bf16: true,
+            amx_bf16: true,
+            avx512_vnni: true,
+        };
+        assert_eq!(capped(all, None), Ok(all));
+        let avx2 = capped(all, Some("AVX2")).unwrap();
+        assert_eq!(avx2.describe(), "AVX2+FMA");
+        assert_eq!(avx2.int8_kernel(), Some("AVX2"));
+        assert_eq!(avx2.bf16_kernel(), None);
+        let avx512 = capped(all, Some("avx512")).unwrap();
+        assert!(!avx512.amx_bf16 && avx512.avx512_vnni && avx512.avx512_bf16);
+        let err = capped(all, Some("sse2")).unwrap_err();
+        assert!(err.contains("avx2, avx512"), "{err}");
     }
 }

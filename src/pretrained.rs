@@ -237,7 +237,7 @@ impl Model {
 
     /// Generates from many prompts (token ids), `batch` sequences at a time,
     /// with the prefix they share prefilled once: the answers of
-    /// [`generate`](crate::generate::generate) on each, much faster
+    /// [`crate::generate::generate`] on each, much faster
     /// ([`crate::generate::batched`]). A `batch` of 1 decodes one prompt at a
     /// time, without prefix sharing, as [`Model::chat`] does.
     ///

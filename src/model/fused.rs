@@ -6,7 +6,7 @@
 //! op, and calls libm's scalar `expf` once per element: together about a sixth
 //! of a SmolLM2 step on 2 cores. Here each is one pass, written as plain loops
 //! that the compiler vectorises for the instructions the CPU has (AVX2+FMA or
-//! AVX-512, chosen at run time), with an [`exp`] that vectorises too.
+//! AVX-512, chosen at run time), with an `exp` that vectorises too.
 //!
 //! Each function returns `None` where it does not apply (another device or
 //! dtype, or a strided input), and its caller in [`super::ops`] runs candle's

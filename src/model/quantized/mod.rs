@@ -9,7 +9,7 @@
 //! arithmetic, so its result is the dequantized weight's f32 product: the
 //! forward `x Wᵀ` and the input gradient `dy W` read the same blocks, and the
 //! weight gets no gradient.
-//! - A few rows of `x` (decoding): the [`super::gemv`] kernel, each task
+//! - A few rows of `x` (decoding): the `gemv` kernel, each task
 //!   dequantizing its block of weight rows into a scratch buffer and reading
 //!   it against every row of `x`, bit for bit the dense kernel's arithmetic.
 //! - Many rows (training, prefill, the loss's logits) and the input gradient:
@@ -45,8 +45,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use tiled::TiledProduct;
 
-/// The block formats the int8 kernel reads, on CPUs with AVX512_VNNI
-/// ([`QuantizedWeight::uses_int8_kernel`]); others take f32 products.
+/// The block formats the int8 kernel reads on CPUs with AVX512_VNNI; with
+/// AVX2 only, all but Q8_0 ([`int8_kernel_reads`]). Others take f32
+/// products.
 pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
@@ -57,6 +58,15 @@ pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q5K,
     GgmlDType::Q6K,
 ];
+
+/// Whether this CPU's int8 kernel ([`crate::cpu::CpuFeatures::int8_kernel`])
+/// reads `format`'s blocks.
+pub fn int8_kernel_reads(format: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8_dot::reads(format);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
 
 /// A frozen `[out, in]` weight in a GGML block format or bf16; products run
 /// in `dtype`.
@@ -138,16 +148,10 @@ impl QuantizedWeight {
     }
 
     /// Whether its forward products with many rows run on the int8 kernel:
-    /// Q8_0, Q4_0 or Q4_1 blocks on a CPU with AVX512_VNNI, low-precision
-    /// kernels on ([`Self::set_low_precision_kernels`]).
+    /// blocks the CPU's kernel reads ([`int8_kernel_reads`]), on the CPU,
+    /// low-precision kernels on ([`Self::set_low_precision_kernels`]).
     pub fn uses_int8_kernel(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return self.low_precision_kernels
-            && self.device().is_cpu()
-            && int8_dot::reads(self.format())
-            && int8_dot::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        return false;
+        self.low_precision_kernels && self.device().is_cpu() && int8_kernel_reads(self.format())
     }
 
     /// The block format.
@@ -397,8 +401,7 @@ mod tests {
             for (n, m) in [(3, 1), (37, 5), (70, 65), (17, 130)] {
                 let mut w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
                 let int8 = w.uses_int8_kernel();
-                // Every format of the list has the kernel where the CPU does.
-                assert_eq!(int8, crate::cpu::features().int8_kernel().is_some());
+                assert_eq!(int8, int8_kernel_reads(format));
                 // Normal rows: a block's largest value is about 2.5, its
                 // step 2.5/127, each value off by up to half of it (standard
                 // deviation step/√12); the errors add up as a random walk:
