@@ -42,20 +42,16 @@ impl CpuFeatures {
         (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
     }
 
-    /// The instruction set the int8 kernel runs on, where the CPU has one
-    /// tuneforge has a kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ;
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks), else `AVX2`
-    /// (with FMA; the same but Q8_0). Elsewhere blocks are dequantized to f32.
+    /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+    /// Q5_K and Q6_K blocks run on, where the CPU has one tuneforge has a
+    /// kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ). Elsewhere they
+    /// are dequantized to f32.
     pub fn int8_kernel(&self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
         #[cfg(not(target_arch = "x86_64"))]
         let rest = false;
-        match (self.avx512_vnni && self.avx512f && rest, self.avx2_fma) {
-            (true, _) => Some("AVX512_VNNI"),
-            (false, true) => Some("AVX2"),
-            (false, false) => None,
-        }
+        (self.avx512_vnni && self.avx512f && rest).then_some("AVX512_VNNI")
     }
 
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
@@ -186,8 +182,7 @@ mod tests {
         assert_eq!(capped(all, None), Ok(all));
         let avx2 = capped(all, Some("AVX2")).unwrap();
         assert_eq!(avx2.describe(), "AVX2+FMA");
-        assert_eq!(avx2.int8_kernel(), Some("AVX2"));
-        assert_eq!(avx2.bf16_kernel(), None);
+        assert_eq!((avx2.int8_kernel(), avx2.bf16_kernel()), (None, None));
         let avx512 = capped(all, Some("avx512")).unwrap();
         assert!(!avx512.amx_bf16 && avx512.avx512_vnni && avx512.avx512_bf16);
         let err = capped(all, Some("sse2")).unwrap_err();

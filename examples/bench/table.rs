@@ -2,8 +2,6 @@
 //! each row's speed, memory and share of the peak for its precision.
 
 use tuneforge::memory;
-use tuneforge::model::quantized::{int8_kernel_reads, INT8_KERNEL_FORMATS};
-use tuneforge::quantize::format_name;
 
 /// One measured configuration, as a row's process reports it to the bench.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -81,16 +79,11 @@ pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Opt
         ),
     }
     if let (true, Some(kernel)) = (qlora, features.int8_kernel()) {
-        let formats: Vec<String> = INT8_KERNEL_FORMATS
-            .into_iter()
-            .filter(|&f| int8_kernel_reads(f))
-            .map(format_name)
-            .collect();
         println!(
-            "(rows with a quantized base multiply {} blocks forward with {kernel} int8 \
-             dot products, the activations rounded to 8-bit groups; their share is of \
-             the f32 FMA peak)\n",
-            formats.join(", ")
+            "(rows with a quantized base multiply Q8_0, Q4_x, Q5_x, Q4_K, Q5_K and Q6_K \
+             blocks forward with {kernel} int8 dot products, the activations rounded to \
+             8-bit groups; \
+             their share is of the f32 FMA peak)\n"
         );
     }
     let gpu = rows.iter().any(|r| r.peak_gpu_mb.is_some());

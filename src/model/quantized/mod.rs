@@ -45,9 +45,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use tiled::TiledProduct;
 
-/// The block formats the int8 kernel reads on CPUs with AVX512_VNNI; with
-/// AVX2 only, all but Q8_0 ([`int8_kernel_reads`]). Others take f32
-/// products.
+/// The block formats the int8 kernel reads, on CPUs with AVX512_VNNI
+/// ([`QuantizedWeight::uses_int8_kernel`]); others take f32 products.
 pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
@@ -58,15 +57,6 @@ pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q5K,
     GgmlDType::Q6K,
 ];
-
-/// Whether this CPU's int8 kernel ([`crate::cpu::CpuFeatures::int8_kernel`])
-/// reads `format`'s blocks.
-pub fn int8_kernel_reads(format: GgmlDType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return int8_dot::reads(format);
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
-}
 
 /// A frozen `[out, in]` weight in a GGML block format or bf16; products run
 /// in `dtype`.
@@ -148,10 +138,16 @@ impl QuantizedWeight {
     }
 
     /// Whether its forward products with many rows run on the int8 kernel:
-    /// blocks the CPU's kernel reads ([`int8_kernel_reads`]), on the CPU,
-    /// low-precision kernels on ([`Self::set_low_precision_kernels`]).
+    /// Q8_0, Q4_0 or Q4_1 blocks on a CPU with AVX512_VNNI, low-precision
+    /// kernels on ([`Self::set_low_precision_kernels`]).
     pub fn uses_int8_kernel(&self) -> bool {
-        self.low_precision_kernels && self.device().is_cpu() && int8_kernel_reads(self.format())
+        #[cfg(target_arch = "x86_64")]
+        return self.low_precision_kernels
+            && self.device().is_cpu()
+            && int8_dot::reads(self.format())
+            && int8_dot::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
     }
 
     /// The block format.
@@ -401,7 +397,8 @@ mod tests {
             for (n, m) in [(3, 1), (37, 5), (70, 65), (17, 130)] {
                 let mut w = QuantizedWeight::quantize(&randn(&[n, k], 1), format).unwrap();
                 let int8 = w.uses_int8_kernel();
-                assert_eq!(int8, int8_kernel_reads(format));
+                // Every format of the list has the kernel where the CPU does.
+                assert_eq!(int8, crate::cpu::features().int8_kernel().is_some());
                 // Normal rows: a block's largest value is about 2.5, its
                 // step 2.5/127, each value off by up to half of it (standard
                 // deviation step/√12); the errors add up as a random walk:

@@ -3,9 +3,8 @@
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
 //! whole weight is ever made. A bf16 weight on a CPU with AVX512_BF16 goes
 //! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
-//! of the blocks it reads (Q4_x, Q5_x, Q4_K, Q5_K, Q6_K, and Q8_0 on
-//! AVX512_VNNI) on a CPU with AVX512_VNNI or AVX2 to the int8 kernel
-//! ([`super::int8_dot`]).
+//! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q4_K, Q5_K, Q6_K) on a CPU with
+//! AVX512_VNNI to the int8 kernel ([`super::int8_dot`]).
 
 use super::super::add_matmul::parallelism;
 use super::super::gemv;
@@ -67,6 +66,7 @@ impl CustomOp1 for TiledProduct<'_> {
         if self.low_precision_kernels
             && !self.input_gradient
             && super::int8_dot::reads(self.rows.format)
+            && super::int8_dot::available()
         {
             let w = super::int8_dot::Int8Weight { rows: self.rows, n };
             super::int8_dot::product(x, m, w, &mut out);

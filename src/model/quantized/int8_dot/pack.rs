@@ -1,10 +1,9 @@
 //! Unpacking a block of the weight into micro-panels laid out as the
-//! micro-kernels read them. A panel holds `nr` columns (the weight's rows:
-//! 32 for AVX512_VNNI, 16 for AVX2) over a run of groups of `G` values (32,
-//! or 16 for Q6_K); per group:
-//! - `G / 4` runs of 4 values: for each, `nr` columns × 4 unsigned bytes,
-//!   the two registers one `vpdpbusd` step (or two `vpmaddubsw`) reads
-//!   (column `c`'s 4 values in lane `c`);
+//! micro-kernel reads them. A panel holds [`NR`] columns (the weight's rows)
+//! over a run of groups of `G` values (32, or 16 for Q6_K); per group:
+//! - `G / 4` runs of 4 values: for each, `NR` columns × 4 unsigned bytes,
+//!   the two registers one `vpdpbusd` step reads (column `c`'s 4 values in
+//!   lane `c`);
 //! - the `NR` columns' scales `d`, f32;
 //! - their offsets `min` (Q4_1, Q5_1 and the K formats' sub-blocks with a
 //!   min; zero for the others), f32.
@@ -12,23 +11,23 @@
 //! Columns past the weight's edge are zeros (scale 0).
 
 use super::super::blocks::Rows;
+use super::NR;
 use candle_core::quantized::GgmlDType;
 use std::ops::Range;
 
-/// Bytes of one group of `group` values of a panel `nr` columns wide:
-/// values, scales, offsets.
-pub(super) const fn group_panel_bytes(group: usize, nr: usize) -> usize {
-    group * nr + 2 * 4 * nr
+/// Bytes of one group of `G` values of a panel: values, scales, offsets.
+pub(super) const fn group_panel_bytes(group: usize) -> usize {
+    group * NR + 2 * 4 * NR
 }
 
 /// Where a group's scales start in its panel bytes.
-pub(super) const fn scales_at(group: usize, nr: usize) -> usize {
-    group * nr
+pub(super) const fn scales_at(group: usize) -> usize {
+    group * NR
 }
 
 /// Where a group's offsets start in its panel bytes.
-pub(super) const fn mins_at(group: usize, nr: usize) -> usize {
-    group * nr + 4 * nr
+pub(super) const fn mins_at(group: usize) -> usize {
+    group * NR + 4 * NR
 }
 
 /// The values per scale of `format`'s blocks, as the kernel reads them.
@@ -151,29 +150,27 @@ fn unpack(format: GgmlDType, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
 }
 
 /// Packs groups `groups` (of `G` values) of the weight's rows `cols` into
-/// `out`, one panel of `nr` columns after another (the last padded with
+/// `out`, one panel of [`NR`] columns after another (the last padded with
 /// zero columns).
 pub(super) fn pack<const G: usize>(
     rows: Rows,
     cols: Range<usize>,
     groups: Range<usize>,
-    nr: usize,
     out: &mut Vec<u8>,
 ) {
-    let group_bytes = group_panel_bytes(G, nr);
-    let (scales, mins) = (scales_at(G, nr), mins_at(G, nr));
+    let (group_bytes, scales, mins) = (group_panel_bytes(G), scales_at(G), mins_at(G));
     let panel_bytes = groups.len() * group_bytes;
     out.clear();
-    out.resize(cols.len().div_ceil(nr) * panel_bytes, 0);
+    out.resize(cols.len().div_ceil(NR) * panel_bytes, 0);
     let mut u = [0u8; G];
     for (j, panel) in out.chunks_exact_mut(panel_bytes).enumerate() {
-        for c in 0..nr.min(cols.len() - j * nr) {
-            let row = cols.start + j * nr + c;
+        for c in 0..NR.min(cols.len() - j * NR) {
+            let row = cols.start + j * NR + c;
             let stored = &rows.bytes[row * rows.row_bytes..(row + 1) * rows.row_bytes];
             for (g, dst) in groups.clone().zip(panel.chunks_exact_mut(group_bytes)) {
                 let (d, min) = unpack(rows.format, stored, g, &mut u);
                 for (run, four) in u.chunks_exact(4).enumerate() {
-                    dst[run * 4 * nr + 4 * c..][..4].copy_from_slice(four);
+                    dst[run * 4 * NR + 4 * c..][..4].copy_from_slice(four);
                 }
                 dst[scales + 4 * c..][..4].copy_from_slice(&d.to_le_bytes());
                 dst[mins + 4 * c..][..4].copy_from_slice(&min.to_le_bytes());

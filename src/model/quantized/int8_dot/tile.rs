@@ -1,12 +1,17 @@
-//! One micro-tile of the product: up to `MR` quantized rows against one
-//! packed micro-panel of `NR` columns (both the instruction set's), into
-//! (or added to) the output. The micro-kernels (`vnni.rs`, `avx2.rs`) run
-//! it: per group of `G` values (32, or 16), each row's integer sums start at
-//! `−z · Σ q` and add the products of the group's `G / 4` runs of 4 values;
-//! they are then scaled (`s · d`) into the f32 tile, with the offsets'
-//! `min · s · Σ q` added (formats with a min).
+//! The micro-kernel: up to [`MR`](super::MR) quantized rows against one
+//! packed micro-panel of [`NR`] columns. Per group of `G` values (32, or
+//! 16), each row's integer sums start at `−z · Σ q` and take `G / 4`
+//! `vpdpbusd` steps (4 values each) per register; they are then scaled
+//! (`s · d`) into the f32 tile, with the offsets' `min · s · Σ q` added
+//! (formats with a min). The `MR × NR` tile and its integer sums stay in
+//! registers.
 
-/// A micro-tile's inputs and output.
+use super::super::simd::store_tile;
+use super::pack::{group_panel_bytes, mins_at, scales_at};
+use super::NR;
+
+/// One micro-tile: up to [`MR`](super::MR) quantized rows against one
+/// packed micro-panel, into (or added to) `out`.
 pub(super) struct Tile<'a> {
     /// The tile's first row's rounded values, from the panel's first group on.
     pub(super) values: &'a [i8],
@@ -25,37 +30,97 @@ pub(super) struct Tile<'a> {
     /// The tile's first output row, from its first column on.
     pub(super) out: &'a mut [f32],
     pub(super) out_stride: usize,
-    /// Valid columns (at most the panel's `NR`).
+    /// Valid columns (at most [`NR`]).
     pub(super) width: usize,
     /// Add to `out` rather than overwrite it.
     pub(super) accumulate: bool,
 }
 
 impl Tile<'_> {
-    /// Checks that `rows` rows of groups of `group` values, on a panel of
-    /// `group_bytes` per group, are inside the tile's slices: the bounds the
-    /// micro-kernels' unchecked reads and writes rely on.
-    pub(super) fn check_bounds(&self, rows: usize, group_bytes: usize, group: usize) {
+    /// Runs the tile's first `rows` rows (1 to [`MR`](super::MR)) on a
+    /// panel of groups of `G` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+    pub(super) unsafe fn run<const G: usize>(self, rows: usize) {
         let (last_values, last_scales) = (
             (rows - 1) * self.values_stride,
             (rows - 1) * self.scales_stride,
         );
-        assert!(self.panel.len() >= self.depth * group_bytes);
-        assert!(self.values.len() >= last_values + self.depth * group);
+        assert!(self.panel.len() >= self.depth * group_panel_bytes(G));
+        assert!(self.values.len() >= last_values + self.depth * G);
         for per_group in [self.scales.len(), self.starts.len(), self.scaled_sums.len()] {
             assert!(per_group >= last_scales + self.depth);
         }
         assert!(self.out.len() >= (rows - 1) * self.out_stride + self.width);
-    }
-
-    /// Writes (or adds) a finished tile's rows, their first `width` values.
-    pub(super) fn write<const N: usize>(self, tile: &[[f32; N]]) {
-        for (i, row) in tile.iter().enumerate() {
-            let out = &mut self.out[i * self.out_stride..][..self.width];
-            match self.accumulate {
-                true => out.iter_mut().zip(row).for_each(|(o, v)| *o += v),
-                false => out.copy_from_slice(&row[..self.width]),
+        // SAFETY: bounds asserted above; the CPU has the features.
+        unsafe {
+            match rows {
+                6 => self.rows_of::<6, G>(),
+                5 => self.rows_of::<5, G>(),
+                4 => self.rows_of::<4, G>(),
+                3 => self.rows_of::<3, G>(),
+                2 => self.rows_of::<2, G>(),
+                _ => self.rows_of::<1, G>(),
             }
         }
+    }
+
+    /// # Safety
+    /// The CPU has AVX512_VNNI, F, BW and DQ, and `run`'s bounds hold for
+    /// `R` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn rows_of<const R: usize, const G: usize>(self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (q, panel) = (self.values.as_ptr(), self.panel.as_ptr());
+        let per_group = |v: *const f32, i: usize, b: usize| {
+            // SAFETY: inside the bounds `run` asserted.
+            unsafe { _mm512_set1_ps(*v.add(i * self.scales_stride + b)) }
+        };
+        for b in 0..self.depth {
+            // SAFETY (this block and the stores below): every offset is
+            // inside the bounds `run` asserted.
+            unsafe {
+                let w = panel.add(b * group_panel_bytes(G));
+                let mut sums = [[_mm512_setzero_si512(); 2]; R];
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let start = *self.starts.as_ptr().add(i * self.scales_stride + b);
+                    *s = [_mm512_set1_epi32(start); 2];
+                }
+                for g in 0..G / 4 {
+                    let w0 = _mm512_loadu_si512(w.add(g * 4 * NR).cast());
+                    let w1 = _mm512_loadu_si512(w.add(g * 4 * NR + 64).cast());
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        let four = q
+                            .add(i * self.values_stride + b * G + 4 * g)
+                            .cast::<i32>()
+                            .read_unaligned();
+                        let xv = _mm512_set1_epi32(four);
+                        s[0] = _mm512_dpbusd_epi32(s[0], w0, xv);
+                        s[1] = _mm512_dpbusd_epi32(s[1], w1, xv);
+                    }
+                }
+                let d0 = _mm512_loadu_ps(w.add(scales_at(G)).cast());
+                let d1 = _mm512_loadu_ps(w.add(scales_at(G) + 64).cast());
+                for (i, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
+                    let scale = per_group(self.scales.as_ptr(), i, b);
+                    a[0] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(d0, scale), a[0]);
+                    a[1] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]), _mm512_mul_ps(d1, scale), a[1]);
+                }
+                if self.with_min {
+                    let m0 = _mm512_loadu_ps(w.add(mins_at(G)).cast());
+                    let m1 = _mm512_loadu_ps(w.add(mins_at(G) + 64).cast());
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let sum = per_group(self.scaled_sums.as_ptr(), i, b);
+                        a[0] = _mm512_fmadd_ps(m0, sum, a[0]);
+                        a[1] = _mm512_fmadd_ps(m1, sum, a[1]);
+                    }
+                }
+            }
+        }
+        // SAFETY: `run` asserted that `out` holds the tile's rows.
+        unsafe { store_tile(&acc, self.out, self.out_stride, self.width, self.accumulate) };
     }
 }
