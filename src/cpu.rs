@@ -42,8 +42,8 @@ impl CpuFeatures {
         (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
     }
 
-    /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
-    /// Q5_K and Q6_K blocks run on, where the CPU has one tuneforge has a
+    /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
+    /// Q2_K to Q6_K blocks run on, where the CPU has one tuneforge has a
     /// kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ). Elsewhere they
     /// are dequantized to f32.
     pub fn int8_kernel(&self) -> Option<&'static str> {

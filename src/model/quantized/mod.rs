@@ -47,12 +47,14 @@ use tiled::TiledProduct;
 
 /// The block formats the int8 kernel reads, on CPUs with AVX512_VNNI
 /// ([`QuantizedWeight::uses_int8_kernel`]); others take f32 products.
-pub const INT8_KERNEL_FORMATS: [GgmlDType; 8] = [
+pub const INT8_KERNEL_FORMATS: [GgmlDType; 10] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
@@ -129,7 +131,7 @@ impl QuantizedWeight {
     /// Whether many-row products use the CPU's low-precision kernels where
     /// it has them (the default): the bf16 kernel for a bf16 weight (the
     /// other side rounded to bf16), the int8 kernel for Q8_0, Q4_0, Q4_1,
-    /// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks (the activations rounded to
+    /// Q5_0, Q5_1 and Q2_K to Q6_K blocks (the activations rounded to
     /// 8-bit groups, as llama.cpp does).
     /// With `false`, the weight is widened to f32 and multiplied exactly, as
     /// on other CPUs.
@@ -368,7 +370,7 @@ mod tests {
     use crate::testing::{max_abs_diff, randn};
 
     /// Every format with a kernel of its own.
-    const FORMATS: [GgmlDType; 8] = INT8_KERNEL_FORMATS;
+    const FORMATS: [GgmlDType; 10] = INT8_KERNEL_FORMATS;
 
     /// Checks `w`'s forward on `m` random rows and its input gradient
     /// against its dequantized f32 copy's, within `tol` and `dx_tol`.
@@ -525,6 +527,8 @@ mod tests {
             GgmlDType::Q8_0 => 0.01,
             GgmlDType::Q6K => 0.03,
             GgmlDType::Q5K => 0.06,
+            GgmlDType::Q3K => 0.2,
+            GgmlDType::Q2K => 0.3,
             _ => 0.15,
         };
         for format in FORMATS {

@@ -3,7 +3,7 @@
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
 //! whole weight is ever made. A bf16 weight on a CPU with AVX512_BF16 goes
 //! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
-//! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q4_K, Q5_K, Q6_K) on a CPU with
+//! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q2_K to Q6_K) on a CPU with
 //! AVX512_VNNI to the int8 kernel ([`super::int8_dot`]).
 
 use super::super::add_matmul::parallelism;

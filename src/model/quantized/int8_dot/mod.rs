@@ -1,22 +1,22 @@
-//! Products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights
+//! Products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K weights
 //! on AVX512_VNNI: `vpdpbusd` sums four u8 × i8 products into each of 16 i32
 //! lanes per instruction, 64 multiply-adds where an f32 FMA does 16.
 //!
 //! As llama.cpp does for these formats, the f32 rows on the other side
 //! (the activations) are quantized to 8 bits per group of values that
-//! share a weight scale (32, or 16 for Q6_K): a group's scale is its
-//! largest magnitude over 127, and each value is rounded to the nearest
-//! multiple of it (ties to even). The weight's own blocks are used as
-//! stored. So the result is the exact product of the stored weight with
-//! the rows rounded to 8-bit groups: every integer sum of a group is exact,
-//! and the groups' sums are scaled and added in f32.
+//! share a weight scale (32, or 16 for Q2_K, Q3_K and Q6_K): a group's
+//! scale is its largest magnitude over 127, and each value is rounded to
+//! the nearest multiple of it (ties to even). The weight's own blocks are
+//! used as stored. So the result is the exact product of the stored weight
+//! with the rows rounded to 8-bit groups: every integer sum of a group is
+//! exact, and the groups' sums are scaled and added in f32.
 //!
 //! Every format is read as `W = d · (u − z) + min` per group: `u` the
-//! stored unsigned value (4, 5 or 6 bits, or a Q8_0 byte plus 128), `z` the
-//! format's zero point (8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 128 for Q8_0,
-//! else 0), `min` the offset of Q4_1, Q5_1 and of Q4_K's and Q5_K's
-//! sub-blocks (0 for the others); a K format sub-block's `d` is its
-//! super-block's scale times its own. A group of a row `x̂ = s · q` then
+//! stored unsigned value (2 to 6 bits, or a Q8_0 byte plus 128), `z` the
+//! format's zero point (4 for Q3_K, 8 for Q4_0, 16 for Q5_0, 32 for Q6_K,
+//! 128 for Q8_0, else 0), `min` the offset of Q4_1, Q5_1 and of Q2_K's,
+//! Q4_K's and Q5_K's sub-blocks (0 for the others); a K format sub-block's
+//! `d` is its super-block's scale times its own. A group of a row `x̂ = s · q` then
 //! contributes `s · (d · (Σ u·q − z·Σ q) + min · Σ q)`: the rows carry
 //! `−z·Σ q` (the integer sums' starting value) and `s·Σ q` per group beside
 //! their scale.
@@ -69,6 +69,7 @@ fn zero_point(format: GgmlDType) -> i32 {
         GgmlDType::Q6K => 32,
         GgmlDType::Q5_0 => 16,
         GgmlDType::Q4_0 => 8,
+        GgmlDType::Q3K => 4,
         _ => 0,
     }
 }
@@ -204,7 +205,7 @@ fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
     let (n, k) = (w.n, w.rows.k);
     let (groups, depth_groups) = (k / G, DEPTH / G);
     let rows = QuantizedRows::new::<G>(x, m, k, zero_point(w.rows.format));
-    let with_min = matches!(w.rows.format, Q4_1 | Q5_1 | Q4K | Q5K);
+    let with_min = matches!(w.rows.format, Q4_1 | Q5_1 | Q2K | Q4K | Q5K);
     let mut packed = Vec::new();
     for col in (0..n).step_by(COLUMN_BLOCK) {
         let cols = COLUMN_BLOCK.min(n - col);

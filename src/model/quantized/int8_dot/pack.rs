@@ -1,12 +1,13 @@
 //! Unpacking a block of the weight into micro-panels laid out as the
 //! micro-kernel reads them. A panel holds [`NR`] columns (the weight's rows)
-//! over a run of groups of `G` values (32, or 16 for Q6_K); per group:
+//! over a run of groups of `G` values (32, or 16 for Q2_K, Q3_K and Q6_K);
+//! per group:
 //! - `G / 4` runs of 4 values: for each, `NR` columns × 4 unsigned bytes,
 //!   the two registers one `vpdpbusd` step reads (column `c`'s 4 values in
 //!   lane `c`);
 //! - the `NR` columns' scales `d`, f32;
 //! - their offsets `min` (Q4_1, Q5_1 and the K formats' sub-blocks with a
-//!   min; zero for the others), f32.
+//!   min: Q2_K, Q4_K, Q5_K; zero for the others), f32.
 //!
 //! Columns past the weight's edge are zeros (scale 0).
 
@@ -33,7 +34,7 @@ pub(super) const fn mins_at(group: usize) -> usize {
 /// The values per scale of `format`'s blocks, as the kernel reads them.
 pub(super) fn group_size(format: GgmlDType) -> usize {
     match format {
-        GgmlDType::Q6K => 16,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q6K => 16,
         _ => 32,
     }
 }
@@ -57,6 +58,16 @@ fn scale_min_k4(scales: &[u8], j: usize) -> (f32, f32) {
     (scale as f32, min as f32)
 }
 
+/// Q3_K's 6-bit scale of sub-block `j` of 16, stored +32, from the 12 bytes
+/// that pack them: the low 4 bits of scales 0-7 in the nibbles of bytes
+/// 0-7 (low nibbles first), of scales 8-15 in their high nibbles; the high 2
+/// bits in bytes 8-11, two bits per scale (llama.cpp's `kmask` unpacking).
+fn q3k_scale(scales: &[u8], j: usize) -> i32 {
+    let low = (scales[j % 8] >> (4 * (j / 8))) & 15;
+    let high = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+    (low | (high << 4)) as i32
+}
+
 /// Group `g` of a stored row: its unsigned values `u` written to `u`
 /// (`group_size(format)` of them); returns the scale `d` and offset `min`
 /// with which value `l` is `d · (u_l − z) + min`.
@@ -66,6 +77,8 @@ fn unpack(format: GgmlDType, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
         GgmlDType::Q4K => (144, 8),
         GgmlDType::Q5K => (176, 8),
         GgmlDType::Q6K => (210, 16),
+        GgmlDType::Q2K => (84, 16),
+        GgmlDType::Q3K => (110, 16),
         other => (other.type_size(), 1),
     };
     let (block, j) = (&row[g / per_block * size..][..size], g % per_block);
@@ -144,6 +157,33 @@ fn unpack(format: GgmlDType, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
                 *u = low | (((qh[32 * h + l] >> (2 * t)) & 3) << 4);
             }
             (f16(208) * block[192 + j] as i8 as f32, 0.0)
+        }
+        // 16 bytes of 4-bit scales (low nibble) and mins (high nibble), one
+        // pair per 16 values, 64 bytes of 2-bit values, d and dmin (f16).
+        // Value `v` of each 128 (half `h`) is in run `t = v / 32` at `l = v %
+        // 32`: its bits at `2t` of `qs[32h + l]`.
+        GgmlDType::Q2K => {
+            let (h, t, first) = (j / 8, (j % 8) / 2, 16 * (j % 2));
+            let qs = &block[16 + 32 * h + first..][..16];
+            for (u, &q) in u.iter_mut().zip(qs) {
+                *u = (q >> (2 * t)) & 3;
+            }
+            let sc = block[j];
+            (f16(80) * (sc & 15) as f32, -f16(82) * (sc >> 4) as f32)
+        }
+        // 32 bytes of high bits, 64 bytes of 2-bit values, 12 bytes of
+        // sixteen 6-bit scales (stored +32), d (f16); zero point 4. Value `v`
+        // of each 128 (half `h`) is in run `t = v / 32` at `l = v % 32`: its
+        // low bits at `2t` of `qs[32h + l]`, its high bit at bit `4h + t` of
+        // `hmask[l]`.
+        GgmlDType::Q3K => {
+            let (h, t, first) = (j / 8, (j % 8) / 2, 16 * (j % 2));
+            let (hmask, qs) = (&block[first..][..16], &block[32 + 32 * h + first..][..16]);
+            for (i, u) in u.iter_mut().enumerate() {
+                let high = (hmask[i] >> (4 * h + t)) & 1;
+                *u = ((qs[i] >> (2 * t)) & 3) | (high << 2);
+            }
+            (f16(108) * (q3k_scale(&block[96..108], j) - 32) as f32, 0.0)
         }
         other => unreachable!("no int8 kernel for {other:?}"),
     }
