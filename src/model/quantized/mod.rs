@@ -369,8 +369,7 @@ mod tests {
     use super::*;
     use crate::testing::{max_abs_diff, randn};
 
-    /// Every format with a kernel of its own.
-    const FORMATS: [GgmlDType; 10] = INT8_KERNEL_FORMATS;
+    use super::INT8_KERNEL_FORMATS as FORMATS;
 
     /// Checks `w`'s forward on `m` random rows and its input gradient
     /// against its dequantized f32 copy's, within `tol` and `dx_tol`.

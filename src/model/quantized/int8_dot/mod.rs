@@ -36,7 +36,7 @@ mod tile;
 use super::blocks::Rows;
 use super::simd::split_rows;
 use candle_core::quantized::GgmlDType;
-use pack::{group_panel_bytes, group_size, pack};
+use pack::{group_panel_bytes, group_size, has_min, pack, zero_point};
 use tile::Tile;
 
 /// Rows of a micro-tile.
@@ -60,18 +60,6 @@ pub(super) fn available() -> bool {
 /// Whether the kernel reads `format`'s blocks.
 pub(super) fn reads(format: GgmlDType) -> bool {
     super::INT8_KERNEL_FORMATS.contains(&format)
-}
-
-/// The zero point `z` of `format`'s unsigned values.
-fn zero_point(format: GgmlDType) -> i32 {
-    match format {
-        GgmlDType::Q8_0 => 128,
-        GgmlDType::Q6K => 32,
-        GgmlDType::Q5_0 => 16,
-        GgmlDType::Q4_0 => 8,
-        GgmlDType::Q3K => 4,
-        _ => 0,
-    }
 }
 
 /// `m` f32 rows of `k` values (a multiple of `G`) quantized to 8-bit
@@ -201,11 +189,10 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
 /// values: the rows quantized once, then for each packed block of the
 /// weight, every micro-tile against it.
 fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
-    use GgmlDType::*;
     let (n, k) = (w.n, w.rows.k);
     let (groups, depth_groups) = (k / G, DEPTH / G);
     let rows = QuantizedRows::new::<G>(x, m, k, zero_point(w.rows.format));
-    let with_min = matches!(w.rows.format, Q4_1 | Q5_1 | Q2K | Q4K | Q5K);
+    let with_min = has_min(w.rows.format);
     let mut packed = Vec::new();
     for col in (0..n).step_by(COLUMN_BLOCK) {
         let cols = COLUMN_BLOCK.min(n - col);

@@ -39,6 +39,24 @@ pub(super) fn group_size(format: GgmlDType) -> usize {
     }
 }
 
+/// The zero point `z` of `format`'s unsigned values.
+pub(super) fn zero_point(format: GgmlDType) -> i32 {
+    match format {
+        GgmlDType::Q8_0 => 128,
+        GgmlDType::Q6K => 32,
+        GgmlDType::Q5_0 => 16,
+        GgmlDType::Q4_0 => 8,
+        GgmlDType::Q3K => 4,
+        _ => 0,
+    }
+}
+
+/// Whether `format`'s groups have an offset `min` (zero for the others).
+pub(super) fn has_min(format: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(format, Q4_1 | Q5_1 | Q2K | Q4K | Q5K)
+}
+
 /// A format's value `l` of a 16-byte run of nibbles holding 32 values:
 /// value `l` in the low nibble of byte `l`, value `l + 16` in its high one.
 fn nibble(qs: &[u8], l: usize) -> u8 {
@@ -68,19 +86,33 @@ fn q3k_scale(scales: &[u8], j: usize) -> i32 {
     (low | (high << 4)) as i32
 }
 
+/// Where a format's groups lie in a stored row: the bytes of its blocks
+/// and the groups per block (one for blocks of 32 values; a K format's
+/// super-block of 256 holds 8 or 16). Read once per packing, off the hot
+/// loop.
+#[derive(Clone, Copy)]
+struct Blocks {
+    format: GgmlDType,
+    bytes: usize,
+    groups: usize,
+}
+
+impl Blocks {
+    fn of(format: GgmlDType) -> Self {
+        let groups = format.block_size() / group_size(format);
+        Self {
+            format,
+            bytes: format.type_size(),
+            groups,
+        }
+    }
+}
+
 /// Group `g` of a stored row: its unsigned values `u` written to `u`
 /// (`group_size(format)` of them); returns the scale `d` and offset `min`
 /// with which value `l` is `d · (u_l − z) + min`.
-fn unpack(format: GgmlDType, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
-    // K formats: super-blocks of 256 values, their groups.
-    let (size, per_block) = match format {
-        GgmlDType::Q4K => (144, 8),
-        GgmlDType::Q5K => (176, 8),
-        GgmlDType::Q6K => (210, 16),
-        GgmlDType::Q2K => (84, 16),
-        GgmlDType::Q3K => (110, 16),
-        other => (other.type_size(), 1),
-    };
+fn unpack(blocks: Blocks, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
+    let (format, size, per_block) = (blocks.format, blocks.bytes, blocks.groups);
     let (block, j) = (&row[g / per_block * size..][..size], g % per_block);
     let f16 = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
     // Q5_0 and Q5_1: value `l` ORed with bit `l` of the little-endian u32
@@ -203,12 +235,13 @@ pub(super) fn pack<const G: usize>(
     out.clear();
     out.resize(cols.len().div_ceil(NR) * panel_bytes, 0);
     let mut u = [0u8; G];
+    let blocks = Blocks::of(rows.format);
     for (j, panel) in out.chunks_exact_mut(panel_bytes).enumerate() {
         for c in 0..NR.min(cols.len() - j * NR) {
             let row = cols.start + j * NR + c;
             let stored = &rows.bytes[row * rows.row_bytes..(row + 1) * rows.row_bytes];
             for (g, dst) in groups.clone().zip(panel.chunks_exact_mut(group_bytes)) {
-                let (d, min) = unpack(rows.format, stored, g, &mut u);
+                let (d, min) = unpack(blocks, stored, g, &mut u);
                 for (run, four) in u.chunks_exact(4).enumerate() {
                     dst[run * 4 * NR + 4 * c..][..4].copy_from_slice(four);
                 }
