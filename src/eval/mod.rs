@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod report;
 pub mod retrieve;
 pub mod scaling;
+mod score;
 pub mod stats;
 pub mod variants;
 pub mod verdict;

@@ -4,8 +4,9 @@
 //! held-out set. The subsets are nested (the first n of one shuffled order),
 //! and each n's run folder is kept and reused when `compare` runs again.
 
-use super::compare::{score, CompareConfig};
+use super::compare::CompareConfig;
 use super::comparison::VariantReport;
+use super::score::score;
 use super::variants::{retrieved_few_shot, Shots, Variant};
 use super::HeldOut;
 use crate::data::{Dataset, Record};
@@ -174,7 +175,7 @@ pub fn scaling(
             .collect::<Result<Vec<_>>>()
             .context("--scaling: retrieved few-shot needs question-answer records")?;
         let k = shots.min(n);
-        let bar = super::compare::progress_bar(config.progress, 2 * held_out.len());
+        let bar = super::score::progress_bar(config.progress, 2 * held_out.len());
         crate::lora::detach(&mut model.lm);
         let retrieved = retrieved_few_shot(
             format!("retrieved few-shot (k={k}, BM25) from n={n}"),

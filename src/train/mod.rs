@@ -28,6 +28,7 @@
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+mod run_folder;
 pub mod schedule;
 mod settings;
 pub mod step;
@@ -35,6 +36,8 @@ mod update;
 
 pub use metrics::Event;
 pub use optim::AdamWConfig;
+pub use run_folder::holds_run;
+use run_folder::TrainState;
 pub use schedule::Schedule;
 pub use settings::{RunConfig, TrainConfig};
 pub use update::{evaluate, step_gradients, summed_loss, Update};
@@ -47,24 +50,11 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use metrics::MetricsLog;
 use optim::AdamW;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Where a run stands; saved in checkpoints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TrainState {
-    step: usize,
-    epoch: usize,
-    step_in_epoch: usize,
-    rng: Rng,
-    best_valid_loss: Option<f64>,
-    evals_since_best: usize,
-    elapsed: f64,
-    tokens: usize,
-}
 
 /// How training ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -117,23 +107,6 @@ pub struct Trainer {
     resumed: bool,
 }
 
-const RUN_FILES: [&str; 9] = [
-    "train_config.toml",
-    "metrics.jsonl",
-    "loss.svg",
-    adapter::WEIGHTS_FILE,
-    adapter::CONFIG_FILE,
-    "checkpoint",
-    "checkpoint.old",
-    "checkpoint.partial",
-    "best",
-];
-
-/// Whether `dir` already holds a training run.
-pub fn holds_run(dir: &Path) -> bool {
-    RUN_FILES.iter().any(|f| dir.join(f).exists())
-}
-
 impl Trainer {
     /// Attaches fresh adapters to `model` and prepares a new run in `out_dir`.
     /// Refuses a folder that already holds a run: use [`Trainer::overwrite`] first,
@@ -171,27 +144,14 @@ impl Trainer {
 
     /// Removes a previous run's files from `out_dir` (and nothing else).
     pub fn overwrite(out_dir: &Path) -> Result<()> {
-        for f in RUN_FILES {
-            let p = out_dir.join(f);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-            } else if p.exists() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            }
-        }
-        Ok(())
+        run_folder::remove_run(out_dir)
     }
 
     /// Continues the run in `out_dir` from its checkpoint: adapter, optimizer state,
     /// schedule, random state and position in the data are all restored.
     pub fn resume(mut model: Model, out_dir: &Path) -> Result<Self> {
         let run = RunConfig::read(out_dir)?;
-        // A hard kill between the two renames of `save_checkpoint` leaves only
-        // the previous checkpoint, moved aside: it is still whole.
-        let checkpoint = [out_dir.join("checkpoint"), out_dir.join("checkpoint.old")]
-            .into_iter()
-            .find(|p| p.join("trainer_state.json").is_file())
-            .unwrap_or_else(|| out_dir.join("checkpoint"));
+        let checkpoint = run_folder::latest_checkpoint(out_dir);
         let base = model.repo_id().unwrap_or(&model.source.name).to_string();
         if !base.eq_ignore_ascii_case(&run.base_model) {
             bail!(
@@ -202,12 +162,7 @@ impl Trainer {
         }
         adapter::load(&mut model.lm, &checkpoint)
             .with_context(|| format!("loading the checkpoint in {}", checkpoint.display()))?;
-        let state_path = checkpoint.join("trainer_state.json");
-        let state: TrainState = serde_json::from_str(
-            &std::fs::read_to_string(&state_path)
-                .with_context(|| format!("reading {}", state_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", state_path.display()))?;
+        let state = run_folder::read_state(&checkpoint)?;
         let mut trainer = Self::assemble(model, run, out_dir, Some(state))?;
         let step = trainer.state.step;
         trainer
@@ -224,16 +179,7 @@ impl Trainer {
         state: Option<TrainState>,
     ) -> Result<Self> {
         let optimizer = AdamW::new(lora::parameters(&model.lm), run.train.optimizer)?;
-        let state = state.unwrap_or_else(|| TrainState {
-            step: 0,
-            epoch: 0,
-            step_in_epoch: 0,
-            rng: Rng::new(run.train.seed ^ 0x5EED),
-            best_valid_loss: None,
-            evals_since_best: 0,
-            elapsed: 0.0,
-            tokens: 0,
-        });
+        let state = state.unwrap_or_else(|| TrainState::new(run.train.seed));
         Ok(Self {
             model,
             run,
@@ -494,40 +440,17 @@ impl Trainer {
             .is_some_and(|p| self.state.evals_since_best >= p))
     }
 
-    /// Writes `checkpoint/` whole or not at all: into a fresh folder, then renamed.
+    /// Writes `checkpoint/` whole or not at all.
     fn save_checkpoint(&self) -> Result<()> {
-        let fresh = self.out_dir.join("checkpoint.partial");
-        let old = self.out_dir.join("checkpoint.old");
-        let target = self.out_dir.join("checkpoint");
-        let write = || -> Result<()> {
-            if fresh.exists() {
-                std::fs::remove_dir_all(&fresh)
-                    .with_context(|| format!("removing {}", fresh.display()))?;
-            }
-            adapter::save(&self.model.lm, &self.adapter_config()?, &fresh)?;
+        let adapter = self.adapter_config()?;
+        run_folder::save_checkpoint(&self.out_dir, |fresh| {
+            adapter::save(&self.model.lm, &adapter, fresh)?;
             self.optimizer.save(&fresh.join("optimizer.safetensors"))?;
             crate::atomic::write(
                 &fresh.join("trainer_state.json"),
                 serde_json::to_string_pretty(&self.state)?.as_bytes(),
             )
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_dir_all(&fresh);
-            return Err(e.context(format!(
-                "saving a checkpoint in {} (the previous checkpoint is kept)",
-                self.out_dir.display()
-            )));
-        }
-        if target.exists() {
-            std::fs::rename(&target, &old)
-                .with_context(|| format!("moving {} aside", target.display()))?;
-        }
-        std::fs::rename(&fresh, &target)
-            .with_context(|| format!("renaming {} to {}", fresh.display(), target.display()))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
-        Ok(())
+        })
     }
 }
 
