@@ -254,7 +254,8 @@ pub fn is_held_in_blocks(name: &str) -> bool {
 
 /// How the frozen base's blocks are multiplied, where a low-precision kernel
 /// reads some of them: e.g. "forward products of Q4_1 and Q8_0 blocks on
-/// AVX512_VNNI int8 dot products, activations rounded to 8-bit groups".
+/// AVX512_VNNI int8 dot products, activations rounded to two 8-bit digits
+/// per group".
 /// `None` where none of them is.
 pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
     let matrices = lm
@@ -279,7 +280,7 @@ pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
     };
     Some(format!(
         "forward products of {formats} blocks on {kernel} int8 dot products, activations \
-         rounded to 8-bit groups"
+         rounded to two 8-bit digits per group"
     ))
 }
 

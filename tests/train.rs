@@ -148,9 +148,9 @@ fn lora_gradients_match_finite_differences() {
 /// bf16 base on the CPU: the input gradient goes through the held weights
 /// the forward read. They run their exact f32 products here: the bf16
 /// kernel rounds every activation at a frozen product to bf16 (the int8
-/// kernel to 8-bit blocks), which makes the loss a step function at that
-/// resolution, too rough for finite differences; the next test holds the
-/// kernels' gradients to these.
+/// kernel to two 8-bit digits per group), which makes the loss a step
+/// function at that resolution, too rough for finite differences; the next
+/// test holds the kernels' gradients to these.
 #[test]
 fn lora_gradients_through_quantized_weights_match_finite_differences() {
     for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
@@ -170,15 +170,17 @@ fn lora_gradients_through_quantized_weights_match_finite_differences() {
 
 /// With the low-precision kernels (where the CPU has them), a held base's
 /// LoRA gradients are those of its exact f32 products within the kernel's
-/// rounding: the bf16 kernel (AVX512_BF16) for a bf16 base, the int8 kernel
-/// (AVX512_VNNI) for Q8_0 and Q4_0 blocks.
+/// rounding: the bf16 kernel (AVX512_BF16) for a bf16 base (measured: the
+/// gradients off by 0.26% of their norm), the int8 kernel (AVX512_VNNI),
+/// its activations rounded to two 8-bit digits per group, for Q8_0 and Q4_0
+/// blocks (0.002-0.004%).
 #[test]
 fn low_precision_kernel_gradients_follow_the_exact_ones() {
     let cpu = tuneforge::cpu::features();
-    for (quantize, kernel, tolerance) in [
-        (Quantize::Bf16, cpu.bf16_kernel(), 0.02),
-        (Quantize::Q8_0, cpu.int8_kernel(), 0.05),
-        (Quantize::Q4_0, cpu.int8_kernel(), 0.05),
+    for (quantize, kernel, tolerance, loss_tolerance) in [
+        (Quantize::Bf16, cpu.bf16_kernel(), 0.02, 0.01),
+        (Quantize::Q8_0, cpu.int8_kernel(), 5e-4, 1e-4),
+        (Quantize::Q4_0, cpu.int8_kernel(), 5e-4, 1e-4),
     ] {
         if kernel.is_none() {
             eprintln!("skipped {quantize}: this CPU has no kernel for it");
@@ -205,7 +207,7 @@ fn low_precision_kernel_gradients_follow_the_exact_ones() {
         let diff: Vec<f32> = kernel.iter().zip(&exact).map(|(a, b)| a - b).collect();
         let relative = norm(&diff) / norm(&exact);
         eprintln!(
-            "{quantize}: loss {kernel_loss} vs {exact_loss}, gradients off by {relative:.4} of their norm"
+            "{quantize}: loss {kernel_loss} vs {exact_loss}, gradients off by {relative:.2e} of their norm"
         );
         assert!(relative > 0.0, "{quantize}: the kernel ran");
         assert!(
@@ -213,7 +215,7 @@ fn low_precision_kernel_gradients_follow_the_exact_ones() {
             "{quantize}: gradients off by {relative} of their norm"
         );
         assert!(
-            (kernel_loss - exact_loss).abs() < 0.01 * exact_loss.abs(),
+            (kernel_loss - exact_loss).abs() < loss_tolerance * exact_loss.abs(),
             "{quantize}: {kernel_loss} vs {exact_loss}"
         );
     }

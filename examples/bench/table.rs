@@ -82,7 +82,7 @@ pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Opt
         println!(
             "(rows with a quantized base multiply Q8_0, Q4_x, Q5_x and Q2_K to Q6_K \
              blocks forward with {kernel} int8 dot products, the activations rounded to \
-             8-bit groups; \
+             two 8-bit digits per group; \
              their share is of the f32 FMA peak)\n"
         );
     }

@@ -119,8 +119,8 @@ impl CausalLm {
     /// Whether the frozen matrices held in bf16 or blocks multiply with the
     /// CPU's low-precision kernels where it has them (the default: the bf16
     /// kernel rounds the other side of each product to bf16, the int8 kernel
-    /// for Q8_0, Q4_x, Q5_x and Q2_K to Q6_K rounds the activations to
-    /// 8-bit groups), or, with `false`, widen to f32 and multiply exactly, as
+    /// for Q8_0, Q4_x, Q5_x and Q2_K to Q6_K rounds the activations to two
+    /// 8-bit digits per group), or, with `false`, widen to f32 and multiply exactly, as
     /// on CPUs without them. Dense matrices are unaffected.
     ///
     /// ```

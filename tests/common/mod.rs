@@ -195,18 +195,19 @@ impl Int8Departure {
         }
     }
 
-    /// Within the rounding of the activations to 8-bit groups, as measured
-    /// on SmolLM2's GGUFs (0.17-0.24 on average, 2-3.8 at most, logits
-    /// spanning about ±20; the argmax the same at 93-97% of positions, fewer
-    /// where the model is unsure; the loss within 0.5%): the logits within
-    /// 0.5 on average and 6 at most, the same argmax at 90% of positions or
-    /// more, the loss within 1%.
+    /// Within the rounding of the activations to two 8-bit digits per
+    /// group, as measured on SmolLM2's GGUFs (about 0.001 on average and
+    /// 0.01-0.015 at most, logits spanning about ±20; the argmax the same at
+    /// 319 or 320 of 320 positions; the loss within 0.003%): the logits
+    /// within 0.005 on average and 0.06 at most, the same argmax at 98% of
+    /// positions or more, the loss within 0.02%. (With 8-bit rows, as
+    /// llama.cpp rounds them, these were 0.17-0.24, 2-3.8, 93-97% and 0.5%.)
     pub fn assert_small(&self, what: &str) {
         eprintln!("{what}: the int8 kernel against the exact products: {self:?}");
         assert!(self.mean > 0.0, "{what}: the kernel did not run");
-        assert!(self.mean < 0.5 && self.max < 6.0, "{what}: {self:?}");
-        assert!(self.same_argmax > 0.9, "{what}: {self:?}");
+        assert!(self.mean < 0.005 && self.max < 0.06, "{what}: {self:?}");
+        assert!(self.same_argmax >= 0.98, "{what}: {self:?}");
         let (fast, exact) = self.losses;
-        assert!((fast - exact).abs() < 0.01 * exact, "{what}: {self:?}");
+        assert!((fast - exact).abs() < 2e-4 * exact, "{what}: {self:?}");
     }
 }

@@ -131,8 +131,8 @@ impl QuantizedWeight {
     /// Whether many-row products use the CPU's low-precision kernels where
     /// it has them (the default): the bf16 kernel for a bf16 weight (the
     /// other side rounded to bf16), the int8 kernel for Q8_0, Q4_0, Q4_1,
-    /// Q5_0, Q5_1 and Q2_K to Q6_K blocks (the activations rounded to
-    /// 8-bit groups, as llama.cpp does).
+    /// Q5_0, Q5_1 and Q2_K to Q6_K blocks (the activations rounded to two
+    /// 8-bit digits per group, within 1/32,512 of the group's largest value).
     /// With `false`, the weight is widened to f32 and multiplied exactly, as
     /// on other CPUs.
     pub fn set_low_precision_kernels(&mut self, on: bool) {
@@ -390,7 +390,7 @@ mod tests {
     /// The products of a quantized weight are those of its dequantized f32
     /// copy, forward (few rows and many) and input gradient, on odd shapes:
     /// exactly with the low-precision kernels off, and within the rounding
-    /// of the rows to 8-bit blocks where the int8 kernel runs.
+    /// of the rows to two 8-bit digits per group where the int8 kernel runs.
     #[test]
     fn products_equal_the_dequantized_weights() {
         for format in FORMATS {

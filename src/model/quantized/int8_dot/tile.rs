@@ -1,10 +1,11 @@
-//! The micro-kernel: up to [`MR`](super::MR) quantized rows against one
+//! The micro-kernel: up to [`MR`](super::MR) rounded rows against one
 //! packed micro-panel of [`NR`] columns. Per group of `G` values (32, or
-//! 16), each row's integer sums start at `−z · Σ q` and take `G / 4`
-//! `vpdpbusd` steps (4 values each) per register; they are then scaled
-//! (`s · d`) into the f32 tile, with the offsets' `min · s · Σ q` added
-//! (formats with a min). The `MR × NR` tile and its integer sums stay in
-//! registers.
+//! 16), each row's integer sums take `G / 4` `vpdpbusd` steps (4 values
+//! each) per register over the high digits, are shifted left by 8 bits,
+//! take as many over the low digits, and start at `−z · Σ q`; they are
+//! then scaled (`s · d`) into the f32 tile, with the offsets'
+//! `min · s · Σ q` added (formats with a min). The `MR × NR` tile and its
+//! integer sums stay in registers.
 
 use super::super::simd::store_tile;
 use super::pack::{group_panel_bytes, mins_at, scales_at};
@@ -13,8 +14,11 @@ use super::NR;
 /// One micro-tile: up to [`MR`](super::MR) quantized rows against one
 /// packed micro-panel, into (or added to) `out`.
 pub(super) struct Tile<'a> {
-    /// The tile's first row's rounded values, from the panel's first group on.
-    pub(super) values: &'a [i8],
+    /// The tile's first row's rounded values' high digits, from the panel's
+    /// first group on,
+    pub(super) high: &'a [i8],
+    /// and their low digits.
+    pub(super) low: &'a [i8],
     pub(super) values_stride: usize,
     /// The first row's per-group scales, integer sums' starts and scaled
     /// sums, from the panel's first group on.
@@ -46,7 +50,9 @@ impl Tile<'_> {
             (rows - 1) * self.scales_stride,
         );
         assert!(self.panel.len() >= self.depth * group_panel_bytes(G));
-        assert!(self.values.len() >= last_values + self.depth * G);
+        for digits in [self.high, self.low] {
+            assert!(digits.len() >= last_values + self.depth * G);
+        }
         for per_group in [self.scales.len(), self.starts.len(), self.scaled_sums.len()] {
             assert!(per_group >= last_scales + self.depth);
         }
@@ -72,7 +78,7 @@ impl Tile<'_> {
     unsafe fn rows_of<const R: usize, const G: usize>(self) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let (q, panel) = (self.values.as_ptr(), self.panel.as_ptr());
+        let (high, low, panel) = (self.high.as_ptr(), self.low.as_ptr(), self.panel.as_ptr());
         let per_group = |v: *const f32, i: usize, b: usize| {
             // SAFETY: inside the bounds `run` asserted.
             unsafe { _mm512_set1_ps(*v.add(i * self.scales_stride + b)) }
@@ -82,24 +88,37 @@ impl Tile<'_> {
             // inside the bounds `run` asserted.
             unsafe {
                 let w = panel.add(b * group_panel_bytes(G));
-                let mut sums = [[_mm512_setzero_si512(); 2]; R];
-                for (i, s) in sums.iter_mut().enumerate() {
-                    let start = *self.starts.as_ptr().add(i * self.scales_stride + b);
-                    *s = [_mm512_set1_epi32(start); 2];
-                }
-                for g in 0..G / 4 {
-                    let w0 = _mm512_loadu_si512(w.add(g * 4 * NR).cast());
-                    let w1 = _mm512_loadu_si512(w.add(g * 4 * NR + 64).cast());
+                let starts = |sums: &mut [[__m512i; 2]; R]| {
                     for (i, s) in sums.iter_mut().enumerate() {
-                        let four = q
-                            .add(i * self.values_stride + b * G + 4 * g)
-                            .cast::<i32>()
-                            .read_unaligned();
-                        let xv = _mm512_set1_epi32(four);
-                        s[0] = _mm512_dpbusd_epi32(s[0], w0, xv);
-                        s[1] = _mm512_dpbusd_epi32(s[1], w1, xv);
+                        let start = *self.starts.as_ptr().add(i * self.scales_stride + b);
+                        s[0] = _mm512_add_epi32(s[0], _mm512_set1_epi32(start));
+                        s[1] = _mm512_add_epi32(s[1], _mm512_set1_epi32(start));
                     }
+                };
+                let digit = |sums: &mut [[__m512i; 2]; R], q: *const i8| {
+                    for g in 0..G / 4 {
+                        let w0 = _mm512_loadu_si512(w.add(g * 4 * NR).cast());
+                        let w1 = _mm512_loadu_si512(w.add(g * 4 * NR + 64).cast());
+                        for (i, s) in sums.iter_mut().enumerate() {
+                            let four = q
+                                .add(i * self.values_stride + b * G + 4 * g)
+                                .cast::<i32>()
+                                .read_unaligned();
+                            let xv = _mm512_set1_epi32(four);
+                            s[0] = _mm512_dpbusd_epi32(s[0], w0, xv);
+                            s[1] = _mm512_dpbusd_epi32(s[1], w1, xv);
+                        }
+                    }
+                };
+                // 256 · (the high digits' sums) + the low digits' sums.
+                let mut sums = [[_mm512_setzero_si512(); 2]; R];
+                digit(&mut sums, high);
+                for s in sums.iter_mut() {
+                    s[0] = _mm512_slli_epi32::<8>(s[0]);
+                    s[1] = _mm512_slli_epi32::<8>(s[1]);
                 }
+                digit(&mut sums, low);
+                starts(&mut sums);
                 let d0 = _mm512_loadu_ps(w.add(scales_at(G)).cast());
                 let d1 = _mm512_loadu_ps(w.add(scales_at(G) + 64).cast());
                 for (i, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
