@@ -160,9 +160,10 @@ unsafe fn quantize_group(x: &[f32], high: &mut [i8], low: &mut [i8]) -> (f32, i3
     assert_eq!(low.len(), x.len());
     // SAFETY: the CPU has the features; `round_group` checks the lengths.
     let (step, high_sum) = unsafe { round_group(x, high) };
-    if step == 0.0 || step.is_nan() || !(256.0 / step).is_finite() {
-        // Zeros, a non-finite value, or a group below 1e-36 (its steps of
-        // s / 256 not representable): the high digits alone.
+    if !(256.0 / step).is_finite() {
+        // Zeros (step 0), a non-finite value (step NaN), or a group below
+        // 1e-36 (its steps of s / 256 not representable): the high digits
+        // alone.
         low.fill(0);
         return (step / 256.0, 256 * high_sum);
     }

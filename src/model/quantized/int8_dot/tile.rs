@@ -88,13 +88,6 @@ impl Tile<'_> {
             // inside the bounds `run` asserted.
             unsafe {
                 let w = panel.add(b * group_panel_bytes(G));
-                let starts = |sums: &mut [[__m512i; 2]; R]| {
-                    for (i, s) in sums.iter_mut().enumerate() {
-                        let start = *self.starts.as_ptr().add(i * self.scales_stride + b);
-                        s[0] = _mm512_add_epi32(s[0], _mm512_set1_epi32(start));
-                        s[1] = _mm512_add_epi32(s[1], _mm512_set1_epi32(start));
-                    }
-                };
                 let digit = |sums: &mut [[__m512i; 2]; R], q: *const i8| {
                     for g in 0..G / 4 {
                         let w0 = _mm512_loadu_si512(w.add(g * 4 * NR).cast());
@@ -110,15 +103,16 @@ impl Tile<'_> {
                         }
                     }
                 };
-                // 256 · (the high digits' sums) + the low digits' sums.
+                // 256 · (the high digits' sums) + the start + the low digits' sums.
                 let mut sums = [[_mm512_setzero_si512(); 2]; R];
                 digit(&mut sums, high);
-                for s in sums.iter_mut() {
-                    s[0] = _mm512_slli_epi32::<8>(s[0]);
-                    s[1] = _mm512_slli_epi32::<8>(s[1]);
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let start =
+                        _mm512_set1_epi32(*self.starts.as_ptr().add(i * self.scales_stride + b));
+                    s[0] = _mm512_add_epi32(_mm512_slli_epi32::<8>(s[0]), start);
+                    s[1] = _mm512_add_epi32(_mm512_slli_epi32::<8>(s[1]), start);
                 }
                 digit(&mut sums, low);
-                starts(&mut sums);
                 let d0 = _mm512_loadu_ps(w.add(scales_at(G)).cast());
                 let d1 = _mm512_loadu_ps(w.add(scales_at(G) + 64).cast());
                 for (i, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
