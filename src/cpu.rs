@@ -31,15 +31,20 @@ impl CpuFeatures {
     }
 
     /// The instruction set a bf16 base's products run on, where the CPU has
-    /// one tuneforge has a kernel for: `AVX512_BF16`. (AMX-BF16 has no
-    /// kernel yet: a CPU with AMX also has AVX512_BF16, which then runs.)
-    /// Elsewhere a bf16 base is multiplied in f32.
+    /// one tuneforge has a kernel for: `AMX-BF16` (where the operating
+    /// system also lets the process use the tiles, [`amx_permitted`]), else
+    /// `AVX512_BF16`. Both kernels need AVX-512 F and BW besides (to round
+    /// and pack their operands). Elsewhere a bf16 base is multiplied in f32.
     pub fn bf16_kernel(&self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         let bw = is_x86_feature_detected!("avx512bw");
         #[cfg(not(target_arch = "x86_64"))]
         let bw = false;
-        (self.avx512_bf16 && self.avx512f && bw).then_some("AVX512_BF16")
+        match (self.avx512f && bw, self.amx_bf16, self.avx512_bf16) {
+            (true, true, true) if amx_permitted() => Some("AMX-BF16"),
+            (true, _, true) => Some("AVX512_BF16"),
+            _ => None,
+        }
     }
 
     /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
@@ -131,6 +136,51 @@ fn detect() -> CpuFeatures {
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> CpuFeatures {
     CpuFeatures::default()
+}
+
+/// Whether the operating system lets this process use AMX tile data:
+/// Linux asks for it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`),
+/// once per process, and the answer is kept. `false` on other systems and
+/// where the CPU has no AMX.
+pub fn amx_permitted() -> bool {
+    static PERMITTED: OnceLock<bool> = OnceLock::new();
+    *PERMITTED.get_or_init(|| {
+        if !detect().amx_bf16 {
+            return false;
+        }
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        {
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a system call with two integer arguments, no memory.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            };
+            rc == 0
+        }
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        false
+    })
+}
+
+/// Runs `rounds` of four independent AMX-BF16 tile products (16,384 flops
+/// each) on the calling thread and returns the flops done, for timing the
+/// tiles' peak as `../shared/tools/cpu_peak.sh` does; `None` where the CPU
+/// has no AMX-BF16 the process may use.
+pub fn amx_bf16_tile_products(rounds: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::model::quantized::tile_product_rounds(rounds)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = rounds;
+        None
+    }
 }
 
 /// The CPU's model name (`/proc/cpuinfo`), where the system says it.

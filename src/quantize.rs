@@ -138,7 +138,7 @@ pub enum BaseDtype {
     #[serde(rename = "f32")]
     F32,
     /// bf16: on the CPU the base's matrices are held in bf16 (half the
-    /// memory) and multiplied with bf16 dot products where the CPU has them
+    /// memory) and multiplied with bf16 tile or dot products where the CPU has them
     /// ([`crate::cpu::CpuFeatures::bf16_kernel`]), in f32 elsewhere; on a
     /// GPU the compute dtype.
     #[serde(rename = "bf16")]
@@ -197,6 +197,7 @@ impl BaseDtype {
             (BaseDtype::F32, _) => "f32 products".into(),
             (_, false) => "bf16 products".into(),
             (_, true) => match crate::cpu::features().bf16_kernel() {
+                Some("AMX-BF16") => "AMX-BF16 tile products, activations rounded to bf16".into(),
                 Some(kernel) => format!("{kernel} bf16 dot products, activations rounded to bf16"),
                 None => "f32 products of the bf16 values".into(),
             },

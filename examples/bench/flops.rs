@@ -63,15 +63,17 @@ pub fn f32_peak(threads: usize) -> Option<f64> {
     }
 }
 
-/// This machine's bf16 dot-product peak (AVX512_BF16's `vdpbf16ps`, two
-/// multiplies and two adds per f32 lane), measured as [`f32_peak`]; `None`
-/// where the CPU lacks it.
+/// This machine's bf16 peak on the instructions a bf16 base's products run
+/// on ([`tuneforge::cpu::CpuFeatures::bf16_kernel`]): AMX-BF16's tile
+/// products, or AVX512_BF16's `vdpbf16ps` (two multiplies and two adds per
+/// f32 lane), measured as [`f32_peak`]; `None` where the CPU has neither.
 pub fn bf16_peak(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        match tuneforge::cpu::features().avx512_bf16 {
-            true => Some(rate_over_threads(threads, bf16_dot_chains)),
-            false => None,
+        match tuneforge::cpu::features().bf16_kernel() {
+            Some("AMX-BF16") => Some(rate_over_threads(threads, tile_products)),
+            Some(_) => Some(rate_over_threads(threads, bf16_dot_chains)),
+            None => None,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -160,6 +162,16 @@ unsafe fn fma_chains_512(n: u64) -> (f64, f32) {
         sum = _mm512_add_ps(sum, v);
     }
     (n as f64 * 12.0 * 32.0, _mm512_reduce_add_ps(sum))
+}
+
+/// Rounds of four independent AMX-BF16 tile products, a sixteenth of `n`
+/// (each is about 16 times a vector instruction's time).
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_products(n: u64) -> (f64, f32) {
+    (
+        tuneforge::cpu::amx_bf16_tile_products(n / 16).unwrap_or(0.0),
+        0.0,
+    )
 }
 
 /// Twelve independent chains of `vdpbf16ps` on 16 f32 lanes (32 bf16

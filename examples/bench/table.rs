@@ -60,8 +60,12 @@ impl Row {
 pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Option<f64>)) {
     let features = tuneforge::cpu::features();
     let gflops = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.1} GFLOP/s"));
+    let bf16_name = match features.bf16_kernel() {
+        Some("AMX-BF16") => "bf16 tiles (AMX-BF16)",
+        _ => "bf16 dot",
+    };
     println!(
-        "CPU: {} ({}), {} threads; measured peaks: f32 FMA {}, bf16 dot {}",
+        "CPU: {} ({}), {} threads; measured peaks: f32 FMA {}, {bf16_name} {}",
         tuneforge::cpu::model_name().unwrap_or_else(|| "unknown".into()),
         features.describe(),
         tuneforge::threads::workers(),
@@ -70,8 +74,8 @@ pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Opt
     );
     match features.bf16_kernel() {
         Some(kernel) => println!(
-            "(bf16 base rows multiply the frozen weights with {kernel} dot products, \
-             the activations rounded to bf16: their share is of the bf16 dot peak)\n"
+            "(bf16 base rows multiply the frozen weights with {kernel} products, \
+             the activations rounded to bf16: their share is of the {bf16_name} peak)\n"
         ),
         None => println!(
             "(bf16 base rows hold the frozen weights in bf16 and multiply them in f32, \

@@ -533,7 +533,8 @@ pub fn quantize(fx: &Fixture) {
 }
 
 /// `--dtype bf16` holds the base in bf16 (on the CPU, multiplied with
-/// AVX512_BF16 dot products where the CPU has them, else in f32), trains
+/// AMX-BF16 tile or AVX512_BF16 dot products where the CPU has them, else
+/// in f32), trains
 /// another adapter than `--dtype f32`, and the run records which and says
 /// how it multiplied; `auto` is recorded as what it resolved to on this CPU.
 pub fn dtype(fx: &Fixture) {
@@ -544,6 +545,7 @@ pub fn dtype(fx: &Fixture) {
     let (bf16, run) = finetune(fx, "finetune-dtype-bf16", &["--dtype", "bf16"]);
     assert_eq!(text(&bf16).as_deref(), Some("bf16"));
     let arithmetic = match tuneforge::cpu::features().bf16_kernel() {
+        Some("AMX-BF16") => "bf16 base (AMX-BF16 tile products, activations rounded to bf16);",
         Some(_) => "bf16 base (AVX512_BF16 bf16 dot products, activations rounded to bf16);",
         None => "bf16 base (f32 products of the bf16 values);",
     };

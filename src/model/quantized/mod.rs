@@ -3,7 +3,8 @@
 //! other GGUF formats candle reads), never held as f32. A bf16 base on the
 //! CPU (`--dtype bf16`) is held here too, in GGML's BF16 format: half an
 //! f32's bytes, decoded exactly; its many-row products run on the bf16
-//! kernel (`bf16_dot/`) where the CPU has AVX512_BF16, in f32 elsewhere.
+//! kernel (`bf16_dot/`) where the CPU has AMX-BF16 tiles (`amx/`) or
+//! AVX512_BF16, in f32 elsewhere.
 //!
 //! A product dequantizes the blocks to f32 as it goes and runs the f32
 //! arithmetic, so its result is the dequantized weight's f32 product: the
@@ -19,12 +20,14 @@
 //!   No f32 copy of a whole weight is made, so a quantized vocabulary matrix
 //!   costs its blocks and one tile. Dequantizing costs one pass over the
 //!   weight, against `2·rows` flops per weight element for the product.
-//!   A bf16 weight with AVX512_BF16 is instead read by the bf16 kernel,
+//!   A bf16 weight with AMX-BF16 or AVX512_BF16 is instead read by the bf16 kernel,
 //!   which rounds `x` (or `dy`) to bf16: its result is within bf16's
 //!   rounding of the f32 product, as PyTorch's bf16 autocast's is.
 //! - An embedding lookup dequantizes only the rows it reads.
 //! - On a GPU, candle dequantizes a layer's weight on the device.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod bf16_dot;
 mod blocks;
@@ -34,6 +37,8 @@ mod int8_dot;
 mod simd;
 mod tiled;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::tile_product_rounds;
 pub use blocks::{block_bytes, cpu_blocks, is_block_format, is_held_format, Fill};
 
 use super::gemv;
@@ -467,14 +472,14 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX512_BF16, a bf16 weight's many-row products
+    /// Where the CPU has AMX-BF16 or AVX512_BF16, a bf16 weight's many-row products
     /// (forward and input gradient, the loss's row ranges too) run on the
     /// bf16 kernel: the other side is rounded to bf16 first.
     #[test]
     fn bf16_many_row_products_take_the_bf16_kernel_where_the_cpu_has_it() {
         let kernel = crate::cpu::features().bf16_kernel().is_some();
         if !kernel {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+            eprintln!("skipped: this CPU has no AVX512_BF16 or AMX-BF16");
             return;
         }
         let (n, k, m) = (40, 96, 100);

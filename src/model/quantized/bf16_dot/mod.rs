@@ -17,7 +17,11 @@
 //! registers. Repacking reads the weight once per call, against
 //! `2 · rows` flops per weight value for the product. The weight itself
 //! stays in its row-major bf16 storage, so nothing but the block is copied.
+//!
+//! On a CPU with AMX-BF16, the same rounded rows and packed blocks are
+//! multiplied on tiles instead (`amx.rs`), 16 × 16 outputs per instruction.
 
+mod amx;
 mod pack;
 mod tile;
 
@@ -75,8 +79,9 @@ impl Bf16Weight<'_> {
 }
 
 /// `x Wᵀ` (`x`: `[m, k]` → `[m, n]`) or, with `input_gradient`, `dy W`
-/// (`dy`: `[m, n]` → `[m, k]`), into `out`, on a CPU with AVX512_BF16.
-/// Rows are split over threads when candle runs multi-threaded.
+/// (`dy`: `[m, n]` → `[m, k]`), into `out`, on a CPU with AVX512_BF16 (on
+/// its AMX-BF16 tiles where it has them too). Rows are split over threads
+/// when candle runs multi-threaded.
 ///
 /// # Panics
 /// If the CPU lacks AVX512_BF16 or the slices' lengths do not match.
@@ -93,9 +98,49 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
         out.fill(0.0);
         return;
     }
+    if crate::cpu::features().bf16_kernel() == Some("AMX-BF16") {
+        split_rows(
+            x,
+            m,
+            (q, p),
+            amx::ROW_TILES,
+            out,
+            |x, m, out| match super::amx::Amx::new() {
+                Some(mut tiles) => amx::serial(&mut tiles, x, m, w, input_gradient, out),
+                None => serial(x, m, w, input_gradient, out),
+            },
+        );
+        return;
+    }
     split_rows(x, m, (q, p), MR, out, |x, m, out| {
         serial(x, m, w, input_gradient, out)
     });
+}
+
+/// `m` rows of `x` (`q` values each) rounded to bf16 pairs into `rows`, row
+/// `i` at `i · stride` (the rest of each row left as it is).
+fn to_bf16_rows(x: &[f32], q: usize, stride: usize, rows: &mut [u32]) {
+    let pairs = q.div_ceil(2);
+    let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
+    for (x, r) in x.chunks_exact(q).zip(rows.chunks_mut(stride)) {
+        match vector {
+            // SAFETY: checked just above that the CPU has AVX512_BF16.
+            true => unsafe { to_bf16_pairs(x, &mut r[..pairs]) },
+            false => to_bf16_pairs_portable(x, &mut r[..pairs]),
+        }
+    }
+}
+
+/// [`to_bf16_pairs`] value by value, for CPUs without AVX512_BF16 (where
+/// only the tests run the AMX kernel, on its emulator).
+fn to_bf16_pairs_portable(x: &[f32], out: &mut [u32]) {
+    let bits = |i: usize| {
+        x.get(i)
+            .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32)
+    };
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = bits(2 * j) | bits(2 * j + 1) << 16;
+    }
 }
 
 /// [`product`] on the calling thread: the rows rounded to bf16 pairs once,
@@ -104,10 +149,7 @@ fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f
     let (q, p) = w.sides(input_gradient);
     let pairs = q.div_ceil(2);
     let mut rows = vec![0u32; m * pairs];
-    for (x, r) in x.chunks_exact(q).zip(rows.chunks_exact_mut(pairs)) {
-        // SAFETY: `product` checked that the CPU has AVX512_BF16.
-        unsafe { to_bf16_pairs(x, r) };
-    }
+    to_bf16_rows(x, q, pairs, &mut rows);
     let mut packed = Vec::new();
     for col in (0..p).step_by(COLUMN_BLOCK) {
         let cols = COLUMN_BLOCK.min(p - col);
@@ -118,6 +160,7 @@ fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f
                 input_gradient,
                 col..col + cols,
                 pair..pair + depth,
+                1,
                 &mut packed,
             );
             for row in (0..m).step_by(ROW_BLOCK) {
@@ -178,7 +221,7 @@ mod tests {
 
     /// The f64 product of `x` rounded to bf16 with the bf16 weight: what the
     /// kernel computes, up to the order of its f32 sums.
-    fn reference(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool) -> Vec<f64> {
+    pub(super) fn reference(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool) -> Vec<f64> {
         let (q, p) = w.sides(input_gradient);
         let weight = |qi: usize, pi: usize| {
             let (r, c) = match input_gradient {
@@ -198,7 +241,7 @@ mod tests {
         out
     }
 
-    fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
+    pub(super) fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
         (0..len).map(|_| rng.normal()).collect()
     }
 
@@ -312,19 +355,29 @@ mod tests {
     /// conversion, including at a tie and for values past the last pair.
     #[test]
     fn rows_round_to_nearest_even() {
-        if !runs_here() {
-            return;
-        }
         let tie_down = f32::from_bits(0x3f80_8000); // 1 + 2⁻⁸: ties to 1.0
         let tie_up = f32::from_bits(0x3f81_8000); // ties up to the even 1 + 2⁻⁶
         let x = [tie_down, tie_up, -2.5e-3, 7.0, 1e30, -0.0, 3.3];
+        let check = |out: [u32; 4], how: &str| {
+            for (i, &v) in x.iter().enumerate() {
+                let got = (out[i / 2] >> (16 * (i % 2))) as u16;
+                assert_eq!(
+                    got,
+                    half::bf16::from_f32(v).to_bits(),
+                    "{how}, value {i}: {v}"
+                );
+            }
+            assert_eq!(out[3] >> 16, 0, "{how}: the last pair is padded with zero");
+        };
+        let mut out = [u32::MAX; 4];
+        to_bf16_pairs_portable(&x, &mut out);
+        check(out, "portable");
+        if !runs_here() {
+            return;
+        }
         let mut out = [u32::MAX; 4];
         // SAFETY: checked above that the CPU has AVX512_BF16.
         unsafe { to_bf16_pairs(&x, &mut out) };
-        for (i, &v) in x.iter().enumerate() {
-            let got = (out[i / 2] >> (16 * (i % 2))) as u16;
-            assert_eq!(got, half::bf16::from_f32(v).to_bits(), "value {i}: {v}");
-        }
-        assert_eq!(out[3] >> 16, 0, "the last pair is padded with zero");
+        check(out, "AVX512_BF16");
     }
 }

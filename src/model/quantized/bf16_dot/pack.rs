@@ -10,34 +10,46 @@ use super::{low_mask, Bf16Weight, NR};
 /// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
 /// gradient) at columns `cols` and pairs of rows `pairs` into `packed`:
 /// micro-panels of [`NR`] columns, each `depth` steps of `NR` u32 pairs
-/// (`B[2t, c]` low, `B[2t + 1, c]` high); zeros past the edges.
+/// (`B[2t, c]` low, `B[2t + 1, c]` high), followed by zero steps up to the
+/// next multiple of `whole_steps` (the AMX kernel's tiles take 16 steps at a
+/// time); zeros past the edges.
 pub(super) fn pack(
     w: Bf16Weight,
     input_gradient: bool,
     cols: std::ops::Range<usize>,
     pairs: std::ops::Range<usize>,
+    whole_steps: usize,
     packed: &mut Vec<u32>,
 ) {
     let depth = pairs.len();
+    let padded = depth.next_multiple_of(whole_steps);
     let panels = cols.len().div_ceil(NR);
+    let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
     packed.clear();
-    packed.resize(panels * depth * NR, 0);
-    for (j, panel) in packed.chunks_exact_mut(depth * NR).enumerate() {
+    packed.resize(panels * padded * NR, 0);
+    for (j, panel) in packed.chunks_exact_mut(padded * NR).enumerate() {
+        let panel = &mut panel[..depth * NR];
         let first = cols.start + j * NR;
         let width = NR.min(cols.end - first);
-        match (input_gradient, w.k.is_multiple_of(2)) {
-            // SAFETY: `product` checked that the CPU has the kernel's
-            // features; the panel and the weight's bounds are checked inside.
-            (false, true) => unsafe { pack_rows_as_columns(w, first, width, pairs.start, panel) },
-            (false, false) => pack_portable(w, false, first, width, pairs.start, panel),
-            (true, _) => unsafe { pack_interleaved_rows(w, first, width, pairs.start, panel) },
+        match (input_gradient, w.k.is_multiple_of(2) && vector, vector) {
+            // SAFETY: the CPU has AVX-512 F and BW (checked above); the
+            // panel and the weight's bounds are checked inside.
+            (false, true, _) => unsafe {
+                pack_rows_as_columns(w, first, width, pairs.start, panel)
+            },
+            (true, _, true) => unsafe {
+                pack_interleaved_rows(w, first, width, pairs.start, panel)
+            },
+            _ => pack_portable(w, input_gradient, first, width, pairs.start, panel),
         }
     }
 }
 
 /// One micro-panel of [`pack`], value by value: the reference the vector
-/// packers are tested against, and the forward's packer for an odd `k`
-/// (where a row's last pair is its last value and a zero).
+/// packers are tested against, the forward's packer for an odd `k`
+/// (where a row's last pair is its last value and a zero), and the packer
+/// of CPUs without AVX-512 (where only the tests run the AMX kernel, on its
+/// emulator).
 fn pack_portable(
     w: Bf16Weight,
     input_gradient: bool,
