@@ -21,6 +21,8 @@ pub struct CpuFeatures {
     pub amx_bf16: bool,
     /// u8 × i8 dot products into i32 on 512-bit registers (AVX512_VNNI).
     pub avx512_vnni: bool,
+    /// Byte tile matrix multiply (AMX-INT8 with AMX-TILE).
+    pub amx_int8: bool,
 }
 
 impl CpuFeatures {
@@ -49,14 +51,20 @@ impl CpuFeatures {
 
     /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
     /// Q2_K to Q6_K blocks run on, where the CPU has one tuneforge has a
-    /// kernel for: `AVX512_VNNI` (with AVX-512 F, BW and DQ). Elsewhere they
-    /// are dequantized to f32.
+    /// kernel for: `AMX-INT8` (where the operating system also lets the
+    /// process use the tiles, [`amx_permitted`]), else `AVX512_VNNI`. Both
+    /// need AVX-512 F, BW and DQ besides (to round the rows and scale the
+    /// sums). Elsewhere the blocks are dequantized to f32.
     pub fn int8_kernel(&self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
         #[cfg(not(target_arch = "x86_64"))]
         let rest = false;
-        (self.avx512_vnni && self.avx512f && rest).then_some("AVX512_VNNI")
+        match (self.avx512f && rest, self.amx_int8, self.avx512_vnni) {
+            (true, true, true) if amx_permitted() => Some("AMX-INT8"),
+            (true, _, true) => Some("AVX512_VNNI"),
+            _ => None,
+        }
     }
 
     /// The instruction sets present, e.g. `AVX2+FMA, AVX-512F`.
@@ -67,6 +75,7 @@ impl CpuFeatures {
             (self.avx512_vnni, "AVX512_VNNI"),
             (self.avx512_bf16, "AVX512_BF16"),
             (self.amx_bf16, "AMX-BF16"),
+            (self.amx_int8, "AMX-INT8"),
         ];
         let present: Vec<&str> = names.iter().filter(|(h, _)| *h).map(|(_, n)| *n).collect();
         match present.is_empty() {
@@ -99,6 +108,7 @@ pub fn features() -> CpuFeatures {
 fn capped(features: CpuFeatures, max_isa: Option<&str>) -> Result<CpuFeatures, String> {
     let no_amx = CpuFeatures {
         amx_bf16: false,
+        amx_int8: false,
         ..features
     };
     match max_isa.map(str::to_ascii_lowercase).as_deref() {
@@ -122,14 +132,15 @@ fn detect() -> CpuFeatures {
         true => __cpuid_count(7, 0).edx,
         false => 0,
     };
-    // Leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
-    let amx = leaf7_edx & (1 << 22) != 0 && leaf7_edx & (1 << 24) != 0;
+    // Leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE, bit 25 AMX-INT8.
+    let tile = leaf7_edx & (1 << 24) != 0;
     CpuFeatures {
         avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
         avx512f: is_x86_feature_detected!("avx512f"),
         avx512_bf16: is_x86_feature_detected!("avx512bf16"),
-        amx_bf16: amx,
+        amx_bf16: tile && leaf7_edx & (1 << 22) != 0,
         avx512_vnni: is_x86_feature_detected!("avx512vnni"),
+        amx_int8: tile && leaf7_edx & (1 << 25) != 0,
     }
 }
 
@@ -145,7 +156,8 @@ fn detect() -> CpuFeatures {
 pub fn amx_permitted() -> bool {
     static PERMITTED: OnceLock<bool> = OnceLock::new();
     *PERMITTED.get_or_init(|| {
-        if !detect().amx_bf16 {
+        let cpu = detect();
+        if !(cpu.amx_bf16 || cpu.amx_int8) {
             return false;
         }
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -214,6 +226,7 @@ mod tests {
         assert_eq!(f.avx512f, has("avx512f"));
         assert_eq!(f.avx512_bf16, has("avx512_bf16"));
         assert_eq!(f.amx_bf16, has("amx_bf16") && has("amx_tile"));
+        assert_eq!(f.amx_int8, has("amx_int8") && has("amx_tile"));
         assert_eq!(f.avx512_vnni, has("avx512_vnni"));
         assert!(!f.describe().is_empty());
     }
@@ -228,13 +241,15 @@ mod tests {
             avx512_bf16: true,
             amx_bf16: true,
             avx512_vnni: true,
+            amx_int8: true,
         };
         assert_eq!(capped(all, None), Ok(all));
         let avx2 = capped(all, Some("AVX2")).unwrap();
         assert_eq!(avx2.describe(), "AVX2+FMA");
         assert_eq!((avx2.int8_kernel(), avx2.bf16_kernel()), (None, None));
         let avx512 = capped(all, Some("avx512")).unwrap();
-        assert!(!avx512.amx_bf16 && avx512.avx512_vnni && avx512.avx512_bf16);
+        assert!(!avx512.amx_bf16 && !avx512.amx_int8);
+        assert!(avx512.avx512_vnni && avx512.avx512_bf16);
         let err = capped(all, Some("sse2")).unwrap_err();
         assert!(err.contains("avx2, avx512"), "{err}");
     }

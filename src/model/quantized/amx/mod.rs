@@ -1,19 +1,20 @@
-//! AMX tiles: eight tile registers of 16 rows × 64 bytes and a unit that
-//! multiplies whole tiles (`tdpbf16ps`: a 16 × 32 bf16 tile by a 32 × 16
-//! one into 16 × 16 f32 sums, 16,384 flops per instruction).
+//! AMX tiles: eight tile registers of up to 16 rows × 64 bytes and a unit
+//! that multiplies whole tiles: `tdpbf16ps` (a 16 × 32 bf16 tile by a
+//! 32 × 16 one into 16 × 16 f32 sums, 16,384 flops per instruction) and
+//! `tdpbsud` (signed by unsigned bytes into i32 sums).
 //!
 //! The kernels are written once against [`Tiles`], with two
 //! implementations:
-//! - [`Amx`], the CPU's tiles through `asm!`, on CPUs with AMX-TILE and
-//!   AMX-BF16 whose operating system lets the process use them
-//!   ([`crate::cpu::amx_permitted`]);
+//! - [`Amx`], the CPU's tiles through `asm!`, on CPUs with AMX-TILE (and
+//!   AMX-BF16 or AMX-INT8 for the products) whose operating system lets
+//!   the process use them ([`crate::cpu::amx_permitted`]);
 //! - [`emulator::Emulator`] (tests only), Intel's pseudo-code for each
 //!   instruction in plain Rust, which checks every tile's configuration and
 //!   runs on any CPU: the kernels' layout, padding and loops are tested
 //!   everywhere, and only the instructions themselves need an AMX machine.
 //!
-//! Every tile is configured the same way, 16 rows of 64 bytes (palette 1),
-//! once per [`Amx`] value; a kernel pads its operands to whole tiles.
+//! A kernel configures the tiles' shapes once per [`Amx`] value
+//! ([`TileConfig`]) and pads its operands to whole tiles.
 
 #[cfg(test)]
 pub(super) mod emulator;
@@ -21,36 +22,60 @@ pub(super) mod emulator;
 use std::arch::asm;
 use std::marker::PhantomData;
 
-/// Rows of a tile.
+/// The most rows of a tile.
 pub(super) const TILE_ROWS: usize = 16;
-/// Bytes of a tile's row: 16 f32 or u32 values, 32 bf16 values.
+/// The most bytes of a tile's row: 16 f32 or u32 values, 32 bf16 values, 64
+/// bytes.
 pub(super) const TILE_ROW_BYTES: usize = 64;
 
-/// The tile registers, `T` (0 to 7) each 16 rows of 64 bytes. Kernels
-/// load and store through the checked [`load`] and [`store`].
+/// The tile registers, `T` (0 to 7), each configured to a number of rows
+/// of a number of bytes ([`TileConfig`]). Kernels load and store through
+/// the checked [`load`] and [`store`].
 pub(super) trait Tiles {
+    /// The configuration the tiles were set up with.
+    fn config(&self) -> &TileConfig;
     /// Sets tile `T` to zeros.
     fn zero<const T: u8>(&mut self);
     /// Loads tile `T` from `from`, rows `stride` bytes apart.
     ///
     /// # Safety
-    /// `16` rows of `64` bytes at `from + i·stride` are readable.
+    /// The tile's rows of bytes at `from + i·stride` are readable.
     unsafe fn load_raw<const T: u8>(&mut self, from: *const u8, stride: usize);
     /// Stores tile `T` to `to`, rows `stride` bytes apart.
     ///
     /// # Safety
-    /// `16` rows of `64` bytes at `to + i·stride` are writable.
+    /// The tile's rows of bytes at `to + i·stride` are writable.
     unsafe fn store_raw<const T: u8>(&mut self, to: *mut u8, stride: usize);
-    /// `C += A·B` in bf16 pairs (`tdpbf16ps`): `A` 16 rows of 16 pairs,
-    /// `B` 16 rows (pairs of the contraction) of 16 columns' pairs, `C`
-    /// 16 × 16 f32.
+    /// `C += A·B` in bf16 pairs (`tdpbf16ps`): `A` rows of pairs, `B` a
+    /// row per pair of `A`'s rows, of 16 columns' pairs, `C` f32.
     fn dot_bf16<const C: u8, const A: u8, const B: u8>(&mut self);
+    /// `C += A·B` in bytes (`tdpbsud`): `A` rows of signed bytes, `B` a row
+    /// per 4 bytes of `A`'s rows, of 16 columns' 4 unsigned bytes, `C` i32
+    /// sums of 4 products per step.
+    fn dot_i8_u8<const C: u8, const A: u8, const B: u8>(&mut self);
+}
+
+/// Checks that tile `t`'s rows, `stride` values of `V` apart from `at`, lie
+/// inside `len` values; returns the stride in bytes.
+#[inline(always)]
+fn checked_stride<V>(config: &TileConfig, t: u8, len: usize, at: usize, stride: usize) -> usize {
+    let size = std::mem::size_of::<V>();
+    let (rows, bytes) = config.shape(t);
+    assert!(
+        rows > 0 && bytes.is_multiple_of(size),
+        "tile {t} is {rows} rows of {bytes} bytes"
+    );
+    assert!(
+        at + (rows - 1) * stride + bytes / size <= len,
+        "tile {t} past its slice"
+    );
+    stride * size
 }
 
 /// Loads tile `T` from `values[at..]`, rows `stride` values apart.
 ///
 /// # Panics
-/// If the tile's 16 rows of 64 bytes are not all inside `values`.
+/// If the tile's rows are not all inside `values`.
 #[inline(always)]
 pub(super) fn load<U: Tiles, const T: u8, V: Copy>(
     unit: &mut U,
@@ -58,16 +83,15 @@ pub(super) fn load<U: Tiles, const T: u8, V: Copy>(
     at: usize,
     stride: usize,
 ) {
-    let size = std::mem::size_of::<V>();
-    assert!(at + (TILE_ROWS - 1) * stride + TILE_ROW_BYTES / size <= values.len());
-    // SAFETY: asserted that every row read is inside `values`.
-    unsafe { unit.load_raw::<T>(values.as_ptr().add(at).cast(), stride * size) }
+    let bytes = checked_stride::<V>(unit.config(), T, values.len(), at, stride);
+    // SAFETY: checked that every row read is inside `values`.
+    unsafe { unit.load_raw::<T>(values.as_ptr().add(at).cast(), bytes) }
 }
 
 /// Stores tile `T` to `values[at..]`, rows `stride` values apart.
 ///
 /// # Panics
-/// If the tile's 16 rows of 64 bytes are not all inside `values`.
+/// If the tile's rows are not all inside `values`.
 #[inline(always)]
 pub(super) fn store<U: Tiles, const T: u8, V: Copy>(
     unit: &mut U,
@@ -75,16 +99,16 @@ pub(super) fn store<U: Tiles, const T: u8, V: Copy>(
     at: usize,
     stride: usize,
 ) {
-    let size = std::mem::size_of::<V>();
-    assert!(at + (TILE_ROWS - 1) * stride + TILE_ROW_BYTES / size <= values.len());
-    // SAFETY: asserted that every row written is inside `values`.
-    unsafe { unit.store_raw::<T>(values.as_mut_ptr().add(at).cast(), stride * size) }
+    let bytes = checked_stride::<V>(unit.config(), T, values.len(), at, stride);
+    // SAFETY: checked that every row written is inside `values`.
+    unsafe { unit.store_raw::<T>(values.as_mut_ptr().add(at).cast(), bytes) }
 }
 
-/// The tile configuration `ldtilecfg` reads: palette 1, every tile 16 rows
-/// of 64 bytes.
+/// The tile configuration `ldtilecfg` reads (palette 1): each of tiles
+/// 0-7 some rows of some bytes.
+#[derive(Clone)]
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -93,11 +117,18 @@ struct TileConfig {
 }
 
 impl TileConfig {
-    fn all_full() -> Self {
+    /// Tiles 0-7 each `(rows, bytes per row)` of `shapes`.
+    ///
+    /// # Panics
+    /// If a shape is empty or larger than a tile.
+    pub(super) fn new(shapes: [(usize, usize); 8]) -> Self {
         let mut bytes_per_row = [0; 16];
         let mut rows = [0; 16];
-        bytes_per_row[..8].fill(TILE_ROW_BYTES as u16);
-        rows[..8].fill(TILE_ROWS as u8);
+        for (t, (r, b)) in shapes.into_iter().enumerate() {
+            assert!((1..=TILE_ROWS).contains(&r) && (1..=TILE_ROW_BYTES).contains(&b));
+            rows[t] = r as u8;
+            bytes_per_row[t] = b as u16;
+        }
         Self {
             palette: 1,
             start_row: 0,
@@ -106,29 +137,43 @@ impl TileConfig {
             rows,
         }
     }
+
+    /// Every tile 16 rows of 64 bytes.
+    pub(super) fn full() -> Self {
+        Self::new([(TILE_ROWS, TILE_ROW_BYTES); 8])
+    }
+
+    /// Tile `t`'s rows and bytes per row.
+    pub(super) fn shape(&self, t: u8) -> (usize, usize) {
+        (
+            self.rows[t as usize] as usize,
+            self.bytes_per_row[t as usize] as usize,
+        )
+    }
 }
 
 /// This thread's AMX tiles, configured on creation and released on drop.
 /// Not `Send`: the tiles' state belongs to the thread.
 pub(super) struct Amx {
+    config: TileConfig,
     _thread: PhantomData<*const ()>,
 }
 
 impl Amx {
-    /// Configures this thread's tiles, where the CPU has AMX-BF16 and the
-    /// process may use it; `None` elsewhere.
-    pub(super) fn new() -> Option<Self> {
-        let features = crate::cpu::features();
-        if !(features.amx_bf16 && crate::cpu::amx_permitted()) {
+    /// Configures this thread's tiles, where the CPU has AMX-TILE and the
+    /// process may use it; `None` elsewhere. (Which tile products the CPU
+    /// has, AMX-BF16 or AMX-INT8, is the caller's to check.)
+    pub(super) fn new(config: TileConfig) -> Option<Self> {
+        if !crate::cpu::amx_permitted() {
             return None;
         }
-        let config = TileConfig::all_full();
         // SAFETY: the CPU has AMX-TILE and the kernel granted the process
-        // its tile data; the configuration is a valid palette-1 one.
+        // its tile data; `TileConfig::new` keeps the configuration valid.
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
         }
         Some(Self {
+            config,
             _thread: PhantomData,
         })
     }
@@ -142,6 +187,10 @@ impl Drop for Amx {
 }
 
 impl Tiles for Amx {
+    fn config(&self) -> &TileConfig {
+        &self.config
+    }
+
     #[inline(always)]
     fn zero<const T: u8>(&mut self) {
         // SAFETY: the tiles are configured (`new`).
@@ -178,10 +227,28 @@ impl Tiles for Amx {
 
     #[inline(always)]
     fn dot_bf16<const C: u8, const A: u8, const B: u8>(&mut self) {
-        // SAFETY: the tiles are configured (`new`) and the CPU has AMX-BF16.
+        debug_assert!(crate::cpu::features().amx_bf16);
+        // SAFETY: the tiles are configured (`new`); the kernels that call
+        // this run only where the CPU has AMX-BF16.
         unsafe {
             asm!(
                 "tdpbf16ps tmm{c}, tmm{a}, tmm{b}",
+                c = const C,
+                a = const A,
+                b = const B,
+                options(nostack, nomem)
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn dot_i8_u8<const C: u8, const A: u8, const B: u8>(&mut self) {
+        debug_assert!(crate::cpu::features().amx_int8);
+        // SAFETY: the tiles are configured (`new`); the kernels that call
+        // this run only where the CPU has AMX-INT8.
+        unsafe {
+            asm!(
+                "tdpbsud tmm{c}, tmm{a}, tmm{b}",
                 c = const C,
                 a = const A,
                 b = const B,
@@ -196,7 +263,10 @@ impl Tiles for Amx {
 /// measurement of the tiles' peak times. `None` where the CPU has no usable
 /// AMX-BF16.
 pub(crate) fn tile_product_rounds(rounds: u64) -> Option<f64> {
-    let mut tiles = Amx::new()?;
+    if !crate::cpu::features().amx_bf16 {
+        return None;
+    }
+    let mut tiles = Amx::new(TileConfig::full())?;
     let ones = vec![0x3f80_3f80u32; TILE_ROWS * 16]; // pairs of bf16 1.0
     tiles.zero::<0>();
     tiles.zero::<1>();
@@ -226,58 +296,95 @@ mod tests {
     #[test]
     fn the_configuration_is_laid_out_as_the_cpu_reads_it() {
         assert_eq!(std::mem::size_of::<TileConfig>(), 64);
-        let config = TileConfig::all_full();
+        let mut shapes = [(TILE_ROWS, TILE_ROW_BYTES); 8];
+        shapes[7] = (8, 32);
         // SAFETY: a `repr(C)` struct of integers, 64 bytes, no padding.
-        let bytes: [u8; 64] = unsafe { std::mem::transmute(config) };
+        let bytes: [u8; 64] = unsafe { std::mem::transmute(TileConfig::new(shapes)) };
         assert_eq!(bytes[0], 1, "palette");
+        assert_eq!(&bytes[1..16], &[0; 15], "start row and reserved bytes");
         assert_eq!(
             &bytes[16..18],
             &[64, 0],
             "tile 0's bytes per row, little-endian"
         );
-        assert_eq!(&bytes[30..32], &[64, 0], "tile 7's bytes per row");
+        assert_eq!(&bytes[30..32], &[32, 0], "tile 7's bytes per row");
         assert_eq!(&bytes[32..48], &[0; 16], "tiles 8-15 unused");
-        assert_eq!(&bytes[48..56], &[16; 8], "rows of tiles 0-7");
+        assert_eq!(&bytes[48..55], &[16; 7], "rows of tiles 0-6");
+        assert_eq!(bytes[55], 8, "rows of tile 7");
         assert_eq!(&bytes[56..64], &[0; 8]);
     }
 
-    /// Where the CPU has AMX: the tiles agree with the emulator on one
-    /// product of random bf16 tiles, bit for bit except for the order of the
-    /// f32 sums.
+    /// Random tiles: what the CPU's tiles (`Amx`) compute for one product
+    /// of each kind it has, against the emulator; skipped where it has
+    /// none.
     #[test]
     fn the_cpus_tiles_agree_with_the_emulator() {
-        let Some(mut amx) = Amx::new() else {
-            eprintln!("skipped: this CPU has no AMX-BF16, or the system does not permit it");
-            return;
-        };
-        let mut emulated = emulator::Emulator::default();
+        let features = crate::cpu::features();
         let mut rng = crate::rng::Rng::new(4);
-        let pairs = |rng: &mut crate::rng::Rng| -> Vec<u32> {
+        let words = |rng: &mut crate::rng::Rng, bf16: bool| -> Vec<u32> {
             (0..256)
-                .map(|_| {
-                    let bf = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
-                    bf(rng.normal()) | bf(rng.normal()) << 16
+                .map(|_| match bf16 {
+                    true => {
+                        let bf = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+                        bf(rng.normal()) | bf(rng.normal()) << 16
+                    }
+                    false => rng.next_u64() as u32,
                 })
                 .collect()
         };
-        let (a, b) = (pairs(&mut rng), pairs(&mut rng));
-        let start: Vec<f32> = (0..256).map(|_| rng.normal()).collect();
-        let mut got = vec![0f32; 256];
-        let mut want = vec![0f32; 256];
-        load::<_, 0, _>(&mut amx, &start, 0, 16);
-        load::<_, 4, _>(&mut amx, &a, 0, 16);
-        load::<_, 6, _>(&mut amx, &b, 0, 16);
-        amx.dot_bf16::<0, 4, 6>();
-        store::<_, 0, _>(&mut amx, &mut got, 0, 16);
-        load::<_, 0, _>(&mut emulated, &start, 0, 16);
-        load::<_, 4, _>(&mut emulated, &a, 0, 16);
-        load::<_, 6, _>(&mut emulated, &b, 0, 16);
-        emulated.dot_bf16::<0, 4, 6>();
-        store::<_, 0, _>(&mut emulated, &mut want, 0, 16);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "value {i}: {g} against {w}"
+        let mut ran = false;
+        for bf16 in [true, false] {
+            let has = match bf16 {
+                true => features.amx_bf16,
+                false => features.amx_int8,
+            };
+            let Some(mut amx) = Amx::new(TileConfig::full()).filter(|_| has) else {
+                continue;
+            };
+            ran = true;
+            let mut emulated = emulator::Emulator::new(TileConfig::full());
+            let (a, b, start) = (
+                words(&mut rng, bf16),
+                words(&mut rng, bf16),
+                words(&mut rng, bf16),
+            );
+            let mut results = [vec![0u32; 256], vec![0u32; 256]];
+            fn run(
+                tiles: &mut impl Tiles,
+                bf16: bool,
+                [a, b, start]: [&[u32]; 3],
+                out: &mut [u32],
+            ) {
+                load::<_, 0, _>(tiles, start, 0, 16);
+                load::<_, 4, _>(tiles, a, 0, 16);
+                load::<_, 6, _>(tiles, b, 0, 16);
+                match bf16 {
+                    true => tiles.dot_bf16::<0, 4, 6>(),
+                    false => tiles.dot_i8_u8::<0, 4, 6>(),
+                }
+                store::<_, 0, _>(tiles, out, 0, 16);
+            }
+            let [got, want] = &mut results;
+            run(&mut amx, bf16, [&a, &b, &start], got);
+            run(&mut emulated, bf16, [&a, &b, &start], want);
+            for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                match bf16 {
+                    // f32 sums: equal up to their order.
+                    true => {
+                        let (g, w) = (f32::from_bits(*g), f32::from_bits(*w));
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "bf16, value {i}: {g} against {w}"
+                        );
+                    }
+                    // Integer sums: exact.
+                    false => assert_eq!(g, w, "int8, value {i}"),
+                }
+            }
+        }
+        if !ran {
+            eprintln!(
+                "skipped: this CPU has no AMX-BF16 or AMX-INT8, or the system does not permit them"
             );
         }
     }

@@ -182,7 +182,7 @@ impl Block<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::amx::{emulator::Emulator, Amx};
+    use super::super::super::amx::{emulator::Emulator, Amx, TileConfig};
     use super::super::tests::{random, random_bf16, reference};
     use super::*;
     use crate::rng::Rng;
@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn emulated_tile_products_equal_the_bf16_rounded_products() {
         check(
-            &mut Emulator::default(),
+            &mut Emulator::new(TileConfig::full()),
             &[
                 (1, 1, 1),
                 (2, 3, 5),
@@ -239,7 +239,9 @@ mod tests {
     /// shapes.
     #[test]
     fn amx_tile_products_equal_the_bf16_rounded_products() {
-        let Some(mut tiles) = Amx::new() else {
+        let Some(mut tiles) =
+            Amx::new(TileConfig::full()).filter(|_| crate::cpu::features().amx_bf16)
+        else {
             eprintln!("skipped: this CPU has no AMX-BF16, or the system does not permit it");
             return;
         };
@@ -278,7 +280,14 @@ mod tests {
             *v *= 1e-39;
         }
         let mut out = vec![0f32; m * n];
-        serial(&mut Emulator::default(), &x, m, w, false, &mut out);
+        serial(
+            &mut Emulator::new(TileConfig::full()),
+            &x,
+            m,
+            w,
+            false,
+            &mut out,
+        );
         let want = reference(&x, m, w, false);
         for i in 0..m {
             for j in 0..n {

@@ -105,7 +105,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
             (q, p),
             amx::ROW_TILES,
             out,
-            |x, m, out| match super::amx::Amx::new() {
+            |x, m, out| match super::amx::Amx::new(super::amx::TileConfig::full()) {
                 Some(mut tiles) => amx::serial(&mut tiles, x, m, w, input_gradient, out),
                 None => serial(x, m, w, input_gradient, out),
             },
