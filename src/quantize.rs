@@ -279,8 +279,12 @@ pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
         true => last.clone(),
         false => format!("{} and {last}", rest.join(", ")),
     };
+    let products = match kernel {
+        "AMX-INT8" => "tile",
+        _ => "int8 dot",
+    };
     Some(format!(
-        "forward products of {formats} blocks on {kernel} int8 dot products, activations \
+        "forward products of {formats} blocks on {kernel} {products} products, activations \
          rounded to two 8-bit digits per group"
     ))
 }

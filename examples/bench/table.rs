@@ -85,7 +85,7 @@ pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Opt
     if let (true, Some(kernel)) = (qlora, features.int8_kernel()) {
         println!(
             "(rows with a quantized base multiply Q8_0, Q4_x, Q5_x and Q2_K to Q6_K \
-             blocks forward with {kernel} int8 dot products, the activations rounded to \
+             blocks forward with {kernel} products, the activations rounded to \
              two 8-bit digits per group; \
              their share is of the f32 FMA peak)\n"
         );

@@ -205,7 +205,12 @@ mod tests {
                 assert_eq!(out[m * 5 + n], want, "C[{m}][{n}]");
             }
         }
-        assert_eq!(out[0], -255 + 1 + 4 + 9 + 4 * 6 + 0 + 6 + 7 * 2, "by hand");
+        // −1·255 + 1·1 + 2·2 + 3·3, then 4·6 + 5·0 + 6·1 + 7·2.
+        assert_eq!(
+            out[0],
+            -255 + 1 + 2 * 2 + 3 * 3 + 4 * 6 + 6 + 7 * 2,
+            "by hand"
+        );
     }
 
     /// A load that would read past its slice is refused before it reads,
