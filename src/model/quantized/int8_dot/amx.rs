@@ -188,14 +188,19 @@ unsafe fn scale_sums(
             group.rows.starts[at],
             group.rows.scaled_sums[at],
         );
-        for (c, v) in block.iter_mut().enumerate() {
-            let (half, lane) = (c / 16, c % 16);
-            let high = sums[half * SUMS + i * 16 + lane];
-            let low = sums[(2 + half) * SUMS + i * 16 + lane];
-            let total = high.wrapping_shl(8).wrapping_add(start).wrapping_add(low);
-            *v = (total as f32).mul_add(d[c] * scale, *v);
+        for half in 0..2 {
+            let high = &sums[half * SUMS + i * 16..][..16];
+            let low = &sums[(2 + half) * SUMS + i * 16..][..16];
+            let (d, min) = (&d[16 * half..][..16], &min[16 * half..][..16]);
+            let out = &mut block[16 * half..][..16];
+            for l in 0..16 {
+                let total = (high[l] << 8).wrapping_add(start).wrapping_add(low[l]);
+                out[l] = (total as f32).mul_add(d[l] * scale, out[l]);
+            }
             if with_min {
-                *v = min[c].mul_add(scaled_sum, *v);
+                for l in 0..16 {
+                    out[l] = min[l].mul_add(scaled_sum, out[l]);
+                }
             }
         }
     }
