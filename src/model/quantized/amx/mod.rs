@@ -104,6 +104,30 @@ pub(super) fn store<U: Tiles, const T: u8, V: Copy>(
     unsafe { unit.store_raw::<T>(values.as_mut_ptr().add(at).cast(), bytes) }
 }
 
+/// Runs `f` on an output of `m` rows of `p` values padded with zeros to
+/// `rows` rows of `stride` values (at least `m` and `p`; kernels on tiles
+/// write whole tiles): on `out` itself where no padding is needed, else on a
+/// scratch buffer whose unpadded part is copied into `out` afterwards.
+pub(super) fn with_padded_output(
+    out: &mut [f32],
+    (m, p): (usize, usize),
+    (rows, stride): (usize, usize),
+    f: impl FnOnce(&mut [f32]),
+) {
+    assert!(rows >= m && stride >= p && out.len() == m * p);
+    if p == 0 {
+        return;
+    }
+    if rows == m && stride == p {
+        return f(out);
+    }
+    let mut padded = vec![0f32; rows * stride];
+    f(&mut padded);
+    for (o, s) in out.chunks_exact_mut(p).zip(padded.chunks_exact(stride)) {
+        o.copy_from_slice(&s[..p]);
+    }
+}
+
 /// The tile configuration `ldtilecfg` reads (palette 1): each of tiles
 /// 0-7 some rows of some bytes.
 #[derive(Clone)]

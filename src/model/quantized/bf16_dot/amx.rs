@@ -14,9 +14,9 @@
 //! The blocking constants are the AVX512_BF16 kernel's; they are not tuned
 //! for AMX, which no machine this was written on had.
 
-use super::super::amx::{load, store, Tiles, TILE_ROWS};
-use super::pack::pack;
-use super::{to_bf16_rows, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
+use super::super::amx::{load, store, with_padded_output, Tiles, TILE_ROWS};
+use super::pack::for_each_block;
+use super::{to_bf16_rows, Bf16Weight, NR};
 
 /// Rows of a block of output tiles: the rows' share of a thread is a
 /// multiple of it.
@@ -43,42 +43,26 @@ pub(super) fn serial(
     let out_stride = p.next_multiple_of(TILE_ROWS);
     let mut rows = vec![0u32; rows_padded * row_stride];
     to_bf16_rows(x, q, row_stride, &mut rows);
-    let whole = rows_padded == m && out_stride == p;
-    let mut scratch = match whole {
-        true => Vec::new(),
-        false => vec![0f32; rows_padded * out_stride],
-    };
-    let acc: &mut [f32] = match whole {
-        true => out,
-        false => &mut scratch,
-    };
-    let mut packed = Vec::new();
-    for col in (0..p).step_by(COLUMN_BLOCK) {
-        let cols = COLUMN_BLOCK.min(p - col);
-        for pair in (0..pairs).step_by(PAIR_BLOCK) {
-            let depth = PAIR_BLOCK.min(pairs - pair);
-            pack(
-                w,
-                input_gradient,
-                col..col + cols,
-                pair..pair + depth,
-                TILE_PAIRS,
-                &mut packed,
-            );
-            let steps = depth.div_ceil(TILE_PAIRS);
+    with_padded_output(out, (m, p), (rows_padded, out_stride), |acc| {
+        for_each_block(w, input_gradient, TILE_PAIRS, |packed| {
+            let steps = packed.depth.div_ceil(TILE_PAIRS);
             for row in (0..rows_padded).step_by(ROW_TILES) {
                 let two_rows = row + ROW_TILES <= rows_padded;
-                for (j, panel) in packed.chunks_exact(steps * TILE_PAIRS * NR).enumerate() {
-                    let first_col = col + j * NR;
+                for (j, panel) in packed
+                    .panels
+                    .chunks_exact(steps * TILE_PAIRS * NR)
+                    .enumerate()
+                {
+                    let first_col = packed.col + j * NR;
                     let block = Block {
                         rows: &rows,
-                        a: row * row_stride + pair,
+                        a: row * row_stride + packed.pair,
                         row_stride,
                         panel,
                         steps,
                         c: row * out_stride + first_col,
                         out_stride,
-                        accumulate: pair > 0,
+                        accumulate: packed.pair > 0,
                     };
                     match (two_rows, first_col + NR <= out_stride) {
                         (true, true) => block.run::<_, true, true>(tiles, acc),
@@ -88,16 +72,8 @@ pub(super) fn serial(
                     }
                 }
             }
-        }
-    }
-    if !whole {
-        for (o, s) in out
-            .chunks_exact_mut(p)
-            .zip(scratch.chunks_exact(out_stride))
-        {
-            o.copy_from_slice(&s[..p]);
-        }
-    }
+        });
+    });
 }
 
 /// One block of output tiles: 16 or 32 rows × 16 or 32 columns (one packed
@@ -183,45 +159,21 @@ impl Block<'_> {
 #[cfg(test)]
 mod tests {
     use super::super::super::amx::{emulator::Emulator, Amx, TileConfig};
-    use super::super::tests::{random, random_bf16, reference};
+    use super::super::tests::{check_products, random, random_bf16, reference};
     use super::*;
     use crate::rng::Rng;
 
-    /// Forward and input gradient on `tiles` against the f64 product of the
-    /// bf16-rounded rows, on sizes below one tile, odd sizes, sizes across
-    /// the packed blocks and a large contraction.
-    fn check(tiles: &mut impl Tiles, shapes: &[(usize, usize, usize)]) {
-        let mut rng = Rng::new(11);
-        for &(m, n, k) in shapes {
-            let values = random_bf16(n * k, &mut rng);
-            let w = Bf16Weight {
-                values: &values,
-                n,
-                k,
-            };
-            for input_gradient in [false, true] {
-                let (q, p) = w.sides(input_gradient);
-                let x = random(m * q, &mut rng);
-                let mut out = vec![f32::NAN; m * p];
-                serial(tiles, &x, m, w, input_gradient, &mut out);
-                let want = reference(&x, m, w, input_gradient);
-                let tol = 16.0 * (q as f64).sqrt() * f32::EPSILON as f64;
-                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - e).abs() <= tol,
-                        "{m}x{q} by {q}x{p} (input gradient: {input_gradient}), value {i}: {g} against {e}"
-                    );
-                }
-            }
-        }
+    /// [`serial`] on `tiles`, for [`check_products`].
+    fn on(tiles: &mut impl Tiles) -> impl FnMut(&[f32], usize, Bf16Weight, bool, &mut [f32]) + '_ {
+        |x, m, w, input_gradient, out| serial(tiles, x, m, w, input_gradient, out)
     }
 
     /// The kernel's layout, padding and loops, on the emulated tiles: runs
     /// on every CPU.
     #[test]
     fn emulated_tile_products_equal_the_bf16_rounded_products() {
-        check(
-            &mut Emulator::new(TileConfig::full()),
+        check_products(
+            on(&mut Emulator::new(TileConfig::full())),
             &[
                 (1, 1, 1),
                 (2, 3, 5),
@@ -245,8 +197,8 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX-BF16, or the system does not permit it");
             return;
         };
-        check(
-            &mut tiles,
+        check_products(
+            on(&mut tiles),
             &[
                 (1, 1, 1),
                 (2, 3, 5),

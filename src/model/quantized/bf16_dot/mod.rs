@@ -26,7 +26,7 @@ mod pack;
 mod tile;
 
 use super::simd::{low_mask, split_rows};
-use pack::pack;
+use pack::for_each_block;
 use tile::Tile;
 
 /// Rows of a micro-tile.
@@ -150,43 +150,31 @@ fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f
     let pairs = q.div_ceil(2);
     let mut rows = vec![0u32; m * pairs];
     to_bf16_rows(x, q, pairs, &mut rows);
-    let mut packed = Vec::new();
-    for col in (0..p).step_by(COLUMN_BLOCK) {
-        let cols = COLUMN_BLOCK.min(p - col);
-        for pair in (0..pairs).step_by(PAIR_BLOCK) {
-            let depth = PAIR_BLOCK.min(pairs - pair);
-            pack(
-                w,
-                input_gradient,
-                col..col + cols,
-                pair..pair + depth,
-                1,
-                &mut packed,
-            );
-            for row in (0..m).step_by(ROW_BLOCK) {
-                let block_rows = ROW_BLOCK.min(m - row);
-                for (j, panel) in packed.chunks_exact(depth * NR).enumerate() {
-                    let first_col = col + j * NR;
-                    let width = NR.min(col + cols - first_col);
-                    for r in (row..row + block_rows).step_by(MR) {
-                        let tile = Tile {
-                            rows: &rows[r * pairs + pair..],
-                            row_stride: pairs,
-                            panel,
-                            depth,
-                            out: &mut out[r * p + first_col..],
-                            out_stride: p,
-                            width,
-                            accumulate: pair > 0,
-                        };
-                        // SAFETY: the CPU has AVX512_BF16 (checked in
-                        // `product`); the tile's bounds are checked inside.
-                        unsafe { tile.run(MR.min(row + block_rows - r)) };
-                    }
+    for_each_block(w, input_gradient, 1, |block| {
+        let (col, pair, depth) = (block.col, block.pair, block.depth);
+        for row in (0..m).step_by(ROW_BLOCK) {
+            let block_rows = ROW_BLOCK.min(m - row);
+            for (j, panel) in block.panels.chunks_exact(depth * NR).enumerate() {
+                let first_col = col + j * NR;
+                let width = NR.min(col + block.cols - first_col);
+                for r in (row..row + block_rows).step_by(MR) {
+                    let tile = Tile {
+                        rows: &rows[r * pairs + pair..],
+                        row_stride: pairs,
+                        panel,
+                        depth,
+                        out: &mut out[r * p + first_col..],
+                        out_stride: p,
+                        width,
+                        accumulate: pair > 0,
+                    };
+                    // SAFETY: the CPU has AVX512_BF16 (checked in
+                    // `product`); the tile's bounds are checked inside.
+                    unsafe { tile.run(MR.min(row + block_rows - r)) };
                 }
             }
         }
-    }
+    });
 }
 
 /// Rounds `x` to bf16, to nearest with ties to even, two values to a u32
@@ -263,26 +251,14 @@ mod tests {
         here
     }
 
-    /// Forward and input gradient against the f64 reference, on sizes below
-    /// one tile, odd sizes, sizes across the packed blocks (more than
-    /// `COLUMN_BLOCK` columns, more than `PAIR_BLOCK` pairs) and a large
-    /// contraction.
-    #[test]
-    fn products_equal_the_bf16_rounded_products() {
-        if !runs_here() {
-            return;
-        }
+    /// Forward and input gradient of `run` against the f64 reference on
+    /// `shapes` (`(m, n, k)`).
+    pub(super) fn check_products(
+        mut run: impl FnMut(&[f32], usize, Bf16Weight, bool, &mut [f32]),
+        shapes: &[(usize, usize, usize)],
+    ) {
         let mut rng = Rng::new(3);
-        for (m, n, k) in [
-            (1, 1, 1),
-            (2, 3, 5),
-            (13, 33, 7),
-            (12, 32, 64),
-            (25, 70, 257),
-            (97, 1031, 300),
-            (5, 17, 4099),
-            (130, 40, 33),
-        ] {
+        for &(m, n, k) in shapes {
             let values = random_bf16(n * k, &mut rng);
             let w = Bf16Weight {
                 values: &values,
@@ -293,7 +269,7 @@ mod tests {
                 let (q, p) = w.sides(input_gradient);
                 let x = random(m * q, &mut rng);
                 let mut out = vec![f32::NAN; m * p];
-                product(&x, m, w, input_gradient, &mut out);
+                run(&x, m, w, input_gradient, &mut out);
                 let want = reference(&x, m, w, input_gradient);
                 // f32 sums of q exact products: a few ulp of the sum's scale.
                 let tol = 4.0 * (q as f64).sqrt() * f32::EPSILON as f64 * 4.0;
@@ -306,6 +282,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The kernel's products ([`check_products`]) on sizes below one tile,
+    /// odd sizes, sizes across the packed blocks (more than `COLUMN_BLOCK`
+    /// columns, more than `PAIR_BLOCK` pairs) and a large contraction.
+    #[test]
+    fn products_equal_the_bf16_rounded_products() {
+        if !runs_here() {
+            return;
+        }
+        check_products(
+            product,
+            &[
+                (1, 1, 1),
+                (2, 3, 5),
+                (13, 33, 7),
+                (12, 32, 64),
+                (25, 70, 257),
+                (97, 1031, 300),
+                (5, 17, 4099),
+                (130, 40, 33),
+            ],
+        );
     }
 
     /// Adversarial values: an infinity or a NaN in a row reaches only that

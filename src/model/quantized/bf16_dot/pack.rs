@@ -5,7 +5,7 @@
 //! (16 × 16 u32s at a time in registers), the input gradient's an
 //! interleave of two rows; a value-by-value packer is the reference.
 
-use super::{low_mask, Bf16Weight, NR};
+use super::{low_mask, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
 
 /// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
 /// gradient) at columns `cols` and pairs of rows `pairs` into `packed`:
@@ -13,7 +13,7 @@ use super::{low_mask, Bf16Weight, NR};
 /// (`B[2t, c]` low, `B[2t + 1, c]` high), followed by zero steps up to the
 /// next multiple of `whole_steps` (the AMX kernel's tiles take 16 steps at a
 /// time); zeros past the edges.
-pub(super) fn pack(
+fn pack(
     w: Bf16Weight,
     input_gradient: bool,
     cols: std::ops::Range<usize>,
@@ -41,6 +41,47 @@ pub(super) fn pack(
                 pack_interleaved_rows(w, first, width, pairs.start, panel)
             },
             _ => pack_portable(w, input_gradient, first, width, pairs.start, panel),
+        }
+    }
+}
+
+/// A packed block of the weight ([`pack`]): its first output column, its
+/// columns, its first pair of the contraction and its pairs, and the packed
+/// micro-panels.
+pub(super) struct PackedBlock<'a> {
+    pub(super) col: usize,
+    pub(super) cols: usize,
+    pub(super) pair: usize,
+    pub(super) depth: usize,
+    pub(super) panels: &'a [u32],
+}
+
+/// Runs `f` on each packed block of the product's weight in turn: up to
+/// [`COLUMN_BLOCK`] output columns × [`PAIR_BLOCK`] pairs of the
+/// contraction, columns outermost, packed with steps padded to
+/// `whole_steps` into one reused buffer.
+pub(super) fn for_each_block(
+    w: Bf16Weight,
+    input_gradient: bool,
+    whole_steps: usize,
+    mut f: impl FnMut(PackedBlock),
+) {
+    let (q, p) = w.sides(input_gradient);
+    let pairs = q.div_ceil(2);
+    let mut packed = Vec::new();
+    for col in (0..p).step_by(COLUMN_BLOCK) {
+        let cols = COLUMN_BLOCK.min(p - col);
+        for pair in (0..pairs).step_by(PAIR_BLOCK) {
+            let depth = PAIR_BLOCK.min(pairs - pair);
+            let (columns, steps) = (col..col + cols, pair..pair + depth);
+            pack(w, input_gradient, columns, steps, whole_steps, &mut packed);
+            f(PackedBlock {
+                col,
+                cols,
+                pair,
+                depth,
+                panels: &packed,
+            });
         }
     }
 }
