@@ -30,11 +30,16 @@ impl QuantizedRows {
             starts: vec![0; rows * groups],
             scaled_sums: vec![0.0; rows * groups],
         };
+        let vector = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
         for (i, x) in x.chunks_exact(G).enumerate() {
             let at = i * G..(i + 1) * G;
-            // SAFETY: `product` checked that the CPU has the kernel's features.
-            let (scale, sum) =
-                unsafe { quantize_group(x, &mut rows.high[at.clone()], &mut rows.low[at]) };
+            let (high, low) = (&mut rows.high[at.clone()], &mut rows.low[at]);
+            let (scale, sum) = match vector {
+                // SAFETY: checked just above that the CPU has AVX-512 BW and
+                // DQ (and so F).
+                true => unsafe { quantize_group(x, high, low) },
+                false => quantize_group_portable(x, high, low),
+            };
             rows.scales[i] = scale;
             rows.starts[i] = -zero_point * sum;
             rows.scaled_sums[i] = scale * sum as f32;
@@ -47,7 +52,9 @@ impl QuantizedRows {
 /// magnitude over 127), ties to even, into `out`; returns the scale and the
 /// sum of the rounded values. A group with an infinity or a NaN gets a NaN
 /// scale (its products are NaN, as the f32 product's would be non-finite),
-/// and a group of zeros and subnormals (below 1.2e-38) a zero scale.
+/// and a group whose largest magnitude is below 3.7e-37 (zeros,
+/// subnormals, and values so small that `127 / largest` overflows f32) a
+/// zero scale: its values count as zero.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
 unsafe fn round_group(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
@@ -63,7 +70,7 @@ unsafe fn round_group(x: &[f32], out: &mut [i8]) -> (f32, i32) {
         // QNaN, SNaN, +inf, -inf.
         let special = _mm512_fpclass_ps_mask::<0x99>(lo) | _mm512_fpclass_ps_mask::<0x99>(hi);
         let largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        if special != 0 || largest < f32::MIN_POSITIVE {
+        if special != 0 || !(127.0 / largest).is_finite() {
             out.fill(0);
             return (if special != 0 { f32::NAN } else { 0.0 }, 0);
         }
@@ -94,8 +101,8 @@ unsafe fn quantize_group(x: &[f32], high: &mut [i8], low: &mut [i8]) -> (f32, i3
     let (step, high_sum) = unsafe { round_group(x, high) };
     if !(256.0 / step).is_finite() {
         // Zeros (step 0), a non-finite value (step NaN), or a group below
-        // 1e-36 (its steps of s / 256 not representable): the high digits
-        // alone.
+        // 9.6e-35 (its steps of s / 256 not representable): the high
+        // digits alone.
         low.fill(0);
         return (step / 256.0, 256 * high_sum);
     }
@@ -119,6 +126,35 @@ unsafe fn quantize_group(x: &[f32], high: &mut [i8], low: &mut [i8]) -> (f32, i3
         }
     }
     (step / 256.0, 256 * high_sum + low_sum)
+}
+
+/// [`quantize_group`] value by value, bit for bit the same (the same
+/// roundings in the same order), for CPUs without AVX-512.
+fn quantize_group_portable(x: &[f32], high: &mut [i8], low: &mut [i8]) -> (f32, i32) {
+    let largest = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let special = x.iter().any(|v| !v.is_finite());
+    if special || !(127.0 / largest).is_finite() {
+        high.fill(0);
+        low.fill(0);
+        return (if special { f32::NAN } else { 0.0 }, 0);
+    }
+    let (step, inverse) = (largest / 127.0, 127.0 / largest);
+    let mut sum = 0;
+    for (v, h) in x.iter().zip(high.iter_mut()) {
+        *h = (v * inverse).round_ties_even() as i8;
+        sum += 256 * *h as i32;
+    }
+    let units = 256.0 / step;
+    if !units.is_finite() {
+        low.fill(0);
+        return (step / 256.0, sum);
+    }
+    for ((v, h), l) in x.iter().zip(high.iter()).zip(low.iter_mut()) {
+        let rest = (-(*h as f32)).mul_add(step, *v);
+        *l = (rest * units).round_ties_even().clamp(-127.0, 127.0) as i8;
+        sum += *l as i32;
+    }
+    (step / 256.0, sum)
 }
 
 #[cfg(test)]
@@ -165,6 +201,47 @@ mod tests {
                 .zip(&low)
                 .map(|(&h, &l)| 256 * h as i32 + l as i32);
             assert_eq!(sum, combined.sum::<i32>());
+        }
+    }
+
+    /// The value-by-value rounding gives the vector one's digits, steps and
+    /// sums bit for bit: random groups at many scales, ties, saturating low
+    /// digits, zeros, subnormals, tiny groups, infinities and NaN.
+    #[test]
+    fn portable_rounding_equals_the_vector_rounding() {
+        if !runs_here() {
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(12);
+        let mut groups: Vec<Vec<f32>> = Vec::new();
+        for group in [16, 32] {
+            for scale in [1e-37f32, 1e-30, 1e-3, 1.0, 7.5, 1e4, 3e38] {
+                for _ in 0..20 {
+                    groups.push((0..group).map(|_| scale * rng.normal()).collect());
+                }
+            }
+            let mut ties = vec![0f32; group];
+            ties[..8].copy_from_slice(&[-127.0, 2.5, 3.5, -0.5, 126.6, 0.3, -126.498, 0.5]);
+            groups.push(ties);
+            groups.push(vec![0.0; group]);
+            groups.push(vec![1e-39; group]);
+            let mut special = vec![1.0; group];
+            special[3] = f32::INFINITY;
+            groups.push(special.clone());
+            special[3] = f32::NAN;
+            groups.push(special);
+        }
+        for (i, x) in groups.iter().enumerate() {
+            let n = x.len();
+            let (mut h1, mut l1, mut h2, mut l2) = (vec![9; n], vec![9; n], vec![7; n], vec![7; n]);
+            // SAFETY: checked above that the CPU has the features.
+            let (s1, sum1) = unsafe { quantize_group(x, &mut h1, &mut l1) };
+            let (s2, sum2) = quantize_group_portable(x, &mut h2, &mut l2);
+            assert_eq!((h1, l1, sum1), (h2, l2, sum2), "group {i}: {x:?}");
+            assert!(
+                s1.to_bits() == s2.to_bits() || (s1.is_nan() && s2.is_nan()),
+                "group {i}: {s1} against {s2}"
+            );
         }
     }
 }
