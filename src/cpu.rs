@@ -23,6 +23,9 @@ pub struct CpuFeatures {
     pub avx512_vnni: bool,
     /// Byte tile matrix multiply (AMX-INT8 with AMX-TILE).
     pub amx_int8: bool,
+    /// u8 × i8 dot products into i32 on 256-bit registers, VEX-encoded
+    /// (AVX-VNNI: Intel's cores from Alder Lake on, without AVX-512).
+    pub avx_vnni: bool,
 }
 
 impl CpuFeatures {
@@ -52,9 +55,10 @@ impl CpuFeatures {
     /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
     /// Q2_K to Q6_K blocks run on, where the CPU has one tuneforge has a
     /// kernel for: `AMX-INT8` (where the operating system also lets the
-    /// process use the tiles, [`amx_permitted`]), else `AVX512_VNNI`. Both
-    /// need AVX-512 F, BW and DQ besides (to round the rows and scale the
-    /// sums). Elsewhere the blocks are dequantized to f32.
+    /// process use the tiles, [`amx_permitted`]), else `AVX512_VNNI` (both
+    /// with AVX-512 F, BW and DQ besides, to round the rows and scale the
+    /// sums), else `AVX-VNNI` (with AVX2 and FMA). Elsewhere the blocks are
+    /// dequantized to f32.
     pub fn int8_kernel(&self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
@@ -63,6 +67,7 @@ impl CpuFeatures {
         match (self.avx512f && rest, self.amx_int8, self.avx512_vnni) {
             (true, true, true) if amx_permitted() => Some("AMX-INT8"),
             (true, _, true) => Some("AVX512_VNNI"),
+            _ if self.avx_vnni && self.avx2_fma => Some("AVX-VNNI"),
             _ => None,
         }
     }
@@ -72,6 +77,7 @@ impl CpuFeatures {
         let names = [
             (self.avx2_fma, "AVX2+FMA"),
             (self.avx512f, "AVX-512F"),
+            (self.avx_vnni, "AVX-VNNI"),
             (self.avx512_vnni, "AVX512_VNNI"),
             (self.avx512_bf16, "AVX512_BF16"),
             (self.amx_bf16, "AMX-BF16"),
@@ -86,7 +92,7 @@ impl CpuFeatures {
 }
 
 /// The environment variable that caps the instruction sets tuneforge's own
-/// kernels use: `avx2` (no AVX-512, no AMX) or `avx512` (no AMX), to run or
+/// kernels use: `avx2` (no AVX-512, AMX or AVX-VNNI) or `avx512` (no AMX), to run or
 /// measure the paths of a smaller CPU on a larger one. (candle and `gemm`
 /// pick their own.)
 pub const MAX_ISA_VAR: &str = "TUNEFORGE_MAX_ISA";
@@ -118,6 +124,7 @@ fn capped(features: CpuFeatures, max_isa: Option<&str>) -> Result<CpuFeatures, S
             avx512f: false,
             avx512_bf16: false,
             avx512_vnni: false,
+            avx_vnni: false,
             ..no_amx
         }),
         Some(other) => Err(format!("{MAX_ISA_VAR}={other} is not one of avx2, avx512")),
@@ -141,6 +148,7 @@ fn detect() -> CpuFeatures {
         amx_bf16: tile && leaf7_edx & (1 << 22) != 0,
         avx512_vnni: is_x86_feature_detected!("avx512vnni"),
         amx_int8: tile && leaf7_edx & (1 << 25) != 0,
+        avx_vnni: is_x86_feature_detected!("avxvnni"),
     }
 }
 
@@ -227,6 +235,7 @@ mod tests {
         assert_eq!(f.avx512_bf16, has("avx512_bf16"));
         assert_eq!(f.amx_bf16, has("amx_bf16") && has("amx_tile"));
         assert_eq!(f.amx_int8, has("amx_int8") && has("amx_tile"));
+        assert_eq!(f.avx_vnni, has("avx_vnni"));
         assert_eq!(f.avx512_vnni, has("avx512_vnni"));
         assert!(!f.describe().is_empty());
     }
@@ -242,6 +251,7 @@ mod tests {
             amx_bf16: true,
             avx512_vnni: true,
             amx_int8: true,
+            avx_vnni: true,
         };
         assert_eq!(capped(all, None), Ok(all));
         let avx2 = capped(all, Some("AVX2")).unwrap();

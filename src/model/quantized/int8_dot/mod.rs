@@ -45,6 +45,7 @@ mod amx;
 mod pack;
 mod rows;
 mod tile;
+mod tile256;
 
 use super::blocks::Rows;
 use super::simd::split_rows;
@@ -117,7 +118,12 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let on_tiles = crate::cpu::features().int8_kernel() == Some("AMX-INT8");
+    let kernel = crate::cpu::features().int8_kernel();
+    let micro = match kernel {
+        Some("AVX-VNNI") => Micro::Ymm,
+        _ => Micro::Zmm,
+    };
+    let on_tiles = kernel == Some("AMX-INT8");
     let tile_rows = if on_tiles { super::amx::TILE_ROWS } else { MR };
     split_rows(x, m, (k, n), tile_rows, out, |x, m, out| {
         let group = group_size(w.rows.format);
@@ -129,16 +135,29 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
         ) {
             (Some(mut tiles), 16) => amx::serial::<16>(&mut tiles, x, m, w, out),
             (Some(mut tiles), _) => amx::serial::<32>(&mut tiles, x, m, w, out),
-            (None, 16) => serial::<16>(x, m, w, out),
-            (None, _) => serial::<32>(x, m, w, out),
+            (None, 16) => serial::<16>(x, m, w, micro, out),
+            (None, _) => serial::<32>(x, m, w, micro, out),
         }
     });
+}
+
+/// The micro-kernel a product's tiles run on.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Micro {
+    /// 512-bit registers (AVX512_VNNI, `tile.rs`).
+    Zmm,
+    /// 256-bit registers, VEX-encoded (AVX-VNNI, `tile256.rs`).
+    Ymm,
+    /// 256-bit registers, EVEX-encoded (AVX512_VNNI with VL): the AVX-VNNI
+    /// kernel's tests on CPUs with AVX-512.
+    #[cfg(test)]
+    YmmEvex,
 }
 
 /// [`product`] on the calling thread for a format with groups of `G`
 /// values: the rows quantized once, then for each packed block of the
 /// weight, every micro-tile against it.
-fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
+fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, micro: Micro, out: &mut [f32]) {
     let (n, k) = (w.n, w.rows.k);
     let (groups, depth_groups) = (k / G, DEPTH / G);
     let rows = QuantizedRows::new::<G>(x, m, k, zero_point(w.rows.format));
@@ -173,9 +192,18 @@ fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
                             width,
                             accumulate: first > 0,
                         };
-                        // SAFETY: the CPU has the kernel's features (checked
-                        // in `product`); the tile's bounds are checked inside.
-                        unsafe { tile.run::<G>(MR.min(row + block_rows - r)) };
+                        let rows = MR.min(row + block_rows - r);
+                        // SAFETY: the CPU has the micro-kernel's features
+                        // (`product` checked them, or the tests); the tile's
+                        // bounds are checked inside.
+                        unsafe {
+                            match micro {
+                                Micro::Zmm => tile.run::<G>(rows),
+                                Micro::Ymm => tile.run_avx_vnni::<G>(rows),
+                                #[cfg(test)]
+                                Micro::YmmEvex => tile.run_avx512_vl::<G>(rows),
+                            }
+                        }
                     }
                 }
             }

@@ -45,6 +45,24 @@ impl Tile<'_> {
     /// panel of groups of `G` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
     pub(super) unsafe fn run<const G: usize>(self, rows: usize) {
+        self.check_bounds::<G>(rows);
+        // SAFETY: bounds asserted above; the CPU has the features.
+        unsafe {
+            match rows {
+                6 => self.rows_of::<6, G>(),
+                5 => self.rows_of::<5, G>(),
+                4 => self.rows_of::<4, G>(),
+                3 => self.rows_of::<3, G>(),
+                2 => self.rows_of::<2, G>(),
+                _ => self.rows_of::<1, G>(),
+            }
+        }
+    }
+
+    /// Asserts that the tile's first `rows` rows (1 to [`MR`](super::MR))
+    /// and its panel lie inside its slices.
+    pub(super) fn check_bounds<const G: usize>(&self, rows: usize) {
+        assert!((1..=super::MR).contains(&rows) && self.width <= NR);
         let (last_values, last_scales) = (
             (rows - 1) * self.values_stride,
             (rows - 1) * self.scales_stride,
@@ -57,17 +75,6 @@ impl Tile<'_> {
             assert!(per_group >= last_scales + self.depth);
         }
         assert!(self.out.len() >= (rows - 1) * self.out_stride + self.width);
-        // SAFETY: bounds asserted above; the CPU has the features.
-        unsafe {
-            match rows {
-                6 => self.rows_of::<6, G>(),
-                5 => self.rows_of::<5, G>(),
-                4 => self.rows_of::<4, G>(),
-                3 => self.rows_of::<3, G>(),
-                2 => self.rows_of::<2, G>(),
-                _ => self.rows_of::<1, G>(),
-            }
-        }
     }
 
     /// # Safety
