@@ -22,7 +22,7 @@ fn products(c: &mut Criterion) {
     let rows = 512;
     let int8 = tuneforge::cpu::features().int8_kernel();
     if int8.is_none() {
-        eprintln!("this CPU has no int8 kernel (AVX512_VNNI or AMX-INT8): only the f32 tiles run");
+        eprintln!("this CPU has no int8 kernel (AVX512_VNNI, AVX-VNNI or AMX-INT8): only the f32 tiles run");
     }
     for (n, k) in [(8960, 1536), (1536, 8960)] {
         let device = Device::Cpu;

@@ -39,7 +39,9 @@
 //! across its blocks' scales, and stays on the f32 path.
 //!
 //! On a CPU with AMX-INT8, the same rounded rows and packed panels are
-//! multiplied on tiles instead (`amx.rs`), a group's sums 16 × 16 at a time.
+//! multiplied on tiles instead (`amx.rs`), a group's sums 16 × 16 at a time;
+//! on a CPU with AVX-VNNI but no AVX-512, on 256-bit registers
+//! (`tile256.rs`). Both give the 512-bit kernel's products bit for bit.
 
 mod amx;
 mod pack;
