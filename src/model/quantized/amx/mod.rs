@@ -47,7 +47,7 @@ pub(super) trait Tiles {
     /// The tile's rows of bytes at `to + i·stride` are writable.
     unsafe fn store_raw<const T: u8>(&mut self, to: *mut u8, stride: usize);
     /// `C += A·B` in bf16 pairs (`tdpbf16ps`): `A` rows of pairs, `B` a
-    /// row per pair of `A`'s rows, of 16 columns' pairs, `C` f32.
+    /// row per pair in `A`'s rows, of 16 columns' pairs, `C` f32.
     fn dot_bf16<const C: u8, const A: u8, const B: u8>(&mut self);
     /// `C += A·B` in bytes (`tdpbsud`): `A` rows of signed bytes, `B` a row
     /// per 4 bytes of `A`'s rows, of 16 columns' 4 unsigned bytes, `C` i32
@@ -180,6 +180,10 @@ impl TileConfig {
 /// Not `Send`: the tiles' state belongs to the thread.
 pub(super) struct Amx {
     config: TileConfig,
+    /// Whether the CPU has AMX-BF16 and AMX-INT8: the products check, so
+    /// that no safe call runs an instruction the CPU lacks.
+    bf16: bool,
+    int8: bool,
     _thread: PhantomData<*const ()>,
 }
 
@@ -196,8 +200,11 @@ impl Amx {
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
         }
+        let cpu = crate::cpu::features();
         Some(Self {
             config,
+            bf16: cpu.amx_bf16,
+            int8: cpu.amx_int8,
             _thread: PhantomData,
         })
     }
@@ -251,9 +258,8 @@ impl Tiles for Amx {
 
     #[inline(always)]
     fn dot_bf16<const C: u8, const A: u8, const B: u8>(&mut self) {
-        debug_assert!(crate::cpu::features().amx_bf16);
-        // SAFETY: the tiles are configured (`new`); the kernels that call
-        // this run only where the CPU has AMX-BF16.
+        assert!(self.bf16, "the CPU has no AMX-BF16");
+        // SAFETY: the tiles are configured (`new`); the CPU has AMX-BF16.
         unsafe {
             asm!(
                 "tdpbf16ps tmm{c}, tmm{a}, tmm{b}",
@@ -267,9 +273,8 @@ impl Tiles for Amx {
 
     #[inline(always)]
     fn dot_i8_u8<const C: u8, const A: u8, const B: u8>(&mut self) {
-        debug_assert!(crate::cpu::features().amx_int8);
-        // SAFETY: the tiles are configured (`new`); the kernels that call
-        // this run only where the CPU has AMX-INT8.
+        assert!(self.int8, "the CPU has no AMX-INT8");
+        // SAFETY: the tiles are configured (`new`); the CPU has AMX-INT8.
         unsafe {
             asm!(
                 "tdpbsud tmm{c}, tmm{a}, tmm{b}",

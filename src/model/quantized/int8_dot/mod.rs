@@ -189,6 +189,7 @@ fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, micro: Micro, out:
                             panel,
                             depth,
                             with_min,
+                            with_start: zero_point(w.rows.format) != 0,
                             out: &mut out[r * n + first_col..],
                             out_stride: n,
                             width,

@@ -31,6 +31,9 @@ pub(super) struct Tile<'a> {
     pub(super) depth: usize,
     /// Add the panel's offsets (formats with a min).
     pub(super) with_min: bool,
+    /// Start the integer sums at the rows' `−z · Σ q` (formats with a
+    /// zero point; the others' starts are zero).
+    pub(super) with_start: bool,
     /// The tile's first output row, from its first column on.
     pub(super) out: &'a mut [f32],
     pub(super) out_stride: usize,
@@ -114,10 +117,14 @@ impl Tile<'_> {
                 let mut sums = [[_mm512_setzero_si512(); 2]; R];
                 digit(&mut sums, high);
                 for (i, s) in sums.iter_mut().enumerate() {
-                    let start =
-                        _mm512_set1_epi32(*self.starts.as_ptr().add(i * self.scales_stride + b));
-                    s[0] = _mm512_add_epi32(_mm512_slli_epi32::<8>(s[0]), start);
-                    s[1] = _mm512_add_epi32(_mm512_slli_epi32::<8>(s[1]), start);
+                    s[0] = _mm512_slli_epi32::<8>(s[0]);
+                    s[1] = _mm512_slli_epi32::<8>(s[1]);
+                    if self.with_start {
+                        let at = self.starts.as_ptr().add(i * self.scales_stride + b);
+                        let start = _mm512_set1_epi32(*at);
+                        s[0] = _mm512_add_epi32(s[0], start);
+                        s[1] = _mm512_add_epi32(s[1], start);
+                    }
                 }
                 digit(&mut sums, low);
                 let d0 = _mm512_loadu_ps(w.add(scales_at(G)).cast());

@@ -136,9 +136,14 @@ impl Tile<'_> {
                 let mut sums = [[_mm256_setzero_si256(); 2]; R];
                 digit(&mut sums, high);
                 for (i, s) in sums.iter_mut().enumerate() {
-                    let start = _mm256_set1_epi32(*self.starts.as_ptr().add((first + i) * ss + b));
-                    s[0] = _mm256_add_epi32(_mm256_slli_epi32::<8>(s[0]), start);
-                    s[1] = _mm256_add_epi32(_mm256_slli_epi32::<8>(s[1]), start);
+                    s[0] = _mm256_slli_epi32::<8>(s[0]);
+                    s[1] = _mm256_slli_epi32::<8>(s[1]);
+                    if self.with_start {
+                        let start =
+                            _mm256_set1_epi32(*self.starts.as_ptr().add((first + i) * ss + b));
+                        s[0] = _mm256_add_epi32(s[0], start);
+                        s[1] = _mm256_add_epi32(s[1], start);
+                    }
                 }
                 digit(&mut sums, low);
                 let d = group.add(scales_at(G) + 64 * half).cast::<f32>();
