@@ -165,26 +165,30 @@ pub fn amx_permitted() -> bool {
     static PERMITTED: OnceLock<bool> = OnceLock::new();
     *PERMITTED.get_or_init(|| {
         let cpu = detect();
-        if !(cpu.amx_bf16 || cpu.amx_int8) {
-            return false;
-        }
-        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-        {
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: a system call with two integer arguments, no memory.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                )
-            };
-            rc == 0
-        }
-        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-        false
+        (cpu.amx_bf16 || cpu.amx_int8) && request_tile_data()
     })
+}
+
+/// Asks Linux for the process's permission to use AMX tile data.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a system call with two integer arguments, no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+/// No AMX outside Linux on x86-64.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn request_tile_data() -> bool {
+    false
 }
 
 /// Runs `rounds` of four independent AMX-BF16 tile products (16,384 flops
