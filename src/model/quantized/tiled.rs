@@ -4,7 +4,8 @@
 //! whole weight is ever made. A bf16 weight on a CPU with AMX-BF16 or AVX512_BF16 goes
 //! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
 //! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q2_K to Q6_K) on a CPU with
-//! AVX512_VNNI to the int8 kernel ([`super::int8_dot`]).
+//! AMX-INT8, AVX512_VNNI or AVX-VNNI to the int8 kernel
+//! ([`super::int8_dot`]).
 
 use super::super::add_matmul::parallelism;
 use super::super::gemv;

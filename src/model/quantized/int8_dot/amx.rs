@@ -18,8 +18,8 @@
 //! AMX, which no machine this was written on had.
 
 use super::super::amx::{load, store, with_padded_output, TileConfig, Tiles, TILE_ROWS};
-use super::pack::{group_panel_bytes, has_min, mins_at, pack, scales_at, zero_point};
-use super::{Int8Weight, QuantizedRows, COLUMN_BLOCK, DEPTH, NR};
+use super::pack::{for_each_block, group_panel_bytes, has_min, mins_at, scales_at, zero_point};
+use super::{Int8Weight, QuantizedRows, NR};
 
 /// The tiles' shapes for groups of `group` values: 0-3 16 × 16 i32 sums,
 /// 4-5 16 rows × `group` digits, 6-7 `group / 4` steps × 16 columns × 4
@@ -47,50 +47,44 @@ pub(super) fn serial<const G: usize>(
         "the CPU has no AVX-512"
     );
     let (n, k) = (w.n, w.rows.k);
-    let (groups, depth_groups) = (k / G, DEPTH / G);
+    let groups = k / G;
     let rows_padded = m.next_multiple_of(TILE_ROWS);
     let rows = QuantizedRows::new::<G>(x, rows_padded, k, zero_point(w.rows.format));
     let with_min = has_min(w.rows.format);
     let out_stride = n.next_multiple_of(NR);
     with_padded_output(out, (m, n), (rows_padded, out_stride), |acc| {
-        let mut packed = Vec::new();
         let mut sums = vec![0i32; 4 * TILE_ROWS * 16];
-        for col in (0..n).step_by(COLUMN_BLOCK) {
-            let cols = COLUMN_BLOCK.min(n - col);
-            for first in (0..groups).step_by(depth_groups) {
-                let depth = depth_groups.min(groups - first);
-                pack::<G>(w.rows, col..col + cols, first..first + depth, &mut packed);
-                for row in (0..rows_padded).step_by(TILE_ROWS) {
-                    for (j, panel) in packed
-                        .chunks_exact(depth * group_panel_bytes(G))
-                        .enumerate()
-                    {
-                        let mut block = [[0f32; NR]; TILE_ROWS];
-                        for b in 0..depth {
-                            let group = first + b;
-                            let at = b * group_panel_bytes(G);
-                            group_sums(tiles, &rows, row * k + group * G, k, panel, at, &mut sums);
-                            let per_row = Group {
-                                rows: &rows,
-                                at: row * groups + group,
-                                stride: groups,
-                            };
-                            let panel = &panel[at..][..group_panel_bytes(G)];
-                            // SAFETY: the CPU has AVX-512 F (asserted above).
-                            unsafe { scale_sums(&sums, per_row, panel, G, with_min, &mut block) };
-                        }
-                        let c = row * out_stride + col + j * NR;
-                        for (i, block) in block.iter().enumerate() {
-                            let o = &mut acc[c + i * out_stride..][..NR];
-                            match first {
-                                0 => o.copy_from_slice(block),
-                                _ => o.iter_mut().zip(block).for_each(|(o, v)| *o += v),
-                            }
+        for_each_block::<G>(w.rows, n, |packed| {
+            for row in (0..rows_padded).step_by(TILE_ROWS) {
+                let panels = packed
+                    .panels
+                    .chunks_exact(packed.depth * group_panel_bytes(G));
+                for (j, panel) in panels.enumerate() {
+                    let mut block = [[0f32; NR]; TILE_ROWS];
+                    for b in 0..packed.depth {
+                        let group = packed.first + b;
+                        let at = b * group_panel_bytes(G);
+                        group_sums(tiles, &rows, row * k + group * G, k, panel, at, &mut sums);
+                        let per_row = Group {
+                            rows: &rows,
+                            at: row * groups + group,
+                            stride: groups,
+                        };
+                        let panel = &panel[at..][..group_panel_bytes(G)];
+                        // SAFETY: the CPU has AVX-512 F (asserted above).
+                        unsafe { scale_sums(&sums, per_row, panel, G, with_min, &mut block) };
+                    }
+                    let c = row * out_stride + packed.col + j * NR;
+                    for (i, block) in block.iter().enumerate() {
+                        let o = &mut acc[c + i * out_stride..][..NR];
+                        match packed.first {
+                            0 => o.copy_from_slice(block),
+                            _ => o.iter_mut().zip(block).for_each(|(o, v)| *o += v),
                         }
                     }
                 }
             }
-        }
+        });
     });
 }
 

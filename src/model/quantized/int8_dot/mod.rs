@@ -52,7 +52,7 @@ mod tile256;
 use super::blocks::Rows;
 use super::simd::split_rows;
 use candle_core::quantized::GgmlDType;
-use pack::{group_panel_bytes, group_size, has_min, pack, zero_point};
+use pack::{for_each_block, group_panel_bytes, group_size, has_min, zero_point};
 use rows::QuantizedRows;
 use tile::Tile;
 
@@ -88,8 +88,9 @@ pub(super) struct Int8Weight<'a> {
 
 /// `x Wᵀ` (`x`: `[m, k]` → `out`: `[m, n]`), the rows of `x` rounded to
 /// two 8-bit digits per group, on a CPU with AVX512_VNNI (on its AMX-INT8
-/// tiles where it has them too: the same result, bit for bit). Rows are
-/// split over threads when candle runs multi-threaded.
+/// tiles where it has them too), or AVX-VNNI (on 256-bit registers): the
+/// same result, bit for bit. Rows are split over threads when candle runs
+/// multi-threaded.
 ///
 /// # Panics
 /// If the CPU lacks the kernel's features, the weight's format is not one
@@ -161,57 +162,55 @@ enum Micro {
 /// weight, every micro-tile against it.
 fn serial<const G: usize>(x: &[f32], m: usize, w: Int8Weight, micro: Micro, out: &mut [f32]) {
     let (n, k) = (w.n, w.rows.k);
-    let (groups, depth_groups) = (k / G, DEPTH / G);
+    let groups = k / G;
     let rows = QuantizedRows::new::<G>(x, m, k, zero_point(w.rows.format));
-    let with_min = has_min(w.rows.format);
-    let mut packed = Vec::new();
-    for col in (0..n).step_by(COLUMN_BLOCK) {
-        let cols = COLUMN_BLOCK.min(n - col);
-        for first in (0..groups).step_by(depth_groups) {
-            let depth = depth_groups.min(groups - first);
-            pack::<G>(w.rows, col..col + cols, first..first + depth, &mut packed);
-            let panel_bytes = depth * group_panel_bytes(G);
-            for row in (0..m).step_by(ROW_BLOCK) {
-                let block_rows = ROW_BLOCK.min(m - row);
-                for (j, panel) in packed.chunks_exact(panel_bytes).enumerate() {
-                    let first_col = col + j * NR;
-                    let width = NR.min(col + cols - first_col);
-                    for r in (row..row + block_rows).step_by(MR) {
-                        let scale_at = r * groups + first;
-                        let tile = Tile {
-                            high: &rows.high[r * k + first * G..],
-                            low: &rows.low[r * k + first * G..],
-                            values_stride: k,
-                            scales: &rows.scales[scale_at..],
-                            starts: &rows.starts[scale_at..],
-                            scaled_sums: &rows.scaled_sums[scale_at..],
-                            scales_stride: groups,
-                            panel,
-                            depth,
-                            with_min,
-                            with_start: zero_point(w.rows.format) != 0,
-                            out: &mut out[r * n + first_col..],
-                            out_stride: n,
-                            width,
-                            accumulate: first > 0,
-                        };
-                        let rows = MR.min(row + block_rows - r);
-                        // SAFETY: the CPU has the micro-kernel's features
-                        // (`product` checked them, or the tests); the tile's
-                        // bounds are checked inside.
-                        unsafe {
-                            match micro {
-                                Micro::Zmm => tile.run::<G>(rows),
-                                Micro::Ymm => tile.run_avx_vnni::<G>(rows),
-                                #[cfg(test)]
-                                Micro::YmmEvex => tile.run_avx512_vl::<G>(rows),
-                            }
+    let (with_min, with_start) = (has_min(w.rows.format), zero_point(w.rows.format) != 0);
+    for_each_block::<G>(w.rows, n, |block| {
+        let (col, first, depth) = (block.col, block.first, block.depth);
+        for row in (0..m).step_by(ROW_BLOCK) {
+            let block_rows = ROW_BLOCK.min(m - row);
+            for (j, panel) in block
+                .panels
+                .chunks_exact(depth * group_panel_bytes(G))
+                .enumerate()
+            {
+                let first_col = col + j * NR;
+                let width = NR.min(col + block.cols - first_col);
+                for r in (row..row + block_rows).step_by(MR) {
+                    let scale_at = r * groups + first;
+                    let tile = Tile {
+                        high: &rows.high[r * k + first * G..],
+                        low: &rows.low[r * k + first * G..],
+                        values_stride: k,
+                        scales: &rows.scales[scale_at..],
+                        starts: &rows.starts[scale_at..],
+                        scaled_sums: &rows.scaled_sums[scale_at..],
+                        scales_stride: groups,
+                        panel,
+                        depth,
+                        with_min,
+                        with_start,
+                        out: &mut out[r * n + first_col..],
+                        out_stride: n,
+                        width,
+                        accumulate: first > 0,
+                    };
+                    let rows = MR.min(row + block_rows - r);
+                    // SAFETY: the CPU has the micro-kernel's features
+                    // (`product` checked them, or the tests); the tile's
+                    // bounds are checked inside.
+                    unsafe {
+                        match micro {
+                            Micro::Zmm => tile.run::<G>(rows),
+                            Micro::Ymm => tile.run_avx_vnni::<G>(rows),
+                            #[cfg(test)]
+                            Micro::YmmEvex => tile.run_avx512_vl::<G>(rows),
                         }
                     }
                 }
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]
