@@ -36,38 +36,39 @@ impl CpuFeatures {
     }
 
     /// The instruction set a bf16 base's products run on, where the CPU has
-    /// one tuneforge has a kernel for: `AMX-BF16` (where the operating
-    /// system also lets the process use the tiles, [`amx_permitted`]), else
-    /// `AVX512_BF16`. Both kernels need AVX-512 F and BW besides (to round
+    /// one tuneforge has a kernel for: [`Bf16Kernel::AmxBf16`] (where the
+    /// operating system also lets the process use the tiles,
+    /// [`amx_permitted`]), else [`Bf16Kernel::Avx512Bf16`]. Both kernels need AVX-512 F and BW besides (to round
     /// and pack their operands). Elsewhere a bf16 base is multiplied in f32.
-    pub fn bf16_kernel(&self) -> Option<&'static str> {
+    pub fn bf16_kernel(&self) -> Option<Bf16Kernel> {
         #[cfg(target_arch = "x86_64")]
         let bw = is_x86_feature_detected!("avx512bw");
         #[cfg(not(target_arch = "x86_64"))]
         let bw = false;
         match (self.avx512f && bw, self.amx_bf16, self.avx512_bf16) {
-            (true, true, true) if amx_permitted() => Some("AMX-BF16"),
-            (true, _, true) => Some("AVX512_BF16"),
+            (true, true, true) if amx_permitted() => Some(Bf16Kernel::AmxBf16),
+            (true, _, true) => Some(Bf16Kernel::Avx512Bf16),
             _ => None,
         }
     }
 
     /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
     /// Q2_K to Q6_K blocks run on, where the CPU has one tuneforge has a
-    /// kernel for: `AMX-INT8` (where the operating system also lets the
-    /// process use the tiles, [`amx_permitted`]), else `AVX512_VNNI` (both
-    /// with AVX-512 F, BW and DQ besides, to round the rows and scale the
-    /// sums), else `AVX-VNNI` (with AVX2 and FMA). Elsewhere the blocks are
+    /// kernel for: [`Int8Kernel::AmxInt8`] (where the operating system also
+    /// lets the process use the tiles, [`amx_permitted`]), else
+    /// [`Int8Kernel::Avx512Vnni`] (both with AVX-512 F, BW and DQ besides, to
+    /// round the rows and scale the sums), else [`Int8Kernel::AvxVnni`]
+    /// (with AVX2 and FMA). Elsewhere the blocks are
     /// dequantized to f32.
-    pub fn int8_kernel(&self) -> Option<&'static str> {
+    pub fn int8_kernel(&self) -> Option<Int8Kernel> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");
         #[cfg(not(target_arch = "x86_64"))]
         let rest = false;
         match (self.avx512f && rest, self.amx_int8, self.avx512_vnni) {
-            (true, true, true) if amx_permitted() => Some("AMX-INT8"),
-            (true, _, true) => Some("AVX512_VNNI"),
-            _ if self.avx_vnni && self.avx2_fma => Some("AVX-VNNI"),
+            (true, true, true) if amx_permitted() => Some(Int8Kernel::AmxInt8),
+            (true, _, true) => Some(Int8Kernel::Avx512Vnni),
+            _ if self.avx_vnni && self.avx2_fma => Some(Int8Kernel::AvxVnni),
             _ => None,
         }
     }
@@ -88,6 +89,73 @@ impl CpuFeatures {
             true => "no SIMD f32 FMA".into(),
             false => present.join(", "),
         }
+    }
+}
+
+/// The instruction set a bf16 base's products run on
+/// ([`CpuFeatures::bf16_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// 16 × 16 f32 outputs per tile product (`tdpbf16ps`).
+    AmxBf16,
+    /// Two bf16 products into each of 16 f32 lanes (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Bf16Kernel {
+    /// The instruction set's name, as Intel writes it: `AMX-BF16` or
+    /// `AVX512_BF16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AmxBf16 => "AMX-BF16",
+            Self::Avx512Bf16 => "AVX512_BF16",
+        }
+    }
+
+    /// Whether the products run on AMX tiles.
+    pub fn on_tiles(self) -> bool {
+        self == Self::AmxBf16
+    }
+}
+
+impl std::fmt::Display for Bf16Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The instruction set products with int8-read blocks run on
+/// ([`CpuFeatures::int8_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// Byte tile products (`tdpbsud`).
+    AmxInt8,
+    /// u8 × i8 dot products on 512-bit registers (`vpdpbusd`, EVEX).
+    Avx512Vnni,
+    /// u8 × i8 dot products on 256-bit registers (`vpdpbusd`, VEX).
+    AvxVnni,
+}
+
+impl Int8Kernel {
+    /// The instruction set's name, as Intel writes it: `AMX-INT8`,
+    /// `AVX512_VNNI` or `AVX-VNNI`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AmxInt8 => "AMX-INT8",
+            Self::Avx512Vnni => "AVX512_VNNI",
+            Self::AvxVnni => "AVX-VNNI",
+        }
+    }
+
+    /// Whether the products run on AMX tiles.
+    pub fn on_tiles(self) -> bool {
+        self == Self::AmxInt8
+    }
+}
+
+impl std::fmt::Display for Int8Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -266,5 +334,44 @@ mod tests {
         assert!(avx512.avx512_vnni && avx512.avx512_bf16);
         let err = capped(all, Some("sse2")).unwrap_err();
         assert!(err.contains("avx2, avx512"), "{err}");
+    }
+
+    /// A laptop core with AVX-VNNI but no AVX-512 gets the 256-bit int8
+    /// kernel and no bf16 one; the kernels print as Intel names their
+    /// instruction sets, and only the AMX ones run on tiles.
+    #[test]
+    fn kernels_are_chosen_and_named_by_their_instruction_sets() {
+        let laptop = CpuFeatures {
+            avx2_fma: true,
+            avx_vnni: true,
+            ..CpuFeatures::default()
+        };
+        assert_eq!(laptop.int8_kernel(), Some(Int8Kernel::AvxVnni));
+        assert_eq!(laptop.bf16_kernel(), None);
+        let no_fma = CpuFeatures {
+            avx2_fma: false,
+            ..laptop
+        };
+        assert_eq!(no_fma.int8_kernel(), None);
+        let names = [
+            Int8Kernel::AmxInt8.to_string(),
+            Int8Kernel::Avx512Vnni.to_string(),
+            Int8Kernel::AvxVnni.to_string(),
+            Bf16Kernel::AmxBf16.to_string(),
+            Bf16Kernel::Avx512Bf16.to_string(),
+        ];
+        assert_eq!(
+            names,
+            [
+                "AMX-INT8",
+                "AVX512_VNNI",
+                "AVX-VNNI",
+                "AMX-BF16",
+                "AVX512_BF16"
+            ]
+        );
+        assert!(Int8Kernel::AmxInt8.on_tiles() && Bf16Kernel::AmxBf16.on_tiles());
+        assert!(!Int8Kernel::Avx512Vnni.on_tiles() && !Int8Kernel::AvxVnni.on_tiles());
+        assert!(!Bf16Kernel::Avx512Bf16.on_tiles());
     }
 }

@@ -12,6 +12,7 @@
 //! products where the CPU has them (the other side rounded to bf16) and in
 //! f32 elsewhere.
 
+use crate::cpu::Bf16Kernel;
 use crate::model::{FrozenWeight, QuantizedWeight};
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
@@ -197,7 +198,9 @@ impl BaseDtype {
             (BaseDtype::F32, _) => "f32 products".into(),
             (_, false) => "bf16 products".into(),
             (_, true) => match crate::cpu::features().bf16_kernel() {
-                Some("AMX-BF16") => "AMX-BF16 tile products, activations rounded to bf16".into(),
+                Some(Bf16Kernel::AmxBf16) => {
+                    "AMX-BF16 tile products, activations rounded to bf16".into()
+                }
                 Some(kernel) => format!("{kernel} bf16 dot products, activations rounded to bf16"),
                 None => "f32 products of the bf16 values".into(),
             },
@@ -279,9 +282,9 @@ pub fn block_arithmetic(lm: &crate::CausalLm) -> Option<String> {
         true => last.clone(),
         false => format!("{} and {last}", rest.join(", ")),
     };
-    let products = match kernel {
-        "AMX-INT8" => "tile",
-        _ => "int8 dot",
+    let products = match kernel.on_tiles() {
+        true => "tile",
+        false => "int8 dot",
     };
     Some(format!(
         "forward products of {formats} blocks on {kernel} {products} products, activations \
@@ -348,7 +351,10 @@ mod tests {
             match kernel {
                 Some(kernel) => {
                     let said = said.unwrap();
-                    assert!(said.contains(format) && said.contains(kernel), "{said}");
+                    assert!(
+                        said.contains(format) && said.contains(kernel.name()),
+                        "{said}"
+                    );
                 }
                 None => assert_eq!(said, None),
             }

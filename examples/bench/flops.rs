@@ -71,7 +71,9 @@ pub fn bf16_peak(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         match tuneforge::cpu::features().bf16_kernel() {
-            Some("AMX-BF16") => Some(rate_over_threads(threads, tile_products)),
+            Some(tuneforge::cpu::Bf16Kernel::AmxBf16) => {
+                Some(rate_over_threads(threads, tile_products))
+            }
             Some(_) => Some(rate_over_threads(threads, bf16_dot_chains)),
             None => None,
         }

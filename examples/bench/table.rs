@@ -60,9 +60,9 @@ impl Row {
 pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Option<f64>)) {
     let features = tuneforge::cpu::features();
     let gflops = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.1} GFLOP/s"));
-    let bf16_name = match features.bf16_kernel() {
-        Some("AMX-BF16") => "bf16 tiles (AMX-BF16)",
-        _ => "bf16 dot",
+    let bf16_name = match features.bf16_kernel().is_some_and(|k| k.on_tiles()) {
+        true => "bf16 tiles (AMX-BF16)",
+        false => "bf16 dot",
     };
     println!(
         "CPU: {} ({}), {} threads; measured peaks: f32 FMA {}, {bf16_name} {}",

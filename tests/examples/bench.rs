@@ -89,7 +89,9 @@ pub fn json(fx: &Fixture) {
     let kernel = tuneforge::cpu::features().bf16_kernel();
     assert_eq!(stdout.contains("bf16 dot -"), kernel.is_none(), "{stdout}");
     let peak = match kernel {
-        Some("AMX-BF16") => "their share is of the bf16 tiles (AMX-BF16) peak",
+        Some(tuneforge::cpu::Bf16Kernel::AmxBf16) => {
+            "their share is of the bf16 tiles (AMX-BF16) peak"
+        }
         _ => "their share is of the bf16 dot peak",
     };
     assert_eq!(stdout.contains(peak), kernel.is_some(), "{stdout}");

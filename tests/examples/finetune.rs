@@ -545,7 +545,9 @@ pub fn dtype(fx: &Fixture) {
     let (bf16, run) = finetune(fx, "finetune-dtype-bf16", &["--dtype", "bf16"]);
     assert_eq!(text(&bf16).as_deref(), Some("bf16"));
     let arithmetic = match tuneforge::cpu::features().bf16_kernel() {
-        Some("AMX-BF16") => "bf16 base (AMX-BF16 tile products, activations rounded to bf16);",
+        Some(tuneforge::cpu::Bf16Kernel::AmxBf16) => {
+            "bf16 base (AMX-BF16 tile products, activations rounded to bf16);"
+        }
         Some(_) => "bf16 base (AVX512_BF16 bf16 dot products, activations rounded to bf16);",
         None => "bf16 base (f32 products of the bf16 values);",
     };

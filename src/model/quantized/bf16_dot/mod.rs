@@ -98,7 +98,10 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
         out.fill(0.0);
         return;
     }
-    if crate::cpu::features().bf16_kernel() == Some("AMX-BF16") {
+    if crate::cpu::features()
+        .bf16_kernel()
+        .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
+    {
         split_rows(
             x,
             m,

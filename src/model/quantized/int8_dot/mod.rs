@@ -51,6 +51,7 @@ mod tile256;
 
 use super::blocks::Rows;
 use super::simd::split_rows;
+use crate::cpu::Int8Kernel;
 use candle_core::quantized::GgmlDType;
 use pack::{for_each_block, group_panel_bytes, group_size, has_min, zero_point};
 use rows::QuantizedRows;
@@ -123,10 +124,10 @@ pub(super) fn product(x: &[f32], m: usize, w: Int8Weight, out: &mut [f32]) {
     }
     let kernel = crate::cpu::features().int8_kernel();
     let micro = match kernel {
-        Some("AVX-VNNI") => Micro::Ymm,
+        Some(Int8Kernel::AvxVnni) => Micro::Ymm,
         _ => Micro::Zmm,
     };
-    let on_tiles = kernel == Some("AMX-INT8");
+    let on_tiles = kernel.is_some_and(Int8Kernel::on_tiles);
     let tile_rows = if on_tiles { super::amx::TILE_ROWS } else { MR };
     split_rows(x, m, (k, n), tile_rows, out, |x, m, out| {
         let group = group_size(w.rows.format);
