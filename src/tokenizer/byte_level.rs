@@ -3,7 +3,7 @@
 //! merges join symbols within a word. SmolLM, Llama 3, Qwen and Phi-4 use it;
 //! `tokenizer.ggml.pre` names the splitting regex.
 
-use super::{BpeModel, Pipeline};
+use super::gguf::{BpeModel, Pipeline};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 

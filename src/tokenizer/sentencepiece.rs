@@ -7,7 +7,7 @@
 //! other as transformers derives a fast tokenizer from a SentencePiece model:
 //! every token that splits into two tokens gives a merge, ranked by its score.
 
-use super::{BpeModel, Pipeline};
+use super::gguf::{BpeModel, Pipeline};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
