@@ -48,31 +48,21 @@ fn adapters_load_back_and_merge() {
 #[test]
 fn bad_lora_settings_are_refused() {
     let out = tempfile::tempdir().unwrap();
-    let err = Trainer::new(
-        tiny(),
-        LoraConfig {
-            r: 0,
-            ..Default::default()
-        },
-        config(),
-        out.path(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let refused = |lora: LoraConfig| {
+        Trainer::new(tiny(), lora, config(), out.path())
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let err = refused(LoraConfig {
+        r: 0,
+        ..Default::default()
+    });
     assert!(err.contains("r = 0"), "{err}");
-    let err = Trainer::new(
-        tiny(),
-        LoraConfig {
-            target_modules: vec!["qkv".into()],
-            ..Default::default()
-        },
-        config(),
-        out.path(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = refused(LoraConfig {
+        target_modules: vec!["qkv".into()],
+        ..Default::default()
+    });
     assert!(
         err.contains("'qkv'")
             && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
