@@ -6,7 +6,7 @@ use crate::config::ModelConfig;
 use crate::device::DeviceSpec;
 use crate::generate::{generate, Generation, GenerationConfig};
 use crate::model::CausalLm;
-use crate::quantize::{BaseDtype, Quantize};
+use crate::quantize::{BaseDtype, Holding, Quantize};
 use crate::source::{self, ModelFiles, ResolvedModel};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -70,14 +70,15 @@ impl Model {
         Self::from_files(source, dtype, &device, quantize)
     }
 
-    /// Loads a model from already-resolved files, its linear weights held as
-    /// `quantize` asks.
+    /// Loads a model from already-resolved files, its frozen matrices held as
+    /// `holding` asks (a [`Quantize`], or [`BaseDtype::holding`]'s).
     pub fn from_files(
         source: ResolvedModel,
         dtype: DType,
         device: &Device,
-        quantize: Quantize,
+        holding: impl Into<Holding>,
     ) -> Result<Self> {
+        let holding = holding.into();
         let (lm, tokenizer, notes) = match &source.files {
             ModelFiles::Gguf(path) => {
                 let mut file = std::fs::File::open(path)
@@ -94,8 +95,8 @@ impl Model {
                 // before the weights arrive.
                 content.metadata.clear();
                 crate::memory::release_freed();
-                let mut w = Weights::from_gguf(path, &content, &config, dtype, device, quantize)?;
-                let notes = std::mem::take(&mut w.notes);
+                let mut w = Weights::from_gguf(path, &content, &config, dtype, device, holding)?;
+                let notes = w.take_notes();
                 (CausalLm::new(&config, w, dtype, device)?, tokenizer, notes)
             }
             ModelFiles::HfDir {
@@ -110,8 +111,8 @@ impl Model {
                     tokenizer_config.as_deref(),
                     &cfg.eos_token_ids,
                 )?;
-                let mut w = Weights::from_safetensors(weights, dtype, device, quantize)?;
-                let notes = std::mem::take(&mut w.notes);
+                let mut w = Weights::from_safetensors(weights, dtype, device, holding)?;
+                let notes = w.take_notes();
                 (CausalLm::new(&cfg, w, dtype, device)?, tok, notes)
             }
         };
@@ -150,17 +151,17 @@ impl Model {
         Self::random_held(config, seed, dtype, device, Quantize::None)
     }
 
-    /// [`Model::random`] with the linears held as `quantize` asks
-    /// ([`CausalLm::random_held`]).
+    /// [`Model::random`] with the linears held as `holding` asks (a
+    /// [`Quantize`], or [`BaseDtype::holding`]'s; [`CausalLm::random_held`]).
     pub fn random_held(
         config: &ModelConfig,
         seed: u64,
         dtype: DType,
         device: &Device,
-        quantize: Quantize,
+        holding: impl Into<Holding>,
     ) -> Result<Self> {
         let mut notes = Vec::new();
-        let lm = CausalLm::random_held(config, seed, dtype, device, quantize, &mut notes)?;
+        let lm = CausalLm::random_held(config, seed, dtype, device, holding, &mut notes)?;
         Ok(Self {
             lm,
             tokenizer: Tokenizer::byte_level_chatml()?,

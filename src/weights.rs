@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::model::{FrozenWeight, QuantizedWeight};
-use crate::quantize::{is_held_in_blocks, Quantize};
+use crate::quantize::{is_held_in_blocks, Fallback, Holding, Quantize};
 
 /// Named tensors in HF layout (`model.layers.0.self_attn.q_proj.weight`, ...).
 #[derive(Debug, Default)]
@@ -23,6 +23,8 @@ pub struct Weights {
     origin: String,
     /// What loading did that a user should know (tensors left dense).
     pub notes: Vec<String>,
+    /// The matrices held in another format than the one asked for.
+    pub fallbacks: Vec<Fallback>,
 }
 
 impl Weights {
@@ -47,10 +49,20 @@ impl Weights {
         Ok(q.into())
     }
 
-    /// Adds the tensor `t` named `name`: quantized as `quantize` asks
-    /// ([`Quantize::dense`]), or as it is.
-    pub(crate) fn hold(&mut self, name: String, t: Tensor, quantize: Quantize) -> Result<()> {
-        let held = quantize.dense(&name, t, &mut self.notes)?;
+    /// What loading did that a user should know: the notes, then the
+    /// matrices that fell back ([`crate::quantize::describe_fallbacks`]).
+    pub fn take_notes(&mut self) -> Vec<String> {
+        let mut notes = std::mem::take(&mut self.notes);
+        notes.extend(crate::quantize::describe_fallbacks(&std::mem::take(
+            &mut self.fallbacks,
+        )));
+        notes
+    }
+
+    /// Adds the tensor `t` named `name`, held as `holding` asks
+    /// ([`Holding::hold`]).
+    pub(crate) fn hold(&mut self, name: String, t: Tensor, holding: Holding) -> Result<()> {
+        let held = holding.hold(&name, t, &mut self.fallbacks)?;
         match held {
             FrozenWeight::Quantized(q) => {
                 self.quantized.insert(name, q);
@@ -106,13 +118,14 @@ impl Weights {
 
     /// Loads HF-layout safetensors files, converting to `dtype`; with a
     /// `quantize` target, each decoder-block linear is quantized as it loads,
-    /// one tensor at a time.
+    /// one tensor at a time ([`Holding`]).
     pub fn from_safetensors(
         paths: &[PathBuf],
         dtype: DType,
         device: &Device,
-        quantize: Quantize,
+        holding: impl Into<Holding>,
     ) -> Result<Self> {
+        let holding = holding.into();
         let origin = paths
             .first()
             .map(|p| p.display().to_string())
@@ -128,14 +141,15 @@ impl Weights {
                     .with_context(|| format!("reading tensor {name} from {}", path.display()))?
                     .to_dtype(dtype)?
                     .to_device(device)?;
-                weights.hold(name, t, quantize)?;
+                weights.hold(name, t, holding)?;
             }
         }
-        if quantize == Quantize::Keep {
+        if holding.quantize == Quantize::Keep {
             weights.notes.push(format!(
-                "--quantize keep: {} stores floats, so its weights stay dense \
+                "--quantize keep: {} stores floats, so its weights {} \
                  (q8_0, q4_k or q4_0 quantize them as they load)",
-                weights.origin
+                weights.origin,
+                holding.dense_words()
             ));
         }
         Ok(weights)
@@ -151,8 +165,9 @@ impl Weights {
         config: &ModelConfig,
         dtype: DType,
         device: &Device,
-        quantize: Quantize,
+        holding: impl Into<Holding>,
     ) -> Result<Self> {
+        let holding = holding.into();
         check_gguf_size(path, content)?;
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -182,7 +197,7 @@ impl Weights {
             })?;
             let q = read_tensor(&mut file, content, name)
                 .with_context(|| format!("reading tensor {name} from {}", path.display()))?;
-            let keep = quantize == Quantize::Keep && is_held_in_blocks(&hf);
+            let keep = holding.quantize == Quantize::Keep && is_held_in_blocks(&hf);
             if keep && !crate::model::quantized::is_block_format(q.dtype()) {
                 stored_as_floats.push(name.clone());
             } else if keep {
@@ -203,7 +218,7 @@ impl Weights {
                 // llama.cpp stores Gemma's norms as 1 + w; HF layout keeps w.
                 t = (t - 1.0)?;
             }
-            weights.hold(hf, t.to_dtype(dtype)?.to_device(device)?, quantize)?;
+            weights.hold(hf, t.to_dtype(dtype)?.to_device(device)?, holding)?;
         }
         for (name, kept) in rope_tables {
             let t = content
@@ -215,9 +230,10 @@ impl Weights {
         if let Some(first) = stored_as_floats.iter().min() {
             weights.notes.push(format!(
                 "--quantize keep: {} weights ({first}, ...) are stored as floats in {} \
-                 and stay dense",
+                 and {}",
                 stored_as_floats.len(),
-                path.display()
+                path.display(),
+                holding.dense_words()
             ));
         }
         Ok(weights)

@@ -3,10 +3,11 @@
 //! converter applies (q and k rows permuted for Llama-family models, Gemma's
 //! norms stored as `1 + w`, rope factors as tensors), quantized as asked.
 
-use super::quant::{fallback, is_output, Quant};
+use super::quant::{is_output, Quant};
 use crate::config::{Architecture, ModelConfig};
 use crate::model::rope::inverse_frequencies;
 use crate::pretrained::Model;
+use crate::quantize::fallback;
 use crate::weights::{gguf_name, permute, permuted_heads};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file::Value;

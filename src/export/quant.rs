@@ -116,25 +116,6 @@ fn q4_k_m_type(name: &str, layers: usize, tied_output: bool) -> GgmlDType {
     }
 }
 
-/// The type a tensor whose rows hold `row_len` values can take instead of
-/// `wanted`, as llama.cpp falls back (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0,
-/// and f16 where even those blocks do not fit); `None` when `wanted` fits.
-/// The output tensor falls back to Q8_0, as llama.cpp's does.
-pub fn fallback(wanted: GgmlDType, row_len: usize, output: bool) -> Option<GgmlDType> {
-    let fits = |t: GgmlDType| row_len.is_multiple_of(t.block_size());
-    if fits(wanted) {
-        return None;
-    }
-    let next = match (output, wanted) {
-        (true, _) => GgmlDType::Q8_0,
-        (_, GgmlDType::Q4K) => GgmlDType::Q5_0,
-        (_, GgmlDType::Q5K) => GgmlDType::Q5_1,
-        (_, GgmlDType::Q6K) => GgmlDType::Q8_0,
-        _ => GgmlDType::F16,
-    };
-    Some(if fits(next) { next } else { GgmlDType::F16 })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,15 +144,5 @@ mod tests {
         assert_eq!(t("blk.29.ffn_down.weight"), GgmlDType::Q6K);
         assert_eq!(t("blk.4.attn_q.weight"), GgmlDType::Q4K);
         assert_eq!(t("blk.4.attn_qkv.weight"), GgmlDType::Q5K);
-    }
-
-    #[test]
-    fn rows_the_blocks_do_not_fit_fall_back_as_llama_cpp_does() {
-        // SmolLM2's rows of 576 fit blocks of 32, not of 256.
-        assert_eq!(fallback(GgmlDType::Q4K, 576, false), Some(GgmlDType::Q5_0));
-        assert_eq!(fallback(GgmlDType::Q6K, 576, false), Some(GgmlDType::Q8_0));
-        assert_eq!(fallback(GgmlDType::Q6K, 576, true), Some(GgmlDType::Q8_0));
-        assert_eq!(fallback(GgmlDType::Q4K, 1536, false), None);
-        assert_eq!(fallback(GgmlDType::Q8_0, 40, false), Some(GgmlDType::F16));
     }
 }

@@ -206,17 +206,19 @@ impl CausalLm {
     }
 
     /// [`CausalLm::random`] with the decoder blocks' linears held as
-    /// `quantize` asks, each quantized as it is drawn (no dense copy of the
-    /// model is ever held; `keep` keeps them dense, as there is no file).
-    /// Weights left dense get a line in `notes`.
+    /// `holding` asks ([`crate::quantize::Holding`]), each quantized as it
+    /// is drawn (no dense copy of the model is ever held; `keep` keeps them
+    /// dense, as there is no file). Weights that fell back get a line in
+    /// `notes`.
     pub fn random_held(
         config: &ModelConfig,
         seed: u64,
         dtype: DType,
         device: &Device,
-        quantize: crate::Quantize,
+        holding: impl Into<crate::quantize::Holding>,
         notes: &mut Vec<String>,
     ) -> Result<Self> {
+        let holding = holding.into();
         let mut rng = crate::rng::Rng::new(seed);
         let mut weights = Weights::new(Default::default(), "random init");
         // Norms are neutral: 1, or 0 where they are stored as offsets from 1.
@@ -227,7 +229,7 @@ impl CausalLm {
                 .map(|_| if norm { neutral } else { 0.02 * rng.normal() })
                 .collect();
             let t = Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?;
-            weights.hold(name, t, quantize)
+            weights.hold(name, t, holding)
         };
         let c = config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
@@ -290,7 +292,7 @@ impl CausalLm {
                 put(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], true)?;
             }
         }
-        notes.append(&mut weights.notes);
+        notes.append(&mut weights.take_notes());
         Self::new(config, weights, dtype, device)
     }
 

@@ -527,6 +527,19 @@ pub fn quantize(fx: &Fixture) {
         !same_adapter(&out, baseline(fx)),
         "a base in Q8_0 blocks trains another adapter"
     );
+    // The tiny model's rows (32 and 64 values) are not whole Q4_K blocks of
+    // 256: they fall back to Q5_0, as llama.cpp's do, in one line.
+    let (_, run) = finetune(fx, "finetune-quantize-q4k", &["--quantize", "q4_k"]);
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("Q4_K → Q5_0 for"))
+        .collect();
+    assert!(
+        lines.len() == 2 && lines.iter().all(|l| l.contains("in 2 layers")),
+        "one line per row length: {}",
+        run.stdout
+    );
     let bad = fx.path("finetune-quantize-bad");
     let err = run::fails("finetune", &args(fx, &bad, &["--quantize", "q3"]));
     assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");

@@ -4,19 +4,27 @@
 //! blocks' linears to Q8_0, Q4_K or Q4_0, and the embeddings and an untied
 //! output matrix to Q8_0 whatever the target (higher precision, as QLoRA
 //! keeps them; a vocabulary matrix is the largest tensor of a small model,
-//! so it is not left in f32). The norms and biases stay dense. LoRA's
-//! parameters, gradients and optimizer state are f32 whatever the base.
+//! so it is not left in f32). A matrix whose rows are not whole blocks of
+//! the target takes the format llama.cpp's quantizer falls back to (Q4_K →
+//! Q5_0), or stays dense where none fits (`holding.rs`). The norms and
+//! biases stay dense. LoRA's parameters, gradients and optimizer state are
+//! f32 whatever the base.
 //!
 //! On the CPU the base can also be held in bf16 ([`BaseDtype`], `--dtype`):
-//! the same matrices in half an f32's bytes, multiplied with AVX512_BF16 dot
-//! products where the CPU has them (the other side rounded to bf16) and in
-//! f32 elsewhere.
+//! the same matrices in half an f32's bytes, multiplied with AMX-BF16 or
+//! AVX512_BF16 products where the CPU has them (the other side rounded to
+//! bf16) and in f32 elsewhere; with a block format, what it leaves dense is
+//! held in bf16.
+
+mod holding;
+
+pub use holding::{describe as describe_fallbacks, fallback, Fallback, Holding};
 
 use crate::cpu::Bf16Kernel;
-use crate::model::{FrozenWeight, QuantizedWeight};
+use crate::model::FrozenWeight;
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 /// How the frozen base's matrices are held.
@@ -27,7 +35,8 @@ pub enum Quantize {
     #[serde(rename = "none")]
     None,
     /// A GGUF's weights in the block format they are stored in, never
-    /// dequantized as a whole model; weights stored as floats stay dense.
+    /// dequantized as a whole model; weights stored as floats stay dense
+    /// (in bf16 on a bf16 base).
     #[serde(rename = "keep")]
     Keep,
     /// Linears and vocabulary matrices quantized to Q8_0 (blocks of 32) as
@@ -90,25 +99,6 @@ impl Quantize {
             (_, true) => Some(GgmlDType::Q8_0),
             _ => None,
         }
-    }
-
-    /// A dense weight (`[out, in]`, HF name `name`) held as this choice asks:
-    /// quantized to its format ([`Self::target_for`]), or dense where there
-    /// is none or the rows are not whole blocks (then a note names the
-    /// tensor).
-    pub fn dense(self, name: &str, w: Tensor, notes: &mut Vec<String>) -> Result<FrozenWeight> {
-        let Some(format) = self.target_for(name) else {
-            return Ok(w.into());
-        };
-        let k = w.dims2()?.1;
-        if k % format.block_size() != 0 {
-            notes.push(format!(
-                "{name} stays dense: its rows of {k} values are not whole {format:?} blocks of {}",
-                format.block_size()
-            ));
-            return Ok(w.into());
-        }
-        Ok(QuantizedWeight::quantize(&w, format)?.into())
     }
 }
 
@@ -177,16 +167,6 @@ impl BaseDtype {
         match self.resolve(device) {
             BaseDtype::F32 => DType::F32,
             _ => crate::device::default_dtype(device),
-        }
-    }
-
-    /// How the base's matrices are held on `device` given `quantize`: on
-    /// the CPU, a bf16 base holds in bf16 what `quantize` leaves dense
-    /// ([`Quantize::Bf16`]); otherwise `quantize` as it is.
-    pub fn holding(self, quantize: Quantize, device: &Device) -> Quantize {
-        match (device.is_cpu(), self.resolve(device), quantize) {
-            (true, BaseDtype::Bf16, Quantize::None) => Quantize::Bf16,
-            _ => quantize,
         }
     }
 
@@ -363,12 +343,18 @@ mod tests {
         }
         assert_eq!(block_arithmetic(&held(Quantize::None).lm), None);
         // The tiny model's rows are not whole Q4_K blocks (256): its linears
-        // stay dense, and only its Q8_0 embeddings are read by the kernel.
-        let q4k = block_arithmetic(&held(Quantize::Q4K).lm);
-        assert_eq!(q4k.is_some(), kernel.is_some());
+        // fall back to Q5_0, as llama.cpp's do, beside its Q8_0 embeddings.
+        let q4k = held(Quantize::Q4K);
         assert!(
-            q4k.is_none_or(|s| s.contains("of Q8_0 blocks")),
-            "only Q8_0"
+            q4k.notes.iter().any(|n| n.contains("Q4_K → Q5_0")),
+            "{:?}",
+            q4k.notes
+        );
+        let said = block_arithmetic(&q4k.lm);
+        assert_eq!(said.is_some(), kernel.is_some());
+        assert!(
+            said.is_none_or(|s| s.contains("of Q5_0 and Q8_0 blocks")),
+            "Q5_0 and Q8_0"
         );
     }
 
@@ -380,27 +366,6 @@ mod tests {
         }
         let err = "q3_k".parse::<Quantize>().unwrap_err().to_string();
         assert!(err.contains("none, keep, q8_0, q4_k, q4_0"), "{err}");
-    }
-
-    #[test]
-    fn rows_that_are_not_whole_blocks_stay_dense_with_a_note() {
-        let mut notes = Vec::new();
-        let w = crate::testing::randn(&[4, 96], 1);
-        let q = Quantize::Q4K.dense("model.layers.0.mlp.down_proj.weight", w.clone(), &mut notes);
-        assert!(!q.unwrap().is_quantized());
-        assert!(
-            notes[0].contains("mlp.down_proj") && notes[0].contains("96"),
-            "{notes:?}"
-        );
-        let q = Quantize::Q8_0.dense("x", w.clone(), &mut notes).unwrap();
-        assert!(
-            !q.is_quantized() && notes.len() == 1,
-            "not a matrix held in blocks"
-        );
-        let q = Quantize::Q8_0
-            .dense("lm_head.weight", w, &mut notes)
-            .unwrap();
-        assert!(q.is_quantized() && notes.len() == 1);
     }
 
     /// The linears go to the target; the vocabulary matrices to Q8_0.
@@ -424,12 +389,20 @@ mod tests {
             assert_eq!(Quantize::Bf16.target_for(name), Some(GgmlDType::BF16));
         }
         assert_eq!(Quantize::Bf16.target_for("model.norm.weight"), None);
+        let holding = |quantize, bf16| Holding { quantize, bf16 };
         assert_eq!(
             BaseDtype::Bf16.holding(Quantize::None, &cpu),
-            Quantize::Bf16
+            holding(Quantize::Bf16, true)
         );
-        assert_eq!(BaseDtype::Bf16.holding(Quantize::Q4K, &cpu), Quantize::Q4K);
-        assert_eq!(BaseDtype::F32.holding(Quantize::None, &cpu), Quantize::None);
+        assert_eq!(
+            BaseDtype::Bf16.holding(Quantize::Q4K, &cpu),
+            holding(Quantize::Q4K, true)
+        );
+        assert_eq!(
+            BaseDtype::F32.holding(Quantize::None, &cpu),
+            holding(Quantize::None, false)
+        );
+        assert_eq!(Holding::from(Quantize::Bf16), holding(Quantize::Bf16, true));
         assert_eq!(BaseDtype::Bf16.compute_dtype(&cpu), DType::F32);
         let auto = match crate::cpu::features().has_bf16_arithmetic() {
             true => BaseDtype::Bf16,
