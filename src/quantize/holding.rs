@@ -99,9 +99,7 @@ impl Holding {
         });
         held_as(w, held)
     }
-}
 
-impl Holding {
     /// What happens to the matrices it holds dense, in words: `stay dense`,
     /// or `are held in bf16`.
     pub fn dense_words(self) -> &'static str {
