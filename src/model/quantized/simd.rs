@@ -1,9 +1,10 @@
 //! What the CPU kernels (`bf16_dot/`, `int8_dot/`) share: lane masks, the
-//! write-back of an f32 micro-tile, and the split of a product's rows over
-//! threads.
+//! write-back of an f32 micro-tile, the walk over a weight's packed blocks,
+//! and the split of a product's rows over threads.
 
 use rayon::prelude::*;
 use std::arch::x86_64::__m512;
+use std::ops::Range;
 
 /// A mask of the lowest `n` of 16 lanes.
 pub(super) fn low_mask(n: usize) -> u16 {
@@ -44,6 +45,49 @@ pub(super) unsafe fn store_tile<const R: usize>(
             }
             _mm512_mask_storeu_ps(row, m0, v0);
             _mm512_mask_storeu_ps(row.add(16), m1, v1);
+        }
+    }
+}
+
+/// A packed block of a product's weight: its first output column and its
+/// columns, its first unit of the contraction (a pair of values for the
+/// bf16 kernel, a group for the int8 one) and its units, and the packed
+/// micro-panels.
+pub(super) struct PackedBlock<'a, T> {
+    pub(super) col: usize,
+    pub(super) cols: usize,
+    pub(super) first: usize,
+    pub(super) depth: usize,
+    pub(super) panels: &'a [T],
+}
+
+/// Runs `f` on each block of a weight of `cols` output columns and `depth`
+/// units of the contraction, up to `col_block` × `depth_block` at a time,
+/// columns outermost: each packed by `pack(columns, units, buffer)` into one
+/// reused buffer.
+pub(super) fn for_each_packed_block<T>(
+    (cols, depth): (usize, usize),
+    (col_block, depth_block): (usize, usize),
+    mut pack: impl FnMut(Range<usize>, Range<usize>, &mut Vec<T>),
+    mut f: impl FnMut(PackedBlock<T>),
+) {
+    let mut packed = Vec::new();
+    for col in (0..cols).step_by(col_block) {
+        let block_cols = col_block.min(cols - col);
+        for first in (0..depth).step_by(depth_block) {
+            let block_depth = depth_block.min(depth - first);
+            pack(
+                col..col + block_cols,
+                first..first + block_depth,
+                &mut packed,
+            );
+            f(PackedBlock {
+                col,
+                cols: block_cols,
+                first,
+                depth: block_depth,
+                panels: &packed,
+            });
         }
     }
 }

@@ -56,13 +56,13 @@ pub(super) fn serial(
                     let first_col = packed.col + j * NR;
                     let block = Block {
                         rows: &rows,
-                        a: row * row_stride + packed.pair,
+                        a: row * row_stride + packed.first,
                         row_stride,
                         panel,
                         steps,
                         c: row * out_stride + first_col,
                         out_stride,
-                        accumulate: packed.pair > 0,
+                        accumulate: packed.first > 0,
                     };
                     match (two_rows, first_col + NR <= out_stride) {
                         (true, true) => block.run::<_, true, true>(tiles, acc),

@@ -154,7 +154,7 @@ fn serial(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f
     let mut rows = vec![0u32; m * pairs];
     to_bf16_rows(x, q, pairs, &mut rows);
     for_each_block(w, input_gradient, 1, |block| {
-        let (col, pair, depth) = (block.col, block.pair, block.depth);
+        let (col, pair, depth) = (block.col, block.first, block.depth);
         for row in (0..m).step_by(ROW_BLOCK) {
             let block_rows = ROW_BLOCK.min(m - row);
             for (j, panel) in block.panels.chunks_exact(depth * NR).enumerate() {

@@ -5,6 +5,7 @@
 //! (16 × 16 u32s at a time in registers), the input gradient's an
 //! interleave of two rows; a value-by-value packer is the reference.
 
+use super::super::simd::{for_each_packed_block, PackedBlock};
 use super::{low_mask, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
 
 /// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
@@ -45,17 +46,6 @@ fn pack(
     }
 }
 
-/// A packed block of the weight ([`pack`]): its first output column, its
-/// columns, its first pair of the contraction and its pairs, and the packed
-/// micro-panels.
-pub(super) struct PackedBlock<'a> {
-    pub(super) col: usize,
-    pub(super) cols: usize,
-    pub(super) pair: usize,
-    pub(super) depth: usize,
-    pub(super) panels: &'a [u32],
-}
-
 /// Runs `f` on each packed block of the product's weight in turn: up to
 /// [`COLUMN_BLOCK`] output columns × [`PAIR_BLOCK`] pairs of the
 /// contraction, columns outermost, packed with steps padded to
@@ -64,26 +54,15 @@ pub(super) fn for_each_block(
     w: Bf16Weight,
     input_gradient: bool,
     whole_steps: usize,
-    mut f: impl FnMut(PackedBlock),
+    f: impl FnMut(PackedBlock<u32>),
 ) {
     let (q, p) = w.sides(input_gradient);
-    let pairs = q.div_ceil(2);
-    let mut packed = Vec::new();
-    for col in (0..p).step_by(COLUMN_BLOCK) {
-        let cols = COLUMN_BLOCK.min(p - col);
-        for pair in (0..pairs).step_by(PAIR_BLOCK) {
-            let depth = PAIR_BLOCK.min(pairs - pair);
-            let (columns, steps) = (col..col + cols, pair..pair + depth);
-            pack(w, input_gradient, columns, steps, whole_steps, &mut packed);
-            f(PackedBlock {
-                col,
-                cols,
-                pair,
-                depth,
-                panels: &packed,
-            });
-        }
-    }
+    for_each_packed_block(
+        (p, q.div_ceil(2)),
+        (COLUMN_BLOCK, PAIR_BLOCK),
+        |cols, pairs, packed| pack(w, input_gradient, cols, pairs, whole_steps, packed),
+        f,
+    );
 }
 
 /// One micro-panel of [`pack`], value by value: the reference the vector

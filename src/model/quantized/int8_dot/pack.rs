@@ -12,6 +12,7 @@
 //! Columns past the weight's edge are zeros (scale 0).
 
 use super::super::blocks::Rows;
+use super::super::simd::{for_each_packed_block, PackedBlock};
 use super::{COLUMN_BLOCK, DEPTH, NR};
 use candle_core::quantized::GgmlDType;
 use std::ops::Range;
@@ -221,36 +222,16 @@ fn unpack(blocks: Blocks, row: &[u8], g: usize, u: &mut [u8]) -> (f32, f32) {
     }
 }
 
-/// A packed block of the weight ([`pack`]): its first column (weight row)
-/// and its columns, its first group and its groups, and the packed panels.
-pub(super) struct PackedBlock<'a> {
-    pub(super) col: usize,
-    pub(super) cols: usize,
-    pub(super) first: usize,
-    pub(super) depth: usize,
-    pub(super) panels: &'a [u8],
-}
-
 /// Runs `f` on each packed block of the weight's `n` rows in turn: up to
 /// [`COLUMN_BLOCK`] columns × [`DEPTH`] values of the contraction, columns
 /// outermost, packed into one reused buffer.
-pub(super) fn for_each_block<const G: usize>(rows: Rows, n: usize, mut f: impl FnMut(PackedBlock)) {
-    let (groups, depth_groups) = (rows.k / G, DEPTH / G);
-    let mut packed = Vec::new();
-    for col in (0..n).step_by(COLUMN_BLOCK) {
-        let cols = COLUMN_BLOCK.min(n - col);
-        for first in (0..groups).step_by(depth_groups) {
-            let depth = depth_groups.min(groups - first);
-            pack::<G>(rows, col..col + cols, first..first + depth, &mut packed);
-            f(PackedBlock {
-                col,
-                cols,
-                first,
-                depth,
-                panels: &packed,
-            });
-        }
-    }
+pub(super) fn for_each_block<const G: usize>(rows: Rows, n: usize, f: impl FnMut(PackedBlock<u8>)) {
+    for_each_packed_block(
+        (n, rows.k / G),
+        (COLUMN_BLOCK, DEPTH / G),
+        |cols, groups, packed| pack::<G>(rows, cols, groups, packed),
+        f,
+    );
 }
 
 /// Packs groups `groups` (of `G` values) of the weight's rows `cols` into
