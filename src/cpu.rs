@@ -38,8 +38,9 @@ impl CpuFeatures {
     /// The instruction set a bf16 base's products run on, where the CPU has
     /// one tuneforge has a kernel for: [`Bf16Kernel::AmxBf16`] (where the
     /// operating system also lets the process use the tiles,
-    /// [`amx_permitted`]), else [`Bf16Kernel::Avx512Bf16`]. Both kernels need AVX-512 F and BW besides (to round
-    /// and pack their operands). Elsewhere a bf16 base is multiplied in f32.
+    /// [`amx_permitted`]), else [`Bf16Kernel::Avx512Bf16`]. Both kernels
+    /// need AVX-512 F and BW besides (to round and pack their operands).
+    /// Elsewhere a bf16 base is multiplied in f32.
     pub fn bf16_kernel(&self) -> Option<Bf16Kernel> {
         #[cfg(target_arch = "x86_64")]
         let bw = is_x86_feature_detected!("avx512bw");
@@ -58,8 +59,7 @@ impl CpuFeatures {
     /// lets the process use the tiles, [`amx_permitted`]), else
     /// [`Int8Kernel::Avx512Vnni`] (both with AVX-512 F, BW and DQ besides, to
     /// round the rows and scale the sums), else [`Int8Kernel::AvxVnni`]
-    /// (with AVX2 and FMA). Elsewhere the blocks are
-    /// dequantized to f32.
+    /// (with AVX2 and FMA). Elsewhere the blocks are dequantized to f32.
     pub fn int8_kernel(&self) -> Option<Int8Kernel> {
         #[cfg(target_arch = "x86_64")]
         let rest = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq");

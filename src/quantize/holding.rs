@@ -5,7 +5,7 @@
 //! loaded. The matrices that fell back are summed up a line per kind
 //! ([`describe`]).
 
-use super::{BaseDtype, Quantize};
+use super::{is_held_in_blocks, BaseDtype, Quantize};
 use crate::model::quantized::is_held_format;
 use crate::model::{FrozenWeight, QuantizedWeight};
 use anyhow::Result;
@@ -71,9 +71,10 @@ impl Holding {
     /// The dense matrix `w` (`[out, in]`, HF name `name`) held as asked: in
     /// [`Quantize::target_for`]'s format; where its rows are not whole
     /// blocks of it, in llama.cpp's fallback format ([`fallback`]) or,
-    /// where even that does not fit, dense (pushed onto `fallbacks`); with
-    /// no format asked for, dense. Dense matrices that a quantized base
-    /// would hold in blocks are in bf16 where [`Holding::bf16`].
+    /// where even that does not fit, dense (either way pushed onto
+    /// `fallbacks`); with no format asked for, dense. Dense matrices that a
+    /// quantized base would hold in blocks ([`is_held_in_blocks`]) are in
+    /// bf16 where [`Holding::bf16`].
     pub fn hold(
         self,
         name: &str,
@@ -81,8 +82,7 @@ impl Holding {
         fallbacks: &mut Vec<Fallback>,
     ) -> Result<FrozenWeight> {
         // Where a dense matrix goes: bf16, or as it is.
-        let dense =
-            (self.bf16 && Quantize::Bf16.target_for(name).is_some()).then_some(GgmlDType::BF16);
+        let dense = (self.bf16 && is_held_in_blocks(name)).then_some(GgmlDType::BF16);
         let Some(wanted) = self.quantize.target_for(name) else {
             return held_as(w, dense);
         };
