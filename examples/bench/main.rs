@@ -77,6 +77,11 @@ pub struct Args {
     /// Only these rows (substring match on the name).
     #[arg(long)]
     only: Option<String>,
+    /// The `cpu` suite's forward and training rows on random weights at
+    /// SmolLM2-135M's shapes, as `benches/peft_cpu_reference.py` measures
+    /// PyTorch: for a machine that cannot fetch the model (same arithmetic).
+    #[arg(long)]
+    random_weights: bool,
     /// Run one row in this process and print it as JSON (used internally).
     #[arg(long, hide = true)]
     row: Option<String>,
@@ -218,18 +223,29 @@ fn cpu_row(row_name: &str, args: &Args) -> Result<Row> {
         None => (row_name, BaseDtype::F32),
     };
     let t = Instant::now();
-    let mut model = Model::load(
-        &args.model,
-        &LoadOptions {
-            device: args.device,
-            dtype: None,
-            base_dtype: base,
-            ..Default::default()
-        },
-    )?;
+    let mut model = match args.random_weights {
+        true => {
+            let device = args.device.open()?;
+            let holding = base.holding(tuneforge::Quantize::None, &device);
+            let shape = ModelConfig::smollm2_135m();
+            Model::random_held(&shape, 0, candle_core::DType::F32, &device, holding)?
+        }
+        false => Model::load(
+            &args.model,
+            &LoadOptions {
+                device: args.device,
+                dtype: None,
+                base_dtype: base,
+                ..Default::default()
+            },
+        )?,
+    };
     let mut row = cpu_row_of(&mut model, name, args, t.elapsed().as_secs_f64())?;
     row.name = row_name.into();
     row.base = base.to_string();
+    if args.random_weights {
+        row.model = "random weights, SmolLM2-135M's shapes".into();
+    }
     Ok(row)
 }
 
@@ -428,16 +444,22 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let names: Vec<&str> = match args.suite {
-        Suite::Cpu => {
-            // Make sure the file is cached, so that every row's load is a pure load.
-            tuneforge::source::resolve(&args.model)?;
-            CPU_ROWS.to_vec()
+        Suite::Cpu if args.random_weights => {
+            if args.model != "smollm2-135m-instruct" {
+                anyhow::bail!(
+                    "--random-weights measures SmolLM2-135M's shapes, not {}",
+                    args.model
+                );
+            }
+            CPU_ROWS
+                .iter()
+                .copied()
+                .filter(|n| n.starts_with("forward") || n.starts_with("train"))
+                .collect()
         }
+        Suite::Cpu => CPU_ROWS.to_vec(),
         Suite::Gpu => GPU_ROWS.iter().map(|r| r.0).collect(),
-        Suite::Qlora => {
-            tuneforge::source::resolve(&args.model)?;
-            qlora::ROWS.iter().map(|r| r.0).collect()
-        }
+        Suite::Qlora => qlora::ROWS.iter().map(|r| r.0).collect(),
     };
     let chosen: Vec<&str> = names
         .iter()
@@ -450,6 +472,15 @@ fn main() -> Result<()> {
             args.only.as_deref().unwrap_or_default(),
             names.join("; ")
         );
+    }
+    let loads_the_model = match args.suite {
+        Suite::Cpu => !args.random_weights,
+        Suite::Gpu => false,
+        Suite::Qlora => chosen.iter().any(|n| n.starts_with("model file")),
+    };
+    if loads_the_model {
+        // Make sure the file is cached, so that every row's load is a pure load.
+        tuneforge::source::resolve(&args.model)?;
     }
     // The peaks the rows' GFLOP/s are held against: the best of a reading
     // before the rows and one after, as other load on the machine lowers it.
@@ -467,6 +498,7 @@ fn main() -> Result<()> {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--row", name, "--model", &args.model, "--device", &device])
             .args(["--reps", &args.reps.to_string()])
+            .args(args.random_weights.then_some("--random-weights"))
             .output()
             .context("starting a row's process")?;
         if !out.status.success() {

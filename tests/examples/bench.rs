@@ -125,3 +125,26 @@ pub fn row(fx: &Fixture) {
     let row: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(row["name"], FORWARD);
 }
+
+/// Random weights at SmolLM2-135M's shapes, with no model to fetch: the
+/// forward and training rows only, each saying what it ran on.
+pub fn random_weights(fx: &Fixture) {
+    let json = fx.fresh("bench-random-weights").join("rows.json");
+    let only = ["--random-weights", "--only", FORWARD, "--reps", "1"];
+    run::ok(
+        "bench",
+        &[&only[..], &["--json", json.to_str().unwrap()]].concat(),
+    );
+    let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["model"], "random weights, SmolLM2-135M's shapes");
+    assert_eq!(rows[0]["base"], "bf16");
+    assert!(rows[0]["tokens_per_second"].as_f64().unwrap() > 0.0);
+    let err = run::fails("bench", &["--random-weights", "--only", "greedy"]);
+    assert!(
+        err.contains("matches no row") && err.contains("train, q+v"),
+        "{err}"
+    );
+    let err = run::fails("bench", &["--random-weights", "--model", fx.model_arg()]);
+    assert!(err.contains("SmolLM2-135M's shapes"), "{err}");
+}

@@ -130,6 +130,7 @@ const ROWS: &[Row] = rows![
     "bench" "--reps" => Runs(bench::reps),
     "bench" "--only" => Runs(bench::only),
     "bench" "--row" => Runs(bench::row),
+    "bench" "--random-weights" => Runs(bench::random_weights),
     "make_triage_data" "--out" => Runs(triage::out),
 ];
 

@@ -47,21 +47,33 @@ fn lora_gradients_match_finite_differences() {
 /// kernel to two 8-bit digits per group), which makes the loss a step
 /// function at that resolution, too rough for finite differences; the next
 /// test holds the kernels' gradients to these.
+/// On a GPU, the blocks stay on the device and each product dequantizes its
+/// layer's weight there.
 #[test]
 fn lora_gradients_through_quantized_weights_match_finite_differences() {
-    for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
-        let mut model = tiny_held(&Device::Cpu, quantize);
-        model.lm.set_low_precision_kernels(false);
-        assert!(model.lm.layers[0]
-            .linears()
-            .iter()
-            .all(|(_, l)| l.weight.is_quantized()));
-        assert!(
-            model.lm.embed_tokens.is_quantized(),
-            "{quantize}: embeddings"
-        );
-        lora_gradients_match_finite_differences_of(model);
+    for device in common::devices() {
+        for quantize in [Quantize::Q8_0, Quantize::Q4_0, Quantize::Bf16] {
+            let model = held_exactly(&device, quantize);
+            lora_gradients_match_finite_differences_of(model);
+        }
     }
+}
+
+/// [`tiny_held`] with its exact f32 products (no low-precision kernel),
+/// checked to hold every linear and the embeddings in blocks on `device`.
+fn held_exactly(device: &Device, quantize: Quantize) -> Model {
+    let mut model = tiny_held(device, quantize);
+    model.lm.set_low_precision_kernels(false);
+    for (name, l) in model.lm.layers[0].linears() {
+        assert!(l.weight.is_quantized(), "{quantize}: {name} on {device:?}");
+    }
+    let embeddings = &model.lm.embed_tokens;
+    assert!(embeddings.is_quantized(), "{quantize}: embeddings");
+    assert!(
+        embeddings.device().same_device(device),
+        "{quantize} on {device:?}"
+    );
+    model
 }
 
 /// With the low-precision kernels (where the CPU has them), a held base's
@@ -235,40 +247,54 @@ fn hand_written_backward_equals_autograd() {
 }
 
 /// One update's loss and LoRA gradients on the GPU equal the CPU's (f32, with
-/// dropout: both devices draw the same masks).
+/// dropout: both devices draw the same masks), with a dense base and with
+/// one held in blocks (QLoRA: the GPU dequantizes each layer's weight, the
+/// CPU multiplies the same blocks exactly; Q4_K falls back to Q5_0 at the
+/// tiny model's rows).
 #[test]
 fn gpu_and_cpu_take_the_same_update() {
     let Some(gpu) = tuneforge::device::gpu_or_say_why() else {
         return;
     };
-    let update_on = |device: &Device| {
-        let mut model = tiny_on(device);
-        let lora_config = LoraConfig {
-            dropout: 0.1,
-            ..Default::default()
+    for quantize in [
+        Quantize::None,
+        Quantize::Q8_0,
+        Quantize::Q4K,
+        Quantize::Bf16,
+    ] {
+        let update_on = |device: &Device| {
+            let mut model = match quantize {
+                Quantize::None => tiny_on(device),
+                _ => held_exactly(device, quantize),
+            };
+            let lora_config = LoraConfig {
+                dropout: 0.1,
+                ..Default::default()
+            };
+            lora::attach(&mut model.lm, &lora_config, 3).unwrap();
+            shift_adapters(&model, 0.02);
+            let examples = examples(&model, 6);
+            let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
+            step_gradients(&model, &examples, &plan[0], &[9], true).unwrap()
         };
-        lora::attach(&mut model.lm, &lora_config, 3).unwrap();
-        shift_adapters(&model, 0.02);
-        let examples = examples(&model, 6);
-        let plan = plan_epoch(&examples, 3, 1, None, &mut Rng::new(0));
-        step_gradients(&model, &examples, &plan[0], &[9], true).unwrap()
-    };
-    let (cpu, on_gpu) = (update_on(&Device::Cpu), update_on(&gpu));
-    assert!(
-        (cpu.loss - on_gpu.loss).abs() < 1e-4,
-        "{} vs {}",
-        cpu.loss,
-        on_gpu.loss
-    );
-    for (i, (c, g)) in cpu.gradients.iter().zip(&on_gpu.gradients).enumerate() {
-        let (c, g) = (c.as_ref().unwrap(), g.as_ref().unwrap());
-        let g = g.to_device(&Device::Cpu).unwrap();
-        let scale = common::max_abs_diff(c, &c.zeros_like().unwrap());
-        let diff = common::max_abs_diff(c, &g);
+        let (cpu, on_gpu) = (update_on(&Device::Cpu), update_on(&gpu));
         assert!(
-            diff <= 1e-3 * scale + 1e-6,
-            "gradient {i}: off by {diff} (scale {scale})"
+            (cpu.loss - on_gpu.loss).abs() < 1e-4,
+            "{quantize}: {} vs {}",
+            cpu.loss,
+            on_gpu.loss
         );
+        for (i, (c, g)) in cpu.gradients.iter().zip(&on_gpu.gradients).enumerate() {
+            let (c, g) = (c.as_ref().unwrap(), g.as_ref().unwrap());
+            let g = g.to_device(&Device::Cpu).unwrap();
+            let scale = common::max_abs_diff(c, &c.zeros_like().unwrap());
+            let diff = common::max_abs_diff(c, &g);
+            assert!(
+                diff <= 1e-3 * scale + 1e-6,
+                "{quantize}: gradient {i} off by {diff} (scale {scale})"
+            );
+        }
+        eprintln!("{quantize}: the GPU's update is the CPU's");
     }
 }
 

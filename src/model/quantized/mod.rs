@@ -119,9 +119,7 @@ impl QuantizedWeight {
                 format.block_size()
             );
         }
-        let f32 = w.to_dtype(DType::F32)?;
-        let blocks = QTensor::quantize_onto(&f32, format, w.device())?;
-        Self::new(blocks, w.dtype())
+        Self::new(blocks_of(w, format)?, w.dtype())
     }
 
     /// A weight of `blocks` with this one's settings (products' dtype, bf16
@@ -364,9 +362,16 @@ impl QuantizedWeight {
     /// the sum is rounded to the format again.
     pub fn add_requantized(&self, delta: &Tensor) -> Result<Self> {
         let sum = (self.dequantize()?.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
-        let blocks = QTensor::quantize_onto(&sum, self.format(), sum.device())?;
-        self.with_blocks(blocks)
+        self.with_blocks(blocks_of(&sum, self.format())?)
     }
+}
+
+/// `w` quantized into `format`'s blocks on `w`'s device. candle quantizes
+/// on the CPU only: a GPU's matrix goes there in f32 and comes back in
+/// blocks.
+fn blocks_of(w: &Tensor, format: GgmlDType) -> Result<QTensor> {
+    let f32 = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    QTensor::quantize_onto(&f32, format, w.device())
 }
 
 #[cfg(test)]
