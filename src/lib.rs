@@ -38,6 +38,7 @@ pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod pretrained;
+pub mod profile;
 pub mod quantize;
 pub mod rng;
 pub mod source;

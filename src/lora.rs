@@ -169,6 +169,7 @@ impl LoraLayer {
         dropout_seed: Option<u64>,
         autograd: bool,
     ) -> candle_core::Result<Tensor> {
+        let _profile = crate::profile::open(crate::profile::Stage::Lora);
         let (a, b) = self.factors(autograd);
         // Scaling the rank-r intermediate is cheaper than scaling the output.
         let low =
@@ -187,6 +188,7 @@ impl LoraLayer {
         dy: &Tensor,
         dropout_seed: Option<u64>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let _profile = crate::profile::open(crate::profile::Stage::Lora);
         let (a, b) = self.factors(false);
         let h = x.to_dtype(a.dtype())?;
         let mask = self.dropout_mask(&h, dropout_seed)?;

@@ -82,6 +82,10 @@ pub struct Args {
     /// PyTorch: for a machine that cannot fetch the model (same arithmetic).
     #[arg(long)]
     random_weights: bool,
+    /// Also print where each forward or training row's time goes, by stage
+    /// (`tuneforge::profile`).
+    #[arg(long)]
+    profile: bool,
     /// Run one row in this process and print it as JSON (used internally).
     #[arg(long, hide = true)]
     row: Option<String>,
@@ -178,17 +182,27 @@ const BF16_BASE: &str = ", bf16 base";
 
 /// Seconds of the fastest of `reps` calls of `f` after one warm-up, each
 /// timed with the device's queue drained. The fastest, not the mean: on a
-/// shared host the other tenants only ever add time.
-fn time(model: &Model, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// shared host the other tenants only ever add time. With `--profile`, also
+/// where the timed calls' time went, per call.
+fn time(
+    model: &Model,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, Option<table::Profile>)> {
     f()?;
-    let mut best = f64::INFINITY;
+    tuneforge::profile::take();
+    let (mut best, mut total) = (f64::INFINITY, 0.0);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         f()?;
         model.lm.device().synchronize()?;
-        best = best.min(t.elapsed().as_secs_f64());
+        let seconds = t.elapsed().as_secs_f64();
+        best = best.min(seconds);
+        total += seconds;
     }
-    Ok(best)
+    let profile = tuneforge::profile::is_enabled()
+        .then(|| table::Profile::per_call(tuneforge::profile::take(), reps.max(1), total));
+    Ok((best, profile))
 }
 
 /// Full LoRA training steps (forward, backward, AdamW) on one batch of `b` × `s`,
@@ -205,16 +219,14 @@ fn train_row(
     let mut opt = AdamW::new(lora::parameters(&model.lm), Default::default())?;
     let examples = Example::synthetic(b, s, model.config().vocab_size);
     let group = vec![(0..b).map(|i| vec![i]).collect::<Vec<_>>()];
-    let seconds = time(model, reps, || {
+    let (seconds, profile) = time(model, reps, || {
         let update = tuneforge::train::step_gradients(model, &examples, &group, &[0], recompute)?;
         opt.step(&update.gradients, 1e-4, 1.0)
     })?;
-    Ok(Row::throughput(
-        name,
-        seconds,
-        b * s,
-        flops::per_token(model, s, true),
-    ))
+    Ok(Row {
+        profile,
+        ..Row::throughput(name, seconds, b * s, flops::per_token(model, s, true))
+    })
 }
 
 fn cpu_row(row_name: &str, args: &Args) -> Result<Row> {
@@ -262,10 +274,13 @@ fn cpu_row_of(model: &mut Model, name: &str, args: &Args, load: f64) -> Result<R
             let examples = Example::synthetic(4, 128, model.config().vocab_size);
             let rows: Vec<Vec<usize>> = (0..4).map(|i| vec![i]).collect();
             // Scores every position, as an evaluation pass does.
-            let seconds = time(model, args.reps, || {
+            let (seconds, profile) = time(model, args.reps, || {
                 tuneforge::train::summed_loss(model, &examples, &rows).map(|_| ())
             })?;
-            Row::throughput(name, seconds, 512, flops::per_token(model, 128, false))
+            Row {
+                profile,
+                ..Row::throughput(name, seconds, 512, flops::per_token(model, 128, false))
+            }
         }
         "train, all-7, r=8, 4 x 128" => train_row(model, name, &all7, (4, 128), args.reps, false)?,
         "train, all-7, r=8, 8 x 256" => train_row(model, name, &all7, (8, 256), args.reps, false)?,
@@ -415,6 +430,7 @@ impl GpuMemory {
 }
 
 fn run_row(name: &str, args: &Args) -> Result<Row> {
+    tuneforge::profile::enable(args.profile);
     let gpu_memory = match args.device {
         DeviceSpec::Cuda(n) => GpuMemory::start(n as u32),
         DeviceSpec::Auto => GpuMemory::start(0),
@@ -499,6 +515,7 @@ fn main() -> Result<()> {
             .args(["--row", name, "--model", &args.model, "--device", &device])
             .args(["--reps", &args.reps.to_string()])
             .args(args.random_weights.then_some("--random-weights"))
+            .args(args.profile.then_some("--profile"))
             .output()
             .context("starting a row's process")?;
         if !out.status.success() {

@@ -25,6 +25,59 @@ pub struct Row {
     /// A line printed under the table, where the row has more to say.
     #[serde(default)]
     pub note: Option<String>,
+    /// Where a timed call's time went (`--profile`).
+    #[serde(default)]
+    pub profile: Option<Profile>,
+}
+
+/// Where one timed call's time went, by [`tuneforge::profile::Stage`]:
+/// seconds per call, counted per thread, against the call's wall time
+/// times the threads.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    /// Each stage's name and seconds per call.
+    pub stages: Vec<(String, f64)>,
+    /// Wall seconds per call times the threads.
+    pub thread_seconds: f64,
+}
+
+impl Profile {
+    /// `spent` over `calls` timed calls that took `wall` seconds in all.
+    pub fn per_call(
+        spent: Vec<(tuneforge::profile::Stage, std::time::Duration)>,
+        calls: usize,
+        wall: f64,
+    ) -> Self {
+        let calls = calls as f64;
+        Self {
+            stages: spent
+                .into_iter()
+                .map(|(stage, t)| (stage.name().to_string(), t.as_secs_f64() / calls))
+                .collect(),
+            thread_seconds: wall / calls * tuneforge::threads::workers() as f64,
+        }
+    }
+
+    /// One line: each stage's seconds and share of the thread time, then
+    /// what no stage counted ("elsewhere": norms, activations, rope, the
+    /// rest of candle's ops).
+    pub fn describe(&self) -> String {
+        let share = |s: f64| 100.0 * s / self.thread_seconds;
+        let counted: f64 = self.stages.iter().map(|(_, s)| s).sum();
+        let mut parts: Vec<String> = self
+            .stages
+            .iter()
+            .filter(|(_, s)| *s > 0.0)
+            .map(|(name, s)| format!("{name} {s:.3} s ({:.0}%)", share(*s)))
+            .collect();
+        let rest = (self.thread_seconds - counted).max(0.0);
+        parts.push(format!("elsewhere {rest:.3} s ({:.0}%)", share(rest)));
+        format!(
+            "{:.3} thread-seconds per call: {}",
+            self.thread_seconds,
+            parts.join(", ")
+        )
+    }
 }
 
 impl Row {
@@ -41,6 +94,7 @@ impl Row {
             gflops: None,
             base: String::new(),
             note: None,
+            profile: None,
         }
     }
 
@@ -128,5 +182,10 @@ pub fn print(rows: &[Row], qlora: bool, (f32_peak, bf16_peak): (Option<f64>, Opt
     }
     for note in rows.iter().filter_map(|r| r.note.as_ref()) {
         println!("\n{note}");
+    }
+    for r in rows {
+        if let Some(profile) = &r.profile {
+            println!("\n{}: {}", r.name, profile.describe());
+        }
     }
 }

@@ -319,9 +319,11 @@ impl Block {
         // The 1/√d scale goes on q, which is smaller than the scores.
         let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * a.scale)?;
         let (shared_k, shared_v) = (shared.map(|p| &p.0), shared.map(|p| &p.1));
+        let attention = crate::profile::open(crate::profile::Stage::Attention);
         let probs = attention_probs(&q, &k, shared_k, self.mask(ctx), a.softcap, (b, h, t, s))?;
         let out =
             attend(&probs.reshape((b, kv, g * t, s))?, &v, shared_v)?.reshape((b, h, t, hd))?;
+        drop(attention);
         let attn = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
         let attn_out = a.o_proj.forward_t(&attn, pass)?;
         let x2 = (x + maybe_norm(attn_out.clone(), self.attn_out_norm.as_ref(), ctx.eps)?)?;
@@ -427,6 +429,7 @@ impl Block {
             .contiguous()?
             .reshape((b, kv, g * t, hd))?;
         // scores = (q·scale) kᵀ, and the scaled q was saved.
+        let attention = crate::profile::open(crate::profile::Stage::Attention);
         let probs = match &s.probs {
             Some(p) => p.clone(),
             None => attention_probs(&s.q, &s.k, None, self.mask(ctx), a.softcap, (b, h, t, t))?,
@@ -445,6 +448,7 @@ impl Block {
         .reshape((b, kv, g * t, t))?;
         let dq = (d_scores.matmul(&s.k)? * a.scale)?.reshape((b, h, t, hd))?;
         let dk = d_scores.t()?.matmul(&s.q)?;
+        drop(attention);
         let (dq, dk) = (
             self.rotate_backward(&dq, ctx)?,
             self.rotate_backward(&dk, ctx)?,

@@ -5,6 +5,7 @@
 use super::quantized::QuantizedWeight;
 use super::Pass;
 use crate::lora::LoraLayer;
+use crate::profile::{self, Stage};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// A frozen `[out, in]` weight: dense, or in a GGML block format.
@@ -76,6 +77,7 @@ impl FrozenWeight {
 
     /// `x Wᵀ` for `x`: `[rows, in]`, without gradient.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::open(Stage::FrozenForward);
         match self {
             Self::Dense(w) if super::gemv::applies(x, w) => super::gemv::matmul_t(x, w),
             Self::Dense(w) => x.matmul(&w.t()?),
@@ -85,6 +87,7 @@ impl FrozenWeight {
 
     /// `dy W` for `dy`: `[rows, out]`: the input gradient of [`Self::matmul_t`].
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
+        let _profile = profile::open(Stage::FrozenInputGradient);
         match self {
             Self::Dense(w) => dy.matmul(w),
             Self::Quantized(q) => q.matmul(dy),
@@ -104,6 +107,7 @@ impl FrozenWeight {
     /// `x W[range]ᵀ` for `x`: `[rows, in]`: the product with the weight's
     /// rows `range` alone, `[rows, range.len()]` (a tile of the logits).
     pub fn matmul_t_rows(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let _profile = profile::open(Stage::FrozenForward);
         match self {
             Self::Dense(w) => x.matmul(&w.narrow(0, range.start, range.len())?.t()?),
             Self::Quantized(q) => q.matmul_t_rows(x, range),
@@ -113,6 +117,7 @@ impl FrozenWeight {
     /// `dy W[range]` for `dy`: `[rows, range.len()]`, the input gradient of
     /// [`Self::matmul_t_rows`]: `[rows, in]`.
     pub fn matmul_rows(&self, dy: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let _profile = profile::open(Stage::FrozenInputGradient);
         match self {
             Self::Dense(w) => dy.matmul(&w.narrow(0, range.start, range.len())?),
             Self::Quantized(q) => q.matmul_rows(dy, range),

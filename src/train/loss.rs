@@ -51,6 +51,7 @@ pub fn per_row_cross_entropy(
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Loss);
     apply(hidden, TiledCrossEntropy::new(weight, labels, softcap)?)
 }
 
@@ -62,6 +63,7 @@ pub fn cross_entropy_and_grad(
     labels: &Tensor,
     softcap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
+    let _profile = crate::profile::open(crate::profile::Stage::Loss);
     let ce = TiledCrossEntropy::new(weight, labels, softcap)?;
     let (losses, grad) = ce.run(hidden, true, ce.tile_rows(hidden.dim(0)?))?;
     Ok((losses, grad.expect("asked for the gradient")))

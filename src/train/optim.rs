@@ -110,6 +110,7 @@ impl AdamW {
     /// One update with learning rate `lr`, scaling gradients by `grad_scale` first
     /// (for clipping). Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &Gradients, lr: f64, grad_scale: f64) -> Result<()> {
+        let _profile = crate::profile::open(crate::profile::Stage::Optimizer);
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;

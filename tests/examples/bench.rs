@@ -148,3 +148,39 @@ pub fn random_weights(fx: &Fixture) {
     let err = run::fails("bench", &["--random-weights", "--model", fx.model_arg()]);
     assert!(err.contains("SmolLM2-135M's shapes"), "{err}");
 }
+
+/// Each row's time by stage: the frozen products, the bf16 kernel's
+/// repacking and the loss counted, the shares printed under the table.
+pub fn profile(fx: &Fixture) {
+    let (rows, stdout) = bench(fx, "bench-profile", &["--profile"]);
+    let profile = &rows[0]["profile"];
+    let stage = |name: &str| -> f64 {
+        let stages = profile["stages"].as_array().unwrap();
+        let found = stages.iter().find(|s| s[0] == name);
+        found.unwrap_or_else(|| panic!("no {name}: {profile}"))[1]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(stage("frozen products, forward") > 0.0, "{profile}");
+    assert!(stage("loss") > 0.0, "{profile}");
+    let repacks = tuneforge::cpu::features().bf16_kernel().is_some();
+    assert_eq!(stage("repacking weights") > 0.0, repacks, "{profile}");
+    let counted: f64 = ["frozen products, forward", "loss", "repacking weights"]
+        .map(stage)
+        .iter()
+        .sum();
+    assert!(
+        counted <= profile["thread_seconds"].as_f64().unwrap() * 1.05,
+        "{profile}"
+    );
+    assert!(
+        stdout.contains(&format!("{FORWARD}: "))
+            && stdout.contains("thread-seconds per call: frozen products, forward"),
+        "{stdout}"
+    );
+    let (rows, stdout) = bench(fx, "bench-no-profile", &[]);
+    assert!(
+        rows[0]["profile"].is_null() && !stdout.contains("thread-seconds"),
+        "{stdout}"
+    );
+}

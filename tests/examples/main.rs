@@ -131,6 +131,7 @@ const ROWS: &[Row] = rows![
     "bench" "--only" => Runs(bench::only),
     "bench" "--row" => Runs(bench::row),
     "bench" "--random-weights" => Runs(bench::random_weights),
+    "bench" "--profile" => Runs(bench::profile),
     "make_triage_data" "--out" => Runs(triage::out),
 ];
 

@@ -76,7 +76,9 @@ impl CustomOp1 for TiledProduct<'_> {
         let mut tile = Vec::new();
         for (i, r) in tiles(n, k).enumerate() {
             tile.resize(r.len() * k, 0.0);
-            self.rows.decode_parallel(r.clone(), &mut tile);
+            crate::profile::time(crate::profile::Stage::DequantizeTiles, || {
+                self.rows.decode_parallel(r.clone(), &mut tile)
+            });
             // SAFETY: `x` is `[m, width]` and `out` `[m, out_width]`, both
             // contiguous; the tile is `[r.len(), k]`. Forward: columns `r` of
             // `out` get `x · tileᵀ`. Input gradient: `out` gets

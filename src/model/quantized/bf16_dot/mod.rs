@@ -123,6 +123,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
 /// `m` rows of `x` (`q` values each) rounded to bf16 pairs into `rows`, row
 /// `i` at `i · stride` (the rest of each row left as it is).
 fn to_bf16_rows(x: &[f32], q: usize, stride: usize, rows: &mut [u32]) {
+    let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
     let pairs = q.div_ceil(2);
     let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
     for (x, r) in x.chunks_exact(q).zip(rows.chunks_mut(stride)) {

@@ -22,6 +22,7 @@ impl QuantizedRows {
     /// `x` (`[m, k]`) rounded in groups of `G` for a weight of zero point
     /// `zero_point`, followed by zero rows up to `rows` rows (at least `m`).
     pub(super) fn new<const G: usize>(x: &[f32], rows: usize, k: usize, zero_point: i32) -> Self {
+        let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
         let groups = k / G;
         let mut rows = Self {
             high: vec![0; rows * k],
