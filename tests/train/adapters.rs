@@ -110,3 +110,60 @@ fn data_folder_without_train_jsonl_is_refused() {
     let err = Dataset::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("no train.jsonl"), "{err}");
 }
+
+/// Merging an adapter into a base held in blocks requantizes each merged
+/// weight into its format, on every device; the GPU's merged blocks are the
+/// CPU's (but for a rounding step where the two products of the adapter
+/// land on either side of one).
+#[test]
+fn merging_into_blocks_requantizes_on_every_device() {
+    let merged_on = |device: &Device| {
+        let mut model = tiny_held(device, Quantize::Q8_0);
+        let before = model.lm.layers[0].linears()[0].1.weight.to_dense().unwrap();
+        lora::attach(&mut model.lm, &LoraConfig::default(), 3).unwrap();
+        shift_adapters(&model, 0.02);
+        let delta = model.lm.layers[0].linears()[0]
+            .1
+            .lora
+            .as_ref()
+            .unwrap()
+            .delta()
+            .unwrap();
+        assert_eq!(lora::merge(&mut model.lm).unwrap(), 2 * 7);
+        let weight = &model.lm.layers[0].linears()[0].1.weight;
+        let tuneforge::model::FrozenWeight::Quantized(q) = weight else {
+            panic!("the merged weight left its blocks on {device:?}");
+        };
+        assert_eq!(q.format(), candle_core::quantized::GgmlDType::Q8_0);
+        let after = weight.to_dense().unwrap();
+        let want = (&before + &delta).unwrap();
+        // Within half a Q8_0 step of the block's largest value (/127).
+        let step = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / 127.0;
+        assert!(
+            common::max_abs_diff(&after, &want) <= 0.51 * step,
+            "{device:?}"
+        );
+        assert!(common::max_abs_diff(&after, &before) > 0.0, "{device:?}");
+        after.to_device(&Device::Cpu).unwrap()
+    };
+    let on_cpu = merged_on(&Device::Cpu);
+    if let Some(gpu) = tuneforge::device::gpu_or_say_why() {
+        let on_gpu = merged_on(&gpu);
+        let step = on_cpu
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / 127.0;
+        assert!(common::max_abs_diff(&on_cpu, &on_gpu) <= 1.01 * step);
+    }
+}
