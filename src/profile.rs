@@ -1,6 +1,7 @@
 //! Where a step's time goes, when asked ([`enable`]): the thread-seconds
 //! spent in each [`Stage`] (the frozen products and the parts of them that
-//! are not arithmetic, LoRA, attention, the loss, the optimizer), each
+//! are not arithmetic, LoRA, attention, norms, rope, the MLP's activation,
+//! the loss, the optimizer), each
 //! stage's own time only, without the stages it calls. It needs no
 //! profiler, so it runs wherever tuneforge does (`bench --profile`).
 //!
@@ -52,6 +53,12 @@ pub enum Stage {
     Lora,
     /// Attention's scores, softmax and weighted values, forward and backward.
     Attention,
+    /// RMSNorm, forward and backward.
+    Norms,
+    /// Rotary position embeddings, forward and backward.
+    Rope,
+    /// The MLP's gated activation, forward and backward.
+    Activation,
     /// The cross-entropy over the vocabulary, forward and backward.
     Loss,
     /// The optimizer's update.
@@ -60,7 +67,7 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in the order reports list them.
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 12] = [
         Stage::FrozenForward,
         Stage::FrozenInputGradient,
         Stage::RoundRows,
@@ -68,6 +75,9 @@ impl Stage {
         Stage::DequantizeTiles,
         Stage::Lora,
         Stage::Attention,
+        Stage::Norms,
+        Stage::Rope,
+        Stage::Activation,
         Stage::Loss,
         Stage::Optimizer,
     ];
@@ -82,6 +92,9 @@ impl Stage {
             Stage::DequantizeTiles => "dequantizing tiles",
             Stage::Lora => "LoRA products",
             Stage::Attention => "attention",
+            Stage::Norms => "norms",
+            Stage::Rope => "rope",
+            Stage::Activation => "activation",
             Stage::Loss => "loss",
             Stage::Optimizer => "optimizer",
         }

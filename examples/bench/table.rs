@@ -59,8 +59,8 @@ impl Profile {
     }
 
     /// One line: each stage's seconds and share of the thread time, then
-    /// what no stage counted ("elsewhere": norms, activations, rope, the
-    /// rest of candle's ops).
+    /// what no stage counted ("elsewhere": residual sums, copies, the
+    /// embeddings, the rest of candle's ops).
     pub fn describe(&self) -> String {
         let share = |s: f64| 100.0 * s / self.thread_seconds;
         let counted: f64 = self.stages.iter().map(|(_, s)| s).sum();

@@ -11,6 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
 /// The weight is frozen: only `x` receives a gradient.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Norms);
     apply(
         x,
         RmsNorm {
@@ -22,6 +23,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// The gradient of [`rms_norm`] with respect to `x`, given the output gradient `dy`.
 pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Norms);
     if let Some(dx) = fused::rms_norm_backward(x, weight, eps, dy)? {
         return Ok(dx);
     }
@@ -96,6 +98,7 @@ impl Function for Softmax {
 /// With a partial rotary factor (Phi-3) only the first `rotary_dim` features of
 /// each head turn; the rest pass through.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Rope);
     on_rotary_part(x, cos, |rot| {
         apply(
             rot,
@@ -110,6 +113,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The gradient of [`rope`] with respect to `x`: rope rotates each pair by an
 /// angle, and its transpose rotates back.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Rope);
     on_rotary_part(dy, cos, |rot| {
         candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, &sin.neg()?)
     })
@@ -163,6 +167,7 @@ pub fn activation_backward(
 /// input tracks a gradient (the hand-written backward's path), it runs on the
 /// CPU as one fused kernel.
 pub fn gated(gate: &Tensor, up: &Tensor, act: crate::config::Activation) -> Result<Tensor> {
+    let _profile = crate::profile::open(crate::profile::Stage::Activation);
     if !(gate.track_op() || up.track_op()) {
         if let Some(y) = fused::gated(gate, up, act)? {
             return Ok(y);
@@ -179,6 +184,7 @@ pub fn gated_backward(
     act: crate::config::Activation,
     d: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let _profile = crate::profile::open(crate::profile::Stage::Activation);
     if let Some(grads) = fused::gated_backward(gate, up, act, d)? {
         return Ok(grads);
     }
