@@ -65,9 +65,10 @@ impl CpuFeatures {
     /// [`amx_permitted`]): on the one AMX machine it has met (an Intel Xeon,
     /// 2026-11-27), the tile kernel multiplied Q4_K blocks at 0.79× the
     /// speed of the f32 products of dequantized tiles, where the
-    /// AVX512_VNNI kernel runs at 1.58× them on an AVX-512 core: each
-    /// group of 32 values has its own scales, so every tile product is
-    /// stored and scaled by vector code before the next.
+    /// AVX512_VNNI kernel runs at 1.58× them on an AVX-512 core. Likely
+    /// (not profiled there) because each group of 32 values has its own
+    /// scales, so every tile product is stored and scaled by vector code
+    /// before the next.
     pub fn int8_kernel(&self) -> Option<Int8Kernel> {
         self.int8_kernel_given(amx_int8_asked_for() && amx_permitted())
     }
@@ -187,7 +188,12 @@ pub const AMX_INT8_VAR: &str = "TUNEFORGE_AMX_INT8";
 /// Whether [`AMX_INT8_VAR`] is `1` (read once).
 fn amx_int8_asked_for() -> bool {
     static ASKED: OnceLock<bool> = OnceLock::new();
-    *ASKED.get_or_init(|| std::env::var(AMX_INT8_VAR).is_ok_and(|v| v.trim() == "1"))
+    *ASKED.get_or_init(|| asks_for_amx_int8(std::env::var(AMX_INT8_VAR).ok().as_deref()))
+}
+
+/// Whether a value of [`AMX_INT8_VAR`] asks for the AMX-INT8 kernel.
+fn asks_for_amx_int8(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim() == "1")
 }
 
 /// This CPU's features, detected on the first call, capped by
@@ -381,8 +387,11 @@ mod tests {
         };
         assert_eq!(xeon.int8_kernel_given(false), Some(Int8Kernel::Avx512Vnni));
         assert_eq!(xeon.int8_kernel_given(true), Some(Int8Kernel::AmxInt8));
-        let asked = std::env::var(AMX_INT8_VAR).is_ok_and(|v| v.trim() == "1");
-        assert_eq!(amx_int8_asked_for(), asked);
+        assert!(asks_for_amx_int8(Some("1")) && asks_for_amx_int8(Some(" 1\n")));
+        assert!(!asks_for_amx_int8(Some("0")) && !asks_for_amx_int8(Some("")));
+        assert!(!asks_for_amx_int8(None));
+        let set = std::env::var(AMX_INT8_VAR).ok();
+        assert_eq!(amx_int8_asked_for(), asks_for_amx_int8(set.as_deref()));
     }
 
     /// A laptop core with AVX-VNNI but no AVX-512 gets the 256-bit int8

@@ -66,7 +66,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// The model the `cpu` suite measures.
-    #[arg(long, default_value = "smollm2-135m-instruct")]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
     /// Where to write the rows as JSON.
     #[arg(long)]
@@ -176,6 +176,10 @@ const GPU_ROWS: [GpuRow; 8] = [
         8,
     ),
 ];
+
+/// The model the `cpu` suite measures unless `--model` names another; the
+/// one whose shapes `--random-weights` draws.
+const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 /// The suffix of the `cpu` suite's rows with a bf16 base.
 const BF16_BASE: &str = ", bf16 base";
@@ -461,7 +465,7 @@ fn main() -> Result<()> {
     }
     let names: Vec<&str> = match args.suite {
         Suite::Cpu if args.random_weights => {
-            if args.model != "smollm2-135m-instruct" {
+            if args.model != DEFAULT_MODEL {
                 anyhow::bail!(
                     "--random-weights measures SmolLM2-135M's shapes, not {}",
                     args.model

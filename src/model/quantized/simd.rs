@@ -64,7 +64,7 @@ pub(super) struct PackedBlock<'a, T> {
 /// Runs `f` on each block of a weight of `cols` output columns and `depth`
 /// units of the contraction, up to `col_block` × `depth_block` at a time,
 /// columns outermost: each packed by `pack(columns, units, buffer)` into one
-/// reused buffer.
+/// reused buffer (counted as [`crate::profile::Stage::RepackWeight`]).
 pub(super) fn for_each_packed_block<T>(
     (cols, depth): (usize, usize),
     (col_block, depth_block): (usize, usize),
@@ -76,11 +76,13 @@ pub(super) fn for_each_packed_block<T>(
         let block_cols = col_block.min(cols - col);
         for first in (0..depth).step_by(depth_block) {
             let block_depth = depth_block.min(depth - first);
-            pack(
-                col..col + block_cols,
-                first..first + block_depth,
-                &mut packed,
-            );
+            crate::profile::time(crate::profile::Stage::RepackWeight, || {
+                pack(
+                    col..col + block_cols,
+                    first..first + block_depth,
+                    &mut packed,
+                )
+            });
             f(PackedBlock {
                 col,
                 cols: block_cols,

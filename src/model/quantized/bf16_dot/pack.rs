@@ -22,7 +22,6 @@ fn pack(
     whole_steps: usize,
     packed: &mut Vec<u32>,
 ) {
-    let _profile = crate::profile::open(crate::profile::Stage::RepackWeight);
     let depth = pairs.len();
     let padded = depth.next_multiple_of(whole_steps);
     let panels = cols.len().div_ceil(NR);

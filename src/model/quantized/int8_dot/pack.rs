@@ -238,7 +238,6 @@ pub(super) fn for_each_block<const G: usize>(rows: Rows, n: usize, f: impl FnMut
 /// `out`, one panel of [`NR`] columns after another (the last padded with
 /// zero columns).
 fn pack<const G: usize>(rows: Rows, cols: Range<usize>, groups: Range<usize>, out: &mut Vec<u8>) {
-    let _profile = crate::profile::open(crate::profile::Stage::RepackWeight);
     let (group_bytes, scales, mins) = (group_panel_bytes(G), scales_at(G), mins_at(G));
     let panel_bytes = groups.len() * group_bytes;
     out.clear();
