@@ -1,21 +1,47 @@
-//! Criterion benchmarks of the CPU's products with a quantized frozen
-//! weight, per GGML format: the int8 kernel (AVX512_VNNI, where the CPU has
-//! it) against the f32 products of dequantized tiles, on one core, at
-//! Qwen2.5-1.5B's MLP shapes (512 rows against a `[8960, 1536]` and a
-//! `[1536, 8960]` weight). Throughput is in floating-point operations
-//! (`2·m·n·k`, shown as elements/s).
+//! Criterion benchmarks of the CPU's products with a frozen weight, on one
+//! core:
+//! - per GGML format, the int8 kernel (AVX512_VNNI, where the CPU has it)
+//!   against the f32 products of dequantized tiles, at Qwen2.5-1.5B's MLP
+//!   shapes (512 rows against a `[8960, 1536]` and a `[1536, 8960]`
+//!   weight);
+//! - `BF16`: a bf16 base's products, forward (`x Wᵀ`) and input gradient
+//!   (`dy W`), on the bf16 kernel (AMX-BF16 or AVX512_BF16, where the CPU
+//!   has one) against the f32 base's product (`gemm`), at SmolLM2-135M's
+//!   shapes for one shard of a training step (256 rows against its
+//!   `[1536, 576]` MLP and `[576, 576]` attention weights). The repacking
+//!   of the weight on every call is inside the bf16 kernel's time.
+//!
+//! Throughput is in floating-point operations (`2·m·n·k`, shown as
+//! elements/s).
 //!
 //! ```text
-//! cargo bench --bench kernels            # every format (about 2 minutes)
+//! cargo bench --bench kernels            # every format (about 3 minutes)
 //! cargo bench --bench kernels -- Q6_K    # one format
+//! cargo bench --bench kernels -- BF16    # the bf16 kernel alone
 //! ```
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use tuneforge::model::quantized::INT8_KERNEL_FORMATS;
 use tuneforge::model::QuantizedWeight;
 use tuneforge::quantize::format_name;
+
+/// The timing settings every group shares: ten samples of about three
+/// seconds.
+fn timed_group<'a>(
+    c: &'a mut Criterion,
+    name: String,
+    flops: usize,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(flops as u64));
+    group
+}
 
 fn products(c: &mut Criterion) {
     tuneforge::threads::init();
@@ -28,11 +54,11 @@ fn products(c: &mut Criterion) {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
         let x = Tensor::randn(0f32, 1.0, (rows, k), &device).unwrap();
-        let mut group = c.benchmark_group(format!("kernels/{rows}x{k} by {n}x{k}"));
-        group.sample_size(10);
-        group.warm_up_time(Duration::from_secs(1));
-        group.measurement_time(Duration::from_secs(3));
-        group.throughput(Throughput::Elements(2 * (rows * n * k) as u64));
+        let mut group = timed_group(
+            c,
+            format!("kernels/{rows}x{k} by {n}x{k}"),
+            2 * rows * n * k,
+        );
         for format in INT8_KERNEL_FORMATS {
             let name = format_name(format);
             if !criterion_filter_allows(&name) {
@@ -54,6 +80,59 @@ fn products(c: &mut Criterion) {
     }
 }
 
+/// A bf16 base's products against the f32 base's, forward and input
+/// gradient.
+fn bf16_products(c: &mut Criterion) {
+    if !criterion_filter_allows("BF16") {
+        return;
+    }
+    tuneforge::threads::init();
+    let rows = 256;
+    let kernel = tuneforge::cpu::features().bf16_kernel();
+    if kernel.is_none() {
+        eprintln!(
+            "this CPU has no bf16 kernel (AMX-BF16 or AVX512_BF16): only the f32 products run"
+        );
+    }
+    let device = Device::Cpu;
+    for (n, k) in [(1536, 576), (576, 576)] {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
+        let mut q = QuantizedWeight::quantize(&w, GgmlDType::BF16).unwrap();
+        q.set_low_precision_kernels(true);
+        // The f32 base holds the bf16 values too, so both sides multiply
+        // the same weight.
+        let f32_weight = q.dequantize().unwrap();
+        let f32_transposed = f32_weight.t().unwrap();
+        for input_gradient in [false, true] {
+            let (q_len, direction) = match input_gradient {
+                false => (k, "forward"),
+                true => (n, "input gradient"),
+            };
+            let x = Tensor::randn(0f32, 1.0, (rows, q_len), &device).unwrap();
+            let mut group = timed_group(
+                c,
+                format!("kernels/BF16 {direction}, {rows} rows by {n}x{k}"),
+                2 * rows * n * k,
+            );
+            if let Some(kernel) = kernel {
+                group.bench_function(BenchmarkId::new("bf16", kernel), |b| {
+                    b.iter(|| match input_gradient {
+                        false => q.matmul_t(&x).unwrap(),
+                        true => q.matmul(&x).unwrap(),
+                    })
+                });
+            }
+            group.bench_function(BenchmarkId::new("f32", "gemm"), |b| {
+                b.iter(|| match input_gradient {
+                    false => x.matmul(&f32_transposed).unwrap(),
+                    true => x.matmul(&f32_weight).unwrap(),
+                })
+            });
+            group.finish();
+        }
+    }
+}
+
 /// Whether the command line's filter (`cargo bench --bench kernels -- Q6_K`)
 /// leaves `format`'s benchmarks in: quantizing a weight takes a second, so
 /// formats filtered out are not quantized.
@@ -68,5 +147,5 @@ fn criterion_filter_allows(format: &str) -> bool {
             .any(|f| f.contains(format) || format.contains(f))
 }
 
-criterion_group!(benches, products);
+criterion_group!(benches, products, bf16_products);
 criterion_main!(benches);

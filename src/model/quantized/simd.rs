@@ -1,6 +1,7 @@
 //! What the CPU kernels (`bf16_dot/`, `int8_dot/`) share: lane masks, the
-//! write-back of an f32 micro-tile, the walk over a weight's packed blocks,
-//! and the split of a product's rows over threads.
+//! write-back of an f32 micro-tile, buffers that start on a cache line, the
+//! walk over a weight's packed blocks, and the split of a product's rows
+//! over threads.
 
 use rayon::prelude::*;
 use std::arch::x86_64::__m512;
@@ -49,6 +50,52 @@ pub(super) unsafe fn store_tile<const R: usize>(
     }
 }
 
+/// The bytes of a cache line, and of an AMX tile's row.
+pub(super) const CACHE_LINE: usize = 64;
+
+/// A reusable buffer of zeros whose first value starts on a cache line, so
+/// that a 64-byte load (an AVX-512 register, an AMX tile's row) at a
+/// multiple of 64 bytes into it never straddles two lines: a straddling
+/// load reads both lines. (The allocator aligns a `Vec` to 16 bytes only.)
+pub(super) struct CacheAligned<T> {
+    storage: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> CacheAligned<T> {
+    /// An empty buffer; nothing is allocated until [`Self::zeroed`].
+    pub(super) fn new() -> Self {
+        Self {
+            storage: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// `len` zeros (`T::default()`) starting on a cache line, reusing the
+    /// buffer's memory where it is large enough.
+    pub(super) fn zeroed(&mut self, len: usize) -> &mut [T] {
+        let slack = CACHE_LINE / std::mem::size_of::<T>().max(1);
+        self.storage.clear();
+        self.storage.resize(len + slack, T::default());
+        // `T`'s alignment divides 64 for the integer and float types the
+        // kernels use, so the offset is below `slack`; were it not, the
+        // buffer would start unaligned, which is slower but correct.
+        self.start = match self.storage.as_ptr().align_offset(CACHE_LINE) {
+            offset if offset < slack => offset,
+            _ => 0,
+        };
+        self.len = len;
+        &mut self.storage[self.start..self.start + len]
+    }
+
+    /// The values [`Self::zeroed`] returned last, as the caller left them.
+    pub(super) fn values(&self) -> &[T] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
 /// A packed block of a product's weight: its first output column and its
 /// columns, its first unit of the contraction (a pair of values for the
 /// bf16 kernel, a group for the int8 one) and its units, and the packed
@@ -64,14 +111,14 @@ pub(super) struct PackedBlock<'a, T> {
 /// Runs `f` on each block of a weight of `cols` output columns and `depth`
 /// units of the contraction, up to `col_block` × `depth_block` at a time,
 /// columns outermost: each packed by `pack(columns, units, buffer)` into one
-/// reused buffer (counted as [`crate::profile::Stage::RepackWeight`]).
-pub(super) fn for_each_packed_block<T>(
+/// reused buffer that starts on a cache line (counted as [`crate::profile::Stage::RepackWeight`]).
+pub(super) fn for_each_packed_block<T: Copy + Default>(
     (cols, depth): (usize, usize),
     (col_block, depth_block): (usize, usize),
-    mut pack: impl FnMut(Range<usize>, Range<usize>, &mut Vec<T>),
+    mut pack: impl FnMut(Range<usize>, Range<usize>, &mut CacheAligned<T>),
     mut f: impl FnMut(PackedBlock<T>),
 ) {
-    let mut packed = Vec::new();
+    let mut packed = CacheAligned::new();
     for col in (0..cols).step_by(col_block) {
         let block_cols = col_block.min(cols - col);
         for first in (0..depth).step_by(depth_block) {
@@ -88,7 +135,7 @@ pub(super) fn for_each_packed_block<T>(
                 cols: block_cols,
                 first,
                 depth: block_depth,
-                panels: &packed,
+                panels: packed.values(),
             });
         }
     }
@@ -113,5 +160,38 @@ pub(super) fn split_rows(
             .for_each(|(o, x)| serial(x, o.len() / p, o));
     } else {
         serial(x, m, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `values` starts on a cache line.
+    fn on_a_line<T>(values: &[T]) -> bool {
+        (values.as_ptr() as usize).is_multiple_of(CACHE_LINE)
+    }
+
+    /// Every buffer starts on a cache line and holds zeros, whatever the
+    /// element's size and length, and again when it is reused with values
+    /// left in it.
+    #[test]
+    fn aligned_buffers_start_on_a_line_and_hold_zeros() {
+        fn check<T: Copy + Default + PartialEq + std::fmt::Debug>(fill: T) {
+            let mut buffer = CacheAligned::<T>::new();
+            for len in [1, 3, 16, 17, 1000, 5, 70_000] {
+                let values = buffer.zeroed(len);
+                assert_eq!(values.len(), len);
+                assert!(on_a_line(values), "{len} values");
+                assert!(values.iter().all(|v| *v == T::default()), "{len} values");
+                values.fill(fill);
+                assert_eq!(buffer.values().len(), len);
+                assert!(buffer.values().iter().all(|v| *v == fill));
+            }
+        }
+        check(7u8);
+        check(7u32);
+        check(7i32);
+        check(7f32);
     }
 }

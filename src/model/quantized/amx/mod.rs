@@ -22,6 +22,8 @@ pub(super) mod emulator;
 use std::arch::asm;
 use std::marker::PhantomData;
 
+use super::simd::{CacheAligned, CACHE_LINE};
+
 /// The most rows of a tile.
 pub(super) const TILE_ROWS: usize = 16;
 /// The most bytes of a tile's row: 16 f32 or u32 values, 32 bf16 values, 64
@@ -106,8 +108,10 @@ pub(super) fn store<U: Tiles, const T: u8, V: Copy>(
 
 /// Runs `f` on an output of `m` rows of `p` values padded with zeros to
 /// `rows` rows of `stride` values (at least `m` and `p`; kernels on tiles
-/// write whole tiles): on `out` itself where no padding is needed, else on a
-/// scratch buffer whose unpadded part is copied into `out` afterwards.
+/// write whole tiles): on `out` itself where no padding is needed and its
+/// rows start on cache lines, else on a scratch buffer whose rows do, whose
+/// unpadded part is copied into `out` afterwards (a pass over the output,
+/// against a tile row straddling two cache lines at every load and store).
 pub(super) fn with_padded_output(
     out: &mut [f32],
     (m, p): (usize, usize),
@@ -118,11 +122,20 @@ pub(super) fn with_padded_output(
     if p == 0 {
         return;
     }
-    if rows == m && stride == p {
+    let on_lines = |values: &[f32], stride: usize| {
+        (values.as_ptr() as usize).is_multiple_of(CACHE_LINE)
+            && (stride * std::mem::size_of::<f32>()).is_multiple_of(CACHE_LINE)
+    };
+    if rows == m && stride == p && on_lines(out, p) {
         return f(out);
     }
-    let mut padded = vec![0f32; rows * stride];
-    f(&mut padded);
+    let mut scratch = CacheAligned::new();
+    let padded = scratch.zeroed(rows * stride);
+    debug_assert!(
+        on_lines(padded, stride),
+        "kernels on tiles pad rows to whole lines"
+    );
+    f(padded);
     for (o, s) in out.chunks_exact_mut(p).zip(padded.chunks_exact(stride)) {
         o.copy_from_slice(&s[..p]);
     }
@@ -341,6 +354,44 @@ mod tests {
         assert_eq!(&bytes[48..55], &[16; 7], "rows of tiles 0-6");
         assert_eq!(bytes[55], 8, "rows of tile 7");
         assert_eq!(&bytes[56..64], &[0; 8]);
+    }
+
+    /// The output is written in place where its rows start on cache lines
+    /// and need no padding, and through a scratch buffer otherwise (padding,
+    /// or an output that starts inside a line), whose unpadded part reaches
+    /// the output.
+    #[test]
+    fn outputs_off_the_lines_or_short_of_tiles_go_through_scratch() {
+        let (m, p) = (3, 16);
+        let mut buffer = CacheAligned::<f32>::new();
+        let aligned = buffer.zeroed(m * p + 1);
+        let write = |padded: &mut [f32], stride: usize, in_place: &mut bool, at: *const f32| {
+            *in_place = padded.as_ptr() == at;
+            assert!((padded.as_ptr() as usize).is_multiple_of(CACHE_LINE));
+            for (i, v) in padded.iter_mut().enumerate() {
+                *v = ((i / stride) * 100 + i % stride) as f32;
+            }
+        };
+        for (offset, (rows, stride), want_in_place) in [
+            (0, (m, p), true),
+            (1, (m, p), false),
+            (0, (16, p), false),
+            (0, (m, 32), false),
+        ] {
+            let out = &mut aligned[offset..offset + m * p];
+            out.fill(f32::NAN);
+            let (at, mut in_place) = (out.as_ptr(), false);
+            with_padded_output(out, (m, p), (rows, stride), |padded| {
+                write(padded, stride, &mut in_place, at)
+            });
+            assert_eq!(
+                in_place, want_in_place,
+                "offset {offset}, {rows} x {stride}"
+            );
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(*v, ((i / p) * 100 + i % p) as f32, "value {i}");
+            }
+        }
     }
 
     /// Random tiles: what the CPU's tiles (`Amx`) compute for one product

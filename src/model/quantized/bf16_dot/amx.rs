@@ -6,7 +6,9 @@
 //! whole tiles: the rows to a multiple of 16 rows of a multiple of 16 pairs,
 //! each packed panel to a multiple of 16 steps, and the output to a multiple
 //! of 16 rows and columns (in a scratch buffer where it is not one
-//! already). A block of 2 × 2 output tiles (32 rows × 32 columns, one packed
+//! already). Every tile's rows start on cache lines: the rows and the packed
+//! panels are in buffers that do, and the output is moved to one where it
+//! does not. A block of 2 × 2 output tiles (32 rows × 32 columns, one packed
 //! panel) stays in tiles 0-3 across a packed block's depth, with the rows in
 //! tiles 4-5 and the panel's two halves in tiles 6-7: four tile products for
 //! four tile loads.
@@ -15,6 +17,7 @@
 //! for AMX, which no machine this was written on had.
 
 use super::super::amx::{load, store, with_padded_output, Tiles, TILE_ROWS};
+use super::super::simd::CacheAligned;
 use super::pack::for_each_block;
 use super::{to_bf16_rows, Bf16Weight, NR};
 
@@ -41,8 +44,10 @@ pub(super) fn serial(
         pairs.next_multiple_of(TILE_PAIRS),
     );
     let out_stride = p.next_multiple_of(TILE_ROWS);
-    let mut rows = vec![0u32; rows_padded * row_stride];
-    to_bf16_rows(x, q, row_stride, &mut rows);
+    let mut buffer = CacheAligned::new();
+    let rows = buffer.zeroed(rows_padded * row_stride);
+    to_bf16_rows(x, q, row_stride, rows);
+    let rows = &*rows;
     with_padded_output(out, (m, p), (rows_padded, out_stride), |acc| {
         for_each_block(w, input_gradient, TILE_PAIRS, |packed| {
             let steps = packed.depth.div_ceil(TILE_PAIRS);
@@ -55,7 +60,7 @@ pub(super) fn serial(
                 {
                     let first_col = packed.col + j * NR;
                     let block = Block {
-                        rows: &rows,
+                        rows,
                         a: row * row_stride + packed.first,
                         row_stride,
                         panel,

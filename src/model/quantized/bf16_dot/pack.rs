@@ -5,7 +5,7 @@
 //! (16 × 16 u32s at a time in registers), the input gradient's an
 //! interleave of two rows; a value-by-value packer is the reference.
 
-use super::super::simd::{for_each_packed_block, PackedBlock};
+use super::super::simd::{for_each_packed_block, CacheAligned, PackedBlock};
 use super::{low_mask, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
 
 /// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
@@ -20,14 +20,13 @@ fn pack(
     cols: std::ops::Range<usize>,
     pairs: std::ops::Range<usize>,
     whole_steps: usize,
-    packed: &mut Vec<u32>,
+    packed: &mut CacheAligned<u32>,
 ) {
     let depth = pairs.len();
     let padded = depth.next_multiple_of(whole_steps);
     let panels = cols.len().div_ceil(NR);
     let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-    packed.clear();
-    packed.resize(panels * padded * NR, 0);
+    let packed = packed.zeroed(panels * padded * NR);
     for (j, panel) in packed.chunks_exact_mut(padded * NR).enumerate() {
         let panel = &mut panel[..depth * NR];
         let first = cols.start + j * NR;

@@ -12,7 +12,7 @@
 //! Columns past the weight's edge are zeros (scale 0).
 
 use super::super::blocks::Rows;
-use super::super::simd::{for_each_packed_block, PackedBlock};
+use super::super::simd::{for_each_packed_block, CacheAligned, PackedBlock};
 use super::{COLUMN_BLOCK, DEPTH, NR};
 use candle_core::quantized::GgmlDType;
 use std::ops::Range;
@@ -237,11 +237,15 @@ pub(super) fn for_each_block<const G: usize>(rows: Rows, n: usize, f: impl FnMut
 /// Packs groups `groups` (of `G` values) of the weight's rows `cols` into
 /// `out`, one panel of [`NR`] columns after another (the last padded with
 /// zero columns).
-fn pack<const G: usize>(rows: Rows, cols: Range<usize>, groups: Range<usize>, out: &mut Vec<u8>) {
+fn pack<const G: usize>(
+    rows: Rows,
+    cols: Range<usize>,
+    groups: Range<usize>,
+    out: &mut CacheAligned<u8>,
+) {
     let (group_bytes, scales, mins) = (group_panel_bytes(G), scales_at(G), mins_at(G));
     let panel_bytes = groups.len() * group_bytes;
-    out.clear();
-    out.resize(cols.len().div_ceil(NR) * panel_bytes, 0);
+    let out = out.zeroed(cols.len().div_ceil(NR) * panel_bytes);
     let mut u = [0u8; G];
     let blocks = Blocks::of(rows.format);
     for (j, panel) in out.chunks_exact_mut(panel_bytes).enumerate() {
