@@ -200,7 +200,9 @@ impl LoraLayer {
         let dy = dy.to_dtype(a.dtype())?;
         let low = h.matmul(&a.t()?)?;
         let d_low = (dy.matmul(&b)? * self.scale)?;
-        let db = (dy.t()?.matmul(&low)? * self.scale)?;
+        // dB = dyᵀ·low, made as (lowᵀ·dy)ᵀ: `gemm` runs the rank-r side as
+        // rows twice as fast as as columns (SmolLM2's MLP: 63 against 130 µs).
+        let db = (low.t()?.matmul(&dy)?.t()? * self.scale)?;
         let da = d_low.t()?.matmul(&h)?;
         let dx = match &mask {
             // Dropout sits between x and A: its mask multiplies the adapter's share only.
