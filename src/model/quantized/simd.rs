@@ -53,6 +53,11 @@ pub(super) unsafe fn store_tile<const R: usize>(
 /// The bytes of a cache line, and of an AMX tile's row.
 pub(super) const CACHE_LINE: usize = 64;
 
+/// Whether `values` starts on a cache line.
+pub(super) fn on_a_line<T>(values: &[T]) -> bool {
+    (values.as_ptr() as usize).is_multiple_of(CACHE_LINE)
+}
+
 /// A reusable buffer of zeros whose first value starts on a cache line, so
 /// that a 64-byte load (an AVX-512 register, an AMX tile's row) at a
 /// multiple of 64 bytes into it never straddles two lines: a straddling
@@ -166,11 +171,6 @@ pub(super) fn split_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whether `values` starts on a cache line.
-    fn on_a_line<T>(values: &[T]) -> bool {
-        (values.as_ptr() as usize).is_multiple_of(CACHE_LINE)
-    }
 
     /// Every buffer starts on a cache line and holds zeros, whatever the
     /// element's size and length, and again when it is reused with values

@@ -22,7 +22,7 @@ pub(super) mod emulator;
 use std::arch::asm;
 use std::marker::PhantomData;
 
-use super::simd::{CacheAligned, CACHE_LINE};
+use super::simd::{on_a_line, CacheAligned, CACHE_LINE};
 
 /// The most rows of a tile.
 pub(super) const TILE_ROWS: usize = 16;
@@ -123,8 +123,7 @@ pub(super) fn with_padded_output(
         return;
     }
     let on_lines = |values: &[f32], stride: usize| {
-        (values.as_ptr() as usize).is_multiple_of(CACHE_LINE)
-            && (stride * std::mem::size_of::<f32>()).is_multiple_of(CACHE_LINE)
+        on_a_line(values) && (stride * std::mem::size_of::<f32>()).is_multiple_of(CACHE_LINE)
     };
     if rows == m && stride == p && on_lines(out, p) {
         return f(out);
@@ -367,7 +366,7 @@ mod tests {
         let aligned = buffer.zeroed(m * p + 1);
         let write = |padded: &mut [f32], stride: usize, in_place: &mut bool, at: *const f32| {
             *in_place = padded.as_ptr() == at;
-            assert!((padded.as_ptr() as usize).is_multiple_of(CACHE_LINE));
+            assert!(on_a_line(padded));
             for (i, v) in padded.iter_mut().enumerate() {
                 *v = ((i / stride) * 100 + i % stride) as f32;
             }
