@@ -11,13 +11,19 @@
 //!   `[1536, 576]` MLP and `[576, 576]` attention weights). The repacking
 //!   of the weight on every call is inside the bf16 kernel's time.
 //!
+//! - `attention`: one layer's causal attention, forward and backward with
+//!   the probabilities kept, at SmolLM2-135M's heads (9 query heads on 3 kv
+//!   heads of 64) for one shard (a row of 256 positions), in chunks of
+//!   positions that skip the masked keys against the whole square.
+//!
 //! Throughput is in floating-point operations (`2·m·n·k`, shown as
-//! elements/s).
+//! elements/s; for attention the useful ones, the masked half not counted).
 //!
 //! ```text
 //! cargo bench --bench kernels            # every format (about 3 minutes)
 //! cargo bench --bench kernels -- Q6_K    # one format
 //! cargo bench --bench kernels -- BF16    # the bf16 kernel alone
+//! cargo bench --bench kernels -- attention
 //! ```
 
 use candle_core::quantized::GgmlDType;
@@ -133,6 +139,47 @@ fn bf16_products(c: &mut Criterion) {
     }
 }
 
+/// One layer's causal attention, forward and backward, in chunks of
+/// positions and as one whole square.
+fn attention(c: &mut Criterion) {
+    use tuneforge::model::attention::{Attend, Spans};
+    tuneforge::threads::init();
+    let (kv, g, t, hd) = (3, 3, 256, 64);
+    let device = Device::Cpu;
+    let random = |rows| Tensor::randn(0f32, 1.0, (1, kv, rows, hd), &device).unwrap();
+    let (q, k, v, d_out) = (random(t * g), random(t), random(t), random(t * g));
+    let mask = tuneforge::model::mask::causal(t, 0, candle_core::DType::F32, &device).unwrap();
+    // QKᵀ and PV forward, four products backward, over the keys each query sees.
+    let flops = 12 * (t * (t + 1) / 2) * g * kv * hd;
+    let mut group = timed_group(
+        c,
+        format!("attention/1 x {t}, {g}x{kv} heads of {hd}"),
+        flops,
+    );
+    for (name, spans) in [
+        ("chunks", Spans::of_mask(&mask, Spans::CHUNK).unwrap()),
+        ("whole", Spans::whole(t, t)),
+    ] {
+        let attend = Attend {
+            q: &q,
+            k: &k,
+            v: &v,
+            shared: None,
+            mask: &mask,
+            spans: &spans,
+            softcap: None,
+            groups: g,
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let (_, probs) = attend.forward().unwrap();
+                attend.backward(Some(&probs), &d_out).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Whether the command line's filter (`cargo bench --bench kernels -- Q6_K`)
 /// leaves `format`'s benchmarks in: quantizing a weight takes a second, so
 /// formats filtered out are not quantized.
@@ -147,5 +194,5 @@ fn criterion_filter_allows(format: &str) -> bool {
             .any(|f| f.contains(format) || format.contains(f))
 }
 
-criterion_group!(benches, products, bf16_products);
+criterion_group!(benches, products, bf16_products, attention);
 criterion_main!(benches);

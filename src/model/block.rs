@@ -6,6 +6,7 @@
 //! for a frozen weight, and never builds an autograd graph. Tests check it
 //! against candle's autograd and against finite differences.
 
+use super::attention::{self, Attend, Spans};
 use super::linear::LoraGrad;
 use super::{ops, Linear, Pass, Projections};
 use crate::config::Activation;
@@ -80,6 +81,10 @@ pub struct BlockContext {
     pub mask: Tensor,
     /// The mask of the sliding-window layers: `mask` and the window.
     pub sliding_mask: Option<Tensor>,
+    /// How `mask`'s queries go in chunks, each with the keys it can see.
+    pub spans: Spans,
+    /// The same for `sliding_mask`.
+    pub sliding_spans: Option<Spans>,
     /// RMSNorm epsilon.
     pub eps: f64,
     /// Dropout and autograd settings.
@@ -104,65 +109,11 @@ pub struct BlockSaved {
     /// The attention's and the MLP's outputs before their norms (sandwich norms only).
     attn_out: Option<Tensor>,
     mlp_out: Option<Tensor>,
-    probs: Option<Tensor>,
+    probs: Option<Vec<Tensor>>,
     attn: Option<Tensor>,
     x2: Tensor,
     gate: Tensor,
     up: Tensor,
-}
-
-/// The attention probabilities `[b, h, t, s]`: softmax of the scores of the
-/// scaled, head-grouped queries `q` (`[b, kv, g·t, hd]`) against the keys `k`
-/// (`[b, kv, s', hd]`), after the shared prefix's keys `shared` (`[1, kv, s -
-/// s', hd]`) where there are some, soft-capped at `softcap`, plus the
-/// additive `mask`.
-fn attention_probs(
-    q: &Tensor,
-    k: &Tensor,
-    shared: Option<&Tensor>,
-    mask: &Tensor,
-    softcap: Option<f64>,
-    (b, h, t, s): (usize, usize, usize, usize),
-) -> candle_core::Result<Tensor> {
-    let scores = q.matmul(&k.t()?)?;
-    let scores = match shared {
-        Some(prefix) => Tensor::cat(&[&matmul_shared(q, &prefix.t()?)?, &scores], 3)?,
-        None => scores,
-    }
-    .reshape((b, h, t, s))?;
-    let scores = match softcap {
-        Some(c) => ops::softcap(&scores, c)?,
-        None => scores,
-    };
-    ops::softmax_last_dim(&scores.broadcast_add(mask)?)
-}
-
-/// The attention output `[b, kv, g·t, hd]`: the head-grouped probabilities
-/// `probs` (`[b, kv, g·t, s]`) applied to the shared prefix's values `shared`
-/// (`[1, kv, p, hd]`), where there are some, and then to the rows' own `v`.
-fn attend(probs: &Tensor, v: &Tensor, shared: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    match shared {
-        Some(prefix) => {
-            let (p, s) = (prefix.dim(2)?, probs.dim(3)?);
-            let own = probs.narrow(3, p, s - p)?.contiguous()?.matmul(v)?;
-            matmul_shared(&probs.narrow(3, 0, p)?, prefix)? + own
-        }
-        None => probs.matmul(v),
-    }
-}
-
-/// `x · w` per kv head, where `x` is `[b, kv, m, n]` and `w` (`[1, kv, n, p]`)
-/// is one matrix per head that every row shares: the rows are stacked into one
-/// product per head, `[kv, b·m, n] · [kv, n, p]`, rather than `b` thin ones.
-fn matmul_shared(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, kv, m, n) = x.dims4()?;
-    let p = w.dim(3)?;
-    let stacked = x.transpose(0, 1)?.contiguous()?.reshape((kv, b * m, n))?;
-    stacked
-        .matmul(&w.squeeze(0)?)?
-        .reshape((kv, b, m, p))?
-        .transpose(0, 1)?
-        .contiguous()
 }
 
 /// `norm(x)` where there is a norm, else `x`.
@@ -247,11 +198,12 @@ impl Block {
         (cos, sin)
     }
 
-    /// This layer's attention mask: the sliding window's on sliding-window layers.
-    fn mask<'c>(&self, ctx: &'c BlockContext) -> &'c Tensor {
-        match (&ctx.sliding_mask, self.sliding) {
-            (Some(m), true) => m,
-            _ => &ctx.mask,
+    /// This layer's attention mask and its spans: the sliding window's on
+    /// sliding-window layers.
+    fn mask<'c>(&self, ctx: &'c BlockContext) -> (&'c Tensor, &'c Spans) {
+        match (&ctx.sliding_mask, &ctx.sliding_spans, self.sliding) {
+            (Some(m), Some(spans), true) => (m, spans),
+            _ => (&ctx.mask, &ctx.spans),
         }
     }
 
@@ -313,18 +265,25 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dim(2)? + shared.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
-        // Grouped-query attention without copying k/v: the g query heads that share
-        // a kv head are stacked along the time axis.
+        // Grouped-query attention without copying k/v (see `attention`).
         // The 1/√d scale goes on q, which is smaller than the scores.
-        let q = (q.contiguous()?.reshape((b, kv, g * t, hd))? * a.scale)?;
-        let (shared_k, shared_v) = (shared.map(|p| &p.0), shared.map(|p| &p.1));
-        let attention = crate::profile::open(crate::profile::Stage::Attention);
-        let probs = attention_probs(&q, &k, shared_k, self.mask(ctx), a.softcap, (b, h, t, s))?;
-        let out =
-            attend(&probs.reshape((b, kv, g * t, s))?, &v, shared_v)?.reshape((b, h, t, hd))?;
-        drop(attention);
-        let attn = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let q = attention::group_queries(&q, kv, a.scale)?;
+        let (mask, spans) = self.mask(ctx);
+        let whole = Spans::whole(t, k.dim(2)?);
+        let timer = crate::profile::open(crate::profile::Stage::Attention);
+        let attend = Attend {
+            q: &q,
+            k: &k,
+            v: &v,
+            shared: shared.map(|(k, v)| (k, v)),
+            mask,
+            spans: if shared.is_some() { &whole } else { spans },
+            softcap: a.softcap,
+            groups: g,
+        };
+        let (out, probs) = attend.forward()?;
+        drop(timer);
+        let attn = attention::merge_heads(&out, t)?;
         let attn_out = a.o_proj.forward_t(&attn, pass)?;
         let x2 = (x + maybe_norm(attn_out.clone(), self.attn_out_norm.as_ref(), ctx.eps)?)?;
 
@@ -423,32 +382,23 @@ impl Block {
         let (d_attn, g_o) = a
             .o_proj
             .backward(attn.as_ref(), &rows(&d_attn_out)?, seed)?;
-        let d_out = d_attn
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, kv, g * t, hd))?;
+        let d_out = attention::split_heads(&d_attn.reshape((b, t, h * hd))?, kv, hd)?;
         // scores = (q·scale) kᵀ, and the scaled q was saved.
-        let attention = crate::profile::open(crate::profile::Stage::Attention);
-        let probs = match &s.probs {
-            Some(p) => p.clone(),
-            None => attention_probs(&s.q, &s.k, None, self.mask(ctx), a.softcap, (b, h, t, t))?,
+        let timer = crate::profile::open(crate::profile::Stage::Attention);
+        let (mask, spans) = self.mask(ctx);
+        let attend = Attend {
+            q: &s.q,
+            k: &s.k,
+            v: &s.v,
+            shared: None,
+            mask,
+            spans,
+            softcap: a.softcap,
+            groups: g,
         };
-        let d_probs = d_out.matmul(&s.v.t()?)?;
-        let dv = probs.reshape((b, kv, g * t, t))?.t()?.matmul(&d_out)?;
-        let d_scores = ops::softmax_backward(&probs, &d_probs.reshape((b, h, t, t))?)?;
-        drop(probs);
-        let d_scores = match a.softcap {
-            Some(c) => {
-                let raw = s.q.matmul(&s.k.t()?)?.reshape((b, h, t, t))?;
-                ops::softcap_backward(&raw, c, &d_scores)?
-            }
-            None => d_scores,
-        }
-        .reshape((b, kv, g * t, t))?;
-        let dq = (d_scores.matmul(&s.k)? * a.scale)?.reshape((b, h, t, hd))?;
-        let dk = d_scores.t()?.matmul(&s.q)?;
-        drop(attention);
+        let (dq, dk, dv) = attend.backward(s.probs.as_deref(), &d_out)?;
+        let dq = attention::ungroup_queries(&dq, t, a.scale)?;
+        drop(timer);
         let (dq, dk) = (
             self.rotate_backward(&dq, ctx)?,
             self.rotate_backward(&dk, ctx)?,

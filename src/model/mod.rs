@@ -3,6 +3,7 @@
 //! LoRA adapter and every op backpropagates.
 
 pub mod add_matmul;
+pub mod attention;
 pub mod autograd;
 pub mod block;
 mod build;
@@ -211,11 +212,18 @@ impl CausalLm {
             }
             _ => None,
         };
+        let chunk = attention::Spans::CHUNK;
+        let sliding_spans = match &sliding_mask {
+            Some(m) => Some(attention::Spans::of_mask(m, chunk)?),
+            None => None,
+        };
         Ok(BlockContext {
             rope,
             local_rope,
+            spans: attention::Spans::of_mask(&input.mask, chunk)?,
             mask: input.mask.clone(),
             sliding_mask,
+            sliding_spans,
             eps: self.config.rms_norm_eps,
             pass: input.pass,
         })

@@ -3,6 +3,7 @@
 //! autograd, across batch splits, and the GPU's against the CPU's.
 
 use super::*;
+use tuneforge::model::attention::Spans;
 
 #[test]
 fn fresh_adapters_leave_outputs_unchanged() {
@@ -317,7 +318,7 @@ fn hand_written_backward_equals_autograd_on(device: &Device) {
         // Two packed rows and one plain row, padded: long enough that the backward
         // makes the attention probabilities again. Then two short plain rows, whose
         // probabilities it keeps.
-        let mut kept = Vec::new();
+        let (mut kept, mut chunked) = (Vec::new(), Vec::new());
         for layout in [
             vec![vec![0, 1], vec![2], vec![3, 4]],
             vec![vec![2], vec![4]],
@@ -326,6 +327,9 @@ fn hand_written_backward_equals_autograd_on(device: &Device) {
                 tuneforge::data::make_batch(&examples, &layout, 0, candle_core::DType::F32, device)
                     .unwrap();
             kept.push(model.lm.layers[0].keeps_probs(batch.targets.dim(1).unwrap()));
+            // The long rows' attention goes in chunks of positions on the CPU.
+            let spans = Spans::of_mask(&batch.input.mask, Spans::CHUNK).unwrap();
+            chunked.push(!spans.is_whole());
             backward_equals_autograd(&model, &batch, &format!("{arch:?} on {device:?}"));
         }
         assert_eq!(
@@ -333,6 +337,7 @@ fn hand_written_backward_equals_autograd_on(device: &Device) {
             [false, true],
             "both ways of getting the probabilities"
         );
+        assert_eq!(chunked[0], device.is_cpu(), "{arch:?}");
     }
 }
 

@@ -102,6 +102,20 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// `Σ aᵢ`, in 16 independent lanes so that it vectorises (a plain sum is
+/// one chain of dependent scalar adds).
+#[inline(always)]
+pub(super) fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, rest) = a.as_chunks::<16>();
+    for x in a16 {
+        for l in 0..16 {
+            lanes[l] += x[l];
+        }
+    }
+    lanes.iter().chain(rest).sum()
+}
+
 /// The largest of `a` (−∞ when empty), in 16 lanes.
 #[inline(always)]
 pub(super) fn max(a: &[f32]) -> f32 {
@@ -149,6 +163,17 @@ mod tests {
         assert_eq!(exp(88.8), f32::INFINITY);
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_sums_and_maxima_match_plain_ones() {
+        for n in [0, 1, 15, 16, 17, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let plain: f64 = a.iter().map(|&x| x as f64).sum();
+            assert!((sum(&a) as f64 - plain).abs() < 1e-5, "{n}");
+            let plain = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&a), plain, "{n}");
+        }
     }
 
     #[test]

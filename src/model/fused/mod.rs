@@ -16,7 +16,7 @@ mod math;
 
 use crate::config::Activation;
 use candle_core::{DType, Result, Storage, Tensor};
-use math::{dot, exp, gelu_tanh, max, silu};
+use math::{dot, exp, gelu_tanh, max, silu, sum};
 use rayon::prelude::*;
 
 /// Defines `$name` to run `$body` compiled for AVX-512 or AVX2+FMA where the
@@ -105,14 +105,10 @@ kernel! {
     fn softmax_kernel(x: &[f32], y: &mut [f32], w: usize) {
         for (x, y) in x.chunks_exact(w).zip(y.chunks_exact_mut(w)) {
             let m = max(x);
-            let mut sum = 0.0;
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = exp(x - m);
             }
-            for &y in y.iter() {
-                sum += y;
-            }
-            let scale = 1.0 / sum;
+            let scale = 1.0 / sum(y);
             for y in y.iter_mut() {
                 *y *= scale;
             }
