@@ -50,7 +50,11 @@ impl Function for RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+        let x = x.contiguous()?;
+        match fused::rms_norm(&x, &self.weight, self.eps)? {
+            Some(y) => Ok(y),
+            None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32),
+        }
     }
 
     fn backward(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
@@ -114,9 +118,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// angle, and its transpose rotates back.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let _profile = crate::profile::open(crate::profile::Stage::Rope);
-    on_rotary_part(dy, cos, |rot| {
-        candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, &sin.neg()?)
-    })
+    on_rotary_part(dy, cos, |rot| rotate(rot, cos, sin, true))
+}
+
+/// Rope on `x` (forward, or with `back` its inverse), by the fused kernel
+/// where it applies.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, back: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if let Some(y) = fused::rope(&x, cos, sin, back)? {
+        return Ok(y);
+    }
+    match back {
+        false => candle_nn::rotary_emb::rope(&x, cos, sin),
+        true => candle_nn::rotary_emb::rope(&x, cos, &sin.neg()?),
+    }
 }
 
 /// Applies `f` to the first `2 · cos.dim(-1)` features of `x`'s last axis and
@@ -268,7 +283,7 @@ impl Function for Rope {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)
+        rotate(x, &self.cos, &self.sin, false)
     }
 
     fn backward(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {

@@ -6,7 +6,9 @@
 //! op, and calls libm's scalar `expf` once per element: together about a sixth
 //! of a SmolLM2 step on 2 cores. Here each is one pass, written as plain loops
 //! that the compiler vectorises for the instructions the CPU has (AVX2+FMA or
-//! AVX-512, chosen at run time), with an `exp` that vectorises too.
+//! AVX-512, chosen at run time), with an `exp` that vectorises too. RMSNorm's
+//! forward is here as well: candle's is one op, but sums each row's squares
+//! in a chain of dependent scalar adds, and sums here go in 16 lanes.
 //!
 //! Each function returns `None` where it does not apply (another device or
 //! dtype, or a strided input), and its caller in [`super::ops`] runs candle's
@@ -124,6 +126,37 @@ kernel! {
             let s = dot(y, dy);
             for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
                 *dx = y * (dy - s);
+            }
+        }
+    }
+}
+
+kernel! {
+    /// Rope (rotate-half) of each `2·c.len()`-wide row of `x`, the row's
+    /// two halves turned by the angles whose cosines and sines are `c` and
+    /// `s` (`s` negated: turned back, rope's gradient).
+    fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32], back: bool) {
+        let half = c.len();
+        let (x1, x2) = x.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        let sign = if back { -1.0 } else { 1.0 };
+        let parts = y1.iter_mut().zip(y2).zip(x1.iter().zip(x2));
+        for (((y1, y2), (&x1, &x2)), (&c, &s)) in parts.zip(c.iter().zip(s)) {
+            let s = s * sign;
+            *y1 = x1 * c - x2 * s;
+            *y2 = x1 * s + x2 * c;
+        }
+    }
+}
+
+kernel! {
+    /// RMSNorm `x · weight / √(mean(x²) + eps)` of each row.
+    fn rms_norm_kernel(x: &[f32], weight: &[f32], y: &mut [f32], eps: f32) {
+        let w = weight.len();
+        for (x, y) in x.chunks_exact(w).zip(y.chunks_exact_mut(w)) {
+            let r = 1.0 / (dot(x, x) / w as f32 + eps).sqrt();
+            for ((y, &x), &wt) in y.iter_mut().zip(x).zip(weight) {
+                *y = x * r * wt;
             }
         }
     }
@@ -353,6 +386,61 @@ pub fn exp_shifted(x: &Tensor, shift: &Tensor) -> Result<Option<(Tensor, Tensor)
     )))
 }
 
+/// Rope in HF's rotate-half layout on `x` (`[b, h, t, d]`) with `cos` and
+/// `sin` (`[b, t, d / 2]`, or `[t, d / 2]` for every row), or with `back`
+/// its inverse (its gradient). candle's kernel indexes every element
+/// through a computed offset, which keeps it scalar.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, back: bool) -> Result<Option<Tensor>> {
+    let Ok((b, h, t, d)) = x.dims4() else {
+        return Ok(None);
+    };
+    let half = d / 2;
+    let batched = match cos.dims() {
+        [cb, ct, ch] if (*cb, *ct, *ch) == (b, t, half) => true,
+        [ct, ch] if (*ct, *ch) == (t, half) => false,
+        _ => return Ok(None),
+    };
+    if d % 2 != 0 || sin.shape() != cos.shape() {
+        return Ok(None);
+    }
+    let out = with_values(&[x, cos, sin], |v| {
+        let (x, cos, sin) = (v[0], v[1], v[2]);
+        let mut out = vec![0f32; x.len()];
+        by_rows([&mut out], d, |at, [y]| {
+            for (i, y) in y.chunks_exact_mut(d).enumerate() {
+                let row = at / d + i;
+                let (position, batch) = (row % t, row / (h * t));
+                let angles = match batched {
+                    true => (batch * t + position) * half,
+                    false => position * half,
+                };
+                let (c, s) = (&cos[angles..][..half], &sin[angles..][..half]);
+                rope_row(&x[row * d..][..d], c, s, y, back);
+            }
+        });
+        out
+    });
+    out.map(|v| shaped(v, x)).transpose()
+}
+
+/// RMSNorm over the last dimension, `x / rms(x) · weight`: candle's sums
+/// each row's squares in one chain of scalar adds.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let w = width(x);
+    if weight.dims() != [w] {
+        return Ok(None);
+    }
+    let out = with_values(&[x, weight], |v| {
+        let (x, weight) = (v[0], v[1]);
+        let mut out = vec![0f32; x.len()];
+        by_rows([&mut out], w, |at, [y]| {
+            rms_norm_kernel(&x[at..at + y.len()], weight, y, eps as f32)
+        });
+        out
+    });
+    out.map(|v| shaped(v, x)).transpose()
+}
+
 /// The gradient of RMSNorm (`x / rms(x) · weight` over the last dimension)
 /// with respect to `x`, given the output gradient `dy`: with r = 1/rms(x) and
 /// u = dy·weight, `r·u − x·r³·mean(u·x)`.
@@ -466,6 +554,33 @@ mod tests {
             .unwrap();
             let got = rms_norm_backward(x, &weight, 1e-5, &c).unwrap().unwrap();
             close("rms_norm_backward", shape, &want, &got);
+            if let [t, .., w] = *shape {
+                if w % 2 == 0 && shape.len() > 1 {
+                    let heads = randn(&[2, 3, t, w], seed + 4);
+                    let angles = randn(&[2, t, w / 2], seed + 5);
+                    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+                    for back in [false, true] {
+                        let s = match back {
+                            false => sin.clone(),
+                            true => sin.neg().unwrap(),
+                        };
+                        let want = candle_nn::rotary_emb::rope(&heads, &cos, &s).unwrap();
+                        let got = rope(&heads, &cos, &sin, back).unwrap().unwrap();
+                        close("rope", shape, &want, &got);
+                    }
+                    let (cos, sin) = (cos.get(1).unwrap(), sin.get(1).unwrap());
+                    let want = candle_nn::rotary_emb::rope(&heads, &cos, &sin).unwrap();
+                    let got = rope(&heads, &cos, &sin, false).unwrap().unwrap();
+                    close("rope, one table for all rows", shape, &want, &got);
+                }
+            }
+            let want = candle_nn::ops::rms_norm(x, &weight, 1e-5).unwrap();
+            close(
+                "rms_norm",
+                shape,
+                &want,
+                &rms_norm(x, &weight, 1e-5).unwrap().unwrap(),
+            );
         }
     }
 
