@@ -309,27 +309,8 @@ pub fn split_heads(x: &Tensor, kv: usize, hd: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::mask;
-    use candle_core::{DType, D};
-
-    fn random(dims: &[usize], seed: u64) -> Tensor {
-        let n: usize = dims.iter().product();
-        let mut rng = crate::rng::Rng::new(seed);
-        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testing::{max_abs_diff, randn};
+    use candle_core::DType;
 
     #[test]
     fn spans_of_a_causal_mask_stop_at_each_chunks_last_query() {
@@ -375,10 +356,10 @@ mod tests {
         let window = mask::window(t, 0, 20, DType::F32, &Device::Cpu).unwrap();
         let sliding = causal.broadcast_add(&window).unwrap();
         for (mask, softcap) in [(&causal, None), (&packed, Some(5.0)), (&sliding, None)] {
-            let q = random(&[b, kv, t * g, hd], 1);
-            let k = random(&[b, kv, t, hd], 2);
-            let v = random(&[b, kv, t, hd], 3);
-            let d_out = random(&[b, kv, t * g, hd], 4);
+            let q = randn(&[b, kv, t * g, hd], 1);
+            let k = randn(&[b, kv, t, hd], 2);
+            let v = randn(&[b, kv, t, hd], 3);
+            let d_out = randn(&[b, kv, t * g, hd], 4);
             let chunked = Spans::of_mask(mask, 16).unwrap();
             assert!(!chunked.is_whole());
             let whole = Spans::whole(t, t);
@@ -400,11 +381,11 @@ mod tests {
             };
             let (out, kept, again) = run(&chunked);
             let (out_w, (dq_w, dk_w, dv_w), _) = run(&whole);
-            assert!(max_diff(&out, &out_w) < 1e-5);
+            assert!(max_abs_diff(&out, &out_w) < 1e-5);
             for (dq, dk, dv) in [kept, again] {
-                assert!(max_diff(&dq, &dq_w) < 1e-5);
-                assert!(max_diff(&dk, &dk_w) < 1e-5);
-                assert!(max_diff(&dv, &dv_w) < 1e-5);
+                assert!(max_abs_diff(&dq, &dq_w) < 1e-5);
+                assert!(max_abs_diff(&dk, &dk_w) < 1e-5);
+                assert!(max_abs_diff(&dv, &dv_w) < 1e-5);
             }
         }
     }
@@ -412,7 +393,7 @@ mod tests {
     #[test]
     fn query_layouts_round_trip() {
         let (b, h, kv, t, hd) = (2, 6, 2, 5, 4);
-        let q = random(&[b, h, t, hd], 5);
+        let q = randn(&[b, h, t, hd], 5);
         let grouped = group_queries(&q, kv, 2.0).unwrap();
         // Row τ·g + j of kv head i is head i·g + j at position τ.
         let row = grouped
@@ -423,15 +404,15 @@ mod tests {
             .get(4 * 3 + 2)
             .unwrap();
         let head = (q.get(1).unwrap().get(5).unwrap().get(4).unwrap() * 2.0).unwrap();
-        assert_eq!(max_diff(&row, &head), 0.0);
+        assert_eq!(max_abs_diff(&row, &head), 0.0);
         assert_eq!(
-            max_diff(&ungroup_queries(&grouped, t, 0.5).unwrap(), &q),
+            max_abs_diff(&ungroup_queries(&grouped, t, 0.5).unwrap(), &q),
             0.0
         );
         let merged = merge_heads(&grouped, t).unwrap();
         assert_eq!(merged.dims(), &[b, t, h * hd]);
         assert_eq!(
-            max_diff(&split_heads(&merged, kv, hd).unwrap(), &grouped),
+            max_abs_diff(&split_heads(&merged, kv, hd).unwrap(), &grouped),
             0.0
         );
     }
