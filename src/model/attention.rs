@@ -153,7 +153,12 @@ impl Attend<'_> {
         let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
         for (i, span) in self.spans.iter().enumerate() {
             let probs = match probs {
-                Some(p) => p[i].clone(),
+                Some(p) => p.get(i).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{} saved attention probabilities for more spans",
+                        p.len()
+                    ))
+                })?,
                 None => self.probs(span)?,
             };
             let (q, k, v) = self.operands(span)?;
