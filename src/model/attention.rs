@@ -108,9 +108,9 @@ pub struct Attend<'a> {
     /// See `k`.
     pub v: &'a Tensor,
     /// A prefix of keys and values (`[1, kv, p, hd]` each) that every row
-    /// shares, before the rows' own (`s = p + s'`); only with one span, of
-    /// all the rows' own keys (`Spans::whole(t, s')`).
-    pub shared: Option<(&'a Tensor, &'a Tensor)>,
+    /// shares, before the rows' own (`s = p + s'`). Every query sees the
+    /// prefix, so with one the queries go in one span, whatever `spans` says.
+    pub shared: Option<&'a (Tensor, Tensor)>,
     /// The additive mask, `[b or 1, 1, t, s]`.
     pub mask: &'a Tensor,
     /// How the queries go in chunks.
@@ -125,12 +125,17 @@ impl Attend<'_> {
     /// The attention output, `[b, kv, t·g, hd]` in the queries' layout, and
     /// each span's probabilities (`[b, kv, rows, keys]`) for the backward.
     pub fn forward(&self) -> Result<(Tensor, Vec<Tensor>)> {
-        if self.shared.is_some() && !self.spans.is_whole() {
-            candle_core::bail!("attention over a shared prefix goes in one span");
-        }
+        let whole;
+        let spans = match self.shared {
+            Some(_) => {
+                whole = Spans::whole(self.q.dim(2)? / self.groups, self.k.dim(2)?);
+                &whole
+            }
+            None => self.spans,
+        };
         let mut outs = Vec::new();
         let mut all_probs = Vec::new();
-        for span in self.spans.iter() {
+        for span in spans.iter() {
             let probs = self.probs(span)?;
             outs.push(self.apply(&probs, span)?);
             all_probs.push(probs);

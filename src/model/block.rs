@@ -198,18 +198,39 @@ impl Block {
         (cos, sin)
     }
 
-    /// This layer's attention mask and its spans: the sliding window's on
-    /// sliding-window layers.
-    fn mask<'c>(&self, ctx: &'c BlockContext) -> (&'c Tensor, &'c Spans) {
-        match (&ctx.sliding_mask, &ctx.sliding_spans, self.sliding) {
+    /// This layer's attention of the scaled, grouped queries `q` over `k`
+    /// and `v` (and a `shared` prefix), under its mask and spans: the
+    /// sliding window's on sliding-window layers.
+    fn attend<'a>(
+        &'a self,
+        ctx: &'a BlockContext,
+        q: &'a Tensor,
+        k: &'a Tensor,
+        v: &'a Tensor,
+        shared: Option<&'a (Tensor, Tensor)>,
+    ) -> Attend<'a> {
+        let (mask, spans) = match (&ctx.sliding_mask, &ctx.sliding_spans, self.sliding) {
             (Some(m), Some(spans), true) => (m, spans),
             _ => (&ctx.mask, &ctx.spans),
+        };
+        let a = &self.self_attn;
+        Attend {
+            q,
+            k,
+            v,
+            shared,
+            mask,
+            spans,
+            softcap: a.softcap,
+            groups: a.n_heads / a.n_kv_heads,
         }
     }
 
     /// Whether a training forward over `t` positions keeps the attention
     /// probabilities for the backward pass: while their `heads · t` values per
-    /// position are no more than the block's other saved activations per position.
+    /// position (a bound: the CPU's chunks keep about half of them, see
+    /// [`attention`]) are no more than the block's other saved activations per
+    /// position.
     pub fn keeps_probs(&self, t: usize) -> bool {
         let a = &self.self_attn;
         let (d, kvd) = (a.o_proj.out_features(), a.n_kv_heads * a.head_dim);
@@ -232,7 +253,7 @@ impl Block {
             self.self_attn.n_kv_heads,
             self.self_attn.head_dim,
         );
-        let (g, pass) = (h / kv, ctx.pass);
+        let pass = ctx.pass;
         let a = &self.self_attn;
         let h1 = ops::rms_norm(x, &self.input_layernorm, ctx.eps)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
@@ -268,19 +289,8 @@ impl Block {
         // Grouped-query attention without copying k/v (see `attention`).
         // The 1/√d scale goes on q, which is smaller than the scores.
         let q = attention::group_queries(&q, kv, a.scale)?;
-        let (mask, spans) = self.mask(ctx);
-        let whole = Spans::whole(t, k.dim(2)?);
         let timer = crate::profile::open(crate::profile::Stage::Attention);
-        let attend = Attend {
-            q: &q,
-            k: &k,
-            v: &v,
-            shared: shared.map(|(k, v)| (k, v)),
-            mask,
-            spans: if shared.is_some() { &whole } else { spans },
-            softcap: a.softcap,
-            groups: g,
-        };
+        let attend = self.attend(ctx, &q, &k, &v, shared);
         let (out, probs) = attend.forward()?;
         drop(timer);
         let attn = attention::merge_heads(&out, t)?;
@@ -333,7 +343,6 @@ impl Block {
             self.self_attn.n_kv_heads,
             self.self_attn.head_dim,
         );
-        let g = h / kv;
         let len = s.k.dim(2)?;
         ensure!(
             len == t,
@@ -385,17 +394,7 @@ impl Block {
         let d_out = attention::split_heads(&d_attn.reshape((b, t, h * hd))?, kv, hd)?;
         // scores = (q·scale) kᵀ, and the scaled q was saved.
         let timer = crate::profile::open(crate::profile::Stage::Attention);
-        let (mask, spans) = self.mask(ctx);
-        let attend = Attend {
-            q: &s.q,
-            k: &s.k,
-            v: &s.v,
-            shared: None,
-            mask,
-            spans,
-            softcap: a.softcap,
-            groups: g,
-        };
+        let attend = self.attend(ctx, &s.q, &s.k, &s.v, None);
         let (dq, dk, dv) = attend.backward(s.probs.as_deref(), &d_out)?;
         let dq = attention::ungroup_queries(&dq, t, a.scale)?;
         drop(timer);

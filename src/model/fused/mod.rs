@@ -7,8 +7,10 @@
 //! of a SmolLM2 step on 2 cores. Here each is one pass, written as plain loops
 //! that the compiler vectorises for the instructions the CPU has (AVX2+FMA or
 //! AVX-512, chosen at run time), with an `exp` that vectorises too. RMSNorm's
-//! forward is here as well: candle's is one op, but sums each row's squares
-//! in a chain of dependent scalar adds, and sums here go in 16 lanes.
+//! forward and rope are here as well, though candle has each as one op:
+//! candle's RMSNorm sums each row's squares in a chain of dependent scalar
+//! adds (sums here go in 16 lanes), and its rope indexes every element
+//! through a computed offset, which keeps it scalar.
 //!
 //! Each function returns `None` where it does not apply (another device or
 //! dtype, or a strided input), and its caller in [`super::ops`] runs candle's
