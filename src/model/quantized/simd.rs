@@ -168,6 +168,144 @@ pub(super) fn split_rows(
     }
 }
 
+/// One thread's columns of a product's output (`rows` rows of `stride`
+/// f32 values): the products on tiles split their output by columns, so
+/// that each thread reads only its share of the weight (and packs only
+/// that), while every thread reads all of the other side's rows.
+pub(super) struct OutColumns<'a> {
+    out: *mut f32,
+    rows: usize,
+    stride: usize,
+    cols: Range<usize>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: an `OutColumns` writes only its own columns of the output it
+// borrows mutably, and no two of them share a column (`OutColumns::split`).
+unsafe impl Send for OutColumns<'_> {}
+
+impl<'a> OutColumns<'a> {
+    /// `out` (`rows` rows of `stride` values) as the column ranges
+    /// `ranges`, which must be increasing, disjoint and inside a row.
+    pub(super) fn split(
+        out: &'a mut [f32],
+        (rows, stride): (usize, usize),
+        ranges: impl IntoIterator<Item = Range<usize>>,
+    ) -> Vec<Self> {
+        assert_eq!(out.len(), rows * stride, "a [{rows}, {stride}] output");
+        let mut end = 0;
+        ranges
+            .into_iter()
+            .map(|cols| {
+                assert!(end <= cols.start && cols.start <= cols.end && cols.end <= stride);
+                end = cols.end;
+                Self {
+                    out: out.as_mut_ptr(),
+                    rows,
+                    stride,
+                    cols,
+                    _out: std::marker::PhantomData,
+                }
+            })
+            .collect()
+    }
+
+    /// The output's rows.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// This thread's columns.
+    pub(super) fn cols(&self) -> Range<usize> {
+        self.cols.clone()
+    }
+
+    /// Row `r`'s values at columns `cols`, which are this thread's.
+    ///
+    /// # Panics
+    /// If `r` is past the last row or `cols` are not all this thread's.
+    pub(super) fn row_mut(&mut self, r: usize, cols: Range<usize>) -> &mut [f32] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        assert!(
+            self.cols.start <= cols.start && cols.start <= cols.end && cols.end <= self.cols.end,
+            "columns {cols:?} outside {:?}",
+            self.cols
+        );
+        // SAFETY: the values are inside the borrowed output (row and
+        // columns checked), in this value's own columns, which no other
+        // `OutColumns` writes; `&mut self` lends them one slice at a time.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.out.add(r * self.stride + cols.start), cols.len())
+        }
+    }
+}
+
+/// Runs `serial` on column ranges of `out` (`rows` rows of `stride`
+/// values), split over threads in runs of whole `align` columns when candle
+/// runs multi-threaded (one range, all columns, otherwise).
+pub(super) fn split_columns(
+    out: &mut [f32],
+    (rows, stride): (usize, usize),
+    align: usize,
+    serial: impl Fn(OutColumns) + Sync,
+) {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let per_thread = stride.div_ceil(threads).next_multiple_of(align).max(1);
+    let ranges = (0..stride)
+        .step_by(per_thread)
+        .map(|c| c..(c + per_thread).min(stride));
+    let mut parts = OutColumns::split(out, (rows, stride), ranges);
+    match parts.len() {
+        1 => serial(parts.pop().expect("one part")),
+        _ => parts.into_par_iter().for_each(&serial),
+    }
+}
+
+/// A 16 × 16 transpose of u32s: lane `c` of result `i` is lane `i` of row
+/// `c`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved by u32 (within each
+    // 128-bit lane L: elements 4L, 4L + 1, then 4L + 2, 4L + 3).
+    let a: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        match i % 2 {
+            0 => _mm512_unpacklo_epi32(x, y),
+            _ => _mm512_unpackhi_epi32(x, y),
+        }
+    });
+    // b[4g + o]: lane L holds rows 4g..4g + 4 of element 4L + o.
+    let b: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, o) = (i / 4, i % 4);
+        let (x, y) = (a[4 * g + o / 2], a[4 * g + 2 + o / 2]);
+        match o % 2 {
+            0 => _mm512_unpacklo_epi64(x, y),
+            _ => _mm512_unpackhi_epi64(x, y),
+        }
+    });
+    // c[8h + o]: groups 2h, 2h + 1 of elements o and 8 + o;
+    // c[8h + 4 + o]: of elements 4 + o and 12 + o.
+    let c: [__m512i; 16] = std::array::from_fn(|i| {
+        let (h, upper, o) = (i / 8, (i / 4) % 2, i % 4);
+        let (x, y) = (b[8 * h + o], b[8 * h + 4 + o]);
+        match upper {
+            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
+            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
+        }
+    });
+    // d[i]: all four groups of element i.
+    std::array::from_fn(|i| {
+        let (high, s, o) = (i / 8, (i / 4) % 2, i % 4);
+        let (x, y) = (c[4 * s + o], c[8 + 4 * s + o]);
+        match high {
+            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
+            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +331,36 @@ mod tests {
         check(7u32);
         check(7i32);
         check(7f32);
+    }
+
+    /// Each column of an output is one part's, in parts of whole `align`
+    /// columns (but the last), and a part writes only its own columns.
+    #[test]
+    fn column_parts_cover_every_column_once() {
+        let (rows, stride) = (3, 70);
+        let mut out = vec![0f32; rows * stride];
+        split_columns(&mut out, (rows, stride), 32, |mut part| {
+            let cols = part.cols();
+            assert!(cols.start % 32 == 0 && (cols.end % 32 == 0 || cols.end == stride));
+            for r in 0..rows {
+                for (c, v) in cols.clone().zip(part.row_mut(r, cols.clone())) {
+                    *v += (r * stride + c) as f32;
+                }
+            }
+        });
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32));
+        let mut parts = OutColumns::split(&mut out, (rows, stride), [0..32, 32..70]);
+        let outside = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            parts[0].row_mut(0, 16..48).len()
+        }));
+        assert!(outside.is_err(), "columns of another part");
+    }
+
+    /// Parts that share a column are refused.
+    #[test]
+    #[should_panic]
+    fn overlapping_column_parts_are_refused() {
+        let mut out = vec![0f32; 10];
+        OutColumns::split(&mut out, (1, 10), [0..6, 5..10]);
     }
 }

@@ -1,88 +1,117 @@
-//! The bf16 product on AMX tiles: the same rounding of the rows to bf16
-//! pairs and the same packed blocks of the weight as the AVX512_BF16
-//! micro-kernel, multiplied 16 × 16 outputs at a time by `tdpbf16ps`.
+//! The bf16 product on AMX tiles with the weight repacked: the same
+//! rounding of the rows to bf16 pairs and the same packed panels of the
+//! weight as the AVX512_BF16 micro-kernel, multiplied 16 × 16 outputs at a
+//! time by `tdpbf16ps`. It takes the input gradient `dy W`, whose weight
+//! side must be interleaved in pairs of rows, and the forward products
+//! whose weight is not in whole tiles (the others read the weight's rows
+//! as they are: `amx_rows.rs`).
 //!
-//! Tiles hold 16 rows of 16 pairs, so the operands are padded with zeros to
-//! whole tiles: the rows to a multiple of 16 rows of a multiple of 16 pairs,
-//! each packed panel to a multiple of 16 steps, and the output to a multiple
-//! of 16 rows and columns (in a scratch buffer where it is not one
-//! already). Every tile's rows start on cache lines: the rows and the packed
-//! panels are in buffers that do, and the output is moved to one where it
-//! does not. A block of 2 × 2 output tiles (32 rows × 32 columns, one packed
-//! panel) stays in tiles 0-3 across a packed block's depth, with the rows in
-//! tiles 4-5 and the panel's two halves in tiles 6-7: four tile products for
-//! four tile loads.
-//!
-//! The blocking constants are the AVX512_BF16 kernel's; they are not tuned
-//! for AMX, which no machine this was written on had.
+//! A thread takes a range of the output's columns and packs only those,
+//! [`COLUMN_BLOCK`] at a time over the whole contraction. Tiles hold 16
+//! rows of 16 pairs, so the rows are padded with zeros to a multiple of 16
+//! rows of a multiple of 16 pairs, and each packed panel to a multiple of
+//! 16 steps. A block of 2 × 2 output tiles (32 rows × 32 columns, one packed
+//! panel) stays in tiles 0-3 across the whole contraction, with the rows
+//! in tiles 4-5 and the panel's two halves in tiles 6-7 (four tile products
+//! for four tile loads), and is written out once, through a stored copy,
+//! so that the output needs no padding.
 
-use super::super::amx::{load, store, with_padded_output, Tiles, TILE_ROWS};
-use super::super::simd::CacheAligned;
-use super::pack::for_each_block;
+use super::super::amx::{load, store, Tiles, TILE_ROWS};
+use super::super::simd::{CacheAligned, OutColumns};
+use super::pack::pack;
 use super::{to_bf16_rows, Bf16Weight, NR};
 
-/// Rows of a block of output tiles: the rows' share of a thread is a
-/// multiple of it.
-pub(super) const ROW_TILES: usize = 2 * TILE_ROWS;
+/// Output columns packed at a time (two panels): a thread's share of the
+/// columns is a multiple of it. Over a contraction of 1536 the packed
+/// block is 192 KB, in L2.
+pub(super) const COLUMN_BLOCK: usize = 2 * NR;
 /// Pairs of the contraction in a tile's row.
 const TILE_PAIRS: usize = 16;
 
-/// `x Wᵀ` or, with `input_gradient`, `dy W` into `out`, on `tiles`: what
-/// [`super::product`] computes on one thread.
+/// `x Wᵀ` or, with `input_gradient`, `dy W`, into `out`'s columns, on
+/// `tiles`: what [`super::product`] computes on one thread.
 pub(super) fn serial(
     tiles: &mut impl Tiles,
     x: &[f32],
     m: usize,
     w: Bf16Weight,
     input_gradient: bool,
-    out: &mut [f32],
+    out: &mut OutColumns,
 ) {
-    let (q, p) = w.sides(input_gradient);
+    let q = w.sides(input_gradient).0;
     let pairs = q.div_ceil(2);
     let (rows_padded, row_stride) = (
         m.next_multiple_of(TILE_ROWS),
         pairs.next_multiple_of(TILE_PAIRS),
     );
-    let out_stride = p.next_multiple_of(TILE_ROWS);
+    assert_eq!(out.rows(), m);
     let mut buffer = CacheAligned::new();
     let rows = buffer.zeroed(rows_padded * row_stride);
     to_bf16_rows(x, q, row_stride, rows);
     let rows = &*rows;
-    with_padded_output(out, (m, p), (rows_padded, out_stride), |acc| {
-        for_each_block(w, input_gradient, TILE_PAIRS, |packed| {
-            let steps = packed.depth.div_ceil(TILE_PAIRS);
-            for row in (0..rows_padded).step_by(ROW_TILES) {
-                let two_rows = row + ROW_TILES <= rows_padded;
-                for (j, panel) in packed
-                    .panels
-                    .chunks_exact(steps * TILE_PAIRS * NR)
-                    .enumerate()
-                {
-                    let first_col = packed.col + j * NR;
-                    let block = Block {
-                        rows,
-                        a: row * row_stride + packed.first,
-                        row_stride,
-                        panel,
-                        steps,
-                        c: row * out_stride + first_col,
-                        out_stride,
-                        accumulate: packed.first > 0,
-                    };
-                    match (two_rows, first_col + NR <= out_stride) {
-                        (true, true) => block.run::<_, true, true>(tiles, acc),
-                        (true, false) => block.run::<_, true, false>(tiles, acc),
-                        (false, true) => block.run::<_, false, true>(tiles, acc),
-                        (false, false) => block.run::<_, false, false>(tiles, acc),
+    let steps = pairs.div_ceil(TILE_PAIRS);
+    let mut packed = CacheAligned::new();
+    let mut written = Written {
+        tiles: [[0.0; TILE_ROWS * TILE_ROWS]; 4],
+    };
+    let cols = out.cols();
+    for col in cols.clone().step_by(COLUMN_BLOCK) {
+        let block_cols = col..(col + COLUMN_BLOCK).min(cols.end);
+        crate::profile::time(crate::profile::Stage::RepackWeight, || {
+            pack(
+                w,
+                input_gradient,
+                block_cols.clone(),
+                0..pairs,
+                TILE_PAIRS,
+                &mut packed,
+            )
+        });
+        let panels = packed.values();
+        for row in (0..rows_padded).step_by(2 * TILE_ROWS) {
+            let two_rows = row + 2 * TILE_ROWS <= rows_padded;
+            for (j, panel) in panels.chunks_exact(steps * TILE_PAIRS * NR).enumerate() {
+                let first_col = col + j * NR;
+                let width = NR.min(block_cols.end - first_col);
+                let block = Block {
+                    rows,
+                    a: row * row_stride,
+                    row_stride,
+                    panel,
+                    steps,
+                };
+                match (two_rows, width > TILE_ROWS) {
+                    (true, true) => block.run::<_, true, true>(tiles, &mut written),
+                    (true, false) => block.run::<_, true, false>(tiles, &mut written),
+                    (false, true) => block.run::<_, false, true>(tiles, &mut written),
+                    (false, false) => block.run::<_, false, false>(tiles, &mut written),
+                }
+                for (t, tile) in written.tiles.iter().enumerate() {
+                    let (r, c) = (row + (t / 2) * TILE_ROWS, first_col + (t % 2) * TILE_ROWS);
+                    if r >= m || c >= first_col + width {
+                        continue;
+                    }
+                    let (tile_rows, tile_cols) =
+                        (TILE_ROWS.min(m - r), TILE_ROWS.min(first_col + width - c));
+                    for (i, values) in tile.chunks_exact(TILE_ROWS).take(tile_rows).enumerate() {
+                        out.row_mut(r + i, c..c + tile_cols)
+                            .copy_from_slice(&values[..tile_cols]);
                     }
                 }
             }
-        });
-    });
+        }
+    }
+}
+
+/// Four output tiles as stored, each 16 × 16 f32: tile `2r + c` is row
+/// tile `r`'s product with the panel's half `c`.
+#[repr(C, align(64))]
+struct Written {
+    tiles: [[f32; TILE_ROWS * TILE_ROWS]; 4],
 }
 
 /// One block of output tiles: 16 or 32 rows × 16 or 32 columns (one packed
-/// panel) over one packed block's depth.
+/// panel) over the whole contraction.
 struct Block<'a> {
     /// The rows as bf16 pairs, padded; the block's first row's first pair is
     /// at `a`.
@@ -92,44 +121,21 @@ struct Block<'a> {
     /// The packed panel: `steps · 16` steps of [`NR`] column pairs.
     panel: &'a [u32],
     steps: usize,
-    /// The block's first output at `c` of the (padded) output.
-    c: usize,
-    out_stride: usize,
-    /// Add to the output rather than overwrite it.
-    accumulate: bool,
 }
 
 impl Block<'_> {
-    /// Runs the block: two row tiles where `TWO_ROWS`, two column tiles
-    /// (the panel's halves) where `TWO_COLS`.
+    /// Runs the block into `written`: two row tiles where `TWO_ROWS`, two
+    /// column tiles (the panel's halves) where `TWO_COLS`.
     #[inline(always)]
     fn run<U: Tiles, const TWO_ROWS: bool, const TWO_COLS: bool>(
         &self,
         t: &mut U,
-        out: &mut [f32],
+        written: &mut Written,
     ) {
-        let (c, cs) = (self.c, self.out_stride);
-        let c_below = c + TILE_ROWS * cs;
-        match self.accumulate {
-            true => {
-                load::<_, 0, _>(t, out, c, cs);
-                if TWO_COLS {
-                    load::<_, 1, _>(t, out, c + 16, cs);
-                }
-                if TWO_ROWS {
-                    load::<_, 2, _>(t, out, c_below, cs);
-                    if TWO_COLS {
-                        load::<_, 3, _>(t, out, c_below + 16, cs);
-                    }
-                }
-            }
-            false => {
-                t.zero::<0>();
-                t.zero::<1>();
-                t.zero::<2>();
-                t.zero::<3>();
-            }
-        }
+        t.zero::<0>();
+        t.zero::<1>();
+        t.zero::<2>();
+        t.zero::<3>();
         let a_below = self.a + TILE_ROWS * self.row_stride;
         for s in 0..self.steps {
             let (a, b) = (s * TILE_PAIRS, s * TILE_PAIRS * NR);
@@ -148,14 +154,15 @@ impl Block<'_> {
                 }
             }
         }
-        store::<_, 0, _>(t, out, c, cs);
+        let [t0, t1, t2, t3] = &mut written.tiles;
+        store::<_, 0, _>(t, t0, 0, TILE_ROWS);
         if TWO_COLS {
-            store::<_, 1, _>(t, out, c + 16, cs);
+            store::<_, 1, _>(t, t1, 0, TILE_ROWS);
         }
         if TWO_ROWS {
-            store::<_, 2, _>(t, out, c_below, cs);
+            store::<_, 2, _>(t, t2, 0, TILE_ROWS);
             if TWO_COLS {
-                store::<_, 3, _>(t, out, c_below + 16, cs);
+                store::<_, 3, _>(t, t3, 0, TILE_ROWS);
             }
         }
     }
@@ -168,9 +175,16 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// [`serial`] on `tiles`, for [`check_products`].
+    /// [`serial`] on `tiles`, for [`check_products`]: the output's first
+    /// [`COLUMN_BLOCK`] columns as one thread's part, the rest as another's.
     fn on(tiles: &mut impl Tiles) -> impl FnMut(&[f32], usize, Bf16Weight, bool, &mut [f32]) + '_ {
-        |x, m, w, input_gradient, out| serial(tiles, x, m, w, input_gradient, out)
+        |x, m, w, input_gradient, out| {
+            let p = w.sides(input_gradient).1;
+            let cut = COLUMN_BLOCK.min(p);
+            for mut part in OutColumns::split(out, (m, p), [0..cut, cut..p]) {
+                serial(tiles, x, m, w, input_gradient, &mut part);
+            }
+        }
     }
 
     /// The kernel's layout, padding and loops, on the emulated tiles: runs
@@ -237,14 +251,7 @@ mod tests {
             *v *= 1e-39;
         }
         let mut out = vec![0f32; m * n];
-        serial(
-            &mut Emulator::new(TileConfig::full()),
-            &x,
-            m,
-            w,
-            false,
-            &mut out,
-        );
+        on(&mut Emulator::new(TileConfig::full()))(&x, m, w, false, &mut out);
         let want = reference(&x, m, w, false);
         for i in 0..m {
             for j in 0..n {

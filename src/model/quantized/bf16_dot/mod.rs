@@ -22,10 +22,11 @@
 //! multiplied on tiles instead (`amx.rs`), 16 × 16 outputs per instruction.
 
 mod amx;
+mod amx_rows;
 mod pack;
 mod tile;
 
-use super::simd::{low_mask, split_rows};
+use super::simd::{low_mask, split_columns, split_rows, OutColumns};
 use pack::for_each_block;
 use tile::Tile;
 
@@ -102,17 +103,20 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
         .bf16_kernel()
         .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
     {
-        split_rows(
-            x,
-            m,
-            (q, p),
-            amx::ROW_TILES,
-            out,
-            |x, m, out| match super::amx::Amx::new(super::amx::TileConfig::full()) {
-                Some(mut tiles) => amx::serial(&mut tiles, x, m, w, input_gradient, out),
-                None => serial(x, m, w, input_gradient, out),
-            },
-        );
+        let rows_as_tiles = !input_gradient && amx_rows::reads_rows(&w);
+        let align = match rows_as_tiles {
+            true => 2 * super::amx::TILE_ROWS,
+            false => amx::COLUMN_BLOCK,
+        };
+        split_columns(out, (m, p), align, |mut out| {
+            match super::amx::Amx::new(super::amx::TileConfig::full()) {
+                Some(mut tiles) if rows_as_tiles => {
+                    amx_rows::forward(&mut tiles, x, m, w, &mut out)
+                }
+                Some(mut tiles) => amx::serial(&mut tiles, x, m, w, input_gradient, &mut out),
+                None => serial_columns(x, m, w, input_gradient, &mut out),
+            }
+        });
         return;
     }
     split_rows(x, m, (q, p), MR, out, |x, m, out| {
@@ -125,7 +129,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
 fn to_bf16_rows(x: &[f32], q: usize, stride: usize, rows: &mut [u32]) {
     let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
     let pairs = q.div_ceil(2);
-    let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
+    let vector = vector_rounding();
     for (x, r) in x.chunks_exact(q).zip(rows.chunks_mut(stride)) {
         match vector {
             // SAFETY: checked just above that the CPU has AVX512_BF16.
@@ -133,6 +137,13 @@ fn to_bf16_rows(x: &[f32], q: usize, stride: usize, rows: &mut [u32]) {
             false => to_bf16_pairs_portable(x, &mut r[..pairs]),
         }
     }
+}
+
+/// Whether this CPU rounds rows to bf16 in vectors (AVX512_BF16 with
+/// AVX-512 F): elsewhere only the tests run the AMX kernels, on their
+/// emulator, and round value by value.
+fn vector_rounding() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
 /// [`to_bf16_pairs`] value by value, for CPUs without AVX512_BF16 (where
@@ -144,6 +155,20 @@ fn to_bf16_pairs_portable(x: &[f32], out: &mut [u32]) {
     };
     for (j, o) in out.iter_mut().enumerate() {
         *o = bits(2 * j) | bits(2 * j + 1) << 16;
+    }
+}
+
+/// [`serial`]'s product, of which `out`'s columns are kept: for a thread
+/// whose tiles could not be configured (which [`crate::cpu::amx_permitted`]
+/// rules out before the tiles are chosen).
+fn serial_columns(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut OutColumns) {
+    let p = w.sides(input_gradient).1;
+    let mut whole = vec![0f32; m * p];
+    serial(x, m, w, input_gradient, &mut whole);
+    let cols = out.cols();
+    for (r, row) in whole.chunks_exact(p).enumerate() {
+        out.row_mut(r, cols.clone())
+            .copy_from_slice(&row[cols.clone()]);
     }
 }
 
@@ -258,8 +283,18 @@ mod tests {
     /// Forward and input gradient of `run` against the f64 reference on
     /// `shapes` (`(m, n, k)`).
     pub(super) fn check_products(
+        run: impl FnMut(&[f32], usize, Bf16Weight, bool, &mut [f32]),
+        shapes: &[(usize, usize, usize)],
+    ) {
+        check_directions(run, shapes, &[false, true]);
+    }
+
+    /// [`check_products`] of the forward products alone (`[false]`), the
+    /// input gradients alone (`[true]`) or both.
+    pub(super) fn check_directions(
         mut run: impl FnMut(&[f32], usize, Bf16Weight, bool, &mut [f32]),
         shapes: &[(usize, usize, usize)],
+        directions: &[bool],
     ) {
         let mut rng = Rng::new(3);
         for &(m, n, k) in shapes {
@@ -269,16 +304,18 @@ mod tests {
                 n,
                 k,
             };
-            for input_gradient in [false, true] {
+            for &input_gradient in directions {
                 let (q, p) = w.sides(input_gradient);
                 let x = random(m * q, &mut rng);
                 let mut out = vec![f32::NAN; m * p];
                 run(&x, m, w, input_gradient, &mut out);
                 let want = reference(&x, m, w, input_gradient);
-                // f32 sums of q exact products: a few ulp of the sum's scale.
-                let tol = 4.0 * (q as f64).sqrt() * f32::EPSILON as f64 * 4.0;
+                // f32 sums of q exact products: a few ulp of the sum's
+                // scale, a typical sum's (√q) or this one's if larger.
+                let scale = (q as f64).sqrt();
                 for (i, (g, e)) in out.iter().zip(&want).enumerate() {
                     let diff = (*g as f64 - e).abs();
+                    let tol = 16.0 * f32::EPSILON as f64 * scale.max(e.abs());
                     assert!(
                         diff <= tol,
                         "{m}x{q} by {q}x{p} (input gradient: {input_gradient}), value {i}: {g} against {e}"

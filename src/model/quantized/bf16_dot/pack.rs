@@ -5,7 +5,7 @@
 //! (16 × 16 u32s at a time in registers), the input gradient's an
 //! interleave of two rows; a value-by-value packer is the reference.
 
-use super::super::simd::{for_each_packed_block, CacheAligned, PackedBlock};
+use super::super::simd::{for_each_packed_block, transpose16, CacheAligned, PackedBlock};
 use super::{low_mask, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
 
 /// Packs the block of `B` (`[q, p]`: `Wᵀ` forward, `W` for the input
@@ -14,7 +14,7 @@ use super::{low_mask, Bf16Weight, COLUMN_BLOCK, NR, PAIR_BLOCK};
 /// (`B[2t, c]` low, `B[2t + 1, c]` high), followed by zero steps up to the
 /// next multiple of `whole_steps` (the AMX kernel's tiles take 16 steps at a
 /// time); zeros past the edges.
-fn pack(
+pub(super) fn pack(
     w: Bf16Weight,
     input_gradient: bool,
     cols: std::ops::Range<usize>,
@@ -125,50 +125,6 @@ unsafe fn pack_rows_as_columns(
             }
         }
     }
-}
-
-/// A 16 × 16 transpose of u32s: lane `c` of result `i` is lane `i` of row
-/// `c`.
-#[target_feature(enable = "avx512f")]
-fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
-    use std::arch::x86_64::*;
-    // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved by u32 (within each
-    // 128-bit lane L: elements 4L, 4L + 1, then 4L + 2, 4L + 3).
-    let a: [__m512i; 16] = std::array::from_fn(|i| {
-        let (x, y) = (r[i & !1], r[i | 1]);
-        match i % 2 {
-            0 => _mm512_unpacklo_epi32(x, y),
-            _ => _mm512_unpackhi_epi32(x, y),
-        }
-    });
-    // b[4g + o]: lane L holds rows 4g..4g + 4 of element 4L + o.
-    let b: [__m512i; 16] = std::array::from_fn(|i| {
-        let (g, o) = (i / 4, i % 4);
-        let (x, y) = (a[4 * g + o / 2], a[4 * g + 2 + o / 2]);
-        match o % 2 {
-            0 => _mm512_unpacklo_epi64(x, y),
-            _ => _mm512_unpackhi_epi64(x, y),
-        }
-    });
-    // c[8h + o]: groups 2h, 2h + 1 of elements o and 8 + o;
-    // c[8h + 4 + o]: of elements 4 + o and 12 + o.
-    let c: [__m512i; 16] = std::array::from_fn(|i| {
-        let (h, upper, o) = (i / 8, (i / 4) % 2, i % 4);
-        let (x, y) = (b[8 * h + o], b[8 * h + 4 + o]);
-        match upper {
-            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
-            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
-        }
-    });
-    // d[i]: all four groups of element i.
-    std::array::from_fn(|i| {
-        let (high, s, o) = (i / 8, (i / 4) % 2, i % 4);
-        let (x, y) = (c[4 * s + o], c[8 + 4 * s + o]);
-        match high {
-            0 => _mm512_shuffle_i32x4::<0x88>(x, y),
-            _ => _mm512_shuffle_i32x4::<0xdd>(x, y),
-        }
-    })
 }
 
 /// The input gradient's micro-panel: each step interleaves `width` values
