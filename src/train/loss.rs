@@ -18,6 +18,9 @@ use std::ops::Range;
 
 /// Output-matrix values read per tile on the CPU (4 MB of f32).
 const CPU_TILE_VALUES: usize = 1 << 20;
+/// A CPU tile's vocabulary rows are a multiple of this many (two AMX tiles'
+/// rows), where there are more.
+const CPU_TILE_ALIGN: usize = 32;
 /// Logits of one tile at most on the CPU (32 MB of f32).
 const CPU_TILE_LOGITS: usize = 8 << 20;
 /// Logits of one tile on a GPU (256 MB of f32): large matmuls, few launches.
@@ -101,11 +104,19 @@ impl TiledCrossEntropy {
         })
     }
 
-    /// Vocabulary rows per tile for `n` rows of hidden states.
+    /// Vocabulary rows per tile for `n` rows of hidden states: on the CPU a
+    /// multiple of [`CPU_TILE_ALIGN`] where it is larger, so that a bf16
+    /// weight's tiles are whole AMX tiles.
     fn tile_rows(&self, n: usize) -> usize {
         let (vocab, d) = self.weight.dims();
         let rows = match self.weight.device().is_cpu() {
-            true => (CPU_TILE_VALUES / d.max(1)).min(CPU_TILE_LOGITS / n.max(1)),
+            true => {
+                let rows = (CPU_TILE_VALUES / d.max(1)).min(CPU_TILE_LOGITS / n.max(1));
+                match rows > CPU_TILE_ALIGN {
+                    true => rows - rows % CPU_TILE_ALIGN,
+                    false => rows,
+                }
+            }
             false => GPU_TILE_LOGITS / n.max(1),
         };
         rows.clamp(1, vocab.max(1))

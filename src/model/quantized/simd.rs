@@ -240,6 +240,25 @@ impl<'a> OutColumns<'a> {
     }
 }
 
+impl OutColumns<'_> {
+    /// The address of row `rows.start`'s value at column `cols.start`, and
+    /// the stride of the rows (in values): a tile store may write `rows` ×
+    /// `cols` values through it, all of them this thread's own, while no
+    /// slice of [`Self::row_mut`] is alive (`&mut self` is held for it).
+    ///
+    /// # Panics
+    /// If `rows` are not inside the output or `cols` not this thread's.
+    pub(super) fn region(&mut self, rows: Range<usize>, cols: Range<usize>) -> (*mut f32, usize) {
+        assert!(
+            rows.start < rows.end && rows.end <= self.rows,
+            "rows {rows:?} of {}",
+            self.rows
+        );
+        let first = self.row_mut(rows.start, cols).as_mut_ptr();
+        (first, self.stride)
+    }
+}
+
 /// Runs `serial` on column ranges of `out` (`rows` rows of `stride`
 /// values), split over threads in runs of whole `align` columns when candle
 /// runs multi-threaded (one range, all columns, otherwise).

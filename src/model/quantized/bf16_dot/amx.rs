@@ -80,15 +80,27 @@ pub(super) fn serial(
                     panel,
                     steps,
                 };
+                // Whole tiles inside the output are stored there directly,
+                // the others through `written`.
+                let end = first_col + width;
+                let direct: [Option<(*mut f32, usize)>; 4] = std::array::from_fn(|t| {
+                    let (r, c) = (row + (t / 2) * TILE_ROWS, first_col + (t % 2) * TILE_ROWS);
+                    (r + TILE_ROWS <= m && c + TILE_ROWS <= end)
+                        .then(|| out.region(r..r + TILE_ROWS, c..c + TILE_ROWS))
+                });
+                let sink = Sink {
+                    written: &mut written,
+                    direct,
+                };
                 match (two_rows, width > TILE_ROWS) {
-                    (true, true) => block.run::<_, true, true>(tiles, &mut written),
-                    (true, false) => block.run::<_, true, false>(tiles, &mut written),
-                    (false, true) => block.run::<_, false, true>(tiles, &mut written),
-                    (false, false) => block.run::<_, false, false>(tiles, &mut written),
+                    (true, true) => block.run::<_, true, true>(tiles, sink),
+                    (true, false) => block.run::<_, true, false>(tiles, sink),
+                    (false, true) => block.run::<_, false, true>(tiles, sink),
+                    (false, false) => block.run::<_, false, false>(tiles, sink),
                 }
                 for (t, tile) in written.tiles.iter().enumerate() {
                     let (r, c) = (row + (t / 2) * TILE_ROWS, first_col + (t % 2) * TILE_ROWS);
-                    if r >= m || c >= first_col + width {
+                    if r >= m || c >= end || direct[t].is_some() {
                         continue;
                     }
                     let (tile_rows, tile_cols) =
@@ -110,6 +122,29 @@ struct Written {
     tiles: [[f32; TILE_ROWS * TILE_ROWS]; 4],
 }
 
+/// Where a block's four output tiles go: tile `t` straight into the output
+/// where `direct[t]` gives its place (its first value's address and the
+/// rows' stride, in values), into `written.tiles[t]` otherwise.
+struct Sink<'a> {
+    written: &'a mut Written,
+    direct: [Option<(*mut f32, usize)>; 4],
+}
+
+impl Sink<'_> {
+    /// Stores tile `T` (`T` in 0-3) where it goes.
+    #[inline(always)]
+    fn store<U: Tiles, const T: u8>(&mut self, t: &mut U) {
+        match self.direct[T as usize] {
+            // SAFETY: `OutColumns::region` gave a place for a whole tile
+            // of this thread's own output, which nothing else holds now.
+            Some((to, stride)) => unsafe {
+                t.store_raw::<T>(to.cast(), stride * std::mem::size_of::<f32>())
+            },
+            None => store::<_, T, _>(t, &mut self.written.tiles[T as usize], 0, TILE_ROWS),
+        }
+    }
+}
+
 /// One block of output tiles: 16 or 32 rows × 16 or 32 columns (one packed
 /// panel) over the whole contraction.
 struct Block<'a> {
@@ -124,14 +159,10 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// Runs the block into `written`: two row tiles where `TWO_ROWS`, two
+    /// Runs the block into `sink`: two row tiles where `TWO_ROWS`, two
     /// column tiles (the panel's halves) where `TWO_COLS`.
     #[inline(always)]
-    fn run<U: Tiles, const TWO_ROWS: bool, const TWO_COLS: bool>(
-        &self,
-        t: &mut U,
-        written: &mut Written,
-    ) {
+    fn run<U: Tiles, const TWO_ROWS: bool, const TWO_COLS: bool>(&self, t: &mut U, mut sink: Sink) {
         t.zero::<0>();
         t.zero::<1>();
         t.zero::<2>();
@@ -154,15 +185,14 @@ impl Block<'_> {
                 }
             }
         }
-        let [t0, t1, t2, t3] = &mut written.tiles;
-        store::<_, 0, _>(t, t0, 0, TILE_ROWS);
+        sink.store::<_, 0>(t);
         if TWO_COLS {
-            store::<_, 1, _>(t, t1, 0, TILE_ROWS);
+            sink.store::<_, 1>(t);
         }
         if TWO_ROWS {
-            store::<_, 2, _>(t, t2, 0, TILE_ROWS);
+            sink.store::<_, 2>(t);
             if TWO_COLS {
-                store::<_, 3, _>(t, t3, 0, TILE_ROWS);
+                sink.store::<_, 3>(t);
             }
         }
     }
