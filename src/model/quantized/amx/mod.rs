@@ -201,10 +201,12 @@ pub(super) struct Amx {
 
 impl Amx {
     /// Configures this thread's tiles, where the CPU has AMX-TILE and the
-    /// process may use it; `None` elsewhere. (Which tile products the CPU
-    /// has, AMX-BF16 or AMX-INT8, is the caller's to check.)
+    /// process may use it; `None` elsewhere, and while another `Amx` holds
+    /// this thread's tiles (its drop releases them, which would leave this
+    /// one's instructions faulting). (Which tile products the CPU has,
+    /// AMX-BF16 or AMX-INT8, is the caller's to check.)
     pub(super) fn new(config: TileConfig) -> Option<Self> {
-        if !crate::cpu::amx_permitted() {
+        if !crate::cpu::amx_permitted() || TILES_HELD.replace(true) {
             return None;
         }
         // SAFETY: the CPU has AMX-TILE and the kernel granted the process
@@ -226,7 +228,13 @@ impl Drop for Amx {
     fn drop(&mut self) {
         // SAFETY: the tiles were configured by `new` on this thread.
         unsafe { asm!("tilerelease", options(nostack, nomem)) }
+        TILES_HELD.set(false);
     }
+}
+
+thread_local! {
+    /// Whether an [`Amx`] holds this thread's tiles.
+    static TILES_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Tiles for Amx {
@@ -353,6 +361,24 @@ mod tests {
         assert_eq!(&bytes[48..55], &[16; 7], "rows of tiles 0-6");
         assert_eq!(bytes[55], 8, "rows of tile 7");
         assert_eq!(&bytes[56..64], &[0; 8]);
+    }
+
+    /// A thread's tiles are held by one `Amx` at a time: a second is
+    /// refused while the first lives (its drop would release the first's
+    /// tiles), and granted once it is dropped.
+    #[test]
+    fn one_amx_holds_a_threads_tiles() {
+        let Some(first) = Amx::new(TileConfig::full()) else {
+            eprintln!("skipped: this CPU has no AMX, or the system does not permit it");
+            return;
+        };
+        assert!(Amx::new(TileConfig::full()).is_none());
+        assert!(tile_product_rounds(1).is_none() || !crate::cpu::features().amx_bf16);
+        drop(first);
+        let again = Amx::new(TileConfig::full());
+        assert!(again.is_some());
+        drop(again);
+        assert!(tile_product_rounds(1).is_some() || !crate::cpu::features().amx_bf16);
     }
 
     /// The output is written in place where its rows start on cache lines
