@@ -59,8 +59,8 @@ pub(super) fn forward(
     let columns = &*columns;
     let steps = k / TILE_VALUES;
     // Each block's tiles are stored to one of two buffers and written out
-    // after the next block's products are issued: reading a tile just
-    // stored waits for the store to complete.
+    // (transposed) a tile at a time between the next block's tile products,
+    // which run on the tile unit meanwhile.
     let mut written = [(); 2].map(|_| Written {
         tiles: [[0.0; TILE_ROWS * TILE_ROWS]; 4],
     });
@@ -81,12 +81,22 @@ pub(super) fn forward(
                     steps,
                 };
                 let buffer = pending.as_ref().map_or(0, |p| 1 - p.buffer);
-                let into = &mut written[buffer];
+                let (first, second) = written.split_at_mut(1);
+                let (into, before) = match buffer {
+                    0 => (&mut first[0], &second[0]),
+                    _ => (&mut second[0], &first[0]),
+                };
+                let mut write_before = |t: usize| {
+                    if let Some(done) = &pending {
+                        done.write_tile(t, before, out, m);
+                    }
+                };
+                let interleaved = &mut write_before;
                 match (two_rows, two_blocks) {
-                    (true, true) => tiles_block.run::<_, true, true>(tiles, into),
-                    (true, false) => tiles_block.run::<_, true, false>(tiles, into),
-                    (false, true) => tiles_block.run::<_, false, true>(tiles, into),
-                    (false, false) => tiles_block.run::<_, false, false>(tiles, into),
+                    (true, true) => tiles_block.run::<_, true, true>(tiles, into, interleaved),
+                    (true, false) => tiles_block.run::<_, true, false>(tiles, into, interleaved),
+                    (false, true) => tiles_block.run::<_, false, true>(tiles, into, interleaved),
+                    (false, false) => tiles_block.run::<_, false, false>(tiles, into, interleaved),
                 }
                 let stored = Stored {
                     buffer,
@@ -95,14 +105,14 @@ pub(super) fn forward(
                     two_rows,
                     two_blocks,
                 };
-                if let Some(done) = pending.replace(stored) {
-                    done.write(&written[done.buffer], out, m);
-                }
+                pending = Some(stored);
             }
         }
     }
     if let Some(done) = pending {
-        done.write(&written[done.buffer], out, m);
+        for t in 0..4 {
+            done.write_tile(t, &written[done.buffer], out, m);
+        }
     }
 }
 
@@ -117,22 +127,20 @@ struct Stored {
 }
 
 impl Stored {
-    /// Writes the block's tiles from `written` into `out` (of `m` rows),
-    /// transposed.
-    fn write(&self, written: &Written, out: &mut OutColumns, m: usize) {
-        for (t, tile) in written.tiles.iter().enumerate() {
-            let (r, b) = (t / 2, t % 2);
-            if (r == 1 && !self.two_rows) || (b == 1 && !self.two_blocks) {
-                continue;
-            }
-            let x_rows = self.x_row + b * TILE_ROWS;
-            write_transposed(
-                tile,
-                out,
-                x_rows..(x_rows + TILE_ROWS).min(m),
-                self.row + r * TILE_ROWS,
-            );
+    /// Writes the block's tile `t` (0-3) from `written` into `out` (of `m`
+    /// rows), transposed, where the block has that tile.
+    fn write_tile(&self, t: usize, written: &Written, out: &mut OutColumns, m: usize) {
+        let (r, b) = (t / 2, t % 2);
+        if (r == 1 && !self.two_rows) || (b == 1 && !self.two_blocks) {
+            return;
         }
+        let x_rows = self.x_row + b * TILE_ROWS;
+        write_transposed(
+            &written.tiles[t],
+            out,
+            x_rows..(x_rows + TILE_ROWS).min(m),
+            self.row + r * TILE_ROWS,
+        );
     }
 }
 
@@ -160,11 +168,14 @@ impl Block<'_> {
     /// Runs the block into `written`: tile `2r + b` holds the product of
     /// the weight's row tile `r` and `x`'s row tile `b`. Two of the
     /// weight's row tiles where `TWO_ROWS`, two of `x`'s where `TWO_BLOCKS`.
+    /// `interleaved(i)` runs for i in 0..4, spread over the contraction's
+    /// steps (other work for the vector units while the tiles multiply).
     #[inline(always)]
     fn run<U: Tiles, const TWO_ROWS: bool, const TWO_BLOCKS: bool>(
         &self,
         t: &mut U,
         written: &mut Written,
+        interleaved: &mut impl FnMut(usize),
     ) {
         t.zero::<0>();
         t.zero::<1>();
@@ -172,7 +183,13 @@ impl Block<'_> {
         t.zero::<3>();
         let (k, a_below) = (self.k, self.a + TILE_ROWS * self.k);
         let b_next = self.b + self.pairs * TILE_ROWS;
+        let every = (self.steps / 4).max(1);
+        let mut done = 0;
         for s in 0..self.steps {
+            if s % every == every - 1 && done < 4 {
+                interleaved(done);
+                done += 1;
+            }
             let (a, b) = (s * TILE_VALUES, s * TILE_ROWS * TILE_ROWS);
             load::<_, 4, _>(t, self.w, self.a + a, k);
             load::<_, 6, _>(t, self.columns, self.b + b, TILE_ROWS);
@@ -188,6 +205,9 @@ impl Block<'_> {
                     t.dot_bf16::<3, 5, 7>();
                 }
             }
+        }
+        for i in done..4 {
+            interleaved(i);
         }
         let [t0, t1, t2, t3] = &mut written.tiles;
         store::<_, 0, _>(t, t0, 0, TILE_ROWS);
