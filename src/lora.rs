@@ -172,8 +172,12 @@ impl LoraLayer {
         let _profile = crate::profile::open(crate::profile::Stage::Lora);
         let (a, b) = self.factors(autograd);
         // Scaling the rank-r intermediate is cheaper than scaling the output.
-        let low =
-            (self.dropped(x, dropout_seed)?.matmul(&a.t()?)? * self.scale)?.to_dtype(y.dtype())?;
+        let dropped = self.dropped(x, dropout_seed)?;
+        let low = match autograd {
+            true => dropped.matmul(&a.t()?)?,
+            false => crate::model::thin::matmul_t(&dropped, &a)?,
+        };
+        let low = (low * self.scale)?.to_dtype(y.dtype())?;
         let bt = b.t()?.to_dtype(low.dtype())?;
         add_matmul(y, &low, &bt, 1.0, !autograd)
     }
@@ -198,8 +202,8 @@ impl LoraLayer {
         };
         // The scale is applied to the small rank-r products, never to `dy` itself.
         let dy = dy.to_dtype(a.dtype())?;
-        let low = h.matmul(&a.t()?)?;
-        let d_low = (dy.matmul(&b)? * self.scale)?;
+        let low = crate::model::thin::matmul_t(&h, &a)?;
+        let d_low = (crate::model::thin::matmul_t(&dy, &b.t()?.contiguous()?)? * self.scale)?;
         // dB = dyᵀ·low, made as (lowᵀ·dy)ᵀ: `gemm` runs the rank-r side as
         // rows twice as fast as as columns (SmolLM2's MLP: 63 against 130 µs).
         let db = (low.t()?.matmul(&dy)?.t()? * self.scale)?;

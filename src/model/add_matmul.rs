@@ -43,6 +43,13 @@ impl InplaceOp3 for AddMatmul {
             );
         }
         let (sa, sb) = (ll.stride(), lr.stride());
+        if k <= super::thin::THIN && super::thin::available() {
+            let lhs = rows(&a[ll.start_offset()..], (m, k), sa);
+            let rhs = rows(&b[lr.start_offset()..], (k, n), sb);
+            let dst = &mut d[ld.start_offset()..][..m * n];
+            super::thin::add_thin_by_rows(&lhs, &rhs, (m, k, n), self.alpha, dst);
+            return Ok(());
+        }
         // SAFETY: the pointers and strides come from the layouts of live storages whose
         // shapes were checked above; dst is contiguous and not aliased by lhs or rhs.
         unsafe {
@@ -69,6 +76,22 @@ impl InplaceOp3 for AddMatmul {
             );
         }
         Ok(())
+    }
+}
+
+/// The `[rows, cols]` matrix at `values` with `strides`, row-major: borrowed
+/// where it already is, else gathered (the thin side of a LoRA product is a
+/// few thousand values).
+fn rows<'a>(
+    values: &'a [f32],
+    (rows, cols): (usize, usize),
+    strides: &[usize],
+) -> std::borrow::Cow<'a, [f32]> {
+    match strides {
+        [s, 1] if *s == cols => std::borrow::Cow::Borrowed(&values[..rows * cols]),
+        _ => (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| values[i * strides[0] + j * strides[1]]))
+            .collect(),
     }
 }
 
@@ -130,5 +153,21 @@ mod tests {
         let got = add_matmul(d.copy().unwrap(), &a, &b.t().unwrap(), 0.5, true).unwrap();
         let diff = crate::testing::max_abs_diff(&want, &got);
         assert!(diff < 1e-5);
+    }
+
+    /// The same with a wide contraction (`gemm`) and a thin one (the thin
+    /// kernel where the CPU has AVX-512), from transposed and contiguous
+    /// factors.
+    #[test]
+    fn in_place_equals_matmul_and_add_thin_and_wide() {
+        for (m, k, n) in [(9, 8, 70), (4, 3, 17), (6, 80, 20)] {
+            let (d, a, b) = (randn(&[m, n], 4), randn(&[m, k], 5), randn(&[n, k], 6));
+            let want = (&d + (a.matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
+            for rhs in [b.t().unwrap(), b.t().unwrap().contiguous().unwrap()] {
+                let got = add_matmul(d.copy().unwrap(), &a, &rhs, 2.0, true).unwrap();
+                let diff = crate::testing::max_abs_diff(&want, &got);
+                assert!(diff < 1e-4, "{m}x{k} by {k}x{n}: {diff}");
+            }
+        }
     }
 }

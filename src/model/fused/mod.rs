@@ -247,7 +247,7 @@ fn by_rows<const N: usize>(
 
 /// Calls `f` with the values of `tensors`, where every one is a contiguous f32
 /// tensor on the CPU; else returns `None`.
-fn with_values<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+pub(crate) fn with_values<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     if tensors
         .iter()
         .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
