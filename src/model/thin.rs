@@ -81,6 +81,7 @@ pub fn add_thin_by_rows(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use crate::model::quantized::low_mask;
     use std::arch::x86_64::*;
 
     /// Rows of `w` (the thin side) per pass.
@@ -90,14 +91,6 @@ mod avx512 {
     /// Values of the contraction per block of [`rows_by_thin_t`], and
     /// columns per block of [`add_thin_by_rows`].
     const Q_BLOCK: usize = 512;
-
-    /// A mask of the first `n` (at most 16) lanes.
-    fn mask(n: usize) -> u16 {
-        match n {
-            n if n >= LANES => u16::MAX,
-            n => (1u16 << n) - 1,
-        }
-    }
 
     /// See [`super::rows_by_thin_t`]: two rows of `x` against 8 rows of `w`
     /// at a time, 16 sums in registers, over [`Q_BLOCK`] values of the
@@ -121,7 +114,7 @@ mod avx512 {
                     let two = i + 1 < m;
                     let mut acc = [[_mm512_setzero_ps(); W_ROWS]; 2];
                     for c in (qb..qe).step_by(LANES) {
-                        let k = mask(qe - c);
+                        let k = low_mask(qe - c);
                         // SAFETY: the mask reads values `c..qe` of rows inside
                         // `x` and `w` only (lengths checked by the caller).
                         unsafe {
@@ -177,7 +170,7 @@ mod avx512 {
                     let c0: [__m512; W_ROWS] = std::array::from_fn(|j| coefficient(0, j));
                     let c1: [__m512; W_ROWS] = std::array::from_fn(|j| coefficient(1, j));
                     for c in (cb..ce).step_by(LANES) {
-                        let k = mask(ce - c);
+                        let k = low_mask(ce - c);
                         // SAFETY: the mask keeps every access inside rows
                         // `i` and `i + 1` of `out` (the second only where
                         // there is one) and rows `j0..j0 + jn` of `w`.

@@ -35,6 +35,7 @@ mod blocks;
 mod int8_dot;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub(crate) use simd::low_mask;
 mod tiled;
 
 #[cfg(target_arch = "x86_64")]

@@ -8,7 +8,7 @@ use std::arch::x86_64::__m512;
 use std::ops::Range;
 
 /// A mask of the lowest `n` of 16 lanes.
-pub(super) fn low_mask(n: usize) -> u16 {
+pub(crate) fn low_mask(n: usize) -> u16 {
     match n {
         0 => 0,
         n if n >= 16 => u16::MAX,

@@ -140,6 +140,22 @@ pub(super) fn with_padded_output(
     }
 }
 
+/// Four 16 × 16 f32 output tiles as a kernel stores them (each on cache
+/// lines), to be written out from there.
+#[repr(C, align(64))]
+pub(super) struct StoredTiles {
+    pub(super) tiles: [[f32; TILE_ROWS * TILE_ROWS]; 4],
+}
+
+impl StoredTiles {
+    /// Four tiles of zeros.
+    pub(super) fn new() -> Self {
+        Self {
+            tiles: [[0.0; TILE_ROWS * TILE_ROWS]; 4],
+        }
+    }
+}
+
 /// The tile configuration `ldtilecfg` reads (palette 1): each of tiles
 /// 0-7 some rows of some bytes.
 #[derive(Clone)]

@@ -16,7 +16,7 @@
 //! for four tile loads), and is written out once, through a stored copy,
 //! so that the output needs no padding.
 
-use super::super::amx::{load, store, Tiles, TILE_ROWS};
+use super::super::amx::{load, store, StoredTiles, Tiles, TILE_ROWS};
 use super::super::simd::{CacheAligned, OutColumns};
 use super::pack::pack;
 use super::{to_bf16_rows, Bf16Weight, NR};
@@ -51,9 +51,7 @@ pub(super) fn serial(
     let rows = &*rows;
     let steps = pairs.div_ceil(TILE_PAIRS);
     let mut packed = CacheAligned::new();
-    let mut written = Written {
-        tiles: [[0.0; TILE_ROWS * TILE_ROWS]; 4],
-    };
+    let mut written = StoredTiles::new();
     let cols = out.cols();
     for col in cols.clone().step_by(COLUMN_BLOCK) {
         let block_cols = col..(col + COLUMN_BLOCK).min(cols.end);
@@ -115,18 +113,12 @@ pub(super) fn serial(
     }
 }
 
-/// Four output tiles as stored, each 16 × 16 f32: tile `2r + c` is row
-/// tile `r`'s product with the panel's half `c`.
-#[repr(C, align(64))]
-struct Written {
-    tiles: [[f32; TILE_ROWS * TILE_ROWS]; 4],
-}
-
 /// Where a block's four output tiles go: tile `t` straight into the output
 /// where `direct[t]` gives its place (its first value's address and the
-/// rows' stride, in values), into `written.tiles[t]` otherwise.
+/// rows' stride, in values), into `written.tiles[t]` otherwise (tile
+/// `2r + c` is row tile `r`'s product with the panel's half `c`).
 struct Sink<'a> {
-    written: &'a mut Written,
+    written: &'a mut StoredTiles,
     direct: [Option<(*mut f32, usize)>; 4],
 }
 

@@ -16,7 +16,7 @@
 //! and whose row count is a multiple of 16, as every model's projections
 //! are ([`reads_rows`]); others go to the packed kernel (`amx.rs`).
 
-use super::super::amx::{load, store, Tiles, TILE_ROWS};
+use super::super::amx::{load, store, StoredTiles, Tiles, TILE_ROWS};
 use super::super::simd::{CacheAligned, OutColumns};
 use super::Bf16Weight;
 use std::ops::Range;
@@ -61,9 +61,7 @@ pub(super) fn forward(
     // Each block's tiles are stored to one of two buffers and written out
     // (transposed) a tile at a time between the next block's tile products,
     // which run on the tile unit meanwhile.
-    let mut written = [(); 2].map(|_| Written {
-        tiles: [[0.0; TILE_ROWS * TILE_ROWS]; 4],
-    });
+    let mut written = [StoredTiles::new(), StoredTiles::new()];
     let mut pending: Option<Stored> = None;
     for rows in cols.clone().step_by(WEIGHT_ROWS) {
         let rows = rows..(rows + WEIGHT_ROWS).min(cols.end);
@@ -116,7 +114,8 @@ pub(super) fn forward(
     }
 }
 
-/// A block's output tiles, stored in one of the two buffers.
+/// A block's output tiles, stored in one of the two buffers (each tile
+/// `[w row][x row]`).
 struct Stored {
     buffer: usize,
     /// The block's first row of the weight and of `x`.
@@ -129,7 +128,7 @@ struct Stored {
 impl Stored {
     /// Writes the block's tile `t` (0-3) from `written` into `out` (of `m`
     /// rows), transposed, where the block has that tile.
-    fn write_tile(&self, t: usize, written: &Written, out: &mut OutColumns, m: usize) {
+    fn write_tile(&self, t: usize, written: &StoredTiles, out: &mut OutColumns, m: usize) {
         let (r, b) = (t / 2, t % 2);
         if (r == 1 && !self.two_rows) || (b == 1 && !self.two_blocks) {
             return;
@@ -142,12 +141,6 @@ impl Stored {
             self.row + r * TILE_ROWS,
         );
     }
-}
-
-/// Four output tiles as stored, each 16 × 16 f32: `[w row][x row]`.
-#[repr(C, align(64))]
-struct Written {
-    tiles: [[f32; TILE_ROWS * TILE_ROWS]; 4],
 }
 
 /// One block of output tiles: 16 or 32 of the weight's rows × 16 or 32 of
@@ -174,7 +167,7 @@ impl Block<'_> {
     fn run<U: Tiles, const TWO_ROWS: bool, const TWO_BLOCKS: bool>(
         &self,
         t: &mut U,
-        written: &mut Written,
+        written: &mut StoredTiles,
         interleaved: &mut impl FnMut(usize),
     ) {
         t.zero::<0>();
