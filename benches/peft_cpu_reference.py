@@ -36,6 +36,7 @@ WORKLOADS = [
     ("train, all-7, r=8, 4 x 128", ALL7, 4, 128, True),
     ("train, all-7, r=8, 8 x 256", ALL7, 8, 256, True),
     ("train, q+v, r=8, 4 x 128", ["q_proj", "v_proj"], 4, 128, True),
+    ("train, q+v, r=8, 8 x 256", ["q_proj", "v_proj"], 8, 256, True),
 ]
 PRECISIONS = ["f32", "bf16 autocast", "bf16 base"]
 

@@ -93,16 +93,18 @@ pub struct Args {
 
 /// The rows of the `cpu` suite, in order. Rows that end in [`BF16_BASE`]
 /// hold the frozen base in bf16; the others in f32.
-const CPU_ROWS: [&str; 13] = [
+const CPU_ROWS: [&str; 15] = [
     "load (cached GGUF)",
     "forward, no grad, 4 x 128",
     "train, all-7, r=8, 4 x 128",
     "train, all-7, r=8, 8 x 256",
     "train, q+v, r=8, 4 x 128",
+    "train, q+v, r=8, 8 x 256",
     "forward, no grad, 4 x 128, bf16 base",
     "train, all-7, r=8, 4 x 128, bf16 base",
     "train, all-7, r=8, 8 x 256, bf16 base",
     "train, q+v, r=8, 4 x 128, bf16 base",
+    "train, q+v, r=8, 8 x 256, bf16 base",
     "greedy decoding, 64 tokens",
     "compare, bundled data, many-shot k<=16, batched",
     "compare, bundled data, many-shot k<=16, one at a time",
@@ -289,6 +291,7 @@ fn cpu_row_of(model: &mut Model, name: &str, args: &Args, load: f64) -> Result<R
         "train, all-7, r=8, 4 x 128" => train_row(model, name, &all7, (4, 128), args.reps, false)?,
         "train, all-7, r=8, 8 x 256" => train_row(model, name, &all7, (8, 256), args.reps, false)?,
         "train, q+v, r=8, 4 x 128" => train_row(model, name, &qv, (4, 128), args.reps, false)?,
+        "train, q+v, r=8, 8 x 256" => train_row(model, name, &qv, (8, 256), args.reps, false)?,
         "greedy decoding, 64 tokens" => {
             let config = GenerationConfig {
                 max_new_tokens: 64,

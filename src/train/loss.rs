@@ -155,16 +155,16 @@ impl TiledCrossEntropy {
             let raw = raw.to_dtype(DType::F32)?;
             read_labels(&raw, &labels, &tile, &mut label_raw)?;
             let (logits, slope) = capped(raw, self.softcap)?;
-            let grown = largest.maximum(&logits.max_keepdim(1)?)?;
-            let rescale = (&largest - &grown)?.exp()?;
-            let (e, e_sum) = match crate::model::fused::exp_shifted(&logits, &grown)? {
+            let (grown, e, e_sum) = match crate::model::fused::exp_shifted(&logits, &largest)? {
                 Some(fused) => fused,
                 None => {
+                    let grown = largest.maximum(&logits.max_keepdim(1)?)?;
                     let e = logits.broadcast_sub(&grown)?.exp()?;
                     let e_sum = e.sum_keepdim(1)?;
-                    (e, e_sum)
+                    (grown, e, e_sum)
                 }
             };
+            let rescale = (&largest - &grown)?.exp()?;
             sum = (sum.mul(&rescale)? + e_sum)?;
             if grad {
                 let weighted = match &slope {

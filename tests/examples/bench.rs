@@ -103,7 +103,7 @@ pub fn reps(fx: &Fixture) {
 }
 
 pub fn only(fx: &Fixture) {
-    let (rows, _) = bench(fx, "bench-only", &["--only", "train, q+v"]);
+    let (rows, _) = bench(fx, "bench-only", &["--only", "train, q+v, r=8, 4 x 128"]);
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,

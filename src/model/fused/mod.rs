@@ -184,13 +184,28 @@ kernel! {
 }
 
 kernel! {
-    /// `e = exp(x − shift)` for each `w`-wide row of `x` and its row's shift,
-    /// and each row's sum of `e` into `sums`.
-    fn exp_shifted_kernel(x: &[f32], shift: &[f32], e: &mut [f32], sums: &mut [f32], w: usize) {
+    /// For each `w`-wide row of `x`: its shift grown to the row's largest
+    /// value (`shift[r] = max(shift[r], max(x[r]))`), `e = exp(x − shift)`,
+    /// and the sum of `e` into `sums`.
+    fn exp_shifted_kernel(x: &[f32], shift: &mut [f32], e: &mut [f32], sums: &mut [f32], w: usize) {
         let rows = x.chunks_exact(w).zip(e.chunks_exact_mut(w));
-        for (((x, e), &m), sum) in rows.zip(shift).zip(sums.iter_mut()) {
-            let mut lanes = [0f32; 16];
+        for (((x, e), m), sum) in rows.zip(shift.iter_mut()).zip(sums.iter_mut()) {
             let (x16, x_rest) = x.as_chunks::<16>();
+            let mut lanes = [*m; 16];
+            for x in x16 {
+                for l in 0..16 {
+                    // `>` rather than `max`: one instruction, and a NaN
+                    // reaches the sum through `exp` all the same.
+                    lanes[l] = if x[l] > lanes[l] { x[l] } else { lanes[l] };
+                }
+            }
+            for &v in x_rest.iter().chain(&lanes) {
+                if v > *m {
+                    *m = v;
+                }
+            }
+            let m = *m;
+            let mut lanes = [0f32; 16];
             let (e16, e_rest) = e.as_chunks_mut::<16>();
             for (x, e) in x16.iter().zip(e16) {
                 for l in 0..16 {
@@ -359,30 +374,32 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     out.map(|v| shaped(v, y)).transpose()
 }
 
-/// `exp(x − shift)` for `x` (`[n, w]`) and `shift` (`[n, 1]`), with the sum of
-/// each row (`[n, 1]`): the cross-entropy's running softmax, one tile of the
-/// vocabulary at a time.
-pub fn exp_shifted(x: &Tensor, shift: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+/// The cross-entropy's running softmax, one tile of the vocabulary at a
+/// time: for `x` (`[n, w]`) and each row's largest value so far `largest`
+/// (`[n, 1]`), the rows' grown largest values `shift = max(largest,
+/// max(x))`, `exp(x − shift)` and the sum of each row of it (`[n, 1]`).
+pub fn exp_shifted(x: &Tensor, largest: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let (n, w) = x.dims2()?;
-    if shift.dims() != [n, 1] {
+    if largest.dims() != [n, 1] {
         return Ok(None);
     }
-    let out = with_values(&[x, shift], |v| {
-        let (x, shift) = (v[0], v[1]);
+    let out = with_values(&[x, largest], |v| {
+        let (x, mut shift) = (v[0], v[1].to_vec());
         let (mut e, mut sums) = (vec![0f32; x.len()], vec![0f32; n]);
         // Rows are split by hand: `by_rows` takes outputs of one width.
         let rows = (TASK / w.max(1)).max(1);
         let tasks = e.chunks_mut(rows * w.max(1)).zip(sums.chunks_mut(rows));
-        for (i, (e, sums)) in tasks.enumerate() {
+        for (i, ((e, sums), shift)) in tasks.zip(shift.chunks_mut(rows)).enumerate() {
             let r = i * rows..i * rows + sums.len();
-            exp_shifted_kernel(&x[r.start * w..r.end * w], &shift[r], e, sums, w);
+            exp_shifted_kernel(&x[r.start * w..r.end * w], shift, e, sums, w);
         }
-        (e, sums)
+        (shift, e, sums)
     });
-    let Some((e, sums)) = out else {
+    let Some((shift, e, sums)) = out else {
         return Ok(None);
     };
     Ok(Some((
+        Tensor::from_vec(shift, (n, 1), x.device())?,
         Tensor::from_vec(e, (n, w), x.device())?,
         Tensor::from_vec(sums, (n, 1), x.device())?,
     )))
@@ -530,8 +547,18 @@ mod tests {
             );
 
             let rows = a.reshape(((), w)).unwrap();
-            let shift = rows.max_keepdim(1).unwrap();
-            let (e, sums) = exp_shifted(&rows, &shift).unwrap().unwrap();
+            // A running largest value below some rows' largest and above
+            // the others'.
+            let (n, _) = rows.dims2().unwrap();
+            let largest = Tensor::from_vec(
+                (0..n).map(|i| [f32::NEG_INFINITY, 0.5][i % 2]).collect(),
+                (n, 1),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let (grown, e, sums) = exp_shifted(&rows, &largest).unwrap().unwrap();
+            let shift = largest.maximum(&rows.max_keepdim(1).unwrap()).unwrap();
+            close("exp_shifted (shift)", shape, &shift, &grown);
             let want = rows.broadcast_sub(&shift).unwrap().exp().unwrap();
             close("exp_shifted", shape, &want, &e);
             close(
