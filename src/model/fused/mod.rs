@@ -30,9 +30,9 @@ use rayon::prelude::*;
 /// is left outside the wider instruction set (a closure would be, and its
 /// `mul_add` would become a call to libm).
 macro_rules! kernel {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -115,6 +115,67 @@ kernel! {
             let scale = 1.0 / sum(y);
             for y in y.iter_mut() {
                 *y *= scale;
+            }
+        }
+    }
+}
+
+kernel! {
+    /// Each `w`-wide row of `scores` plus `mask` (one row of `w`, the same
+    /// for every row), then its softmax, in place: the attention's
+    /// probabilities for the queries of one position.
+    pub(crate) fn masked_softmax_rows(scores: &mut [f32], mask: &[f32], w: usize) {
+        let (mask16, mask_rest) = mask[..w].as_chunks::<16>();
+        for y in scores.chunks_exact_mut(w) {
+            // The mask added and the largest value found in one pass, the
+            // exponentials and their sum in another, then the scaling.
+            let (y16, y_rest) = y.as_chunks_mut::<16>();
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            for (y, m) in y16.iter_mut().zip(mask16) {
+                for l in 0..16 {
+                    y[l] += m[l];
+                    lanes[l] = lanes[l].max(y[l]);
+                }
+            }
+            let mut largest = f32::NEG_INFINITY;
+            for (y, &m) in y_rest.iter_mut().zip(mask_rest) {
+                *y += m;
+                largest = largest.max(*y);
+            }
+            for l in lanes {
+                largest = largest.max(l);
+            }
+            let mut lanes = [0f32; 16];
+            for y in y16.iter_mut() {
+                for l in 0..16 {
+                    y[l] = exp(y[l] - largest);
+                    lanes[l] += y[l];
+                }
+            }
+            let mut total = 0.0;
+            for y in y_rest.iter_mut() {
+                *y = exp(*y - largest);
+                total += *y;
+            }
+            for l in lanes {
+                total += l;
+            }
+            let scale = 1.0 / total;
+            for y in y.iter_mut() {
+                *y *= scale;
+            }
+        }
+    }
+}
+
+kernel! {
+    /// The softmax gradient `y · (dy − Σ dy·y)` of each `w`-wide row, in
+    /// place of `dy`.
+    pub(crate) fn softmax_backward_rows(y: &[f32], dy: &mut [f32], w: usize) {
+        for (y, dy) in y.chunks_exact(w).zip(dy.chunks_exact_mut(w)) {
+            let s = dot(y, dy);
+            for (dy, &y) in dy.iter_mut().zip(y) {
+                *dy = y * (*dy - s);
             }
         }
     }
@@ -403,6 +464,48 @@ pub fn exp_shifted(x: &Tensor, largest: &Tensor) -> Result<Option<(Tensor, Tenso
         Tensor::from_vec(e, (n, w), x.device())?,
         Tensor::from_vec(sums, (n, 1), x.device())?,
     )))
+}
+
+/// `x`'s values as `[outer, a, b, row]` with the middle axes swapped,
+/// `[outer, b, a, row]`, times `scale`, shaped `shape`: the attention's
+/// regrouping of heads and positions in one pass (candle's strided copy
+/// goes value by value, and its scaling is a second pass).
+pub fn swap_middle(
+    x: &Tensor,
+    (outer, a, b, row): (usize, usize, usize, usize),
+    scale: f32,
+    shape: &[usize],
+) -> Result<Option<Tensor>> {
+    let sizes_fit =
+        x.elem_count() == outer * a * b * row && shape.iter().product::<usize>() == x.elem_count();
+    // The copy carries no autograd graph: where one runs through `x`,
+    // candle's ops record it.
+    if !sizes_fit || x.track_op() {
+        return Ok(None);
+    }
+    let out = with_values(&[x], |v| {
+        let x = v[0];
+        let mut out = vec![0f32; x.len()];
+        let block = a * b * row;
+        for (x, out) in x.chunks_exact(block).zip(out.chunks_exact_mut(block)) {
+            for i in 0..a {
+                for j in 0..b {
+                    let from = &x[(i * b + j) * row..][..row];
+                    let to = &mut out[(j * a + i) * row..][..row];
+                    if scale == 1.0 {
+                        to.copy_from_slice(from);
+                    } else {
+                        for (t, &f) in to.iter_mut().zip(from) {
+                            *t = f * scale;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    });
+    out.map(|v| Tensor::from_vec(v, shape, x.device()))
+        .transpose()
 }
 
 /// Rope in HF's rotate-half layout on `x` (`[b, h, t, d]`) with `cos` and

@@ -13,8 +13,10 @@
 //! mask sets to [`MASKED`] for every query of the chunk, whose weights are
 //! exactly zero after the softmax, so the result is the whole square's.
 
+mod cpu;
+
 use super::mask::MASKED;
-use super::ops;
+use super::{fused, ops};
 use candle_core::{Device, Result, Tensor};
 use std::ops::Range;
 
@@ -125,6 +127,14 @@ impl Attend<'_> {
     /// The attention output, `[b, kv, t·g, hd]` in the queries' layout, and
     /// each span's probabilities (`[b, kv, rows, keys]`) for the backward.
     pub fn forward(&self) -> Result<(Tensor, Vec<Tensor>)> {
+        match cpu::forward(self)? {
+            Some(done) => Ok(done),
+            None => self.forward_tensors(),
+        }
+    }
+
+    /// [`Attend::forward`] through candle's ops, on any device.
+    fn forward_tensors(&self) -> Result<(Tensor, Vec<Tensor>)> {
         let whole;
         let spans = match self.shared {
             Some(_) => {
@@ -154,6 +164,18 @@ impl Attend<'_> {
         if self.shared.is_some() {
             candle_core::bail!("the backward pass does not run through a shared prefix");
         }
+        match cpu::backward(self, probs, d_out)? {
+            Some(done) => Ok(done),
+            None => self.backward_tensors(probs, d_out),
+        }
+    }
+
+    /// [`Attend::backward`] through candle's ops, on any device.
+    fn backward_tensors(
+        &self,
+        probs: Option<&[Tensor]>,
+        d_out: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let len = self.k.dim(2)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
         for (i, span) in self.spans.iter().enumerate() {
@@ -283,7 +305,12 @@ fn matmul_shared(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// times `scale` (one pass: the scaling makes the copy).
 pub fn group_queries(q: &Tensor, kv: usize, scale: f64) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
-    (q.reshape((b, kv, h / kv, t, hd))?.transpose(2, 3)? * scale)?.reshape((b, kv, t * h / kv, hd))
+    let g = h / kv;
+    let shape = [b, kv, t * g, hd];
+    if let Some(done) = fused::swap_middle(q, (b * kv, g, t, hd), scale as f32, &shape)? {
+        return Ok(done);
+    }
+    (q.reshape((b, kv, g, t, hd))?.transpose(2, 3)? * scale)?.reshape(&shape[..])
 }
 
 /// The inverse of [`group_queries`] (without the scale): `[b, kv, t·g, hd]`
@@ -291,7 +318,11 @@ pub fn group_queries(q: &Tensor, kv: usize, scale: f64) -> Result<Tensor> {
 pub fn ungroup_queries(x: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
     let (b, kv, rows, hd) = x.dims4()?;
     let g = rows / t;
-    (x.reshape((b, kv, t, g, hd))?.transpose(2, 3)? * scale)?.reshape((b, kv * g, t, hd))
+    let shape = [b, kv * g, t, hd];
+    if let Some(done) = fused::swap_middle(x, (b * kv, t, g, hd), scale as f32, &shape)? {
+        return Ok(done);
+    }
+    (x.reshape((b, kv, t, g, hd))?.transpose(2, 3)? * scale)?.reshape(&shape[..])
 }
 
 /// An output in the queries' layout, `[b, kv, t·g, hd]`, as the output
@@ -299,20 +330,28 @@ pub fn ungroup_queries(x: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
 pub fn merge_heads(x: &Tensor, t: usize) -> Result<Tensor> {
     let (b, kv, rows, hd) = x.dims4()?;
     let g = rows / t;
+    let shape = [b, t, kv * g * hd];
+    if let Some(done) = fused::swap_middle(x, (b, kv, t, g * hd), 1.0, &shape)? {
+        return Ok(done);
+    }
     x.reshape((b, kv, t, g, hd))?
         .permute((0, 2, 1, 3, 4))?
         .contiguous()?
-        .reshape((b, t, kv * g * hd))
+        .reshape(&shape[..])
 }
 
 /// The inverse of [`merge_heads`]: `[b, t, h·hd]` to `[b, kv, t·g, hd]`.
 pub fn split_heads(x: &Tensor, kv: usize, hd: usize) -> Result<Tensor> {
     let (b, t, width) = x.dims3()?;
     let g = width / (kv * hd);
+    let shape = [b, kv, t * g, hd];
+    if let Some(done) = fused::swap_middle(x, (b, t, kv, g * hd), 1.0, &shape)? {
+        return Ok(done);
+    }
     x.reshape((b, t, kv, g, hd))?
         .permute((0, 2, 1, 3, 4))?
         .contiguous()?
-        .reshape((b, kv, t * g, hd))
+        .reshape(&shape[..])
 }
 
 #[cfg(test)]
@@ -419,8 +458,30 @@ mod tests {
             max_abs_diff(&ungroup_queries(&grouped, t, 0.5).unwrap(), &q),
             0.0
         );
+        // The one-pass copies equal candle's strided ones.
+        let g = h / kv;
+        let by_candle = (q
+            .reshape((b, kv, g, t, hd))
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap()
+            * 2.0)
+            .unwrap()
+            .reshape((b, kv, t * g, hd))
+            .unwrap();
+        assert_eq!(max_abs_diff(&grouped, &by_candle), 0.0);
         let merged = merge_heads(&grouped, t).unwrap();
         assert_eq!(merged.dims(), &[b, t, h * hd]);
+        let by_candle = grouped
+            .reshape((b, kv, t, g, hd))
+            .unwrap()
+            .permute((0, 2, 1, 3, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, t, h * hd))
+            .unwrap();
+        assert_eq!(max_abs_diff(&merged, &by_candle), 0.0);
         assert_eq!(
             max_abs_diff(&split_heads(&merged, kv, hd).unwrap(), &grouped),
             0.0
