@@ -6,6 +6,7 @@
 //! with the same `gemm` kernel candle uses. Elsewhere, or where candle's autograd
 //! must see the sum, it is the plain matmul and add.
 
+use super::strided::{scaled_product, View};
 use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 struct AddMatmul {
@@ -50,31 +51,9 @@ impl InplaceOp3 for AddMatmul {
             super::thin::add_thin_by_rows(&lhs, &rhs, (m, k, n), self.alpha, dst);
             return Ok(());
         }
-        // SAFETY: the pointers and strides come from the layouts of live storages whose
-        // shapes were checked above; dst is contiguous and not aliased by lhs or rhs.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                d[ld.start_offset()..].as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a[ll.start_offset()..].as_ptr(),
-                sa[1] as isize,
-                sa[0] as isize,
-                b[lr.start_offset()..].as_ptr(),
-                sb[1] as isize,
-                sb[0] as isize,
-                1.0,
-                self.alpha,
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
+        let lhs = View::strided(&a[ll.start_offset()..], (m, k), [sa[0], sa[1]]);
+        let rhs = View::strided(&b[lr.start_offset()..], (k, n), [sb[0], sb[1]]);
+        scaled_product(&mut d[ld.start_offset()..], n, true, self.alpha, lhs, rhs);
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ mod prefill;
 pub mod projections;
 pub mod quantized;
 pub mod rope;
+mod strided;
 pub mod thin;
 
 pub use block::{Attention, Block, BlockContext, BlockSaved, Mlp};

@@ -11,8 +11,8 @@
 //! path.
 
 use super::{Attend, Span};
-use crate::model::add_matmul::parallelism;
 use crate::model::fused::{masked_softmax_rows, softmax_backward_rows, with_values};
+use crate::model::strided::{product, View};
 use candle_core::{DType, Result, Tensor};
 
 /// An attention's sizes.
@@ -224,107 +224,6 @@ pub(super) fn backward(
 /// Each tensor, contiguous (a copy only of those that are not).
 fn contiguous(tensors: &[&Tensor]) -> Result<Vec<Tensor>> {
     tensors.iter().map(|t| t.contiguous()).collect()
-}
-
-/// A matrix over a slice: value `(i, j)` at `i · row_stride + j · col_stride`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    values: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> View<'a> {
-    /// `rows` rows of `cols` contiguous values at the start of `values`.
-    fn rows(values: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self {
-            values,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose (no copy).
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Whether every value of the matrix lies inside `values`.
-    fn inside(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.values.len()
-    }
-}
-
-/// `a · b` into the `a.rows × b.cols` matrix at the start of `dst` (rows
-/// `dst_stride` apart), added to what is there with `accumulate`.
-///
-/// # Panics
-/// If the shapes do not chain or a matrix reaches past its slice.
-fn product(dst: &mut [f32], dst_stride: usize, accumulate: bool, a: View, b: View) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert_eq!(b.rows, k, "a [{m}, {k}] · [{}, {n}] product", b.rows);
-    assert!(
-        a.inside() && b.inside(),
-        "a product's operand past its values"
-    );
-    let out = View {
-        values: dst,
-        rows: m,
-        cols: n,
-        row_stride: dst_stride,
-        col_stride: 1,
-    };
-    assert!(out.inside(), "a product's output past its values");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_stride).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: every index of the three matrices was checked just above to
-    // lie inside its slice, and `dst` is borrowed mutably, apart from `a`
-    // and `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            a.values.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.values.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! AMX-INT8, AVX512_VNNI or AVX-VNNI to the int8 kernel
 //! ([`super::int8_dot`]).
 
-use super::super::add_matmul::parallelism;
 use super::super::gemv;
+use super::super::strided::{product, View};
 use super::blocks::Rows;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use std::ops::Range;
@@ -79,54 +79,14 @@ impl CustomOp1 for TiledProduct<'_> {
             crate::profile::time(crate::profile::Stage::DequantizeTiles, || {
                 self.rows.decode_parallel(r.clone(), &mut tile)
             });
-            // SAFETY: `x` is `[m, width]` and `out` `[m, out_width]`, both
-            // contiguous; the tile is `[r.len(), k]`. Forward: columns `r` of
-            // `out` get `x · tileᵀ`. Input gradient: `out` gets
-            // `dy[:, r] · tile` added. Every index stays inside its slice.
-            unsafe {
-                match self.input_gradient {
-                    false => gemm::gemm(
-                        m,
-                        r.len(),
-                        k,
-                        out.as_mut_ptr().add(r.start),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        tile.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism(),
-                    ),
-                    true => gemm::gemm(
-                        m,
-                        k,
-                        r.len(),
-                        out.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        i > 0,
-                        x.as_ptr().add(r.start),
-                        1,
-                        n as isize,
-                        tile.as_ptr(),
-                        1,
-                        k as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism(),
-                    ),
+            let tile = View::rows(&tile, r.len(), k);
+            match self.input_gradient {
+                // Columns `r` of `out` get `x · tileᵀ`.
+                false => product(&mut out[r.start..], n, false, View::rows(x, m, k), tile.t()),
+                // `out` gets `dy[:, r] · tile` added.
+                true => {
+                    let dy = View::strided(&x[r.start..], (m, r.len()), [n, 1]);
+                    product(&mut out, k, i > 0, dy, tile)
                 }
             }
         }
