@@ -33,7 +33,7 @@ struct Dims {
 
 impl Dims {
     /// `attend`'s sizes, where this path takes it.
-    fn of(attend: &Attend) -> Result<Option<Self>> {
+    fn of(attend: &Attend) -> Option<Self> {
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         let tensors = [attend.q, attend.k, attend.v, attend.mask];
         // Its results carry no autograd graph: where one runs through the
@@ -41,19 +41,23 @@ impl Dims {
         let plain = |t: &Tensor| cpu_f32(t) && !t.track_op();
         if attend.shared.is_some() || attend.softcap.is_some() || !tensors.iter().all(|t| plain(t))
         {
-            return Ok(None);
+            return None;
         }
-        let (b, kv, rows, hd) = attend.q.dims4()?;
-        let (_, _, s, _) = attend.k.dims4()?;
-        let (mb, _, t, ms) = attend.mask.dims4()?;
+        // Shapes it does not know go the tensor path, which says what is wrong.
+        let (&[b, kv, rows, hd], &[_, _, s, _], &[mb, 1, t, ms]) =
+            (attend.q.dims(), attend.k.dims(), attend.mask.dims())
+        else {
+            return None;
+        };
         let g = attend.groups;
         let fits = attend.k.dims() == [b, kv, s, hd]
             && attend.v.dims() == [b, kv, s, hd]
             && (mb == 1 || mb == b)
             && ms == s
+            && s > 0
             && g > 0
             && rows == t * g;
-        Ok(fits.then_some(Self {
+        fits.then_some(Self {
             b,
             kv,
             g,
@@ -61,7 +65,7 @@ impl Dims {
             s,
             hd,
             mask_per_row: mb == b && b > 1,
-        }))
+        })
     }
 }
 
@@ -114,7 +118,7 @@ impl Head {
 
 /// [`Attend::forward`] on this path, where it takes `attend`.
 pub(super) fn forward(attend: &Attend) -> Result<Option<(Tensor, Vec<Tensor>)>> {
-    let Some(d) = Dims::of(attend)? else {
+    let Some(d) = Dims::of(attend) else {
         return Ok(None);
     };
     let inputs = contiguous(&[attend.q, attend.k, attend.v, attend.mask])?;
@@ -163,7 +167,7 @@ pub(super) fn backward(
     probs: Option<&[Tensor]>,
     d_out: &Tensor,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let Some(d) = Dims::of(attend)? else {
+    let Some(d) = Dims::of(attend) else {
         return Ok(None);
     };
     let spans: Vec<&Span> = attend.spans.iter().collect();

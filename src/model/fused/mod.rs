@@ -182,19 +182,6 @@ kernel! {
 }
 
 kernel! {
-    /// The softmax gradient `y · (dy − Σ dy·y)` of each `w`-wide row.
-    fn softmax_backward_kernel(y: &[f32], dy: &[f32], dx: &mut [f32], w: usize) {
-        let rows = y.chunks_exact(w).zip(dy.chunks_exact(w));
-        for ((y, dy), dx) in rows.zip(dx.chunks_exact_mut(w)) {
-            let s = dot(y, dy);
-            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                *dx = y * (dy - s);
-            }
-        }
-    }
-}
-
-kernel! {
     /// Rope (rotate-half) of each `2·c.len()`-wide row of `x`, the row's
     /// two halves turned by the angles whose cosines and sines are `c` and
     /// `s` (`s` negated: turned back, rope's gradient).
@@ -425,10 +412,9 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     let w = width(y);
     let out = with_values(&[y, dy], |v| {
         let (y, dy) = (v[0], v[1]);
-        let mut out = vec![0f32; y.len()];
+        let mut out = dy.to_vec();
         by_rows([&mut out], w, |at, [dx]| {
-            let r = at..at + dx.len();
-            softmax_backward_kernel(&y[r.clone()], &dy[r], dx, w)
+            softmax_backward_rows(&y[at..at + dx.len()], dx, w)
         });
         out
     });
