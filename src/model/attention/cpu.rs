@@ -171,7 +171,14 @@ pub(super) fn backward(
         return Ok(None);
     };
     let spans: Vec<&Span> = attend.spans.iter().collect();
-    if probs.is_some_and(|p| p.len() != spans.len()) || d_out.shape() != attend.q.shape() {
+    // Saved probabilities of other spans go the tensor path, which says so.
+    let saved_fit = |p: &[Tensor]| {
+        p.len() == spans.len()
+            && p.iter()
+                .zip(&spans)
+                .all(|(p, span)| p.dims() == [d.b, d.kv, span.queries.len() * d.g, span.keys.len()])
+    };
+    if !probs.is_none_or(saved_fit) || d_out.shape() != attend.q.shape() {
         return Ok(None);
     }
     let mut tensors = vec![attend.q, attend.k, attend.v, attend.mask, d_out];
