@@ -4,6 +4,7 @@
 //! makes.
 
 use super::super::gemv::WeightRows;
+use super::aligned::AlignedBlocks;
 use candle_core::quantized::{k_quants, GgmlDType, GgmlType, QStorage, QTensor, QuantizedType};
 use candle_core::Result;
 use rayon::prelude::*;
@@ -41,10 +42,12 @@ pub(super) struct Format {
     pub(super) decode: Decode,
     pub(super) align: usize,
     filled: fn(usize, Fill) -> Result<Box<dyn QuantizedType>>,
+    quantized: fn(&[f32]) -> Box<dyn QuantizedType>,
 }
 
 /// `bytes` bytes of `T` blocks, zeroed, then filled by `fill`: one
-/// allocation, where going through candle's `QStorage::from_data` copies.
+/// allocation, on whole cache lines, where going through candle's
+/// `QStorage::from_data` copies into storage that is not.
 fn filled<T: GgmlType + Send + Sync + 'static>(
     bytes: usize,
     fill: Fill,
@@ -53,19 +56,16 @@ fn filled<T: GgmlType + Send + Sync + 'static>(
     if !bytes.is_multiple_of(size) {
         candle_core::bail!("{bytes} bytes are not whole blocks of {size}");
     }
-    let n = bytes / size;
-    let mut blocks: Vec<T> = Vec::with_capacity(n);
-    // SAFETY: GGML blocks are plain data (integers and floats), valid for
-    // any bits, zeros included; the capacity holds `n` blocks, all written.
-    unsafe {
-        std::ptr::write_bytes(blocks.as_mut_ptr(), 0, n);
-        blocks.set_len(n);
-        fill(std::slice::from_raw_parts_mut(
-            blocks.as_mut_ptr().cast::<u8>(),
-            bytes,
-        ))?;
-    }
+    let mut blocks = AlignedBlocks::<T>::zeroed(bytes / size);
+    fill(blocks.bytes_mut())?;
     Ok(Box::new(blocks))
+}
+
+/// `values` quantized into `T` blocks, on whole cache lines.
+fn quantized<T: GgmlType + Send + Sync + 'static>(values: &[f32]) -> Box<dyn QuantizedType> {
+    let mut blocks = AlignedBlocks::<T>::zeroed(values.len() / T::BLCK_SIZE);
+    blocks.from_float(values);
+    Box::new(blocks)
 }
 
 /// The CPU code of `format`, for the block formats it has and bf16.
@@ -75,6 +75,7 @@ pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
             decode: decode::<T>,
             align: std::mem::align_of::<T>(),
             filled: filled::<T>,
+            quantized: quantized::<T>,
         }
     }
     Some(match format {
@@ -114,6 +115,26 @@ pub fn cpu_blocks(
     };
     let bytes = block_bytes(format, rows * cols);
     let storage = QStorage::Cpu((code.filled)(bytes, fill)?);
+    QTensor::new(storage, (rows, cols)).map(Some)
+}
+
+/// `values` (`[rows, cols]`) quantized into `format`'s blocks on the CPU,
+/// where the format has CPU code; `None` otherwise.
+pub(super) fn cpu_quantized(
+    format: GgmlDType,
+    (rows, cols): (usize, usize),
+    values: &[f32],
+) -> Result<Option<QTensor>> {
+    let Some(code) = format_code(format) else {
+        return Ok(None);
+    };
+    if values.len() != rows * cols || !cols.is_multiple_of(format.block_size()) {
+        candle_core::bail!(
+            "{} values as [{rows}, {cols}] in whole {format:?} blocks",
+            values.len()
+        );
+    }
+    let storage = QStorage::Cpu((code.quantized)(values));
     QTensor::new(storage, (rows, cols)).map(Some)
 }
 

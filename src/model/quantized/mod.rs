@@ -25,7 +25,12 @@
 //!   rounding of the f32 product, as PyTorch's bf16 autocast's is.
 //! - An embedding lookup dequantizes only the rows it reads.
 //! - On a GPU, candle dequantizes a layer's weight on the device.
+//!
+//! On the CPU the blocks start on a cache line (`aligned.rs`), however the
+//! weight was made, so that the kernels' 64-byte loads never straddle two
+//! lines.
 
+mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -181,8 +186,12 @@ impl QuantizedWeight {
         if device.same_device(&self.device()) {
             return Ok(self.clone());
         }
-        let storage = QStorage::from_data(self.blocks.data()?, device, self.format())?;
-        let blocks = QTensor::new(storage, self.blocks.shape().clone())?;
+        let data = self.blocks.data()?;
+        let mut copy = |bytes: &mut [u8]| {
+            bytes.copy_from_slice(&data);
+            Ok(())
+        };
+        let blocks = filled_blocks(self.format(), self.dims(), device, &mut copy)?;
         self.with_blocks(blocks)
     }
 
@@ -343,19 +352,7 @@ impl QuantizedWeight {
             }
             Ok(())
         };
-        let blocks = match self.device().is_cpu() {
-            true => cpu_blocks(format, (order.len(), k), &mut copy_rows)?,
-            false => None,
-        };
-        let blocks = match blocks {
-            Some(b) => b,
-            None => {
-                let mut bytes = vec![0u8; order.len() * row_bytes];
-                copy_rows(&mut bytes)?;
-                let storage = QStorage::from_data(Cow::Owned(bytes), &self.device(), format)?;
-                QTensor::new(storage, (order.len(), k))?
-            }
-        };
+        let blocks = filled_blocks(format, (order.len(), k), &self.device(), &mut copy_rows)?;
         self.with_blocks(blocks)
     }
 
@@ -367,11 +364,42 @@ impl QuantizedWeight {
     }
 }
 
+/// A `[rows, cols]` tensor of `format` blocks on `device`, filled by `fill`:
+/// in place on the CPU ([`cpu_blocks`], on whole cache lines), through a
+/// copy elsewhere.
+fn filled_blocks(
+    format: GgmlDType,
+    (rows, cols): (usize, usize),
+    device: &Device,
+    fill: Fill,
+) -> Result<QTensor> {
+    if device.is_cpu() {
+        if let Some(blocks) = cpu_blocks(format, (rows, cols), fill)? {
+            return Ok(blocks);
+        }
+    }
+    let mut bytes = vec![0u8; block_bytes(format, rows * cols)];
+    fill(&mut bytes)?;
+    let storage = QStorage::from_data(Cow::Owned(bytes), device, format)?;
+    QTensor::new(storage, (rows, cols))
+}
+
 /// `w` quantized into `format`'s blocks on `w`'s device. candle quantizes
 /// on the CPU only: a GPU's matrix goes there in f32 and comes back in
 /// blocks.
 fn blocks_of(w: &Tensor, format: GgmlDType) -> Result<QTensor> {
     let f32 = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    if let (true, Ok(dims)) = (w.device().is_cpu(), f32.dims2()) {
+        let f32 = f32.contiguous()?;
+        let (storage, layout) = f32.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("a CPU tensor's storage off the CPU");
+        };
+        let values = super::gemv::contiguous(storage, layout)?;
+        if let Some(blocks) = blocks::cpu_quantized(format, dims, values)? {
+            return Ok(blocks);
+        }
+    }
     QTensor::quantize_onto(&f32, format, w.device())
 }
 
@@ -513,6 +541,29 @@ mod tests {
         // Not the f32 product of the unrounded rows: the rounding shows.
         let exact = x.matmul(&dense.t().unwrap()).unwrap();
         assert!(max_abs_diff(&w.matmul_t(&x).unwrap(), &exact) > 1e-4);
+    }
+
+    /// A weight's CPU storage starts on a cache line however it was made:
+    /// quantized, its rows reordered, moved, requantized.
+    #[test]
+    fn cpu_weights_start_on_a_cache_line() {
+        let w = randn(&[48, 64], 4);
+        for format in [GgmlDType::BF16, GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            let q = QuantizedWeight::quantize(&w, format).unwrap();
+            let reordered = q.select_rows(&[5, 1, 40]).unwrap();
+            let requantized = q.add_requantized(&w).unwrap();
+            for weight in [&q, &reordered, &requantized] {
+                let data = weight.blocks.data().unwrap();
+                assert!(data.as_ptr().align_offset(64) == 0, "{format:?}");
+            }
+            let moved = filled_blocks(format, (48, 64), &Device::Cpu, &mut |b: &mut [u8]| {
+                b.copy_from_slice(&q.blocks.data()?);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(moved.data().unwrap(), q.blocks.data().unwrap());
+            assert!(moved.data().unwrap().as_ptr().align_offset(64) == 0);
+        }
     }
 
     /// An embedding lookup reads the dequantized rows; an id past the last
