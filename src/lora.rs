@@ -162,35 +162,40 @@ impl LoraLayer {
     /// Adds the adapter's contribution for `x` (`[rows, in]`) to the base output
     /// `y` (`[rows, out]`). `dropout_seed` is set while training; the mask is a
     /// pure function of it. With `autograd`, candle records the graph to the factors.
+    /// Returns the sum and the rank-r product `dropout(x) Aᵀ` (`[rows, r]`),
+    /// which [`LoraLayer::backward`] reads again.
     pub fn add_to(
         &self,
         y: Tensor,
         x: &Tensor,
         dropout_seed: Option<u64>,
         autograd: bool,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let _profile = crate::profile::open(crate::profile::Stage::Lora);
         let (a, b) = self.factors(autograd);
-        // Scaling the rank-r intermediate is cheaper than scaling the output.
         let dropped = self.dropped(x, dropout_seed)?;
         let low = match autograd {
             true => dropped.matmul(&a.t()?)?,
             false => crate::model::thin::matmul_t(&dropped, &a)?,
         };
-        let low = (low * self.scale)?.to_dtype(y.dtype())?;
-        let bt = b.t()?.to_dtype(low.dtype())?;
-        add_matmul(y, &low, &bt, 1.0, !autograd)
+        // Scaling the rank-r intermediate is cheaper than scaling the output.
+        let scaled = (&low * self.scale)?.to_dtype(y.dtype())?;
+        let bt = b.t()?.to_dtype(scaled.dtype())?;
+        Ok((add_matmul(y, &scaled, &bt, 1.0, !autograd)?, low))
     }
 
     /// Backpropagates through the adapter: adds its share of the input gradient
     /// to `dx` (the base layer's), and returns it with `dA` and `dB`, for the input
-    /// `x` (`[rows, in]`) and output gradient `dy` (`[rows, out]`).
+    /// `x` (`[rows, in]`) and output gradient `dy` (`[rows, out]`). `low` is
+    /// the forward's `dropout(x) Aᵀ` ([`LoraLayer::add_to`]) where it was
+    /// kept; without it, it is computed again.
     pub fn backward(
         &self,
         dx: Tensor,
         x: &Tensor,
         dy: &Tensor,
         dropout_seed: Option<u64>,
+        low: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let _profile = crate::profile::open(crate::profile::Stage::Lora);
         let (a, b) = self.factors(false);
@@ -202,7 +207,10 @@ impl LoraLayer {
         };
         // The scale is applied to the small rank-r products, never to `dy` itself.
         let dy = dy.to_dtype(a.dtype())?;
-        let low = crate::model::thin::matmul_t(&h, &a)?;
+        let low = match low {
+            Some(low) => low.to_dtype(a.dtype())?,
+            None => crate::model::thin::matmul_t(&h, &a)?,
+        };
         let d_low = (crate::model::thin::matmul_t(&dy, &b.t()?.contiguous()?)? * self.scale)?;
         // dB = dyᵀ·low, made as (lowᵀ·dy)ᵀ: `gemm` runs the rank-r side as
         // rows twice as fast as as columns (SmolLM2's MLP: 63 against 130 µs).

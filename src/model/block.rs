@@ -114,6 +114,18 @@ pub struct BlockSaved {
     x2: Tensor,
     gate: Tensor,
     up: Tensor,
+    lows: KeptLows,
+}
+
+/// The adapters' rank-r products `dropout(x) Aᵀ` from the forward
+/// ([`Linear::forward_keeping`]), by linear (`None` where one has no
+/// adapter): the backward reads them rather than multiplying again.
+#[derive(Debug, Clone)]
+struct KeptLows {
+    qkv: Vec<Option<Tensor>>,
+    o: Option<Tensor>,
+    gate_up: Vec<Option<Tensor>>,
+    down: Option<Tensor>,
 }
 
 /// `norm(x)` where there is a norm, else `x`.
@@ -257,9 +269,8 @@ impl Block {
         let a = &self.self_attn;
         let h1 = ops::rms_norm(x, &self.input_layernorm, ctx.eps)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let [q_raw, k_raw, v]: [Tensor; 3] = a
-            .qkv
-            .forward_t(&h1, pass)?
+        let (qkv, qkv_lows) = a.qkv.forward_keeping(&h1, pass)?;
+        let [q_raw, k_raw, v]: [Tensor; 3] = qkv
             .try_into()
             .map_err(|_| anyhow::anyhow!("attention needs three projections: q, k and v"))?;
         let q_raw = heads(q_raw, h)?.contiguous()?;
@@ -294,20 +305,19 @@ impl Block {
         let (out, probs) = attend.forward()?;
         drop(timer);
         let attn = attention::merge_heads(&out, t)?;
-        let attn_out = a.o_proj.forward_t(&attn, pass)?;
+        let (attn_out, o_low) = a.o_proj.forward_keeping(&attn, pass)?;
         let x2 = (x + maybe_norm(attn_out.clone(), self.attn_out_norm.as_ref(), ctx.eps)?)?;
 
         let m = &self.mlp;
         let h2 = ops::rms_norm(&x2, &self.post_attention_layernorm, ctx.eps)?;
-        let [gate, up]: [Tensor; 2] = m
-            .gate_up
-            .forward_t(&h2, pass)?
+        let (gate_up, gate_up_lows) = m.gate_up.forward_keeping(&h2, pass)?;
+        let [gate, up]: [Tensor; 2] = gate_up
             .try_into()
             .map_err(|_| anyhow::anyhow!("the MLP needs two projections: gate and up"))?;
         // A fused projection's parts are views: the backward reads them whole.
         let (gate, up) = (gate.contiguous()?, up.contiguous()?);
         let act = ops::gated(&gate, &up, m.act)?;
-        let mlp_out = m.down_proj.forward_t(&act, pass)?;
+        let (mlp_out, down_low) = m.down_proj.forward_keeping(&act, pass)?;
         let y = (&x2 + maybe_norm(mlp_out.clone(), self.mlp_out_norm.as_ref(), ctx.eps)?)?;
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
@@ -323,6 +333,12 @@ impl Block {
             x2,
             gate,
             up,
+            lows: KeptLows {
+                qkv: qkv_lows,
+                o: o_low,
+                gate_up: gate_up_lows,
+                down: down_low,
+            },
         });
         Ok((y, saved))
     }
@@ -358,9 +374,9 @@ impl Block {
             true => Some(rows(&ops::gated(&s.gate, &s.up, m.act)?)?),
             false => None,
         };
-        let (d_act, g_down) = m
-            .down_proj
-            .backward(act.as_ref(), &rows(&d_mlp_out)?, seed)?;
+        let (d_act, g_down) =
+            m.down_proj
+                .backward(act.as_ref(), &rows(&d_mlp_out)?, seed, s.lows.down.as_ref())?;
         drop(act);
         let d_act = d_act.reshape((b, t, ()))?;
         let (d_gate, d_up) = ops::gated_backward(&s.gate, &s.up, m.act, &d_act)?;
@@ -372,9 +388,10 @@ impl Block {
             )?)?),
             false => None,
         };
+        let d_gate_up = [rows(&d_gate)?, rows(&d_up)?];
         let (dh2, g_gate_up) =
             m.gate_up
-                .backward(h2.as_ref(), &[rows(&d_gate)?, rows(&d_up)?], seed)?;
+                .backward(h2.as_ref(), &d_gate_up, seed, &s.lows.gate_up)?;
         drop(h2);
         let dh2 = dh2.reshape((b, t, d))?;
         let dx2 =
@@ -388,9 +405,9 @@ impl Block {
             &dx2,
         )?;
         let attn = s.attn.as_ref().map(rows).transpose()?;
-        let (d_attn, g_o) = a
-            .o_proj
-            .backward(attn.as_ref(), &rows(&d_attn_out)?, seed)?;
+        let (d_attn, g_o) =
+            a.o_proj
+                .backward(attn.as_ref(), &rows(&d_attn_out)?, seed, s.lows.o.as_ref())?;
         let d_out = attention::split_heads(&d_attn.reshape((b, t, h * hd))?, kv, hd)?;
         // scores = (q·scale) kᵀ, and the scaled q was saved.
         let timer = crate::profile::open(crate::profile::Stage::Attention);
@@ -410,7 +427,7 @@ impl Block {
             false => None,
         };
         let d_qkv = [flat(dq, h)?, flat(dk, kv)?, flat(dv, kv)?];
-        let (dh1, g_qkv) = a.qkv.backward(h1.as_ref(), &d_qkv, seed)?;
+        let (dh1, g_qkv) = a.qkv.backward(h1.as_ref(), &d_qkv, seed, &s.lows.qkv)?;
         let dh1 = dh1.reshape((b, t, d))?;
         let dx = (&dx2 + ops::rms_norm_backward(&s.x, &self.input_layernorm, ctx.eps, &dh1)?)?;
         let mut grads = g_qkv;

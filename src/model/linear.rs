@@ -181,6 +181,13 @@ impl Linear {
 
     /// Applies the layer under `pass`'s dropout and autograd settings.
     pub fn forward_t(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        Ok(self.forward_keeping(x, pass)?.0)
+    }
+
+    /// [`Linear::forward_t`], and for an adapter its rank-r product
+    /// `dropout(x) Aᵀ` (`[rows, r]`), for [`Linear::backward`] to read
+    /// instead of computing it again.
+    pub fn forward_keeping(&self, x: &Tensor, pass: Pass) -> Result<(Tensor, Option<Tensor>)> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, dims[dims.len() - 1]))?;
@@ -188,12 +195,14 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
+        let mut low = None;
         if let Some(lora) = &self.lora {
-            y = lora.add_to(y, &flat, pass.dropout_seed, pass.autograd)?;
+            let (sum, kept) = lora.add_to(y, &flat, pass.dropout_seed, pass.autograd)?;
+            (y, low) = (sum, Some(kept));
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
-        y.reshape(out_dims)
+        Ok((y.reshape(out_dims)?, low))
     }
 }
 
@@ -204,12 +213,15 @@ impl Linear {
     /// Backpropagates `dy` (`[rows, out]`) through the layer applied to `x`
     /// (`[rows, in]`): `dx`, and the adapter's gradients if it has one. The frozen
     /// weight and bias get none, so `x` is read only for an adapter: pass `None`
-    /// for a layer without one (see [`Linear::needs_input`]).
+    /// for a layer without one (see [`Linear::needs_input`]). `low` is the
+    /// adapter's rank-r product that [`Linear::forward_keeping`] kept, if it
+    /// was.
     pub fn backward(
         &self,
         x: Option<&Tensor>,
         dy: &Tensor,
         dropout_seed: Option<u64>,
+        low: Option<&Tensor>,
     ) -> Result<(Tensor, Option<LoraGrad>)> {
         let dx = self.weight.matmul(dy)?;
         match &self.lora {
@@ -217,7 +229,7 @@ impl Linear {
                 let x = x.ok_or_else(|| {
                     candle_core::Error::Msg("an adapted linear's backward needs its input".into())
                 })?;
-                let (dx, da, db) = lora.backward(dx, x, dy, dropout_seed)?;
+                let (dx, da, db) = lora.backward(dx, x, dy, dropout_seed, low)?;
                 Ok((dx, Some((da, db))))
             }
             None => Ok((dx, None)),

@@ -53,14 +53,25 @@ impl Projections {
 
     /// The parts for `x` (`[..., in]`), each `[..., width]`.
     pub fn forward_t(&self, x: &Tensor, pass: Pass) -> Result<Vec<Tensor>> {
+        Ok(self.forward_keeping(x, pass)?.0)
+    }
+
+    /// [`Projections::forward_t`], and each linear's kept rank-r product
+    /// ([`Linear::forward_keeping`]), in order.
+    pub fn forward_keeping(
+        &self,
+        x: &Tensor,
+        pass: Pass,
+    ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
         if !self.is_fused() {
             return self
                 .linears
                 .iter()
-                .map(|(_, l)| l.forward_t(x, pass))
-                .collect();
+                .map(|(_, l)| l.forward_keeping(x, pass))
+                .collect::<Result<Vec<_>>>()
+                .map(|outs| outs.into_iter().unzip());
         }
-        let y = self.linears[0].1.forward_t(x, pass)?;
+        let (y, low) = self.linears[0].1.forward_keeping(x, pass)?;
         let last = y.rank() - 1;
         let mut start = 0;
         let mut out = Vec::with_capacity(self.parts.len());
@@ -68,7 +79,7 @@ impl Projections {
             out.push(y.narrow(last, start, w)?);
             start += w;
         }
-        Ok(out)
+        Ok((out, vec![low]))
     }
 
     /// Whether [`Projections::backward`] reads the input: only for an adapter.
@@ -79,11 +90,14 @@ impl Projections {
     /// Backpropagates the parts' gradients `d_parts` (each `[rows, width]`)
     /// through the linears applied to `x` (`[rows, in]`, needed only with an
     /// adapter): the input gradient, and each linear's LoRA gradients in order.
+    /// `lows` are the linears' kept rank-r products
+    /// ([`Projections::forward_keeping`]), or empty where none were kept.
     pub fn backward(
         &self,
         x: Option<&Tensor>,
         d_parts: &[Tensor],
         dropout_seed: Option<u64>,
+        lows: &[Option<Tensor>],
     ) -> Result<(Tensor, Vec<Option<LoraGrad>>)> {
         let fused_dy;
         let dys: Vec<&Tensor> = match self.is_fused() {
@@ -95,8 +109,9 @@ impl Projections {
         };
         let mut dx: Option<Tensor> = None;
         let mut grads = Vec::with_capacity(self.linears.len());
-        for ((_, linear), dy) in self.linears.iter().zip(dys) {
-            let (d, g) = linear.backward(x, dy, dropout_seed)?;
+        for (i, ((_, linear), dy)) in self.linears.iter().zip(dys).enumerate() {
+            let low = lows.get(i).and_then(Option::as_ref);
+            let (d, g) = linear.backward(x, dy, dropout_seed, low)?;
             dx = Some(match dx {
                 Some(sum) => (sum + d)?,
                 None => d,
@@ -145,8 +160,8 @@ mod tests {
             assert!(crate::testing::max_abs_diff(a, b) < 1e-6);
         }
         let d = [random((rows, q), 4), random((rows, k), 5)];
-        let (dxa, _) = fused.backward(None, &d, None).unwrap();
-        let (dxb, _) = separate.backward(None, &d, None).unwrap();
+        let (dxa, _) = fused.backward(None, &d, None, &[]).unwrap();
+        let (dxb, _) = separate.backward(None, &d, None, &[]).unwrap();
         assert!(crate::testing::max_abs_diff(&dxa, &dxb) < 1e-5);
     }
 
@@ -170,10 +185,57 @@ mod tests {
             + (&parts[1] * &d[1]).unwrap().sum_all().unwrap())
         .unwrap();
         let grads = loss.backward().unwrap();
-        let (_, got) = p.backward(Some(&x), &d, None).unwrap();
+        let (_, got) = p.backward(Some(&x), &d, None, &[]).unwrap();
         let (da, db) = got[0].clone().unwrap();
         for (want, got) in [(grads.get(&a).unwrap(), da), (grads.get(&b).unwrap(), db)] {
             assert!(crate::testing::max_abs_diff(want, &got) < 1e-5);
+        }
+    }
+
+    /// The backward reading the rank-r products the forward kept equals the
+    /// one that multiplies them again, under dropout (same seed, same mask),
+    /// for separate linears with adapters and one without.
+    #[test]
+    fn kept_rank_r_products_give_the_same_gradients() {
+        let (inp, rows, r) = (7, 5, 3);
+        let adapted = |out: usize, seed: u64| {
+            let mut linear = Linear::new(random((out, inp), seed), None);
+            let a = Var::from_tensor(&random((r, inp), seed + 1)).unwrap();
+            let b = Var::from_tensor(&random((out, r), seed + 2)).unwrap();
+            linear.lora = Some(LoraLayer::new(a, b, 0.5, 0.25, seed));
+            linear
+        };
+        let plain = Linear::new(random((2, inp), 9), None);
+        let p = Projections::separate(vec![
+            ("q", adapted(4, 1)),
+            ("k", plain),
+            ("v", adapted(3, 5)),
+        ]);
+        let x = random((rows, inp), 10);
+        let pass = Pass {
+            dropout_seed: Some(11),
+            autograd: false,
+        };
+        let (parts, lows) = p.forward_keeping(&x, pass).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert!(lows[0].is_some() && lows[1].is_none() && lows[2].is_some());
+        let d: Vec<Tensor> = [4, 2, 3]
+            .iter()
+            .zip(12..)
+            .map(|(&w, seed)| random((rows, w), seed))
+            .collect();
+        let (dx_kept, kept) = p.backward(Some(&x), &d, Some(11), &lows).unwrap();
+        let (dx_again, again) = p.backward(Some(&x), &d, Some(11), &[]).unwrap();
+        assert!(crate::testing::max_abs_diff(&dx_kept, &dx_again) < 1e-6);
+        for (k, a) in kept.iter().zip(&again) {
+            match (k, a) {
+                (Some((ka, kb)), Some((aa, ab))) => {
+                    assert!(crate::testing::max_abs_diff(ka, aa) < 1e-6);
+                    assert!(crate::testing::max_abs_diff(kb, ab) < 1e-6);
+                }
+                (None, None) => {}
+                _ => panic!("an adapter's gradients on one side only"),
+            }
         }
     }
 }
