@@ -208,7 +208,8 @@ impl LoraLayer {
         // The scale is applied to the small rank-r products, never to `dy` itself.
         let dy = dy.to_dtype(a.dtype())?;
         let low = match low {
-            Some(low) => low.to_dtype(a.dtype())?,
+            // Detached: a forward under autograd kept it with its graph.
+            Some(low) => low.detach().to_dtype(a.dtype())?,
             None => crate::model::thin::matmul_t(&h, &a)?,
         };
         let d_low = (crate::model::thin::matmul_t(&dy, &b.t()?.contiguous()?)? * self.scale)?;

@@ -187,11 +187,20 @@ impl QuantizedWeight {
             return Ok(self.clone());
         }
         let data = self.blocks.data()?;
-        let mut copy = |bytes: &mut [u8]| {
-            bytes.copy_from_slice(&data);
-            Ok(())
+        let blocks = match device.is_cpu() {
+            // Onto the CPU through `filled_blocks`, to start on a cache line.
+            true => {
+                let mut copy = |bytes: &mut [u8]| {
+                    bytes.copy_from_slice(&data);
+                    Ok(())
+                };
+                filled_blocks(self.format(), self.dims(), device, &mut copy)?
+            }
+            false => {
+                let storage = QStorage::from_data(data, device, self.format())?;
+                QTensor::new(storage, self.blocks.shape().clone())?
+            }
         };
-        let blocks = filled_blocks(self.format(), self.dims(), device, &mut copy)?;
         self.with_blocks(blocks)
     }
 
