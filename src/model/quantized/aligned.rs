@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, Result};
 use half::f16;
 use std::marker::PhantomData;
 
-/// The bytes of a cache line (and of an AMX tile's row).
-const CACHE_LINE: usize = 64;
+/// The bytes of a cache line, and of an AMX tile's row.
+pub(super) const CACHE_LINE: usize = 64;
 
 /// One cache line of storage.
 #[derive(Clone, Copy)]

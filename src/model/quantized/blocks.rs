@@ -42,7 +42,6 @@ pub(super) struct Format {
     pub(super) decode: Decode,
     pub(super) align: usize,
     filled: fn(usize, Fill) -> Result<Box<dyn QuantizedType>>,
-    quantized: fn(&[f32]) -> Box<dyn QuantizedType>,
 }
 
 /// `bytes` bytes of `T` blocks, zeroed, then filled by `fill`: one
@@ -61,13 +60,6 @@ fn filled<T: GgmlType + Send + Sync + 'static>(
     Ok(Box::new(blocks))
 }
 
-/// `values` quantized into `T` blocks, on whole cache lines.
-fn quantized<T: GgmlType + Send + Sync + 'static>(values: &[f32]) -> Box<dyn QuantizedType> {
-    let mut blocks = AlignedBlocks::<T>::zeroed(values.len() / T::BLCK_SIZE);
-    blocks.from_float(values);
-    Box::new(blocks)
-}
-
 /// The CPU code of `format`, for the block formats it has and bf16.
 pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
     fn of<T: GgmlType + Send + Sync + 'static>() -> Format {
@@ -75,7 +67,6 @@ pub(super) fn format_code(format: GgmlDType) -> Option<Format> {
             decode: decode::<T>,
             align: std::mem::align_of::<T>(),
             filled: filled::<T>,
-            quantized: quantized::<T>,
         }
     }
     Some(match format {
@@ -134,8 +125,10 @@ pub(super) fn cpu_quantized(
             values.len()
         );
     }
-    let storage = QStorage::Cpu((code.quantized)(values));
-    QTensor::new(storage, (rows, cols)).map(Some)
+    // The same fresh storage as `cpu_blocks`, quantized into in place.
+    let mut storage = (code.filled)(block_bytes(format, values.len()), &mut |_| Ok(()))?;
+    storage.from_float(values);
+    QTensor::new(QStorage::Cpu(storage), (rows, cols)).map(Some)
 }
 
 /// Whether `format` is a block format (not f32, f16 or bf16).

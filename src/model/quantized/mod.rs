@@ -399,13 +399,9 @@ fn filled_blocks(
 fn blocks_of(w: &Tensor, format: GgmlDType) -> Result<QTensor> {
     let f32 = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     if let (true, Ok(dims)) = (w.device().is_cpu(), f32.dims2()) {
-        let f32 = f32.contiguous()?;
-        let (storage, layout) = f32.storage_and_layout();
-        let candle_core::Storage::Cpu(storage) = &*storage else {
-            candle_core::bail!("a CPU tensor's storage off the CPU");
-        };
-        let values = super::gemv::contiguous(storage, layout)?;
-        if let Some(blocks) = blocks::cpu_quantized(format, dims, values)? {
+        let quantized =
+            super::fused::with_values(&[&f32], |v| blocks::cpu_quantized(format, dims, v[0]));
+        if let Some(blocks) = quantized.transpose()?.flatten() {
             return Ok(blocks);
         }
     }

@@ -50,8 +50,7 @@ pub(super) unsafe fn store_tile<const R: usize>(
     }
 }
 
-/// The bytes of a cache line, and of an AMX tile's row.
-pub(super) const CACHE_LINE: usize = 64;
+pub(super) use super::aligned::CACHE_LINE;
 
 /// Whether `values` starts on a cache line.
 pub(super) fn on_a_line<T>(values: &[T]) -> bool {
