@@ -235,6 +235,8 @@ impl Block {
             spans,
             softcap: a.softcap,
             groups: a.n_heads / a.n_kv_heads,
+            // A bf16 base multiplied in bf16: its attention may be too.
+            low_precision: a.o_proj.weight.uses_bf16_kernel(),
         }
     }
 

@@ -94,6 +94,12 @@ impl FrozenWeight {
         }
     }
 
+    /// Whether its many-row products run on the CPU's bf16 kernel (a bf16
+    /// weight with low-precision kernels on, on a CPU that has one).
+    pub fn uses_bf16_kernel(&self) -> bool {
+        matches!(self, Self::Quantized(q) if q.uses_bf16_kernel())
+    }
+
     /// For a held weight (bf16 or blocks): whether its many-row products use
     /// the CPU's low-precision kernels where it has them
     /// ([`QuantizedWeight::set_low_precision_kernels`]); nothing for a

@@ -80,7 +80,8 @@ fn held_exactly(device: &Device, quantize: Quantize) -> Model {
 /// With the low-precision kernels (where the CPU has them), a held base's
 /// LoRA gradients are those of its exact f32 products within the kernel's
 /// rounding: the bf16 kernel (AVX512_BF16) for a bf16 base (measured: the
-/// gradients off by 0.26% of their norm), the int8 kernel (AVX512_VNNI),
+/// gradients off by 0.26% of their norm; 1.1% on AMX, where the attention's
+/// products run in bf16 too), the int8 kernel (AVX512_VNNI),
 /// its activations rounded to two 8-bit digits per group, for Q8_0 and Q4_0
 /// blocks (0.002-0.004%).
 #[test]

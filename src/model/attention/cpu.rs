@@ -1,32 +1,34 @@
 //! [`Attend`] on the CPU over the f32 values themselves: each kv head's
-//! span of query rows goes through `gemm` and the fused softmax kernels
-//! straight from and into whole buffers, with the mask's rows added inside
-//! the softmax. The tensor path does the same arithmetic through candle's
-//! ops, which copy each span's operands, add the mask as a broadcast
-//! tensor, and pad and add every span's key gradients into the whole; at
-//! 8 × 256 those copies cost as much as the products.
+//! span of query rows goes through the products (`products.rs`: `gemm`'s
+//! f32, or bf16 on AMX tiles for a bf16 base) and the fused softmax
+//! kernels straight from and into whole buffers, with the mask's rows added
+//! inside the softmax. The tensor path does the same arithmetic through
+//! candle's ops, which copy each span's operands, add the mask as a
+//! broadcast tensor, and pad and add every span's key gradients into the
+//! whole; at 8 × 256 those copies cost as much as the products.
 //!
 //! It takes attentions without a shared prefix or soft-capping, on f32 CPU
 //! tensors that no autograd graph runs through; the others go the tensor
 //! path.
 
+use super::products::{Exact, Inputs, Phase, Products};
 use super::{Attend, Span};
 use crate::model::fused::{masked_softmax_rows, softmax_backward_rows, with_values};
-use crate::model::strided::{product, View};
+use crate::model::strided::View;
 use candle_core::{DType, Result, Tensor};
 
 /// An attention's sizes.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     b: usize,
     kv: usize,
     /// Query heads per kv head.
-    g: usize,
+    pub(super) g: usize,
     /// Query positions.
-    t: usize,
+    pub(super) t: usize,
     /// Keys.
-    s: usize,
-    hd: usize,
+    pub(super) s: usize,
+    pub(super) hd: usize,
     /// Whether the mask has one row per batch row (else one for all).
     mask_per_row: bool,
 }
@@ -70,16 +72,19 @@ impl Dims {
 }
 
 /// One kv head's part of one span: where its values start in each buffer.
-struct Head {
+pub(super) struct Head {
     /// The span's first query row in `q`, `d_out`, `out` and `dq`.
     q: usize,
     /// The span's first key in `k`, `v`, `dk` and `dv`.
-    k: usize,
+    pub(super) k: usize,
     /// The mask's row of the span's first position, at its first key.
     mask: usize,
+    /// The span's first query row and first key within its kv head.
+    pub(super) first_row: usize,
+    pub(super) first_key: usize,
     /// Query rows and keys of the span.
-    rows: usize,
-    keys: usize,
+    pub(super) rows: usize,
+    pub(super) keys: usize,
 }
 
 impl Head {
@@ -89,6 +94,8 @@ impl Head {
             q: (bh * d.t + span.queries.start) * d.g * d.hd,
             k: (bh * d.s + span.keys.start) * d.hd,
             mask: (mask_batch * d.t + span.queries.start) * d.s + span.keys.start,
+            first_row: span.queries.start * d.g,
+            first_key: span.keys.start,
             rows: span.queries.len() * d.g,
             keys: span.keys.len(),
         }
@@ -96,19 +103,25 @@ impl Head {
 
     /// The span's queries (`rows × hd`) in `x`, or its rows of anything in
     /// the queries' layout.
-    fn rows<'a>(&self, x: &'a [f32], d: Dims) -> View<'a> {
+    pub(super) fn rows<'a>(&self, x: &'a [f32], d: Dims) -> View<'a> {
         View::rows(&x[self.q..], self.rows, d.hd)
     }
 
     /// The span's keys (`keys × hd`) in `x`, or its rows of the values.
-    fn keys<'a>(&self, x: &'a [f32], d: Dims) -> View<'a> {
+    pub(super) fn keys<'a>(&self, x: &'a [f32], d: Dims) -> View<'a> {
         View::rows(&x[self.k..], self.keys, d.hd)
     }
 
-    /// The span's probabilities (`rows × keys`) into `p`: `q kᵀ`, plus the
-    /// mask's row of each position, then each row's softmax.
-    fn probs(&self, d: Dims, [q, k, mask]: [&[f32]; 3], p: &mut [f32]) {
-        product(p, self.keys, false, self.rows(q, d), self.keys(k, d).t());
+    /// The span's rows of `x` (in the queries' layout), to write.
+    pub(super) fn rows_mut<'a>(&self, x: &'a mut [f32], d: Dims) -> &'a mut [f32] {
+        &mut x[self.q..][..self.rows * d.hd]
+    }
+
+    /// The span's probabilities (`rows × keys`) into `p`: its scores from
+    /// `products`, plus the mask's row of each position, then each row's
+    /// softmax.
+    fn probs(&self, d: Dims, products: &mut dyn Products, mask: &[f32], p: &mut [f32]) {
+        products.scores(self, p);
         for (i, rows) in p.chunks_exact_mut(d.g * self.keys).enumerate() {
             let mask = &mask[self.mask + i * d.s..][..self.keys];
             masked_softmax_rows(rows, mask, self.keys);
@@ -116,8 +129,29 @@ impl Head {
     }
 }
 
+/// The products `attend` runs on: bf16 ones on tiles where it asks for low
+/// precision and the CPU has them, else exact f32 ones.
+fn products<'a>(attend: &Attend, inputs: Inputs<'a>, spans: &[&Span]) -> Box<dyn Products + 'a> {
+    #[cfg(target_arch = "x86_64")]
+    if attend.low_precision {
+        if let Some(tiles) = super::tiles::TileProducts::new(inputs, spans) {
+            return Box::new(tiles);
+        }
+    }
+    let _ = (attend, spans);
+    Box::new(Exact(inputs))
+}
+
 /// [`Attend::forward`] on this path, where it takes `attend`.
 pub(super) fn forward(attend: &Attend) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+    forward_on(attend, |inputs, spans| products(attend, inputs, spans))
+}
+
+/// [`forward`] on the products `on` makes.
+pub(super) fn forward_on(
+    attend: &Attend,
+    on: impl for<'v> FnOnce(Inputs<'v>, &[&Span]) -> Box<dyn Products + 'v>,
+) -> Result<Option<(Tensor, Vec<Tensor>)>> {
     let Some(d) = Dims::of(attend) else {
         return Ok(None);
     };
@@ -126,19 +160,31 @@ pub(super) fn forward(attend: &Attend) -> Result<Option<(Tensor, Vec<Tensor>)>> 
     let spans: Vec<&Span> = attend.spans.iter().collect();
     let computed = with_values(&refs, |x| {
         let (q, k, v, mask) = (x[0], x[1], x[2], x[3]);
+        let inputs = Inputs {
+            d,
+            q,
+            k,
+            v,
+            d_out: &[],
+        };
+        let mut products = on(inputs, &spans);
         let mut out = vec![0f32; q.len()];
-        let mut all_probs = Vec::with_capacity(spans.len());
-        for span in &spans {
-            let size = span.queries.len() * d.g * span.keys.len();
-            let mut probs = vec![0f32; d.b * d.kv * size];
-            for bh in 0..d.b * d.kv {
-                let p = &mut probs[bh * size..][..size];
+        let sizes: Vec<usize> = spans
+            .iter()
+            .map(|s| s.queries.len() * d.g * s.keys.len())
+            .collect();
+        let mut all_probs: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|size| vec![0f32; d.b * d.kv * size])
+            .collect();
+        for bh in 0..d.b * d.kv {
+            products.head(bh, Phase::Forward);
+            for ((span, size), probs) in spans.iter().zip(&sizes).zip(&mut all_probs) {
+                let p = &mut probs[bh * size..][..*size];
                 let head = Head::new(d, bh, span);
-                head.probs(d, [q, k, mask], p);
-                let p = View::rows(p, head.rows, head.keys);
-                product(&mut out[head.q..], d.hd, false, p, head.keys(v, d));
+                head.probs(d, &mut *products, mask, p);
+                products.weighted(&head, p, &mut out);
             }
-            all_probs.push(probs);
         }
         (out, all_probs)
     });
@@ -167,6 +213,18 @@ pub(super) fn backward(
     probs: Option<&[Tensor]>,
     d_out: &Tensor,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    backward_on(attend, probs, d_out, |inputs, spans| {
+        products(attend, inputs, spans)
+    })
+}
+
+/// [`backward`] on the products `on` makes.
+pub(super) fn backward_on(
+    attend: &Attend,
+    probs: Option<&[Tensor]>,
+    d_out: &Tensor,
+    on: impl for<'v> FnOnce(Inputs<'v>, &[&Span]) -> Box<dyn Products + 'v>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(d) = Dims::of(attend) else {
         return Ok(None);
     };
@@ -187,37 +245,39 @@ pub(super) fn backward(
     let refs: Vec<&Tensor> = inputs.iter().collect();
     let computed = with_values(&refs, |x| {
         let (q, k, v, mask, d_out) = (x[0], x[1], x[2], x[3], x[4]);
+        let inputs = Inputs { d, q, k, v, d_out };
+        let mut products = on(inputs, &spans);
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; q.len()],
             vec![0f32; k.len()],
             vec![0f32; v.len()],
         );
         let (mut scratch, mut d_scores) = (Vec::new(), Vec::new());
-        for (i, span) in spans.iter().enumerate() {
-            let size = span.queries.len() * d.g * span.keys.len();
-            for bh in 0..d.b * d.kv {
+        for bh in 0..d.b * d.kv {
+            products.head(
+                bh,
+                Phase::Backward {
+                    probs_kept: x.len() > 5,
+                },
+            );
+            for (i, span) in spans.iter().enumerate() {
+                let size = span.queries.len() * d.g * span.keys.len();
                 let head = Head::new(d, bh, span);
                 let p = match x.get(5 + i) {
                     Some(saved) => &saved[bh * size..][..size],
                     None => {
                         scratch.resize(size, 0.0);
-                        head.probs(d, [q, k, mask], &mut scratch);
+                        head.probs(d, &mut *products, mask, &mut scratch);
                         &scratch[..]
                     }
                 };
-                let p_view = View::rows(p, head.rows, head.keys);
-                let d_o = head.rows(d_out, d);
-                // dv += pᵀ · d_out
-                product(&mut dv[head.k..], d.hd, true, p_view.t(), d_o);
                 // d_scores = softmax′(p, d_out · vᵀ)
                 d_scores.resize(size, 0.0);
-                product(&mut d_scores, head.keys, false, d_o, head.keys(v, d).t());
+                products.probs_gradient(&head, &mut d_scores);
                 softmax_backward_rows(p, &mut d_scores, head.keys.max(1));
-                let ds = View::rows(&d_scores, head.rows, head.keys);
-                // dq = d_scores · k, dk += d_scoresᵀ · q
-                product(&mut dq[head.q..], d.hd, false, ds, head.keys(k, d));
-                product(&mut dk[head.k..], d.hd, true, ds.t(), head.rows(q, d));
+                products.gradients(&head, [p, &d_scores], &mut dq, &mut dk, &mut dv);
             }
+            products.head_done(bh, &mut dk, &mut dv);
         }
         (dq, dk, dv)
     });
@@ -286,6 +346,7 @@ mod tests {
                 spans: &spans,
                 softcap: None,
                 groups: g,
+                low_precision: false,
             };
             let (k_c, v_c) = (k.contiguous().unwrap(), v.contiguous().unwrap());
             let tensors = Attend {
@@ -333,6 +394,7 @@ mod tests {
                 spans,
                 softcap,
                 groups: 1,
+                low_precision: false,
             }
         }
         let half = q.to_dtype(DType::BF16).unwrap();

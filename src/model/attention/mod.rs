@@ -14,6 +14,9 @@
 //! exactly zero after the softmax, so the result is the whole square's.
 
 mod cpu;
+mod products;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 use super::mask::MASKED;
 use super::{fused, ops};
@@ -121,6 +124,10 @@ pub struct Attend<'a> {
     pub softcap: Option<f64>,
     /// Query heads per kv head.
     pub groups: usize,
+    /// Whether the products may round their operands to bf16 (a bf16
+    /// base whose low-precision kernels are on): on the CPU they then run
+    /// on AMX-BF16 tiles where it has them (`tiles.rs`), else in f32.
+    pub low_precision: bool,
 }
 
 impl Attend<'_> {
@@ -422,6 +429,7 @@ mod tests {
                     spans,
                     softcap,
                     groups: g,
+                    low_precision: false,
                 };
                 let (out, probs) = attend.forward().unwrap();
                 let kept = attend.backward(Some(&probs), &d_out).unwrap();

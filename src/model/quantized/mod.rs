@@ -32,14 +32,14 @@
 
 mod aligned;
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
-mod bf16_dot;
+pub(crate) mod bf16_dot;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod int8_dot;
 #[cfg(target_arch = "x86_64")]
-mod simd;
+pub(crate) mod simd;
 pub(crate) use simd::low_mask;
 mod tiled;
 
@@ -146,6 +146,19 @@ impl QuantizedWeight {
     /// on other CPUs.
     pub fn set_low_precision_kernels(&mut self, on: bool) {
         self.low_precision_kernels = on;
+    }
+
+    /// Whether its many-row products run on the bf16 kernel: a bf16 weight
+    /// on a CPU with AMX-BF16 or AVX512_BF16, low-precision kernels on
+    /// ([`Self::set_low_precision_kernels`]).
+    pub fn uses_bf16_kernel(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.low_precision_kernels
+            && self.device().is_cpu()
+            && self.format() == GgmlDType::BF16
+            && bf16_dot::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
     }
 
     /// Whether its forward products with many rows run on the int8 kernel:

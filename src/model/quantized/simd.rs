@@ -61,7 +61,7 @@ pub(super) fn on_a_line<T>(values: &[T]) -> bool {
 /// that a 64-byte load (an AVX-512 register, an AMX tile's row) at a
 /// multiple of 64 bytes into it never straddles two lines: a straddling
 /// load reads both lines. (The allocator aligns a `Vec` to 16 bytes only.)
-pub(super) struct CacheAligned<T> {
+pub(crate) struct CacheAligned<T> {
     storage: Vec<T>,
     start: usize,
     len: usize,
@@ -69,7 +69,7 @@ pub(super) struct CacheAligned<T> {
 
 impl<T: Copy + Default> CacheAligned<T> {
     /// An empty buffer; nothing is allocated until [`Self::zeroed`].
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             storage: Vec::new(),
             start: 0,
@@ -79,7 +79,7 @@ impl<T: Copy + Default> CacheAligned<T> {
 
     /// `len` zeros (`T::default()`) starting on a cache line, reusing the
     /// buffer's memory where it is large enough.
-    pub(super) fn zeroed(&mut self, len: usize) -> &mut [T] {
+    pub(crate) fn zeroed(&mut self, len: usize) -> &mut [T] {
         let slack = CACHE_LINE / std::mem::size_of::<T>().max(1);
         self.storage.clear();
         self.storage.resize(len + slack, T::default());
@@ -94,8 +94,24 @@ impl<T: Copy + Default> CacheAligned<T> {
         &mut self.storage[self.start..self.start + len]
     }
 
+    /// `len` values starting on a cache line, reusing the buffer's memory
+    /// and leaving in it whatever was there (zeros where it grew): for a
+    /// caller that writes every value.
+    pub(crate) fn reused(&mut self, len: usize) -> &mut [T] {
+        let slack = CACHE_LINE / std::mem::size_of::<T>().max(1);
+        if self.storage.len() < len + slack {
+            self.storage.resize(len + slack, T::default());
+        }
+        self.start = match self.storage.as_ptr().align_offset(CACHE_LINE) {
+            offset if offset < slack => offset,
+            _ => 0,
+        };
+        self.len = len;
+        &mut self.storage[self.start..self.start + len]
+    }
+
     /// The values [`Self::zeroed`] returned last, as the caller left them.
-    pub(super) fn values(&self) -> &[T] {
+    pub(crate) fn values(&self) -> &[T] {
         &self.storage[self.start..self.start + self.len]
     }
 }
@@ -283,7 +299,7 @@ pub(super) fn split_columns(
 /// `c`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(crate) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved by u32 (within each
     // 128-bit lane L: elements 4L, 4L + 1, then 4L + 2, 4L + 3).

@@ -7,14 +7,14 @@
 use super::{TileConfig, Tiles, TILE_ROWS, TILE_ROW_BYTES};
 
 /// Eight emulated tiles, configured as a [`TileConfig`] says.
-pub(in crate::model::quantized) struct Emulator {
+pub(crate) struct Emulator {
     config: TileConfig,
     tiles: [[u8; TILE_ROWS * TILE_ROW_BYTES]; 8],
 }
 
 impl Emulator {
     /// Tiles configured as `config`, all zeros (as `ldtilecfg` leaves them).
-    pub(in crate::model::quantized) fn new(config: TileConfig) -> Self {
+    pub(crate) fn new(config: TileConfig) -> Self {
         Self {
             config,
             tiles: [[0; TILE_ROWS * TILE_ROW_BYTES]; 8],

@@ -17,7 +17,8 @@
 //! ([`TileConfig`]) and pads its operands to whole tiles.
 
 #[cfg(test)]
-pub(super) mod emulator;
+pub(crate) mod emulator;
+pub(crate) mod packed;
 
 use std::arch::asm;
 use std::marker::PhantomData;
@@ -25,7 +26,7 @@ use std::marker::PhantomData;
 use super::simd::{on_a_line, CacheAligned, CACHE_LINE};
 
 /// The most rows of a tile.
-pub(super) const TILE_ROWS: usize = 16;
+pub(crate) const TILE_ROWS: usize = 16;
 /// The most bytes of a tile's row: 16 f32 or u32 values, 32 bf16 values, 64
 /// bytes.
 pub(super) const TILE_ROW_BYTES: usize = 64;
@@ -33,7 +34,7 @@ pub(super) const TILE_ROW_BYTES: usize = 64;
 /// The tile registers, `T` (0 to 7), each configured to a number of rows
 /// of a number of bytes ([`TileConfig`]). Kernels load and store through
 /// the checked [`load`] and [`store`].
-pub(super) trait Tiles {
+pub(crate) trait Tiles {
     /// The configuration the tiles were set up with.
     fn config(&self) -> &TileConfig;
     /// Sets tile `T` to zeros.
@@ -79,7 +80,7 @@ fn checked_stride<V>(config: &TileConfig, t: u8, len: usize, at: usize, stride: 
 /// # Panics
 /// If the tile's rows are not all inside `values`.
 #[inline(always)]
-pub(super) fn load<U: Tiles, const T: u8, V: Copy>(
+pub(crate) fn load<U: Tiles, const T: u8, V: Copy>(
     unit: &mut U,
     values: &[V],
     at: usize,
@@ -95,7 +96,7 @@ pub(super) fn load<U: Tiles, const T: u8, V: Copy>(
 /// # Panics
 /// If the tile's rows are not all inside `values`.
 #[inline(always)]
-pub(super) fn store<U: Tiles, const T: u8, V: Copy>(
+pub(crate) fn store<U: Tiles, const T: u8, V: Copy>(
     unit: &mut U,
     values: &mut [V],
     at: usize,
@@ -160,7 +161,7 @@ impl StoredTiles {
 /// 0-7 some rows of some bytes.
 #[derive(Clone)]
 #[repr(C, align(64))]
-pub(super) struct TileConfig {
+pub(crate) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -191,7 +192,7 @@ impl TileConfig {
     }
 
     /// Every tile 16 rows of 64 bytes.
-    pub(super) fn full() -> Self {
+    pub(crate) fn full() -> Self {
         Self::new([(TILE_ROWS, TILE_ROW_BYTES); 8])
     }
 
@@ -206,7 +207,7 @@ impl TileConfig {
 
 /// This thread's AMX tiles, configured on creation and released on drop.
 /// Not `Send`: the tiles' state belongs to the thread.
-pub(super) struct Amx {
+pub(crate) struct Amx {
     config: TileConfig,
     /// Whether the CPU has AMX-BF16 and AMX-INT8: the products check, so
     /// that no safe call runs an instruction the CPU lacks.
@@ -221,7 +222,7 @@ impl Amx {
     /// this thread's tiles (its drop releases them, which would leave this
     /// one's instructions faulting). (Which tile products the CPU has,
     /// AMX-BF16 or AMX-INT8, is the caller's to check.)
-    pub(super) fn new(config: TileConfig) -> Option<Self> {
+    pub(crate) fn new(config: TileConfig) -> Option<Self> {
         if !crate::cpu::amx_permitted() || TILES_HELD.replace(true) {
             return None;
         }

@@ -129,20 +129,25 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
 fn to_bf16_rows(x: &[f32], q: usize, stride: usize, rows: &mut [u32]) {
     let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
     let pairs = q.div_ceil(2);
-    let vector = vector_rounding();
     for (x, r) in x.chunks_exact(q).zip(rows.chunks_mut(stride)) {
-        match vector {
-            // SAFETY: checked just above that the CPU has AVX512_BF16.
-            true => unsafe { to_bf16_pairs(x, &mut r[..pairs]) },
-            false => to_bf16_pairs_portable(x, &mut r[..pairs]),
-        }
+        round_pairs(x, &mut r[..pairs]);
+    }
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even), two values to a u32
+/// (the first in the low half), into `out`; the last pair padded with zero.
+pub(crate) fn round_pairs(x: &[f32], out: &mut [u32]) {
+    match vector_rounding() {
+        // SAFETY: the CPU has AVX512_BF16 and AVX-512 F (checked just above).
+        true => unsafe { to_bf16_pairs(x, out) },
+        false => to_bf16_pairs_portable(x, out),
     }
 }
 
 /// Whether this CPU rounds rows to bf16 in vectors (AVX512_BF16 with
 /// AVX-512 F): elsewhere only the tests run the AMX kernels, on their
 /// emulator, and round value by value.
-fn vector_rounding() -> bool {
+pub(crate) fn vector_rounding() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
