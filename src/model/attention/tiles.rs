@@ -21,7 +21,7 @@
 use super::cpu::{Dims, Head};
 use super::products::{Inputs, Phase, Products};
 use super::Span;
-use crate::model::quantized::amx::packed::{product, Operand, Packed, Rows};
+use crate::model::quantized::amx::packed::{product, transpose_f32, Operand, Packed, Rows};
 use crate::model::quantized::amx::{Amx, TileConfig, Tiles, TILE_ROWS};
 
 /// A size rounded up to whole tiles.
@@ -320,6 +320,10 @@ impl<T: Tiles> Products for TileProducts<'_, T> {
         let width = self.width();
         for (sums, to) in [(&self.dk_t, dk), (&self.dv_t, dv)] {
             let to = &mut to[bh * s * hd..][..s * hd];
+            if whole(s) == s && whole(hd) == hd {
+                transpose_f32(sums, width, to, hd, (hd, s));
+                continue;
+            }
             for (key, row) in to.chunks_exact_mut(hd).enumerate() {
                 for (c, value) in row.iter_mut().enumerate() {
                     *value = sums[c * width + key];
@@ -375,7 +379,8 @@ mod tests {
             eprintln!("this CPU has no usable AMX-BF16: the products run on the emulator only");
         }
         let cpu = &Device::Cpu;
-        for (b, kv, g, t, hd) in [(2, 2, 3, 77, 8), (1, 1, 2, 40, 64)] {
+        // Head sizes below a tile, of whole tiles, odd and whole counts of keys.
+        for (b, kv, g, t, hd) in [(2, 2, 3, 77, 8), (1, 1, 2, 40, 64), (1, 2, 2, 48, 16)] {
             let segments: Vec<Vec<u32>> = (0..b)
                 .map(|r| (0..t as u32).map(|i| (i + r as u32 * 7) / 30 + 1).collect())
                 .collect();

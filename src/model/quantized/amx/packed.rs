@@ -134,7 +134,7 @@ impl Packed {
     pub(crate) fn transposed(&mut self, from: &Packed) {
         let (lines, width) = (from.width, from.lines);
         let out = self.reset(lines, width);
-        transpose_blocks(from.values(), from.width, out, width);
+        transpose_blocks(from.values(), from.width, out, width, (from.lines, from.width));
     }
 }
 
@@ -310,12 +310,42 @@ fn interleave_avx512(first: &[f32], second: Option<&[f32]>, out: &mut [u32]) {
     }
 }
 
-/// `to` (`from`'s transpose, lines `to_width` u32s long) from `from`
-/// (lines `from_width` long): both whole 16 × 16 blocks.
-fn transpose_blocks(from: &[u32], from_width: usize, to: &mut [u32], to_width: usize) {
+/// The transpose of `from`'s first `rows` lines' first `cols` values (lines
+/// `from_width` f32s long) into `to` (`cols` lines of `to_width`): both
+/// sizes whole 16 × 16 blocks.
+pub(crate) fn transpose_f32(
+    from: &[f32],
+    from_width: usize,
+    to: &mut [f32],
+    to_width: usize,
+    (rows, cols): (usize, usize),
+) {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit
+    // pattern is a valid value of both.
+    let (from, to) = unsafe {
+        (
+            std::slice::from_raw_parts(from.as_ptr().cast::<u32>(), from.len()),
+            std::slice::from_raw_parts_mut(to.as_mut_ptr().cast::<u32>(), to.len()),
+        )
+    };
+    transpose_blocks(from, from_width, to, to_width, (rows, cols));
+}
+
+/// The transpose of `from`'s first `rows` lines' first `cols` u32s (lines
+/// `from_width` long) into `to`'s first `cols` lines (`to_width` long):
+/// both sizes whole 16 × 16 blocks.
+fn transpose_blocks(
+    from: &[u32],
+    from_width: usize,
+    to: &mut [u32],
+    to_width: usize,
+    (rows, cols): (usize, usize),
+) {
+    assert!(rows.is_multiple_of(16) && cols.is_multiple_of(16));
+    assert!(cols <= from_width && rows <= to_width);
     let vector = is_x86_feature_detected!("avx512f");
-    for i in (0..to_width).step_by(16) {
-        for j in (0..from_width).step_by(16) {
+    for i in (0..rows).step_by(16) {
+        for j in (0..cols).step_by(16) {
             // Block (i, j) of `from` (lines i.., u32s j..) to block (j, i).
             match vector {
                 // SAFETY: the CPU has AVX-512 F (checked above).
