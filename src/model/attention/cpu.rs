@@ -34,6 +34,21 @@ pub(super) struct Dims {
 }
 
 impl Dims {
+    /// Sizes for tests: `b` rows, `kv` heads of `hd`, `g` queries per kv
+    /// head, `t` positions, `s` keys, one mask for all rows.
+    #[cfg(test)]
+    pub(super) fn for_tests(b: usize, kv: usize, g: usize, t: usize, s: usize, hd: usize) -> Self {
+        Self {
+            b,
+            kv,
+            g,
+            t,
+            s,
+            hd,
+            mask_per_row: false,
+        }
+    }
+
     /// `attend`'s sizes, where this path takes it.
     fn of(attend: &Attend) -> Option<Self> {
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;

@@ -72,10 +72,12 @@ impl<'a> TileProducts<'a> {
 
 impl<'a, T: Tiles> TileProducts<'a, T> {
     /// The products on `tiles` (configured full), where every span starts
-    /// on an even row.
+    /// on an even row and the queries fill a tile's rows: a decoding step's
+    /// few rows would cost more to pack (all the keys and values, at every
+    /// step) than to multiply in f32.
     pub(super) fn on(tiles: T, inputs: Inputs<'a>, spans: &[&Span]) -> Option<Self> {
-        let g = inputs.d.g;
-        if spans.iter().any(|s| (s.queries.start * g) % 2 == 1) {
+        let Dims { t, g, .. } = inputs.d;
+        if t * g < TILE_ROWS || spans.iter().any(|s| (s.queries.start * g) % 2 == 1) {
             return None;
         }
         Some(Self {
@@ -448,5 +450,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A decoding step's queries (fewer rows than a tile) stay on the f32
+    /// products, as do spans that start on an odd row; others go on tiles.
+    #[test]
+    fn takes_queries_that_fill_a_tile() {
+        let dims = |t, g| Dims::for_tests(1, 1, g, t, 64, 64);
+        let values = vec![0f32; 64 * 64 * 4];
+        let inputs = |d| Inputs {
+            d,
+            q: &values,
+            k: &values,
+            v: &values,
+            d_out: &[],
+        };
+        let span = |start| Span {
+            queries: start..start + 1,
+            keys: 0..64,
+        };
+        let tiles = || Emulator::new(TileConfig::full());
+        assert!(TileProducts::on(tiles(), inputs(dims(1, 3)), &[&span(0)]).is_none());
+        assert!(TileProducts::on(tiles(), inputs(dims(20, 3)), &[&span(0)]).is_some());
+        assert!(TileProducts::on(tiles(), inputs(dims(20, 3)), &[&span(0), &span(3)]).is_none());
     }
 }

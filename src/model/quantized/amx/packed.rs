@@ -134,7 +134,13 @@ impl Packed {
     pub(crate) fn transposed(&mut self, from: &Packed) {
         let (lines, width) = (from.width, from.lines);
         let out = self.reset(lines, width);
-        transpose_blocks(from.values(), from.width, out, width, (from.lines, from.width));
+        transpose_blocks(
+            from.values(),
+            from.width,
+            out,
+            width,
+            (from.lines, from.width),
+        );
     }
 }
 
