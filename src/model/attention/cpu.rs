@@ -352,17 +352,7 @@ mod tests {
             let v = randn(&[b, s, kv, hd], 3).transpose(1, 2).unwrap();
             let d_out = randn(&[b, kv, t * g, hd], 4);
             let spans = Spans::of_mask(mask, chunk).unwrap();
-            let attend = Attend {
-                q: &q,
-                k: &k,
-                v: &v,
-                shared: None,
-                mask,
-                spans: &spans,
-                softcap: None,
-                groups: g,
-                low_precision: false,
-            };
+            let attend = Attend::plain([&q, &k, &v], mask, &spans, g);
             let (k_c, v_c) = (k.contiguous().unwrap(), v.contiguous().unwrap());
             let tensors = Attend {
                 k: &k_c,

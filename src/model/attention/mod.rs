@@ -130,6 +130,29 @@ pub struct Attend<'a> {
     pub low_precision: bool,
 }
 
+#[cfg(test)]
+impl<'a> Attend<'a> {
+    /// A plain attention for tests: no shared prefix, no soft-capping, f32.
+    pub(crate) fn plain(
+        [q, k, v]: [&'a Tensor; 3],
+        mask: &'a Tensor,
+        spans: &'a Spans,
+        groups: usize,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            shared: None,
+            mask,
+            spans,
+            softcap: None,
+            groups,
+            low_precision: false,
+        }
+    }
+}
+
 impl Attend<'_> {
     /// The attention output, `[b, kv, t·g, hd]` in the queries' layout, and
     /// each span's probabilities (`[b, kv, rows, keys]`) for the backward.
@@ -421,15 +444,8 @@ mod tests {
             let whole = Spans::whole(t, t);
             let run = |spans: &Spans| {
                 let attend = Attend {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    shared: None,
-                    mask,
-                    spans,
                     softcap,
-                    groups: g,
-                    low_precision: false,
+                    ..Attend::plain([&q, &k, &v], mask, spans, g)
                 };
                 let (out, probs) = attend.forward().unwrap();
                 let kept = attend.backward(Some(&probs), &d_out).unwrap();

@@ -146,6 +146,41 @@ fn product_into(
     }
 }
 
+/// `rows · columns` over the kv head's values (`hd`): `rows` from the
+/// span's first row, `columns` from its first key, into `to` (the span's
+/// `rows × keys` scores or their gradient).
+fn over_head(
+    tiles: &mut impl Tiles,
+    scratch: &mut Vec<f32>,
+    [rows, columns]: [&Packed; 2],
+    head: &Head,
+    to: &mut [f32],
+) {
+    let sides = [
+        Operand::from(rows, head.first_row, 0),
+        Operand::from(columns, 0, head.first_key),
+    ];
+    product_into(tiles, scratch, sides, (head.rows, head.keys), to);
+}
+
+/// `span · pairs` over the span's keys: the span's probabilities or score
+/// gradients packed as rows (from its first pair of keys), by a kv head's
+/// values or keys packed as row pairs, into `to` (the span's `rows × hd`).
+fn over_keys(
+    tiles: &mut impl Tiles,
+    scratch: &mut Vec<f32>,
+    [span, pairs]: [&Packed; 2],
+    head: &Head,
+    to: &mut [f32],
+) {
+    let hd = to.len() / head.rows.max(1);
+    let sides = [
+        Operand::from(span, 0, 0),
+        Operand::from(pairs, first_pair(head).0, 0),
+    ];
+    product_into(tiles, scratch, sides, (head.rows, hd), to);
+}
+
 /// The span's first key rounded down to an even one, and how far below
 /// the span that is: products over its keys start at a whole pair of the
 /// keys' row pairs.
@@ -202,57 +237,21 @@ impl<T: Tiles> Products for TileProducts<'_, T> {
     }
 
     fn scores(&mut self, head: &Head, p: &mut [f32]) {
-        let left = Operand {
-            packed: &self.q_rows,
-            line: head.first_row,
-            at: 0,
-        };
-        let right = Operand {
-            packed: &self.k_columns,
-            line: 0,
-            at: head.first_key,
-        };
-        let sizes = (head.rows, head.keys);
-        product_into(&mut self.tiles, &mut self.out, [left, right], sizes, p);
+        let sides = [&self.q_rows, &self.k_columns];
+        over_head(&mut self.tiles, &mut self.out, sides, head, p);
     }
 
     fn weighted(&mut self, head: &Head, p: &[f32], out: &mut [f32]) {
-        let (pair, lead) = first_pair(head);
-        self.span_rows.rows(span_values(head, p), lead, head.rows);
-        let hd = self.inputs.d.hd;
-        let left = Operand {
-            packed: &self.span_rows,
-            line: 0,
-            at: 0,
-        };
-        let right = Operand {
-            packed: &self.v_pairs,
-            line: pair,
-            at: 0,
-        };
+        self.span_rows
+            .rows(span_values(head, p), first_pair(head).1, head.rows);
         let out = head.rows_mut(out, self.inputs.d);
-        product_into(
-            &mut self.tiles,
-            &mut self.out,
-            [left, right],
-            (head.rows, hd),
-            out,
-        );
+        let sides = [&self.span_rows, &self.v_pairs];
+        over_keys(&mut self.tiles, &mut self.out, sides, head, out);
     }
 
     fn probs_gradient(&mut self, head: &Head, dp: &mut [f32]) {
-        let left = Operand {
-            packed: &self.d_out_rows,
-            line: head.first_row,
-            at: 0,
-        };
-        let right = Operand {
-            packed: &self.v_columns,
-            line: 0,
-            at: head.first_key,
-        };
-        let sizes = (head.rows, head.keys);
-        product_into(&mut self.tiles, &mut self.out, [left, right], sizes, dp);
+        let sides = [&self.d_out_rows, &self.v_columns];
+        over_head(&mut self.tiles, &mut self.out, sides, head, dp);
     }
 
     fn gradients(
@@ -263,57 +262,26 @@ impl<T: Tiles> Products for TileProducts<'_, T> {
         _dk: &mut [f32],
         _dv: &mut [f32],
     ) {
-        let d = self.inputs.d;
-        let (pair, lead) = first_pair(head);
         // dq = ds k
-        self.span_rows.rows(span_values(head, ds), lead, head.rows);
-        let left = Operand {
-            packed: &self.span_rows,
-            line: 0,
-            at: 0,
-        };
-        let right = Operand {
-            packed: &self.k_pairs,
-            line: pair,
-            at: 0,
-        };
-        let dq = head.rows_mut(dq, d);
-        product_into(
-            &mut self.tiles,
-            &mut self.out,
-            [left, right],
-            (head.rows, d.hd),
-            dq,
-        );
-        // dkᵀ += qᵀ ds and dvᵀ += d_outᵀ p, over the span's rows.
-        let width = self.width();
-        let sizes = |pairs: &Packed| (whole(d.hd), whole(head.keys), pairs.lines());
+        self.span_rows
+            .rows(span_values(head, ds), first_pair(head).1, head.rows);
+        let dq = head.rows_mut(dq, self.inputs.d);
+        let sides = [&self.span_rows, &self.k_pairs];
+        over_keys(&mut self.tiles, &mut self.out, sides, head, dq);
+        // dkᵀ += qᵀ ds and dvᵀ += d_outᵀ p, over the span's rows, into the
+        // span's keys' columns.
+        let (hd, width) = (whole(self.inputs.d.hd), self.width());
         for (values, columns, sums) in [
             (ds, &self.q_columns, &mut self.dk_t),
             (p, &self.d_out_columns, &mut self.dv_t),
         ] {
-            self.span_pairs
-                .row_pairs(span_values(head, values), head.rows.div_ceil(2));
-            let left = Operand {
-                packed: columns,
-                line: 0,
-                at: head.first_row / 2,
-            };
-            let right = Operand {
-                packed: &self.span_pairs,
-                line: 0,
-                at: 0,
-            };
+            let pairs = &mut self.span_pairs;
+            pairs.row_pairs(span_values(head, values), head.rows.div_ceil(2));
+            let left = Operand::from(columns, 0, head.first_row / 2);
+            let right = Operand::from(pairs, 0, 0);
+            let sizes = (hd, whole(head.keys), pairs.lines());
             let out = &mut sums[head.first_key..];
-            product(
-                &mut self.tiles,
-                left,
-                right,
-                sizes(&self.span_pairs),
-                out,
-                width,
-                true,
-            );
+            product(&mut self.tiles, left, right, sizes, out, width, true);
         }
     }
 
@@ -403,15 +371,8 @@ mod tests {
                 let d_out = randn(&[b, kv, t * g, hd], 4);
                 let spans = Spans::of_mask(mask, *chunk).unwrap();
                 let attend = Attend {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    shared: None,
-                    mask,
-                    spans: &spans,
-                    softcap: None,
-                    groups: g,
                     low_precision: true,
+                    ..Attend::plain([&q, &k, &v], mask, &spans, g)
                 };
                 let (out, probs) = forward_on(&attend, exact).unwrap().unwrap();
                 let want = backward_on(&attend, Some(&probs), &d_out, exact)

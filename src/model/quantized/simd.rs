@@ -80,18 +80,9 @@ impl<T: Copy + Default> CacheAligned<T> {
     /// `len` zeros (`T::default()`) starting on a cache line, reusing the
     /// buffer's memory where it is large enough.
     pub(crate) fn zeroed(&mut self, len: usize) -> &mut [T] {
-        let slack = CACHE_LINE / std::mem::size_of::<T>().max(1);
-        self.storage.clear();
-        self.storage.resize(len + slack, T::default());
-        // `T`'s alignment divides 64 for the integer and float types the
-        // kernels use, so the offset is below `slack`; were it not, the
-        // buffer would start unaligned, which is slower but correct.
-        self.start = match self.storage.as_ptr().align_offset(CACHE_LINE) {
-            offset if offset < slack => offset,
-            _ => 0,
-        };
-        self.len = len;
-        &mut self.storage[self.start..self.start + len]
+        let values = self.reused(len);
+        values.fill(T::default());
+        values
     }
 
     /// `len` values starting on a cache line, reusing the buffer's memory
@@ -102,6 +93,9 @@ impl<T: Copy + Default> CacheAligned<T> {
         if self.storage.len() < len + slack {
             self.storage.resize(len + slack, T::default());
         }
+        // `T`'s alignment divides 64 for the integer and float types the
+        // kernels use, so the offset is below `slack`; were it not, the
+        // buffer would start unaligned, which is slower but correct.
         self.start = match self.storage.as_ptr().align_offset(CACHE_LINE) {
             offset if offset < slack => offset,
             _ => 0,

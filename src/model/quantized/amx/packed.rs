@@ -153,6 +153,13 @@ pub(crate) struct Operand<'a> {
     pub(crate) at: usize,
 }
 
+impl<'a> Operand<'a> {
+    /// `packed` from line `line`, u32 `at` of each line on.
+    pub(crate) fn from(packed: &'a Packed, line: usize, at: usize) -> Self {
+        Self { packed, line, at }
+    }
+}
+
 /// `out = left · right` (or `+=` with `accumulate`): `rows × cols` outputs
 /// (rows `out_stride` values apart), summed over `pairs` pairs of the
 /// contraction, all three multiples of 16. `left`'s lines are the
