@@ -268,13 +268,11 @@ pub(super) fn backward_on(
             vec![0f32; v.len()],
         );
         let (mut scratch, mut d_scores) = (Vec::new(), Vec::new());
+        let phase = Phase::Backward {
+            probs_kept: probs.is_some(),
+        };
         for bh in 0..d.b * d.kv {
-            products.head(
-                bh,
-                Phase::Backward {
-                    probs_kept: x.len() > 5,
-                },
-            );
+            products.head(bh, phase);
             for (i, span) in spans.iter().enumerate() {
                 let size = span.queries.len() * d.g * span.keys.len();
                 let head = Head::new(d, bh, span);

@@ -24,6 +24,14 @@ use super::Span;
 use crate::model::quantized::amx::packed::{product, transpose_f32, Operand, Packed, Rows};
 use crate::model::quantized::amx::{Amx, TileConfig, Tiles, TILE_ROWS};
 
+/// Whether the CPU multiplies a bf16 base on AMX tiles: the attention goes
+/// there too where the weights' products do.
+fn on_tiles() -> bool {
+    crate::cpu::features()
+        .bf16_kernel()
+        .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
+}
+
 /// A size rounded up to whole tiles.
 fn whole(n: usize) -> usize {
     n.next_multiple_of(TILE_ROWS)
@@ -62,8 +70,7 @@ impl<'a> TileProducts<'a> {
     /// The products of an attention over `inputs` in `spans`, where this
     /// thread may use AMX-BF16 tiles and every span starts on an even row.
     pub(super) fn new(inputs: Inputs<'a>, spans: &[&Span]) -> Option<Self> {
-        let cpu = crate::cpu::features();
-        if !(cpu.amx_bf16 && crate::cpu::amx_permitted()) {
+        if !on_tiles() {
             return None;
         }
         Self::on(Amx::new(TileConfig::full())?, inputs, spans)
@@ -344,7 +351,7 @@ mod tests {
     /// probabilities kept or made again.
     #[test]
     fn tile_products_follow_the_exact_ones() {
-        let amx = crate::cpu::features().amx_bf16 && crate::cpu::amx_permitted();
+        let amx = on_tiles();
         if !amx {
             eprintln!("this CPU has no usable AMX-BF16: the products run on the emulator only");
         }

@@ -30,6 +30,8 @@ pub(crate) const TILE_ROWS: usize = 16;
 /// The most bytes of a tile's row: 16 f32 or u32 values, 32 bf16 values, 64
 /// bytes.
 pub(super) const TILE_ROW_BYTES: usize = 64;
+/// The u32s of a tile's row: 16 pairs of bf16 values.
+pub(crate) const TILE_PAIRS: usize = TILE_ROW_BYTES / 4;
 
 /// The tile registers, `T` (0 to 7), each configured to a number of rows
 /// of a number of bytes ([`TileConfig`]). Kernels load and store through

@@ -15,10 +15,7 @@
 //! other side of the same contraction).
 
 use super::super::simd::CacheAligned;
-use super::{load, store, Tiles, TILE_ROWS};
-
-/// u32s in a tile's line: 16 pairs, 32 bf16 values.
-pub(crate) const LINE: usize = 16;
+use super::{load, store, Tiles, TILE_PAIRS, TILE_ROWS};
 
 /// A bf16 matrix laid out for one side of a tile product: `lines` lines of
 /// `width` u32 pairs, both multiples of 16, zero past the packed values.
@@ -79,7 +76,7 @@ impl Packed {
     /// tiles), holding whatever it held: the packing writes every value.
     fn reset(&mut self, lines: usize, width: usize) -> &mut [u32] {
         self.lines = lines.next_multiple_of(TILE_ROWS);
-        self.width = width.next_multiple_of(LINE);
+        self.width = width.next_multiple_of(TILE_PAIRS);
         self.buffer.reused(self.lines * self.width)
     }
 
@@ -90,7 +87,7 @@ impl Packed {
     pub(crate) fn rows(&mut self, x: Rows, lead: usize, lines: usize) {
         assert!(lead <= 1 && lines >= x.rows);
         let pairs = (lead + x.cols).div_ceil(2);
-        let width = pairs.next_multiple_of(LINE);
+        let width = pairs.next_multiple_of(TILE_PAIRS);
         let out = self.reset(lines, width);
         out[x.rows * width..].fill(0);
         let mut shifted = Vec::new();
@@ -115,7 +112,7 @@ impl Packed {
     /// right side of a product over `x`'s rows.
     pub(crate) fn row_pairs(&mut self, x: Rows, lines: usize) {
         assert!(2 * lines >= x.rows);
-        let width = x.cols.next_multiple_of(LINE);
+        let width = x.cols.next_multiple_of(TILE_PAIRS);
         let out = self.reset(lines, width);
         let pairs = x.rows.div_ceil(2);
         out[pairs * width..].fill(0);
@@ -194,7 +191,7 @@ pub(crate) fn product(
                     at: right.at + c,
                     ..right
                 },
-                steps: pairs / LINE,
+                steps: pairs / TILE_PAIRS,
                 out: r * out_stride + c,
                 out_stride,
                 accumulate,
@@ -254,8 +251,8 @@ impl Block<'_> {
         let (lw, rw) = (l.width, r.width);
         let (lv, rv) = (l.values(), r.values());
         for s in 0..self.steps {
-            let a = self.left.line * lw + self.left.at + s * LINE;
-            let b = (self.right.line + s * LINE) * rw + self.right.at;
+            let a = self.left.line * lw + self.left.at + s * TILE_PAIRS;
+            let b = (self.right.line + s * TILE_PAIRS) * rw + self.right.at;
             load::<_, 4, _>(t, lv, a, lw);
             load::<_, 6, _>(t, rv, b, rw);
             t.dot_bf16::<0, 4, 6>();

@@ -16,7 +16,7 @@
 //! for four tile loads), and is written out once, through a stored copy,
 //! so that the output needs no padding.
 
-use super::super::amx::{load, store, StoredTiles, Tiles, TILE_ROWS};
+use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{CacheAligned, OutColumns};
 use super::pack::pack;
 use super::{to_bf16_rows, Bf16Weight, NR};
@@ -25,8 +25,6 @@ use super::{to_bf16_rows, Bf16Weight, NR};
 /// columns is a multiple of it. Over a contraction of 1536 the packed
 /// block is 192 KB, in L2.
 pub(super) const COLUMN_BLOCK: usize = 2 * NR;
-/// Pairs of the contraction in a tile's row.
-const TILE_PAIRS: usize = 16;
 
 /// `x Wᵀ` or, with `input_gradient`, `dy W`, into `out`'s columns, on
 /// `tiles`: what [`super::product`] computes on one thread.

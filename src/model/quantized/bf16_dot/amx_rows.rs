@@ -16,13 +16,13 @@
 //! and whose row count is a multiple of 16, as every model's projections
 //! are ([`reads_rows`]); others go to the packed kernel (`amx.rs`).
 
-use super::super::amx::{load, store, StoredTiles, Tiles, TILE_ROWS};
+use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{CacheAligned, OutColumns};
 use super::Bf16Weight;
 use std::ops::Range;
 
 /// Values of the contraction in a tile's row.
-const TILE_VALUES: usize = 32;
+const TILE_VALUES: usize = 2 * TILE_PAIRS;
 /// The weight's rows multiplied with each 32 rows of `x` in turn: over a
 /// contraction of 576 they are 288 KB, read from L2 while `x`'s 32 rows
 /// stay in L1, and the output is written 256 columns of 32 rows at a time.
