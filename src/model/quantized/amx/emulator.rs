@@ -146,7 +146,7 @@ mod tests {
     /// first and 2 in the second, so `C[m][n] = start + 16·((m + 1)·n + 1)`.
     #[test]
     fn a_bf16_tile_product_sums_pairs_over_the_contraction() {
-        let bf = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+        let bf = crate::model::quantized::bf16_dot::bf16_bits;
         let a: Vec<u32> = (0..256)
             .map(|i| bf((i / 16 + 1) as f32) | bf(0.5) << 16)
             .collect();

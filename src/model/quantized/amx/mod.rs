@@ -449,7 +449,7 @@ mod tests {
             (0..256)
                 .map(|_| match bf16 {
                     true => {
-                        let bf = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+                        let bf = super::super::bf16_dot::bf16_bits;
                         bf(rng.normal()) | bf(rng.normal()) << 16
                     }
                     false => rng.next_u64() as u32,

@@ -288,7 +288,7 @@ fn interleave(first: &[f32], second: Option<&[f32]>, out: &mut [u32]) {
         // SAFETY: the CPU has AVX-512 F and AVX512_BF16 (checked just above).
         return unsafe { interleave_avx512(first, second, out) };
     }
-    let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+    let bits = super::super::bf16_dot::bf16_bits;
     for (c, o) in out.iter_mut().enumerate() {
         *o = bits(first[c]) | second.map_or(0, |s| bits(s[c]) << 16);
     }

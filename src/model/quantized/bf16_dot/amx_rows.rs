@@ -18,7 +18,7 @@
 
 use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{CacheAligned, OutColumns};
-use super::Bf16Weight;
+use super::{bf16_bits, Bf16Weight};
 use std::ops::Range;
 
 /// Values of the contraction in a tile's row.
@@ -230,8 +230,7 @@ fn to_pair_columns(x: &[f32], m: usize, k: usize, columns: &mut [u32]) {
         } else {
             for (c, row) in rows.chunks_exact(k).enumerate() {
                 for (s, pair) in row.chunks_exact(2).enumerate() {
-                    let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
-                    block[s * TILE_ROWS + c] = bits(pair[0]) | bits(pair[1]) << 16;
+                    block[s * TILE_ROWS + c] = bf16_bits(pair[0]) | bf16_bits(pair[1]) << 16;
                 }
             }
         }

@@ -151,13 +151,17 @@ pub(crate) fn vector_rounding() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
+/// `v` rounded to bf16 (to nearest, ties to even), its 16 bits in the low
+/// half of a u32: the value-by-value rounding every portable path and the
+/// tests' references share.
+pub(crate) fn bf16_bits(v: f32) -> u32 {
+    half::bf16::from_f32(v).to_bits() as u32
+}
+
 /// [`to_bf16_pairs`] value by value, for CPUs without AVX512_BF16 (where
 /// only the tests run the AMX kernel, on its emulator).
 fn to_bf16_pairs_portable(x: &[f32], out: &mut [u32]) {
-    let bits = |i: usize| {
-        x.get(i)
-            .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32)
-    };
+    let bits = |i: usize| x.get(i).map_or(0, |&v| bf16_bits(v));
     for (j, o) in out.iter_mut().enumerate() {
         *o = bits(2 * j) | bits(2 * j + 1) << 16;
     }
