@@ -110,6 +110,68 @@ impl<T: Copy + Default> CacheAligned<T> {
     }
 }
 
+/// A [`CacheAligned`] buffer of u32s taken from this thread's pool and
+/// given back when dropped, so that a kernel called again and again (every
+/// product of a training step) writes into memory it wrote before, still in
+/// the cache, instead of a new allocation.
+pub(crate) struct Pooled(Option<CacheAligned<u32>>);
+
+thread_local! {
+    /// This thread's buffers not in use, the last given back on top.
+    static POOL: std::cell::RefCell<Vec<CacheAligned<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers a thread keeps: more are dropped when given back.
+const POOLED: usize = 4;
+
+impl Pooled {
+    /// A buffer from this thread's pool (an empty one where none is free).
+    pub(crate) fn take() -> Self {
+        // (`try_with`: while the thread's locals are being torn down, a
+        // new buffer.)
+        let pooled = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
+        Self(Some(pooled.unwrap_or_else(CacheAligned::new)))
+    }
+}
+
+/// Fills every buffer this thread's pool can hold with NaN pairs, `len`
+/// of them each: a kernel that reads a value it did not write then gets NaN
+/// where it expected a zero, which its tests see.
+#[cfg(test)]
+pub(crate) fn poison_pool(len: usize) {
+    let buffers: Vec<Pooled> = (0..POOLED).map(|_| Pooled::take()).collect();
+    for mut buffer in buffers {
+        buffer.reused(len).fill(0x7fc0_7fc0);
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = CacheAligned<u32>;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.0.take() {
+            // Dropped, not pooled, while the thread's locals are torn down.
+            let _ = POOL.try_with(|p| {
+                let mut pool = p.borrow_mut();
+                if pool.len() < POOLED {
+                    pool.push(buffer);
+                }
+            });
+        }
+    }
+}
+
 /// A packed block of a product's weight: its first output column and its
 /// columns, its first unit of the contraction (a pair of values for the
 /// bf16 kernel, a group for the int8 one) and its units, and the packed
@@ -337,6 +399,27 @@ pub(crate) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buffer given back is the next one taken on the same thread, with
+    /// its memory and its values; other threads have their own; and the
+    /// pool keeps at most [`POOLED`] buffers.
+    #[test]
+    fn a_buffer_given_back_is_taken_again() {
+        let mut first = Pooled::take();
+        first.reused(100).fill(7);
+        let at = first.values().as_ptr();
+        drop(first);
+        let mut again = Pooled::take();
+        assert_eq!(again.reused(100).as_ptr(), at);
+        assert!(again.values().iter().all(|&v| v == 7));
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(Pooled::take().values().is_empty()));
+        });
+        drop(again);
+        let many: Vec<Pooled> = (0..POOLED + 3).map(|_| Pooled::take()).collect();
+        drop(many);
+        assert_eq!(POOL.with(|p| p.borrow().len()), POOLED);
+    }
 
     /// Every buffer starts on a cache line and holds zeros, whatever the
     /// element's size and length, and again when it is reused with values

@@ -17,7 +17,7 @@
 //! so that the output needs no padding.
 
 use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
-use super::super::simd::{CacheAligned, OutColumns};
+use super::super::simd::{OutColumns, Pooled};
 use super::pack::pack;
 use super::{to_bf16_rows, Bf16Weight, NR};
 
@@ -43,12 +43,18 @@ pub(super) fn serial(
         pairs.next_multiple_of(TILE_PAIRS),
     );
     assert_eq!(out.rows(), m);
-    let mut buffer = CacheAligned::new();
-    let rows = buffer.zeroed(rows_padded * row_stride);
+    let mut buffer = Pooled::take();
+    let rows = buffer.reused(rows_padded * row_stride);
     to_bf16_rows(x, q, row_stride, rows);
+    // Zeros past each row's pairs and in the rows past `m`.
+    let (written_rows, padding_rows) = rows.split_at_mut(m * row_stride);
+    for row in written_rows.chunks_exact_mut(row_stride) {
+        row[pairs..].fill(0);
+    }
+    padding_rows.fill(0);
     let rows = &*rows;
     let steps = pairs.div_ceil(TILE_PAIRS);
-    let mut packed = CacheAligned::new();
+    let mut packed = Pooled::take();
     let mut written = StoredTiles::new();
     let cols = out.cols();
     for col in cols.clone().step_by(COLUMN_BLOCK) {

@@ -17,7 +17,7 @@
 //! are ([`reads_rows`]); others go to the packed kernel (`amx.rs`).
 
 use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
-use super::super::simd::{CacheAligned, OutColumns};
+use super::super::simd::{OutColumns, Pooled};
 use super::{bf16_bits, Bf16Weight};
 use std::ops::Range;
 
@@ -53,8 +53,8 @@ pub(super) fn forward(
     assert!(cols.start.is_multiple_of(TILE_ROWS) && cols.end.is_multiple_of(TILE_ROWS));
     let pairs = k / 2;
     let blocks = m.div_ceil(TILE_ROWS);
-    let mut buffer = CacheAligned::new();
-    let columns = buffer.zeroed(blocks * pairs * TILE_ROWS);
+    let mut buffer = Pooled::take();
+    let columns = buffer.reused(blocks * pairs * TILE_ROWS);
     to_pair_columns(x, m, k, columns);
     let columns = &*columns;
     let steps = k / TILE_VALUES;
@@ -217,7 +217,7 @@ impl Block<'_> {
 }
 
 /// `x`'s `m` rows of `k` values rounded to bf16 pairs, in blocks of 16 rows
-/// (the last padded with zero rows): pair `s` of block `b`'s row `c` at
+/// (the last padded with zero rows), written over every value of `columns`: pair `s` of block `b`'s row `c` at
 /// `(b · k/2 + s) · 16 + c`, so that 16 pairs of a block are one tile.
 fn to_pair_columns(x: &[f32], m: usize, k: usize, columns: &mut [u32]) {
     let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
@@ -228,6 +228,7 @@ fn to_pair_columns(x: &[f32], m: usize, k: usize, columns: &mut [u32]) {
             // SAFETY: the CPU has AVX512_BF16 (checked just above).
             unsafe { to_pair_columns_avx512(rows, k, block) };
         } else {
+            block.fill(0);
             for (c, row) in rows.chunks_exact(k).enumerate() {
                 for (s, pair) in row.chunks_exact(2).enumerate() {
                     block[s * TILE_ROWS + c] = bf16_bits(pair[0]) | bf16_bits(pair[1]) << 16;

@@ -317,6 +317,8 @@ mod tests {
                 let (q, p) = w.sides(input_gradient);
                 let x = random(m * q, &mut rng);
                 let mut out = vec![f32::NAN; m * p];
+                // Reused scratch holds NaNs: none may reach the product.
+                super::super::simd::poison_pool(1 << 18);
                 run(&x, m, w, input_gradient, &mut out);
                 let want = reference(&x, m, w, input_gradient);
                 // f32 sums of q exact products: a few ulp of the sum's

@@ -26,11 +26,16 @@ pub(super) fn pack(
     let padded = depth.next_multiple_of(whole_steps);
     let panels = cols.len().div_ceil(NR);
     let vector = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-    let packed = packed.zeroed(panels * padded * NR);
+    let packed = packed.reused(panels * padded * NR);
     for (j, panel) in packed.chunks_exact_mut(padded * NR).enumerate() {
-        let panel = &mut panel[..depth * NR];
+        let (panel, padding) = panel.split_at_mut(depth * NR);
+        padding.fill(0);
         let first = cols.start + j * NR;
         let width = NR.min(cols.end - first);
+        // The packers write a step's first `width` columns only.
+        if width < NR {
+            panel.fill(0);
+        }
         match (input_gradient, w.k.is_multiple_of(2) && vector, vector) {
             // SAFETY: the CPU has AVX-512 F and BW (checked above); the
             // panel and the weight's bounds are checked inside.
