@@ -19,7 +19,7 @@
 use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{OutColumns, Pooled};
 use super::pack::pack;
-use super::{to_bf16_rows, Bf16Weight, NR};
+use super::{to_bf16_rows, Ahead, Bf16Weight, NR};
 
 /// Output columns packed at a time (two panels): a thread's share of the
 /// columns is a multiple of it. Over a contraction of 1536 the packed
@@ -57,8 +57,18 @@ pub(super) fn serial(
     let mut packed = Pooled::take();
     let mut written = StoredTiles::new();
     let cols = out.cols();
+    let runs_per_block = rows_padded.div_ceil(2 * TILE_ROWS) * COLUMN_BLOCK.div_ceil(NR);
     for col in cols.clone().step_by(COLUMN_BLOCK) {
         let block_cols = col..(col + COLUMN_BLOCK).min(cols.end);
+        let next_cols = block_cols.end..(block_cols.end + COLUMN_BLOCK).min(cols.end);
+        // The input gradient's next block: those columns of every row. (The
+        // forward products packed here, of weights not in whole tiles, ask
+        // for nothing.)
+        let (ahead_rows, ahead_cols) = match input_gradient {
+            true => (0..w.n, next_cols),
+            false => (0..0, 0..0),
+        };
+        let mut ahead = Ahead::new(w, ahead_rows, ahead_cols, runs_per_block * steps);
         crate::profile::time(crate::profile::Stage::RepackWeight, || {
             pack(
                 w,
@@ -95,10 +105,10 @@ pub(super) fn serial(
                     direct,
                 };
                 match (two_rows, width > TILE_ROWS) {
-                    (true, true) => block.run::<_, true, true>(tiles, sink),
-                    (true, false) => block.run::<_, true, false>(tiles, sink),
-                    (false, true) => block.run::<_, false, true>(tiles, sink),
-                    (false, false) => block.run::<_, false, false>(tiles, sink),
+                    (true, true) => block.run::<_, true, true>(tiles, sink, &mut ahead),
+                    (true, false) => block.run::<_, true, false>(tiles, sink, &mut ahead),
+                    (false, true) => block.run::<_, false, true>(tiles, sink, &mut ahead),
+                    (false, false) => block.run::<_, false, false>(tiles, sink, &mut ahead),
                 }
                 for (t, tile) in written.tiles.iter().enumerate() {
                     let (r, c) = (row + (t / 2) * TILE_ROWS, first_col + (t % 2) * TILE_ROWS);
@@ -158,13 +168,19 @@ impl Block<'_> {
     /// Runs the block into `sink`: two row tiles where `TWO_ROWS`, two
     /// column tiles (the panel's halves) where `TWO_COLS`.
     #[inline(always)]
-    fn run<U: Tiles, const TWO_ROWS: bool, const TWO_COLS: bool>(&self, t: &mut U, mut sink: Sink) {
+    fn run<U: Tiles, const TWO_ROWS: bool, const TWO_COLS: bool>(
+        &self,
+        t: &mut U,
+        mut sink: Sink,
+        ahead: &mut Ahead,
+    ) {
         t.zero::<0>();
         t.zero::<1>();
         t.zero::<2>();
         t.zero::<3>();
         let a_below = self.a + TILE_ROWS * self.row_stride;
         for s in 0..self.steps {
+            ahead.step();
             let (a, b) = (s * TILE_PAIRS, s * TILE_PAIRS * NR);
             load::<_, 4, _>(t, self.rows, self.a + a, self.row_stride);
             load::<_, 6, _>(t, self.panel, b, NR);

@@ -18,7 +18,7 @@
 
 use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{OutColumns, Pooled};
-use super::{bf16_bits, Bf16Weight};
+use super::{bf16_bits, Ahead, Bf16Weight};
 use std::ops::Range;
 
 /// Values of the contraction in a tile's row.
@@ -65,6 +65,10 @@ pub(super) fn forward(
     let mut pending: Option<Stored> = None;
     for rows in cols.clone().step_by(WEIGHT_ROWS) {
         let rows = rows..(rows + WEIGHT_ROWS).min(cols.end);
+        // The next rows of the weight, whole, while these multiply.
+        let next = rows.end..(rows.end + WEIGHT_ROWS).min(cols.end);
+        let runs = blocks.div_ceil(2) * rows.len().div_ceil(2 * TILE_ROWS);
+        let mut ahead = Ahead::new(w, next, 0..k, runs * steps);
         for block in (0..blocks).step_by(2) {
             let two_blocks = block + 2 <= blocks;
             for row in rows.clone().step_by(2 * TILE_ROWS) {
@@ -91,10 +95,18 @@ pub(super) fn forward(
                 };
                 let interleaved = &mut write_before;
                 match (two_rows, two_blocks) {
-                    (true, true) => tiles_block.run::<_, true, true>(tiles, into, interleaved),
-                    (true, false) => tiles_block.run::<_, true, false>(tiles, into, interleaved),
-                    (false, true) => tiles_block.run::<_, false, true>(tiles, into, interleaved),
-                    (false, false) => tiles_block.run::<_, false, false>(tiles, into, interleaved),
+                    (true, true) => {
+                        tiles_block.run::<_, true, true>(tiles, into, interleaved, &mut ahead)
+                    }
+                    (true, false) => {
+                        tiles_block.run::<_, true, false>(tiles, into, interleaved, &mut ahead)
+                    }
+                    (false, true) => {
+                        tiles_block.run::<_, false, true>(tiles, into, interleaved, &mut ahead)
+                    }
+                    (false, false) => {
+                        tiles_block.run::<_, false, false>(tiles, into, interleaved, &mut ahead)
+                    }
                 }
                 let stored = Stored {
                     buffer,
@@ -169,6 +181,7 @@ impl Block<'_> {
         t: &mut U,
         written: &mut StoredTiles,
         interleaved: &mut impl FnMut(usize),
+        ahead: &mut Ahead,
     ) {
         t.zero::<0>();
         t.zero::<1>();
@@ -183,6 +196,7 @@ impl Block<'_> {
                 interleaved(done);
                 done += 1;
             }
+            ahead.step();
             let (a, b) = (s * TILE_VALUES, s * TILE_ROWS * TILE_ROWS);
             load::<_, 4, _>(t, self.w, self.a + a, k);
             load::<_, 6, _>(t, self.columns, self.b + b, TILE_ROWS);

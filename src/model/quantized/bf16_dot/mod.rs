@@ -79,6 +79,58 @@ impl Bf16Weight<'_> {
     }
 }
 
+/// Lines of a weight that a product will read next, asked for (into L2) a
+/// few rows at a time between the tile products of what it reads now: a
+/// weight comes from memory once per product, and its next block then
+/// arrives while the tiles multiply rather than while the packer or the
+/// tiles wait for it.
+pub(super) struct Ahead<'a> {
+    w: Bf16Weight<'a>,
+    /// The rows to ask for: the next one, the end, and how many per step.
+    next: usize,
+    end: usize,
+    per_step: usize,
+    /// The columns to ask for, in bytes from a row's start.
+    bytes: std::ops::Range<usize>,
+}
+
+impl<'a> Ahead<'a> {
+    /// `w`'s columns `cols` in its rows `rows`, spread over `steps` calls of
+    /// [`Ahead::step`].
+    pub(super) fn new(
+        w: Bf16Weight<'a>,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        steps: usize,
+    ) -> Self {
+        let size = std::mem::size_of::<u16>();
+        let rows = rows.start.min(w.n)..rows.end.min(w.n);
+        Self {
+            w,
+            next: rows.start,
+            end: rows.end,
+            per_step: rows.len().div_ceil(steps.max(1)),
+            bytes: cols.start.min(w.k) * size..cols.end.min(w.k) * size,
+        }
+    }
+
+    /// Asks for the lines of the next few rows.
+    #[inline(always)]
+    pub(super) fn step(&mut self) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let end = (self.next + self.per_step).min(self.end);
+        for r in self.next..end {
+            let row = self.w.values[r * self.w.k..].as_ptr().cast::<u8>();
+            for at in self.bytes.clone().step_by(super::simd::CACHE_LINE) {
+                // SAFETY: an address inside the weight's row; a prefetch
+                // reads nothing.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(row.add(at).cast()) };
+            }
+        }
+        self.next = end;
+    }
+}
+
 /// `x Wᵀ` (`x`: `[m, k]` → `[m, n]`) or, with `input_gradient`, `dy W`
 /// (`dy`: `[m, n]` → `[m, k]`), into `out`, on a CPU with AVX512_BF16 (on
 /// its AMX-BF16 tiles where it has them too). Rows are split over threads
@@ -278,6 +330,28 @@ mod tests {
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_bits())
             .collect()
+    }
+
+    /// [`Ahead`] asks for its rows over the steps it was given, and no
+    /// further: rows and columns past the weight's edge are left out.
+    #[test]
+    fn ahead_covers_its_rows_in_its_steps() {
+        let values = vec![0u16; 20 * 70];
+        let w = Bf16Weight {
+            values: &values,
+            n: 20,
+            k: 70,
+        };
+        let mut ahead = Ahead::new(w, 3..17, 40..90, 5);
+        assert_eq!((ahead.per_step, ahead.bytes.clone()), (3, 80..140));
+        for _ in 0..5 {
+            ahead.step();
+        }
+        assert_eq!(ahead.next, 17);
+        ahead.step();
+        assert_eq!(ahead.next, 17, "nothing past its rows");
+        let past = Ahead::new(w, 18..30, 0..70, 1);
+        assert_eq!((past.next, past.end), (18, 20));
     }
 
     /// Whether the kernel's tests can run here; says why not where not.
