@@ -45,7 +45,22 @@ pub(super) fn serial(
     assert_eq!(out.rows(), m);
     let mut buffer = Pooled::take();
     let rows = buffer.reused(rows_padded * row_stride);
-    to_bf16_rows(x, q, row_stride, rows);
+    // Rounded 16 rows at a time, while the input gradient's first block of
+    // the weight is asked for.
+    let cols = out.cols();
+    let first = cols.start..(cols.start + COLUMN_BLOCK).min(cols.end);
+    let (ahead_rows, ahead_cols) = match input_gradient {
+        true => (0..w.n, first),
+        false => (0..0, 0..0),
+    };
+    let mut ahead = Ahead::new(w, ahead_rows, ahead_cols, m.div_ceil(TILE_ROWS));
+    for (x, rows) in x
+        .chunks(TILE_ROWS * q)
+        .zip(rows.chunks_mut(TILE_ROWS * row_stride))
+    {
+        to_bf16_rows(x, q, row_stride, rows);
+        ahead.step();
+    }
     // Zeros past each row's pairs and in the rows past `m`.
     let (written_rows, padding_rows) = rows.split_at_mut(m * row_stride);
     for row in written_rows.chunks_exact_mut(row_stride) {
@@ -56,7 +71,6 @@ pub(super) fn serial(
     let steps = pairs.div_ceil(TILE_PAIRS);
     let mut packed = Pooled::take();
     let mut written = StoredTiles::new();
-    let cols = out.cols();
     let runs_per_block = rows_padded.div_ceil(2 * TILE_ROWS) * COLUMN_BLOCK.div_ceil(NR);
     for col in cols.clone().step_by(COLUMN_BLOCK) {
         let block_cols = col..(col + COLUMN_BLOCK).min(cols.end);

@@ -55,7 +55,10 @@ pub(super) fn forward(
     let blocks = m.div_ceil(TILE_ROWS);
     let mut buffer = Pooled::take();
     let columns = buffer.reused(blocks * pairs * TILE_ROWS);
-    to_pair_columns(x, m, k, columns);
+    // The weight's first rows (read from memory while `x` is rounded).
+    let first = cols.start..(cols.start + WEIGHT_ROWS).min(cols.end);
+    let mut ahead = Ahead::new(w, first, 0..k, blocks);
+    to_pair_columns(x, m, k, columns, &mut ahead);
     let columns = &*columns;
     let steps = k / TILE_VALUES;
     // Each block's tiles are stored to one of two buffers and written out
@@ -231,12 +234,14 @@ impl Block<'_> {
 }
 
 /// `x`'s `m` rows of `k` values rounded to bf16 pairs, in blocks of 16 rows
-/// (the last padded with zero rows), written over every value of `columns`: pair `s` of block `b`'s row `c` at
+/// (the last padded with zero rows), written over every value of `columns`
+/// (with a step of `ahead` per block): pair `s` of block `b`'s row `c` at
 /// `(b · k/2 + s) · 16 + c`, so that 16 pairs of a block are one tile.
-fn to_pair_columns(x: &[f32], m: usize, k: usize, columns: &mut [u32]) {
+fn to_pair_columns(x: &[f32], m: usize, k: usize, columns: &mut [u32], ahead: &mut Ahead) {
     let _profile = crate::profile::open(crate::profile::Stage::RoundRows);
     let pairs = k / 2;
     for (b, block) in columns.chunks_exact_mut(pairs * TILE_ROWS).enumerate() {
+        ahead.step();
         let rows = &x[b * TILE_ROWS * k..((b + 1) * TILE_ROWS).min(m) * k];
         if super::vector_rounding() {
             // SAFETY: the CPU has AVX512_BF16 (checked just above).
