@@ -20,6 +20,7 @@ use super::super::amx::{load, store, StoredTiles, Tiles, TILE_PAIRS, TILE_ROWS};
 use super::super::simd::{OutColumns, Pooled};
 use super::pack::pack;
 use super::{to_bf16_rows, Ahead, Bf16Weight, NR};
+use std::ops::Range;
 
 /// Output columns packed at a time (two panels): a thread's share of the
 /// columns is a multiple of it. Over a contraction of 1536 the packed
@@ -49,11 +50,7 @@ pub(super) fn serial(
     // the weight is asked for.
     let cols = out.cols();
     let first = cols.start..(cols.start + COLUMN_BLOCK).min(cols.end);
-    let (ahead_rows, ahead_cols) = match input_gradient {
-        true => (0..w.n, first),
-        false => (0..0, 0..0),
-    };
-    let mut ahead = Ahead::new(w, ahead_rows, ahead_cols, m.div_ceil(TILE_ROWS));
+    let mut ahead = block_ahead(w, input_gradient, first, m.div_ceil(TILE_ROWS));
     for (x, rows) in x
         .chunks(TILE_ROWS * q)
         .zip(rows.chunks_mut(TILE_ROWS * row_stride))
@@ -75,14 +72,7 @@ pub(super) fn serial(
     for col in cols.clone().step_by(COLUMN_BLOCK) {
         let block_cols = col..(col + COLUMN_BLOCK).min(cols.end);
         let next_cols = block_cols.end..(block_cols.end + COLUMN_BLOCK).min(cols.end);
-        // The input gradient's next block: those columns of every row. (The
-        // forward products packed here, of weights not in whole tiles, ask
-        // for nothing.)
-        let (ahead_rows, ahead_cols) = match input_gradient {
-            true => (0..w.n, next_cols),
-            false => (0..0, 0..0),
-        };
-        let mut ahead = Ahead::new(w, ahead_rows, ahead_cols, runs_per_block * steps);
+        let mut ahead = block_ahead(w, input_gradient, next_cols, runs_per_block * steps);
         crate::profile::time(crate::profile::Stage::RepackWeight, || {
             pack(
                 w,
@@ -138,6 +128,22 @@ pub(super) fn serial(
                 }
             }
         }
+    }
+}
+
+/// The lines the input gradient's packing of the column block `cols` reads
+/// (those columns of every row of the weight), over `steps` steps. The
+/// forward products packed here, of weights not in whole tiles, ask for
+/// nothing.
+fn block_ahead<'a>(
+    w: Bf16Weight<'a>,
+    input_gradient: bool,
+    cols: Range<usize>,
+    steps: usize,
+) -> Ahead<'a> {
+    match input_gradient {
+        true => Ahead::new(w, 0..w.n, cols, steps),
+        false => Ahead::new(w, 0..0, 0..0, steps),
     }
 }
 

@@ -20,6 +20,11 @@
 //!
 //! On a CPU with AMX-BF16, the same rounded rows and packed blocks are
 //! multiplied on tiles instead (`amx.rs`), 16 × 16 outputs per instruction.
+//! There the arithmetic outruns memory: a training step reads every weight
+//! from memory once per product, so the tile kernels ask for the weight's
+//! next block while the tiles multiply ([`Ahead`]), and take their scratch
+//! (rounded rows, packed blocks) from a per-thread pool that is still in
+//! the cache from the previous product.
 
 mod amx;
 mod amx_rows;
