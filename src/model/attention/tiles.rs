@@ -23,14 +23,8 @@ use super::products::{Inputs, Phase, Products};
 use super::Span;
 use crate::model::quantized::amx::packed::{product, transpose_f32, Operand, Packed, Rows};
 use crate::model::quantized::amx::{Amx, TileConfig, Tiles, TILE_ROWS};
-
-/// Whether the CPU multiplies a bf16 base on AMX tiles: the attention goes
-/// there too where the weights' products do.
-fn on_tiles() -> bool {
-    crate::cpu::features()
-        .bf16_kernel()
-        .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
-}
+// The attention goes on the tiles where the weights' products do.
+use crate::model::quantized::bf16_dot::on_tiles;
 
 /// A size rounded up to whole tiles.
 fn whole(n: usize) -> usize {

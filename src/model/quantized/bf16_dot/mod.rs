@@ -54,6 +54,15 @@ pub(super) fn available() -> bool {
     crate::cpu::features().bf16_kernel().is_some()
 }
 
+/// Whether this CPU runs the kernel on its AMX-BF16 tiles: where a bf16
+/// base's products go to `amx.rs` and `amx_rows.rs`, and its attention's
+/// to the tiles as well.
+pub(crate) fn on_tiles() -> bool {
+    crate::cpu::features()
+        .bf16_kernel()
+        .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
+}
+
 /// A bf16 weight `W`: `[n, k]` row-major, as stored (each value the high
 /// half of an f32).
 #[derive(Clone, Copy)]
@@ -156,10 +165,7 @@ pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, 
         out.fill(0.0);
         return;
     }
-    if crate::cpu::features()
-        .bf16_kernel()
-        .is_some_and(crate::cpu::Bf16Kernel::on_tiles)
-    {
+    if on_tiles() {
         let rows_as_tiles = !input_gradient && amx_rows::reads_rows(&w);
         let align = match rows_as_tiles {
             true => 2 * super::amx::TILE_ROWS,
