@@ -16,7 +16,7 @@
 //!   Qwen2.5-0.5B's shapes, batch 8 × 512 and 16 × 1024, LoRA r=16 on all seven
 //!   linears, in the device's default dtype (bf16 on a GPU); and at Qwen3-0.6B's
 //!   and Gemma-3-270M's shapes, batch 4 × 128 and 8 × 256, r=8 (these also run on
-//!   a CPU: `--suite gpu --only 3-`). Peak GPU memory is
+//!   a CPU: `--suite gpu --only 3-`; [`gpu`]). Peak GPU memory is
 //!   the device's used memory, sampled through NVML every 2 ms, above what it
 //!   was before the row opened the GPU: the CUDA context included, as
 //!   `benches/peft_reference.py` measures PyTorch + PEFT.
@@ -30,18 +30,16 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 use tuneforge::data::Example;
 use tuneforge::quantize::BaseDtype;
 use tuneforge::train::optim::AdamW;
 use tuneforge::{
-    device, lora, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model,
-    ModelConfig,
+    lora, DeviceSpec, GenerationConfig, LoadOptions, LoraConfig, Message, Model, ModelConfig,
 };
 
 mod flops;
+mod gpu;
 mod qlora;
 mod table;
 
@@ -115,69 +113,6 @@ const CPU_ROWS: [&str; 15] = [
 /// many-shot prompt as long as the context (about 8,000 tokens) would take
 /// hours, prefilled again for every question.
 const BENCH_MAX_SHOTS: usize = 16;
-
-/// The rows of the `gpu` suite: name, model shape, batch rows, tokens per row,
-/// LoRA rank (on all seven linears).
-type GpuRow = (&'static str, fn() -> ModelConfig, usize, usize, usize);
-const GPU_ROWS: [GpuRow; 8] = [
-    (
-        "smollm2-135m, all-7 r=16, 8 x 512",
-        ModelConfig::smollm2_135m,
-        8,
-        512,
-        16,
-    ),
-    (
-        "smollm2-135m, all-7 r=16, 16 x 1024",
-        ModelConfig::smollm2_135m,
-        16,
-        1024,
-        16,
-    ),
-    (
-        "qwen2.5-0.5b, all-7 r=16, 8 x 512",
-        ModelConfig::qwen2_5_0_5b,
-        8,
-        512,
-        16,
-    ),
-    (
-        "qwen2.5-0.5b, all-7 r=16, 16 x 1024",
-        ModelConfig::qwen2_5_0_5b,
-        16,
-        1024,
-        16,
-    ),
-    // The newer blocks at their real shapes, at the CPU suite's batch sizes.
-    (
-        "qwen3-0.6b, all-7 r=8, 4 x 128",
-        ModelConfig::qwen3_0_6b,
-        4,
-        128,
-        8,
-    ),
-    (
-        "qwen3-0.6b, all-7 r=8, 8 x 256",
-        ModelConfig::qwen3_0_6b,
-        8,
-        256,
-        8,
-    ),
-    (
-        "gemma3-270m, all-7 r=8, 4 x 128",
-        ModelConfig::gemma3_270m,
-        4,
-        128,
-        8,
-    ),
-    (
-        "gemma3-270m, all-7 r=8, 8 x 256",
-        ModelConfig::gemma3_270m,
-        8,
-        256,
-        8,
-    ),
-];
 
 /// The model the `cpu` suite measures unless `--model` names another; the
 /// one whose shapes `--random-weights` draws.
@@ -368,90 +303,22 @@ fn compare_row(
     })
 }
 
-fn gpu_row(&(name, shape, b, s, r): &GpuRow, args: &Args) -> Result<Row> {
-    let device = args.device.open()?;
-    let mut model = Model::random(&shape(), 0, device::default_dtype(&device), &device)?;
-    let lora_config = LoraConfig {
-        r,
-        alpha: 2.0 * r as f64,
-        ..Default::default()
-    };
-    let mut row = train_row(&mut model, name, &lora_config, (b, s), args.reps, false)?;
-    row.model = "random weights".into();
-    Ok(row)
-}
-
-/// Peak GPU memory in use while a row runs: NVML's reading of the device's used
-/// memory, sampled every 2 ms, above the reading taken before the row opened the
-/// GPU. Assumes nothing else runs on that GPU meanwhile.
-struct GpuMemory {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    baseline: u64,
-    sampler: std::thread::JoinHandle<()>,
-}
-
-impl GpuMemory {
-    /// Starts sampling NVML device `index`; `None` where NVML cannot be loaded.
-    fn start(index: u32) -> Option<Self> {
-        let (stop, peak) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sampler = {
-            let (stop, peak) = (stop.clone(), peak.clone());
-            std::thread::spawn(move || {
-                let nvml = nvml_wrapper::Nvml::init().ok();
-                let gpu = nvml.as_ref().and_then(|n| n.device_by_index(index).ok());
-                let used = || {
-                    gpu.as_ref()
-                        .and_then(|g| g.memory_info().ok())
-                        .map(|m| m.used)
-                };
-                let _ = tx.send(used());
-                while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(used().unwrap_or(0), Ordering::Relaxed);
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-            })
-        };
-        let baseline = rx.recv().ok().flatten()?;
-        Some(Self {
-            stop,
-            peak,
-            baseline,
-            sampler,
-        })
-    }
-
-    /// Stops sampling; the peak above the baseline, in MB.
-    fn finish(self) -> f64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.sampler.join();
-        self.peak
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.baseline) as f64
-            / 1e6
-    }
-}
-
 fn run_row(name: &str, args: &Args) -> Result<Row> {
     tuneforge::profile::enable(args.profile);
     let gpu_memory = match args.device {
-        DeviceSpec::Cuda(n) => GpuMemory::start(n as u32),
-        DeviceSpec::Auto => GpuMemory::start(0),
+        DeviceSpec::Cuda(n) => gpu::Memory::start(n as u32),
+        DeviceSpec::Auto => gpu::Memory::start(0),
         _ => None,
     };
     let mut row = match (
-        GPU_ROWS.iter().find(|r| r.0 == name),
+        gpu::ROWS.iter().find(|r| r.0 == name),
         qlora::ROWS.iter().find(|r| r.0 == name),
     ) {
-        (Some(gpu), _) => gpu_row(gpu, args)?,
+        (Some(gpu), _) => gpu::row(gpu, args)?,
         (_, Some(q)) => qlora::row(q, args)?,
         _ => cpu_row(name, args)?,
     };
-    row.peak_gpu_mb = gpu_memory.map(GpuMemory::finish);
+    row.peak_gpu_mb = gpu_memory.map(gpu::Memory::finish);
     row.reps = args.reps;
     if row.model.is_empty() {
         row.model = args.model.clone();
@@ -481,7 +348,7 @@ fn main() -> Result<()> {
                 .collect()
         }
         Suite::Cpu => CPU_ROWS.to_vec(),
-        Suite::Gpu => GPU_ROWS.iter().map(|r| r.0).collect(),
+        Suite::Gpu => gpu::ROWS.iter().map(|r| r.0).collect(),
         Suite::Qlora => qlora::ROWS.iter().map(|r| r.0).collect(),
     };
     let chosen: Vec<&str> = names
