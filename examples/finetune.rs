@@ -121,9 +121,10 @@ struct Args {
     /// keep (a GGUF's blocks as stored), q8_0, q4_k or q4_0.
     #[arg(long)]
     quantize: Option<tuneforge::Quantize>,
-    /// The frozen base's precision: auto (bf16 on CPUs with AMX-BF16 or
-    /// AVX512_BF16 and on GPUs, else f32), f32 or bf16 (on the CPU: the base
-    /// held in bf16, half the memory, multiplied in f32).
+    /// The frozen base's precision: auto (bf16 on GPUs and on CPUs whose
+    /// bf16 products outrun f32: AMX-BF16, or AVX512_BF16 on AMD's Zen 4 and
+    /// later; else f32), f32 or bf16 (on the CPU: the base held in bf16,
+    /// half the memory, multiplied in f32 where the CPU has no fast bf16).
     #[arg(long)]
     dtype: Option<tuneforge::quantize::BaseDtype>,
 }

@@ -36,8 +36,9 @@ struct Args {
     /// blocks as stored), q8_0, q4_k or q4_0.
     #[arg(long, default_value = "none")]
     quantize: tuneforge::Quantize,
-    /// The base's precision: auto (bf16 on CPUs with AMX-BF16 or
-    /// AVX512_BF16 and on GPUs, else f32), f32 or bf16.
+    /// The base's precision: auto (bf16 on GPUs and on CPUs whose bf16
+    /// products outrun f32: AMX-BF16, or AVX512_BF16 on AMD's Zen 4 and
+    /// later; else f32), f32 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: tuneforge::quantize::BaseDtype,
     /// The most tokens to generate.

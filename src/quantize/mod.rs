@@ -11,9 +11,10 @@
 //! f32 whatever the base.
 //!
 //! On the CPU the base can also be held in bf16 ([`BaseDtype`], `--dtype`):
-//! the same matrices in half an f32's bytes, multiplied with AMX-BF16 or
-//! AVX512_BF16 products where the CPU has them (the other side rounded to
-//! bf16) and in f32 elsewhere; with a block format, what it leaves dense is
+//! the same matrices in half an f32's bytes, multiplied with AMX-BF16 tile
+//! products where the CPU has them, or AVX512_BF16 dot products where
+//! those outrun its f32 FMAs (the other side rounded to bf16), and in f32
+//! elsewhere; with a block format, what it leaves dense is
 //! held in bf16.
 
 mod holding;
@@ -120,8 +121,10 @@ impl std::str::FromStr for Quantize {
 /// gradients and optimizer state stay f32 whatever it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum BaseDtype {
-    /// bf16 on a CPU with bf16 arithmetic (AMX-BF16 or AVX512_BF16) and on
-    /// a GPU; f32 elsewhere.
+    /// bf16 on a CPU that multiplies bf16 faster than f32 (AMX-BF16, or
+    /// AVX512_BF16 whose dot products outrun its f32 FMAs:
+    /// [`crate::cpu::CpuFeatures::has_bf16_arithmetic`]) and on a GPU; f32
+    /// elsewhere.
     #[default]
     #[serde(rename = "auto")]
     Auto,

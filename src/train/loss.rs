@@ -255,7 +255,7 @@ mod tests {
     /// A confident row's loss is the log-sum-exp of its logits minus the
     /// label's logit taken from the same products, so it is never below
     /// zero, whatever arithmetic the output matrix's products use (here a
-    /// bf16 matrix: the bf16 kernel where the CPU has AVX512_BF16). A label
+    /// bf16 matrix: the bf16 kernel where the CPU takes it). A label
     /// past the vocabulary is refused.
     #[test]
     fn confident_losses_are_never_negative() {

@@ -20,7 +20,8 @@
 //!   No f32 copy of a whole weight is made, so a quantized vocabulary matrix
 //!   costs its blocks and one tile. Dequantizing costs one pass over the
 //!   weight, against `2·rows` flops per weight element for the product.
-//!   A bf16 weight with AMX-BF16 or AVX512_BF16 is instead read by the bf16 kernel,
+//!   A bf16 weight on a CPU with a bf16 kernel (AMX-BF16, or AVX512_BF16
+//!   whose dot products outrun f32 FMAs) is instead read by that kernel,
 //!   which rounds `x` (or `dy`) to bf16: its result is within bf16's
 //!   rounding of the f32 product, as PyTorch's bf16 autocast's is.
 //! - An embedding lookup dequantizes only the rows it reads.
@@ -149,7 +150,7 @@ impl QuantizedWeight {
     }
 
     /// Whether its many-row products run on the bf16 kernel: a bf16 weight
-    /// on a CPU with AMX-BF16 or AVX512_BF16, low-precision kernels on
+    /// on a CPU with a bf16 kernel ([`crate::cpu::CpuFeatures::bf16_kernel`]), low-precision kernels on
     /// ([`Self::set_low_precision_kernels`]).
     pub fn uses_bf16_kernel(&self) -> bool {
         #[cfg(target_arch = "x86_64")]

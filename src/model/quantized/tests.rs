@@ -99,7 +99,7 @@ fn bf16_products_equal_the_f32_products_within_bf16_rounding() {
     }
 }
 
-/// Where the CPU has AMX-BF16 or AVX512_BF16, a bf16 weight's many-row products
+/// Where the CPU takes a bf16 kernel (AMX-BF16, or AVX512_BF16 whose dot products outrun f32), a bf16 weight's many-row products
 /// (forward and input gradient, the loss's row ranges too) run on the
 /// bf16 kernel: the other side is rounded to bf16 first.
 #[test]

@@ -1,7 +1,7 @@
 //! Products of many rows with a quantized weight on the CPU, a tile of the
 //! weight's rows at a time: each tile is dequantized into one reused f32
 //! buffer and the `gemm` kernel takes it from there, so no f32 copy of the
-//! whole weight is ever made. A bf16 weight on a CPU with AMX-BF16 or AVX512_BF16 goes
+//! whole weight is ever made. A bf16 weight on a CPU with a bf16 kernel goes
 //! to the bf16 kernel instead ([`super::bf16_dot`]), and the forward product
 //! of the blocks it reads (Q8_0, Q4_x, Q5_x, Q2_K to Q6_K) on a CPU with
 //! AMX-INT8, AVX512_VNNI or AVX-VNNI to the int8 kernel

@@ -52,7 +52,7 @@ pub fn quantize(fx: &Fixture) {
 }
 
 /// `--dtype bf16` holds the base in bf16 (on the CPU, multiplied with
-/// AMX-BF16 tile or AVX512_BF16 dot products where the CPU has them, else
+/// AMX-BF16 tile or AVX512_BF16 dot products where the CPU takes them, else
 /// in f32), trains
 /// another adapter than `--dtype f32`, and the run records which and says
 /// how it multiplied; `auto` is recorded as what it resolved to on this CPU.

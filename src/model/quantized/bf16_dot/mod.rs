@@ -48,10 +48,17 @@ const COLUMN_BLOCK: usize = 1024;
 /// (a multiple of [`MR`]).
 const ROW_BLOCK: usize = 8 * MR;
 
-/// Whether this CPU runs the kernel (AVX512_BF16 with AVX-512 F and BW,
-/// checked once).
+/// Whether a bf16 base's products take the kernel on this CPU (checked
+/// once): it runs here, on the AMX tiles or with dot products that outrun
+/// f32 FMAs ([`crate::cpu::CpuFeatures::bf16_kernel`]).
 pub(super) fn available() -> bool {
     crate::cpu::features().bf16_kernel().is_some()
+}
+
+/// Whether this CPU can run the kernel (AVX512_BF16 with AVX-512 F and
+/// BW), taken for products or not: [`product`]'s condition, and its tests'.
+pub(super) fn can_run() -> bool {
+    crate::cpu::features().runs_bf16_dot_kernel()
 }
 
 /// Whether this CPU runs the kernel on its AMX-BF16 tiles: where a bf16
@@ -153,7 +160,7 @@ impl<'a> Ahead<'a> {
 /// # Panics
 /// If the CPU lacks AVX512_BF16 or the slices' lengths do not match.
 pub(super) fn product(x: &[f32], m: usize, w: Bf16Weight, input_gradient: bool, out: &mut [f32]) {
-    assert!(available(), "the CPU has no AVX512_BF16");
+    assert!(can_run(), "the CPU has no AVX512_BF16");
     let (q, p) = w.sides(input_gradient);
     assert_eq!(w.values.len(), w.n * w.k, "a [{}, {}] weight", w.n, w.k);
     assert_eq!(x.len(), m * q, "a [{m}, {q}] input");

@@ -60,7 +60,7 @@ fn ahead_covers_its_rows_in_its_steps() {
 
 /// Whether the kernel's tests can run here; says why not where not.
 pub(super) fn runs_here() -> bool {
-    let here = available();
+    let here = super::can_run();
     if !here {
         eprintln!("skipped: this CPU has no AVX512_BF16");
     }

@@ -6,6 +6,8 @@
 //! it is not stable yet); the AVX-512 sets through `is_x86_feature_detected!`,
 //! which also checks that the operating system saves their registers.
 
+pub mod peak;
+
 use std::sync::OnceLock;
 
 /// The instruction sets of this CPU that matter for matmuls.
@@ -26,31 +28,49 @@ pub struct CpuFeatures {
     /// u8 × i8 dot products into i32 on 256-bit registers, VEX-encoded
     /// (AVX-VNNI: Intel's cores from Alder Lake on, without AVX-512).
     pub avx_vnni: bool,
+    /// Whether AVX512_BF16's `vdpbf16ps` outruns 512-bit f32 FMAs here by
+    /// a clear margin, measured ([`peak::bf16_dot_outruns_fma`]): AMD's
+    /// Zen 4 yes (2× the flops), Intel's cores no (half).
+    pub bf16_dot_outruns_fma: bool,
 }
 
 impl CpuFeatures {
-    /// Whether the CPU has bf16 arithmetic (AMX-BF16 or AVX512_BF16), the
-    /// condition for `--dtype auto` to pick a bf16 base.
+    /// Whether the CPU multiplies a bf16 base faster than an f32 one (a
+    /// [`Self::bf16_kernel`] runs here), the condition for `--dtype auto` to
+    /// pick a bf16 base.
     pub fn has_bf16_arithmetic(&self) -> bool {
-        self.amx_bf16 || self.avx512_bf16
+        self.bf16_kernel().is_some()
     }
 
     /// The instruction set a bf16 base's products run on, where the CPU has
     /// one tuneforge has a kernel for: [`Bf16Kernel::AmxBf16`] (where the
     /// operating system also lets the process use the tiles,
-    /// [`amx_permitted`]), else [`Bf16Kernel::Avx512Bf16`]. Both kernels
-    /// need AVX-512 F and BW besides (to round and pack their operands).
+    /// [`amx_permitted`]), else [`Bf16Kernel::Avx512Bf16`] where its dot
+    /// products outrun f32 FMAs ([`Self::bf16_dot_outruns_fma`]; on Intel's
+    /// cores they run at half the FMAs' flops, and a bf16 base multiplied
+    /// with them trained at 0.6× the f32 base's speed). Both kernels need
+    /// AVX-512 F and BW besides (to round and pack their operands).
     /// Elsewhere a bf16 base is multiplied in f32.
     pub fn bf16_kernel(&self) -> Option<Bf16Kernel> {
+        if !self.runs_bf16_dot_kernel() {
+            return None;
+        }
+        match (self.amx_bf16 && amx_permitted(), self.bf16_dot_outruns_fma) {
+            (true, _) => Some(Bf16Kernel::AmxBf16),
+            (false, true) => Some(Bf16Kernel::Avx512Bf16),
+            (false, false) => None,
+        }
+    }
+
+    /// Whether this CPU can run the bf16 kernels' vector code (AVX512_BF16
+    /// with AVX-512 F and BW), whether or not a bf16 base's products take
+    /// them ([`Self::bf16_kernel`]): where the kernels' tests run.
+    pub fn runs_bf16_dot_kernel(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         let bw = is_x86_feature_detected!("avx512bw");
         #[cfg(not(target_arch = "x86_64"))]
         let bw = false;
-        match (self.avx512f && bw, self.amx_bf16, self.avx512_bf16) {
-            (true, true, true) if amx_permitted() => Some(Bf16Kernel::AmxBf16),
-            (true, _, true) => Some(Bf16Kernel::Avx512Bf16),
-            _ => None,
-        }
+        self.avx512f && bw && self.avx512_bf16
     }
 
     /// The instruction set products with Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
@@ -224,6 +244,7 @@ fn capped(features: CpuFeatures, max_isa: Option<&str>) -> Result<CpuFeatures, S
             avx512_bf16: false,
             avx512_vnni: false,
             avx_vnni: false,
+            bf16_dot_outruns_fma: false,
             ..no_amx
         }),
         Some(other) => Err(format!("{MAX_ISA_VAR}={other} is not one of avx2, avx512")),
@@ -240,14 +261,16 @@ fn detect() -> CpuFeatures {
     };
     // Leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE, bit 25 AMX-INT8.
     let tile = leaf7_edx & (1 << 24) != 0;
+    let avx512_bf16 = is_x86_feature_detected!("avx512bf16");
     CpuFeatures {
         avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
         avx512f: is_x86_feature_detected!("avx512f"),
-        avx512_bf16: is_x86_feature_detected!("avx512bf16"),
+        avx512_bf16,
         amx_bf16: tile && leaf7_edx & (1 << 22) != 0,
         avx512_vnni: is_x86_feature_detected!("avx512vnni"),
         amx_int8: tile && leaf7_edx & (1 << 25) != 0,
         avx_vnni: is_x86_feature_detected!("avxvnni"),
+        bf16_dot_outruns_fma: avx512_bf16 && peak::bf16_dot_outruns_fma(),
     }
 }
 
@@ -288,22 +311,6 @@ fn request_tile_data() -> bool {
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 fn request_tile_data() -> bool {
     false
-}
-
-/// Runs `rounds` of four independent AMX-BF16 tile products (16,384 flops
-/// each) on the calling thread and returns the flops done, for timing the
-/// tiles' peak as `../shared/tools/cpu_peak.sh` does; `None` where the CPU
-/// has no AMX-BF16 the process may use.
-pub fn amx_bf16_tile_products(rounds: u64) -> Option<f64> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::model::quantized::tile_product_rounds(rounds)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = rounds;
-        None
-    }
 }
 
 /// The CPU's model name (`/proc/cpuinfo`), where the system says it.
@@ -355,6 +362,7 @@ mod tests {
             avx512_vnni: true,
             amx_int8: true,
             avx_vnni: true,
+            bf16_dot_outruns_fma: true,
         };
         assert_eq!(capped(all, None), Ok(all));
         let avx2 = capped(all, Some("AVX2")).unwrap();
@@ -392,6 +400,33 @@ mod tests {
         assert!(!asks_for_amx_int8(None));
         let set = std::env::var(AMX_INT8_VAR).ok();
         assert_eq!(amx_int8_asked_for(), asks_for_amx_int8(set.as_deref()));
+    }
+
+    /// AVX512_BF16 alone takes the dot kernel (and `auto` a bf16 base) only
+    /// where its dot products outrun the f32 FMAs: an AMD Zen 4 core, not an
+    /// Intel core without AMX. The kernel's tests run on both.
+    #[test]
+    fn the_bf16_dot_kernel_runs_only_where_it_outruns_f32() {
+        #[cfg(target_arch = "x86_64")]
+        if !is_x86_feature_detected!("avx512bw") {
+            eprintln!("skipped: the bf16 kernels also need AVX-512 BW, which this CPU lacks");
+            return;
+        }
+        let zen4 = CpuFeatures {
+            avx2_fma: true,
+            avx512f: true,
+            avx512_bf16: true,
+            bf16_dot_outruns_fma: true,
+            ..CpuFeatures::default()
+        };
+        assert_eq!(zen4.bf16_kernel(), Some(Bf16Kernel::Avx512Bf16));
+        assert!(zen4.has_bf16_arithmetic() && zen4.runs_bf16_dot_kernel());
+        let cooper_lake = CpuFeatures {
+            bf16_dot_outruns_fma: false,
+            ..zen4
+        };
+        assert_eq!(cooper_lake.bf16_kernel(), None);
+        assert!(!cooper_lake.has_bf16_arithmetic() && cooper_lake.runs_bf16_dot_kernel());
     }
 
     /// A laptop core with AVX-VNNI but no AVX-512 gets the 256-bit int8
