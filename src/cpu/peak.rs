@@ -30,7 +30,7 @@ pub enum Unit {
 /// weight widened exactly) are as fast and more exact.
 const BF16_DOT_MARGIN: f64 = 1.25;
 
-/// Whether `vdpbf16ps` does at least [`BF16_DOT_MARGIN`] times the flops
+/// Whether `vdpbf16ps` does at least 1.25 times the flops
 /// per second of 512-bit f32 FMAs on this CPU: measured once per process
 /// (about 5 ms, the two alternated and each side's best kept, so a busy
 /// moment on a shared host lowers both). `false` where the CPU lacks either.
