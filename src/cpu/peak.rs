@@ -104,74 +104,65 @@ fn best_of(rounds: usize, mut run: impl FnMut() -> Option<f64>) -> Option<f64> {
 #[cfg(target_arch = "x86_64")]
 type Chains = unsafe fn(u64) -> (f64, f32);
 
-/// Twelve independent chains of 8-wide FMAs, `n` rounds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains_256(n: u64) -> (f64, f32) {
-    use std::arch::x86_64::*;
-    use std::hint::black_box;
-    let (a, b) = (
-        _mm256_set1_ps(black_box(0.999_999)),
-        _mm256_set1_ps(black_box(1e-7)),
-    );
-    let mut acc: [_; 12] = std::array::from_fn(|i| _mm256_set1_ps(black_box(i as f32)));
-    for _ in 0..black_box(n) {
-        for v in acc.iter_mut() {
-            *v = _mm256_fmadd_ps(*v, a, b);
+/// Defines `$name`, twelve independent chains of one instruction compiled
+/// for `$features`, `n` rounds: each chain starts at its index (`start`),
+/// takes `step` once a round, and the chains' sum is kept (`sum`); `setup`
+/// makes the constant operands, black-boxed so that nothing folds.
+macro_rules! chains {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $flops:expr,
+     setup: { $($setup:tt)* }, start: |$i:ident| $start:expr,
+     step: |$v:ident| $step:expr, sum: |$all:ident| $sum:expr $(,)?) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(n: u64) -> (f64, f32) {
+            use std::arch::x86_64::*;
+            use std::hint::black_box;
+            $($setup)*
+            let mut acc: [_; 12] = std::array::from_fn(|$i| $start);
+            for _ in 0..black_box(n) {
+                for $v in acc.iter_mut() {
+                    *$v = $step;
+                }
+            }
+            let $all = acc;
+            (n as f64 * 12.0 * $flops, $sum)
         }
-    }
-    let mut sum = _mm256_setzero_ps();
-    for v in acc {
-        sum = _mm256_add_ps(sum, v);
-    }
-    (n as f64 * 12.0 * 16.0, _mm256_cvtss_f32(sum))
+    };
 }
 
-/// As [`fma_chains_256`], 16-wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_chains_512(n: u64) -> (f64, f32) {
-    use std::arch::x86_64::*;
-    use std::hint::black_box;
-    let (a, b) = (
-        _mm512_set1_ps(black_box(0.999_999)),
-        _mm512_set1_ps(black_box(1e-7)),
-    );
-    let mut acc: [_; 12] = std::array::from_fn(|i| _mm512_set1_ps(black_box(i as f32)));
-    for _ in 0..black_box(n) {
-        for v in acc.iter_mut() {
-            *v = _mm512_fmadd_ps(*v, a, b);
-        }
-    }
-    let mut sum = _mm512_setzero_ps();
-    for v in acc {
-        sum = _mm512_add_ps(sum, v);
-    }
-    (n as f64 * 12.0 * 32.0, _mm512_reduce_add_ps(sum))
+chains! {
+    /// Twelve independent chains of 8-wide FMAs (16 flops each).
+    fma_chains_256, "avx2,fma", 16.0,
+    setup: {
+        let (a, b) = (_mm256_set1_ps(black_box(0.999_999)), _mm256_set1_ps(black_box(1e-7)));
+    },
+    start: |i| _mm256_set1_ps(black_box(i as f32)),
+    step: |v| _mm256_fmadd_ps(*v, a, b),
+    sum: |all| _mm256_cvtss_f32(all.into_iter().fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, v))),
 }
 
-/// Twelve independent chains of `vdpbf16ps` on 16 f32 lanes (32 bf16
-/// products each), `n` rounds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn bf16_dot_chains(n: u64) -> (f64, f32) {
-    use std::arch::x86_64::*;
-    use std::hint::black_box;
-    let a = _mm512_cvtne2ps_pbh(
-        _mm512_set1_ps(black_box(1e-3)),
-        _mm512_set1_ps(black_box(1e-3)),
-    );
-    let mut acc: [_; 12] = std::array::from_fn(|i| _mm512_set1_ps(black_box(i as f32)));
-    for _ in 0..black_box(n) {
-        for v in acc.iter_mut() {
-            *v = _mm512_dpbf16_ps(*v, a, a);
-        }
-    }
-    let mut sum = _mm512_setzero_ps();
-    for v in acc {
-        sum = _mm512_add_ps(sum, v);
-    }
-    (n as f64 * 12.0 * 64.0, _mm512_reduce_add_ps(sum))
+chains! {
+    /// As [`fma_chains_256`], 16-wide (32 flops each).
+    fma_chains_512, "avx512f", 32.0,
+    setup: {
+        let (a, b) = (_mm512_set1_ps(black_box(0.999_999)), _mm512_set1_ps(black_box(1e-7)));
+    },
+    start: |i| _mm512_set1_ps(black_box(i as f32)),
+    step: |v| _mm512_fmadd_ps(*v, a, b),
+    sum: |all| _mm512_reduce_add_ps(all.into_iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, v))),
+}
+
+chains! {
+    /// Twelve independent chains of `vdpbf16ps` on 16 f32 lanes (32 bf16
+    /// products summed pairwise: 64 flops each).
+    bf16_dot_chains, "avx512f,avx512bf16", 64.0,
+    setup: {
+        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(black_box(1e-3)), _mm512_set1_ps(black_box(1e-3)));
+    },
+    start: |i| _mm512_set1_ps(black_box(i as f32)),
+    step: |v| _mm512_dpbf16_ps(*v, a, a),
+    sum: |all| _mm512_reduce_add_ps(all.into_iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, v))),
 }
 
 #[cfg(test)]
