@@ -1,11 +1,11 @@
-//! The arithmetic peak of this CPU's units, measured as
-//! `../shared/tools/cpu_peak.sh` measures it: independent chains of one
-//! instruction, timed on the calling thread. The bench holds its rows
-//! against these peaks, and [`super::CpuFeatures::bf16_kernel`] asks one
-//! question of them: whether `vdpbf16ps` outruns f32 FMAs here. It does not
-//! everywhere that has it: AMD's Zen 4 runs it at twice the FMAs' flops,
-//! Intel's cores (Sapphire Rapids measured) at half, and there a bf16 base
-//! multiplied with it trains slower than an f32 one.
+//! The arithmetic peak of this CPU's units, measured as peak benchmarks
+//! measure it: independent chains of one instruction, timed on the calling
+//! thread. The bench holds its rows against these peaks, and
+//! [`super::CpuFeatures::bf16_kernel`] asks one question of them: whether
+//! `vdpbf16ps` outruns f32 FMAs here. It does not everywhere that has it:
+//! AMD's Zen 4 runs it at twice the FMAs' flops, Intel's cores (an Emerald
+//! Rapids Xeon, measured) at half, and there a bf16 base multiplied with it
+//! trains slower than an f32 one.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     /// The kernel takes `vdpbf16ps` only with a clear margin over FMAs:
-    /// Zen 4's 2× does, Sapphire Rapids' 0.5× and a tie do not.
+    /// Zen 4's 2× does, Emerald Rapids' 0.5× and a tie do not.
     #[test]
     fn the_dot_kernel_needs_a_clear_margin() {
         assert!(outruns(234.0, 117.0));
