@@ -8,7 +8,6 @@
 //! trains slower than an f32 one.
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
 /// An arithmetic unit whose peak [`flops_per_second`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,10 +88,11 @@ pub fn flops_per_second(unit: Unit, n: u64, rounds: usize) -> Option<f64> {
 
 /// The highest rate of `rounds` timed calls of `run` (which returns the
 /// flops it did); `None` where it returns `None`.
+#[cfg(target_arch = "x86_64")]
 fn best_of(rounds: usize, mut run: impl FnMut() -> Option<f64>) -> Option<f64> {
     let mut best = 0f64;
     for _ in 0..rounds.max(1) {
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         let flops = run()?;
         best = best.max(flops / t.elapsed().as_secs_f64().max(1e-9));
     }
