@@ -4,7 +4,7 @@
 //! CPU (`--dtype bf16`) is held here too, in GGML's BF16 format: half an
 //! f32's bytes, decoded exactly; its many-row products run on the bf16
 //! kernel (`bf16_dot/`) where the CPU has AMX-BF16 tiles (`amx/`) or
-//! AVX512_BF16, in f32 elsewhere.
+//! AVX512_BF16 dot products that outrun its f32 FMAs, in f32 elsewhere.
 //!
 //! A product dequantizes the blocks to f32 as it goes and runs the f32
 //! arithmetic, so its result is the dequantized weight's f32 product: the

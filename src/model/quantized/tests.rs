@@ -99,14 +99,15 @@ fn bf16_products_equal_the_f32_products_within_bf16_rounding() {
     }
 }
 
-/// Where the CPU takes a bf16 kernel (AMX-BF16, or AVX512_BF16 whose dot products outrun f32), a bf16 weight's many-row products
-/// (forward and input gradient, the loss's row ranges too) run on the
-/// bf16 kernel: the other side is rounded to bf16 first.
+/// Where the CPU takes a bf16 kernel (AMX-BF16, or AVX512_BF16 whose dot
+/// products outrun f32), a bf16 weight's many-row products (forward and
+/// input gradient, the loss's row ranges too) run on the bf16 kernel: the
+/// other side is rounded to bf16 first.
 #[test]
 fn bf16_many_row_products_take_the_bf16_kernel_where_the_cpu_has_it() {
     let kernel = crate::cpu::features().bf16_kernel().is_some();
     if !kernel {
-        eprintln!("skipped: this CPU has no AVX512_BF16 or AMX-BF16");
+        eprintln!("skipped: this CPU takes no bf16 kernel (no AMX-BF16, and no AVX512_BF16 that outruns its f32 FMAs)");
         return;
     }
     let (n, k, m) = (40, 96, 100);
