@@ -179,7 +179,8 @@ mod tests {
     }
 
     /// Each unit the CPU has reads a positive rate, and one it lacks
-    /// none; the answer of [`bf16_dot_outruns_fma`] follows the rates.
+    /// none; [`bf16_dot_outruns_fma`] is false where either side is
+    /// missing.
     #[test]
     fn measured_units_read_positive_rates() {
         let units = [Unit::Fma256, Unit::Fma512, Unit::Bf16Dot, Unit::AmxBf16];
