@@ -38,10 +38,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Whether this CPU runs the kernels (AVX-512 F).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu::features().avx512f
 }
 
 /// `x wᵀ` (`x`: `[m, q]`, `w`: `[r, q]`, both row-major) into `out` (`[m, r]`).
