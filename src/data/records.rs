@@ -184,7 +184,9 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
         .collect())
 }
 
-/// Reads every record of a JSONL file with its 1-based line number.
+/// Reads every record of a JSONL file with its 1-based line number. A byte
+/// order mark at the file's start (Windows editors and spreadsheet exports
+/// write one) and Windows line ends are read as what they are, not data.
 pub fn read_jsonl_located(path: &Path) -> Result<Vec<(usize, Record)>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError {
         path: path.to_path_buf(),
@@ -192,8 +194,9 @@ pub fn read_jsonl_located(path: &Path) -> Result<Vec<(usize, Record)>, DataError
         field: None,
         message: format!("cannot read: {e}"),
     })?;
+    let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut records = Vec::new();
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
         let text = std::str::from_utf8(raw).map_err(|e| {
             DataError::at(
@@ -287,5 +290,34 @@ mod tests {
         assert!(e.message.contains("UTF-8"));
         let e = read_jsonl(&dir.path().join("missing.jsonl")).unwrap_err();
         assert!(e.message.contains("cannot read"));
+    }
+
+    /// A UTF-8 byte order mark and Windows line ends, as Notepad and
+    /// spreadsheet exports save a file, read as the same records.
+    #[test]
+    fn a_byte_order_mark_and_windows_line_ends_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("windows.jsonl");
+        std::fs::write(
+            &path,
+            b"\xEF\xBB\xBF{\"text\": \"one\"}\r\n{\"text\": \"two\"}\r\n",
+        )
+        .unwrap();
+        let records = read_jsonl_located(&path).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                (1, Record::Text("one".into())),
+                (2, Record::Text("two".into()))
+            ]
+        );
+        // Only at the start: elsewhere it is a character of the data.
+        let inside = dir.path().join("inside.jsonl");
+        std::fs::write(
+            &inside,
+            b"{\"text\": \"one\"}\n\xEF\xBB\xBF{\"text\": \"two\"}\n",
+        )
+        .unwrap();
+        assert_eq!(read_jsonl(&inside).unwrap_err().line, Some(2));
     }
 }
