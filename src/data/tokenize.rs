@@ -101,6 +101,9 @@ fn trained_spans(
         LossOn::LastAssistant => &assistant[assistant.len().saturating_sub(1)..],
         _ => &assistant,
     };
+    if chosen.first() == Some(&0) {
+        bail!("the conversation opens with an assistant turn: start it with a user (or system) turn, as chat templates expect, or train on every token with loss_on = \"all\"");
+    }
     let mut spans = Vec::new();
     for &i in chosen {
         let before = tok.apply_chat_template(&messages[..i], true)?;
@@ -152,8 +155,29 @@ pub fn tokenize_record(
     Ok(Example { ids, trained })
 }
 
+/// A record that could not be tokenized: its index among the records given
+/// to [`tokenize`] and why (the chat template failed on it, say). A caller
+/// that knows where the records came from names the file and line
+/// ([`crate::data::Dataset::locate`]).
+#[derive(Debug)]
+pub struct RecordError {
+    /// The record's 0-based index.
+    pub index: usize,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "record {}: {}", self.index + 1, self.message)
+    }
+}
+
+impl std::error::Error for RecordError {}
+
 /// Tokenizes records, truncating to `max_seq_len` and dropping examples left
-/// with no trained token.
+/// with no trained token. A record that fails is reported as a
+/// [`RecordError`].
 pub fn tokenize(
     records: &[Record],
     tok: &Tokenizer,
@@ -165,8 +189,11 @@ pub fn tokenize(
         ..Default::default()
     };
     let mut out = Vec::with_capacity(records.len());
-    for record in records {
-        let mut ex = tokenize_record(record, tok, loss_on, turn_end)?;
+    for (index, record) in records.iter().enumerate() {
+        let mut ex = tokenize_record(record, tok, loss_on, turn_end).map_err(|e| RecordError {
+            index,
+            message: format!("{e:#}"),
+        })?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
             ex.trained.truncate(max_seq_len);
@@ -215,6 +242,34 @@ mod tests {
         let ex = answer_of_ten_characters(LossOn::AssistantTurns, TurnEnd::Rendered);
         assert_eq!(ex.trained_tokens(), 12);
         assert!(*ex.trained.last().unwrap(), "the newline after <|im_end|>");
+    }
+
+    /// A conversation that opens with the assistant is refused as the
+    /// record it is (its index), with what to do, and trains on every token
+    /// with `loss_on = "all"`.
+    #[test]
+    fn an_opening_assistant_turn_names_its_record() {
+        let tok = Tokenizer::byte_level_chatml().unwrap();
+        let good = Record::Completion {
+            prompt: "a".into(),
+            completion: "b".into(),
+        };
+        let opening = Record::Chat(vec![
+            crate::chat::Message::assistant("hello"),
+            crate::chat::Message::user("hi"),
+        ]);
+        let records = [good.clone(), good, opening];
+        let options = (LossOn::AssistantTurns, TurnEnd::EndToken);
+        let error = tokenize(&records, &tok, options, 64).unwrap_err();
+        let error = error.downcast::<RecordError>().unwrap();
+        assert_eq!(error.index, 2);
+        assert!(
+            error.message.contains("opens with an assistant turn"),
+            "{error}"
+        );
+        assert!(error.to_string().starts_with("record 3: "), "{error}");
+        let (all, _) = tokenize(&records, &tok, (LossOn::All, TurnEnd::EndToken), 64).unwrap();
+        assert_eq!(all.len(), 3);
     }
 
     #[test]

@@ -42,6 +42,9 @@ impl HeldOut {
             bail!("a text record has no answer to compare with: use prompt/completion or messages records");
         };
         match messages.pop() {
+            Some(_) if messages.first().is_none_or(|m| m.role == "assistant") => {
+                bail!("the conversation opens with an assistant turn: open it with a user (or system) turn")
+            }
             Some(last) if last.role == "assistant" => Ok(Self {
                 prompt: messages,
                 reference: last.content,
@@ -117,6 +120,20 @@ mod tests {
             (vec![Message::user("p")], "c")
         );
         assert!(HeldOut::from_record(&Record::Text("t".into())).is_err());
+        for opening in [
+            vec![Message::assistant("a")],
+            vec![
+                Message::assistant("a"),
+                Message::user("u"),
+                Message::assistant("b"),
+            ],
+        ] {
+            let err = HeldOut::from_record(&Record::Chat(opening)).unwrap_err();
+            assert!(
+                err.to_string().contains("opens with an assistant turn"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

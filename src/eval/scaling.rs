@@ -252,6 +252,8 @@ fn train_size(
         valid: data.valid.clone(),
         test: Vec::new(),
         source: data.source.clone(),
+        // The subset's records stand at other places than the file's.
+        origins: Default::default(),
     })?;
     crate::atomic::write(
         &stamp_path,

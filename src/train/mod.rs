@@ -264,8 +264,12 @@ impl Trainer {
     /// Trains on `data.train`, evaluating on `data.valid`.
     pub fn train(&mut self, data: &Dataset) -> Result<TrainReport> {
         let cfg = self.run.train.clone();
-        let (train, train_data) = self.tokenize(&data.train)?;
-        let (valid, valid_data) = self.tokenize(&data.valid)?;
+        let (train, train_data) = self
+            .tokenize(&data.train)
+            .map_err(|e| data.origins.train.locate(e))?;
+        let (valid, valid_data) = self
+            .tokenize(&data.valid)
+            .map_err(|e| data.origins.valid.locate(e))?;
         if train.is_empty() {
             bail!("no training example is left after tokenizing ({} records, {} dropped with no trained token)", train_data.records, train_data.dropped);
         }

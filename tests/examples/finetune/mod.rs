@@ -134,6 +134,31 @@ pub fn data(fx: &Fixture) {
         run.stdout
     );
     assert_eq!(steps(&out).len(), 2, "8 records in batches of 4");
+    // A record that parses but cannot be tokenized is named by file and line.
+    let opening = fx.fresh("finetune-data-opening");
+    let train = opening.join("train.jsonl");
+    std::fs::write(
+        &train,
+        concat!(
+            "{\"prompt\": \"a\", \"completion\": \"b\"}\n",
+            "{\"messages\": [{\"role\": \"assistant\", \"content\": \"hi\"}]}\n"
+        ),
+    )
+    .unwrap();
+    let err = run::fails(
+        "finetune",
+        &[
+            "--data",
+            opening.to_str().unwrap(),
+            "--out",
+            fx.path("finetune-data-opening-run").to_str().unwrap(),
+        ],
+    );
+    let at = format!(
+        "{}:2: the conversation opens with an assistant turn",
+        train.display()
+    );
+    assert!(err.contains(&at), "{err}");
 }
 
 pub fn out(fx: &Fixture) {
