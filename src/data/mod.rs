@@ -60,28 +60,23 @@ impl Origin {
     }
 
     /// A [`RecordError`] from [`tokenize`] made a [`DataError`] at its
-    /// record's file and line (where they are known); any other error as
-    /// it is.
+    /// record's file and line, where they are known (else left as it is,
+    /// naming the record by its number); any other error as it is.
     pub fn locate(&self, error: anyhow::Error) -> anyhow::Error {
         let error = match error.downcast::<RecordError>() {
             Ok(error) => error,
             Err(other) => return other,
         };
-        let located = match self.lines.get(error.index) {
+        match self.lines.get(error.index) {
             Some(&line) => DataError {
                 path: self.path.clone(),
                 line: Some(line),
                 field: None,
                 message: error.message,
-            },
-            None => DataError {
-                path: self.path.clone(),
-                line: None,
-                field: None,
-                message: error.to_string(),
-            },
-        };
-        located.into()
+            }
+            .into(),
+            None => error.into(),
+        }
     }
 }
 
@@ -167,16 +162,9 @@ mod tests {
         }
         // Records made in code have no file: the error keeps the record's index.
         let error = tokenize(&data.valid, &tok, options, 64).unwrap_err();
-        let unplaced = Origin::default()
-            .locate(error)
-            .downcast::<DataError>()
-            .unwrap();
-        assert_eq!(unplaced.line, None);
-        assert!(
-            unplaced.message.starts_with("record 1: "),
-            "{}",
-            unplaced.message
-        );
+        let unplaced = Origin::default().locate(error);
+        assert!(unplaced.downcast_ref::<RecordError>().is_some());
+        assert!(unplaced.to_string().starts_with("record 1: "), "{unplaced}");
         // Other errors pass through as they are.
         let other = Origin::default().locate(anyhow::anyhow!("disk full"));
         assert_eq!(other.to_string(), "disk full");
