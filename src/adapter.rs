@@ -143,9 +143,22 @@ pub fn save(model: &CausalLm, config: &AdapterConfig, dir: &Path) -> Result<()> 
     )
 }
 
-/// Reads an adapter's config.
+/// Reads an adapter's config. A path that is not an adapter folder is
+/// refused with what to pass instead.
 pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(CONFIG_FILE);
+    if !dir.is_dir() {
+        bail!(
+            "{} is not a folder: pass an adapter folder (a finetune run's --out, or a PEFT adapter's folder)",
+            dir.display()
+        );
+    }
+    if !path.is_file() {
+        bail!(
+            "{} holds no {CONFIG_FILE}: pass an adapter folder (a finetune run's --out, or a PEFT adapter's folder)",
+            dir.display()
+        );
+    }
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config: AdapterConfig =
@@ -247,5 +260,26 @@ pub fn lora_config(config: &AdapterConfig) -> LoraConfig {
             None => None,
         },
         use_rslora: config.use_rslora,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path that is not an adapter folder says so, and what to pass.
+    #[test]
+    fn a_path_that_is_not_an_adapter_folder_is_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-run");
+        let err = read_config(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-run is not a folder") && err.contains("adapter folder"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let err = read_config(&empty).unwrap_err().to_string();
+        assert!(err.contains("holds no adapter_config.json"), "{err}");
     }
 }

@@ -103,7 +103,7 @@ pub fn adapter(fx: &Fixture) {
         ],
     );
     assert!(
-        err.contains("no-such-run") && err.contains("adapter_config.json"),
+        err.contains("no-such-run is not a folder") && err.contains("pass an adapter folder"),
         "{err}"
     );
 }
