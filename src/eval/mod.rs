@@ -41,17 +41,17 @@ impl HeldOut {
         let Some(mut messages) = record.messages() else {
             bail!("a text record has no answer to compare with: use prompt/completion or messages records");
         };
-        match messages.pop() {
-            Some(_) if messages.first().is_none_or(|m| m.role == "assistant") => {
-                bail!("the conversation opens with an assistant turn: open it with a user (or system) turn")
-            }
-            Some(last) if last.role == "assistant" => Ok(Self {
-                prompt: messages,
-                reference: last.content,
-                origin: String::new(),
-            }),
-            _ => bail!("the last turn is not an assistant answer"),
+        let Some(last) = messages.pop().filter(|m| m.role == "assistant") else {
+            bail!("the last turn is not an assistant answer");
+        };
+        if messages.first().is_none_or(|m| m.role == "assistant") {
+            bail!("the conversation opens with an assistant turn: open it with a user (or system) turn");
         }
+        Ok(Self {
+            prompt: messages,
+            reference: last.content,
+            origin: String::new(),
+        })
     }
 
     /// The last user message.
@@ -134,6 +134,13 @@ mod tests {
                 "{err}"
             );
         }
+        // A lone user turn has no answer, whichever turn opens it.
+        let err = HeldOut::from_record(&Record::Chat(vec![Message::user("u")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the last turn is not an assistant answer"),
+            "{err}"
+        );
     }
 
     #[test]
