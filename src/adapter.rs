@@ -147,17 +147,13 @@ pub fn save(model: &CausalLm, config: &AdapterConfig, dir: &Path) -> Result<()> 
 /// refused with what to pass instead.
 pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(CONFIG_FILE);
+    let what_to_pass =
+        "pass an adapter folder (a finetune run's --out, or a PEFT adapter's folder)";
     if !dir.is_dir() {
-        bail!(
-            "{} is not a folder: pass an adapter folder (a finetune run's --out, or a PEFT adapter's folder)",
-            dir.display()
-        );
+        bail!("{} is not a folder: {what_to_pass}", dir.display());
     }
     if !path.is_file() {
-        bail!(
-            "{} holds no {CONFIG_FILE}: pass an adapter folder (a finetune run's --out, or a PEFT adapter's folder)",
-            dir.display()
-        );
+        bail!("{} holds no {CONFIG_FILE}: {what_to_pass}", dir.display());
     }
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -59,7 +59,7 @@ impl Origin {
         Ok((records, origin))
     }
 
-    /// A [`RecordError`] from [`tokenize`] made a [`DataError`] at its
+    /// A [`RecordError`] from [`tokenize()`] made a [`DataError`] at its
     /// record's file and line, where they are known (else left as it is,
     /// naming the record by its number); any other error as it is.
     pub fn locate(&self, error: anyhow::Error) -> anyhow::Error {

@@ -158,7 +158,7 @@ pub fn tokenize_record(
 /// A record that could not be tokenized: its index among the records given
 /// to [`tokenize`] and why (the chat template failed on it, say). A caller
 /// that knows where the records came from names the file and line
-/// ([`crate::data::Dataset::locate`]).
+/// ([`crate::data::Origin::locate`]).
 #[derive(Debug)]
 pub struct RecordError {
     /// The record's 0-based index.

@@ -36,7 +36,8 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-/// Whether this CPU runs the kernels (AVX-512 F).
+/// Whether this CPU runs the kernels (AVX-512 F, unless `TUNEFORGE_MAX_ISA`
+/// caps it).
 pub fn available() -> bool {
     crate::cpu::features().avx512f
 }
