@@ -140,6 +140,24 @@ fn every_variant_is_scored_and_reported() {
     assert_eq!(c.training.len(), 1);
     assert!(c.training[0].tokens > 0);
     assert!(!c.break_even.is_empty());
+    // Prompting's extra cost per query counts its answers' tokens too, and
+    // the fine-tune's own cost on the same footing (cached or not).
+    assert!(!c.training[0].recompute);
+    let by_name = |name: &str| c.variants.iter().find(|v| v.name == name).unwrap();
+    for b in &c.break_even {
+        let (p, ft) = (by_name(&b.prompting), by_name(&b.fine_tuned));
+        let answer = p.cost.decode_tokens - ft.cost.decode_tokens;
+        assert!((b.extra_answer_tokens - answer).abs() < 1e-9, "{b:?}");
+        let tokens = b.extra_prompt_tokens + answer;
+        let flops = (tokens > 0.0).then(|| 4.0 * c.training[0].tokens as f64 / (2.0 * tokens));
+        assert_eq!(b.queries_by_flops, flops, "{b:?}");
+        let uncached = p.cost.seconds_uncached() - ft.cost.seconds_uncached();
+        let seconds = c.training[0].seconds;
+        assert_eq!(
+            b.queries_by_time_uncached,
+            (uncached > 0.0).then(|| seconds / uncached)
+        );
+    }
     for v in &c.variants {
         let (lo, hi) = v.exact_match_interval;
         assert!(
@@ -162,6 +180,7 @@ fn every_variant_is_scored_and_reported() {
     );
     let md = report::markdown(&c);
     assert!(md.contains("| variant | exact match (95% CI) |") && md.contains(&c.verdict));
+    assert!(md.contains("| extra answer tokens/query |"), "{md}");
 
     let out = tempfile::tempdir().unwrap();
     report::write(&c, out.path()).unwrap();

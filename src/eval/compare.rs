@@ -114,10 +114,14 @@ fn training_cost(adapter: &Path) -> Result<Option<TrainingCost>> {
             tokens += t;
         }
     }
+    // A run folder without its settings (copied by hand) counts as trained
+    // without recompute, the default.
+    let recompute = crate::train::RunConfig::read(adapter).is_ok_and(|run| run.train.recompute);
     Ok(Some(TrainingCost {
         adapter: adapter.to_path_buf(),
         seconds,
         tokens,
+        recompute,
     }))
 }
 

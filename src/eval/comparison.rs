@@ -65,6 +65,21 @@ pub struct TrainingCost {
     pub seconds: f64,
     /// Tokens processed in training.
     pub tokens: usize,
+    /// Whether it ran with activation checkpointing (`--recompute`): each
+    /// block's forward pass then runs twice.
+    pub recompute: bool,
+}
+
+impl TrainingCost {
+    /// Training compute in FLOPs per parameter of the base: `4·T` for `T`
+    /// trained tokens (the forward pass, `2·N·T`, and the frozen weights'
+    /// input gradient, `2·N·T`; the frozen weights get no weight gradient),
+    /// `6·T` with recompute. LoRA's own products are left out: they are a
+    /// fraction of a percent at these ranks.
+    pub fn flops_per_parameter(&self) -> f64 {
+        let passes = if self.recompute { 6.0 } else { 4.0 };
+        passes * self.tokens as f64
+    }
 }
 
 /// When a fine-tune has paid for itself against a prompting variant.
@@ -76,15 +91,21 @@ pub struct BreakEven {
     pub fine_tuned: String,
     /// Extra prompt tokens the prompting variant spends per query.
     pub extra_prompt_tokens: f64,
+    /// Extra tokens it generates per query (negative where its answers are
+    /// shorter than the fine-tune's).
+    pub extra_answer_tokens: f64,
     /// Extra seconds the prompting variant spends per query.
     pub extra_seconds: f64,
     /// Queries after which the training time is recovered (`None`: never, since
     /// prompting is not slower per query).
     pub queries_by_time: Option<f64>,
-    /// The same, were the prompting variant run without the shared-prefix cache.
+    /// The same with both variants run without the shared-prefix cache (each
+    /// query prefilling its whole prompt).
     pub queries_by_time_uncached: Option<f64>,
-    /// The same in compute: training counted as 4·N·T FLOPs, each extra prompt
-    /// token as 2·N.
+    /// The same in compute: training counted as
+    /// [`TrainingCost::flops_per_parameter`] `· N`, and every token a query
+    /// reads or generates as `2·N` (every prompt token counts, as without a
+    /// prefix cache). `None`: prompting costs no more per query.
     pub queries_by_flops: Option<f64>,
 }
 

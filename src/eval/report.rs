@@ -70,20 +70,27 @@ pub fn markdown(c: &Comparison) -> String {
     }
     for t in &c.training {
         s.push_str(&format!(
-            "\nTraining ({}): {:.0} s, {} tokens.\n",
+            "\nTraining ({}): {:.0} s, {} tokens{}.\n",
             t.adapter.display(),
             t.seconds,
-            t.tokens
+            t.tokens,
+            if t.recompute { ", with recompute" } else { "" }
         ));
     }
     if !c.break_even.is_empty() {
-        s.push_str("\n| prompting variant | extra prompt tokens/query | extra s/query | break-even (queries, compute) | break-even (queries, wall time) | break-even (wall time, no prefix cache) |\n|---|---|---|---|---|---|\n");
+        s.push_str("\n| prompting variant | extra prompt tokens/query | extra answer tokens/query | extra s/query | break-even (queries, compute) | break-even (queries, wall time) | break-even (wall time, no prefix cache) |\n|---|---|---|---|---|---|---|\n");
         for b in &c.break_even {
             let q = |x: Option<f64>| x.map_or("never".into(), |q| format!("{q:.0}"));
             s.push_str(&format!(
-                "| {} | {:.0} | {:.3} | {} | {} | {} |\n",
+                "| {} | {:.0} | {:.1} | {:.3} | {} | {} | {} |\n",
                 b.prompting,
                 b.extra_prompt_tokens,
+                // Not "-0.0" for a difference that rounds to nothing.
+                if b.extra_answer_tokens.abs() < 0.05 {
+                    0.0
+                } else {
+                    b.extra_answer_tokens
+                },
                 b.extra_seconds,
                 q(b.queries_by_flops),
                 q(b.queries_by_time),
@@ -149,9 +156,9 @@ figure { margin: 1em 0; }
 {% endfor %}</table>
 <figure id="cost-chart">{{ cost_svg|safe }}</figure>
 <h2>Training cost and break-even</h2>
-{% for t in c.training %}<p>Training {{ t.adapter }}: {{ "%.0f"|format(t.seconds) }} s, {{ t.tokens }} tokens.</p>{% endfor %}
-{% if c.break_even %}<table id="break-even"><tr><th>prompting variant</th><th>extra prompt tokens / query</th><th>extra seconds / query</th><th>break-even, compute (queries)</th><th>break-even, wall time (queries)</th><th>break-even, wall time, no prefix cache (queries)</th></tr>
-{% for b in c.break_even %}<tr><td>{{ b.prompting }}</td><td>{{ "%.0f"|format(b.extra_prompt_tokens) }}</td><td>{{ "%.3f"|format(b.extra_seconds) }}</td><td>{{ "%.0f"|format(b.queries_by_flops) if b.queries_by_flops is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time) if b.queries_by_time is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time_uncached) if b.queries_by_time_uncached is not none else "never" }}</td></tr>{% endfor %}
+{% for t in c.training %}<p>Training {{ t.adapter }}: {{ "%.0f"|format(t.seconds) }} s, {{ t.tokens }} tokens{% if t.recompute %}, with recompute{% endif %}.</p>{% endfor %}
+{% if c.break_even %}<table id="break-even"><tr><th>prompting variant</th><th>extra prompt tokens / query</th><th>extra answer tokens / query</th><th>extra seconds / query</th><th>break-even, compute (queries)</th><th>break-even, wall time (queries)</th><th>break-even, wall time, no prefix cache (queries)</th></tr>
+{% for b in c.break_even %}<tr><td>{{ b.prompting }}</td><td>{{ "%.0f"|format(b.extra_prompt_tokens) }}</td><td>{{ "%.1f"|format(b.extra_answer_tokens) if b.extra_answer_tokens|abs >= 0.05 else "0.0" }}</td><td>{{ "%.3f"|format(b.extra_seconds) }}</td><td>{{ "%.0f"|format(b.queries_by_flops) if b.queries_by_flops is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time) if b.queries_by_time is not none else "never" }}</td><td>{{ "%.0f"|format(b.queries_by_time_uncached) if b.queries_by_time_uncached is not none else "never" }}</td></tr>{% endfor %}
 </table>
 <figure id="break-even-chart">{{ break_even_svg|safe }}</figure>{% else %}<p>No run folder with metrics was given, so the training cost is unknown.</p>{% endif %}
 {% if c.scaling %}<h2>How much data does fine-tuning need?</h2>

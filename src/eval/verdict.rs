@@ -38,22 +38,47 @@ pub(super) fn break_even(reports: &[VariantReport], training: &[TrainingCost]) -
         };
         for p in reports.iter().filter(|r| !r.fine_tuned) {
             let extra_prompt_tokens = p.prompt_tokens - ft.prompt_tokens;
+            let extra_answer_tokens = p.cost.decode_tokens - ft.cost.decode_tokens;
+            let extra_tokens = extra_prompt_tokens + extra_answer_tokens;
             let extra_seconds = p.latency_s - ft.latency_s;
-            let extra_uncached = p.cost.seconds_uncached() - ft.latency_s;
+            let extra_uncached = p.cost.seconds_uncached() - ft.cost.seconds_uncached();
+            let after = |extra: f64, one_off: f64| (extra > 0.0).then(|| one_off / extra);
             out.push(BreakEven {
                 prompting: p.name.clone(),
                 fine_tuned: ft.name.clone(),
                 extra_prompt_tokens,
+                extra_answer_tokens,
                 extra_seconds,
-                queries_by_time: (extra_seconds > 0.0).then(|| cost.seconds / extra_seconds),
-                queries_by_time_uncached: (extra_uncached > 0.0)
-                    .then(|| cost.seconds / extra_uncached),
-                queries_by_flops: (extra_prompt_tokens > 0.0)
-                    .then(|| 4.0 * cost.tokens as f64 / (2.0 * extra_prompt_tokens)),
+                queries_by_time: after(extra_seconds, cost.seconds),
+                queries_by_time_uncached: after(extra_uncached, cost.seconds),
+                queries_by_flops: after(2.0 * extra_tokens, cost.flops_per_parameter()),
             });
         }
     }
     out
+}
+
+/// "253 more prompt tokens and 4 fewer answer tokens": what a prompting
+/// variant spends per query beyond the fine-tune, the parts that differ.
+fn extra_tokens(b: &BreakEven) -> String {
+    let part = |extra: f64, what: &str| {
+        let n = extra.round();
+        (n != 0.0).then(|| {
+            let more = if n > 0.0 { "more" } else { "fewer" };
+            format!("{} {more} {what} tokens", n.abs())
+        })
+    };
+    let parts: Vec<String> = [
+        part(b.extra_prompt_tokens, "prompt"),
+        part(b.extra_answer_tokens, "answer"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match parts.is_empty() {
+        true => "as many tokens".to_string(),
+        false => parts.join(" and "),
+    }
 }
 
 fn pct(x: f64) -> String {
@@ -168,8 +193,8 @@ pub(super) fn verdict(c: &Comparison) -> String {
         .find_map(|b| b.queries_by_flops.map(|q| (b, q)))
     {
         text.push_str(&format!(
-            " The fine-tune cost {:.0} s of training; against \"{}\", which spends {:.0} extra prompt tokens per query, it pays for itself in compute after about {:.0} queries.",
-            c.training.first().map_or(0.0, |t| t.seconds), b.0.prompting, b.0.extra_prompt_tokens, b.1
+            " The fine-tune cost {:.0} s of training; against \"{}\", which spends {} per query, it pays for itself in compute after about {:.0} queries.",
+            c.training.first().map_or(0.0, |t| t.seconds), b.0.prompting, extra_tokens(b.0), b.1
         ));
     }
     if let Some(sc) = &c.scaling {
@@ -193,7 +218,7 @@ pub(super) fn verdict(c: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::comparison::{Output, QueryCost};
+    use crate::eval::comparison::{Output, QueryCost, TrainingCost};
 
     fn variant(name: &str, fine_tuned: bool, right: &[bool]) -> VariantReport {
         let share = right.iter().filter(|&&r| r).count() as f64 / right.len() as f64;
@@ -222,6 +247,86 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// A variant answering in `prompt` prompt tokens and `answer` generated
+    /// tokens, at `(prefill, prefill without the cache, decode)` seconds.
+    fn costed(
+        name: &str,
+        fine_tuned: bool,
+        tokens: (f64, f64),
+        s: (f64, f64, f64),
+    ) -> VariantReport {
+        let cost = QueryCost {
+            prefill_tokens: tokens.0,
+            prefill_tokens_uncached: tokens.0,
+            prefill_s: s.0,
+            prefill_s_uncached: s.1,
+            decode_tokens: tokens.1,
+            decode_s: s.2,
+        };
+        VariantReport {
+            adapter: fine_tuned.then(|| "runs/ft".into()),
+            prompt_tokens: tokens.0,
+            latency_s: cost.seconds(),
+            cost,
+            ..variant(name, fine_tuned, &[true])
+        }
+    }
+
+    /// Each break-even divides the one-off training cost by what prompting
+    /// spends per query beyond the fine-tune: its prompt and its answer
+    /// tokens in compute, seconds with the cache, seconds with neither
+    /// variant using it.
+    #[test]
+    fn break_even_counts_prompt_and_answer_tokens_and_like_for_like_seconds() {
+        let reports = [
+            costed("fine-tuned", true, (10.0, 10.0), (0.01, 0.05, 0.1)),
+            costed("few-shot", false, (110.0, 40.0), (0.02, 0.3, 0.4)),
+            costed("terse", false, (10.0, 5.0), (0.01, 0.05, 0.05)),
+        ];
+        let mut training = TrainingCost {
+            adapter: "runs/ft".into(),
+            seconds: 31.0,
+            tokens: 1000,
+            recompute: false,
+        };
+        let found = break_even(&reports, std::slice::from_ref(&training));
+        assert_eq!(found.len(), 2);
+        let b = &found[0];
+        assert_eq!(
+            (b.prompting.as_str(), b.fine_tuned.as_str()),
+            ("few-shot", "fine-tuned")
+        );
+        assert_eq!(
+            (b.extra_prompt_tokens, b.extra_answer_tokens),
+            (100.0, 30.0)
+        );
+        let close = |a: Option<f64>, want: f64| (a.unwrap() - want).abs() < 1e-9 * want;
+        assert!(close(b.queries_by_time, 31.0 / 0.31));
+        // 0.7 s against the fine-tune's own 0.15 s without the cache.
+        assert!(close(b.queries_by_time_uncached, 31.0 / 0.55));
+        // 4·N per trained token, 2·N per prompt or answer token.
+        assert!(close(b.queries_by_flops, 4000.0 / 260.0));
+        assert_eq!(
+            extra_tokens(b),
+            "100 more prompt tokens and 30 more answer tokens"
+        );
+        // Cheaper than the fine-tune per query: it never pays for itself.
+        let t = &found[1];
+        assert_eq!(
+            (
+                t.queries_by_time,
+                t.queries_by_time_uncached,
+                t.queries_by_flops
+            ),
+            (None, None, None)
+        );
+        assert_eq!(extra_tokens(t), "5 fewer answer tokens");
+
+        training.recompute = true;
+        let b = &break_even(&reports, &[training])[0];
+        assert!(close(b.queries_by_flops, 6000.0 / 260.0));
     }
 
     /// The three outcomes on constructed score vectors, each against the
