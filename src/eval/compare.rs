@@ -125,6 +125,21 @@ fn training_cost(adapter: &Path) -> Result<Option<TrainingCost>> {
     }))
 }
 
+/// The indices of the `held_out` examples whose prompt (every turn before
+/// the answer, whitespace normalised) is also a prompt in `train`.
+fn seen_in(held_out: &[HeldOut], train: &[HeldOut]) -> Vec<usize> {
+    let key = |h: &HeldOut| -> Vec<(String, String)> {
+        h.prompt
+            .iter()
+            .map(|m| (m.role.clone(), super::normalize(&m.content)))
+            .collect()
+    };
+    let pool: std::collections::HashSet<_> = train.iter().map(key).collect();
+    (0..held_out.len())
+        .filter(|&i| pool.contains(&key(&held_out[i])))
+        .collect()
+}
+
 /// Runs every variant on `held_out` and scores it. `train` supplies the
 /// worked examples, the default instruction and the JSON shape. Adapters are
 /// loaded onto `model` in turn.
@@ -163,6 +178,21 @@ pub fn compare(
             "only {} held-out examples: the intervals are wide and the verdict can detect \
              only large differences; {MIN_FOR_INTERVALS} or more are needed for a useful one",
             held_out.len()
+        ));
+    }
+    let seen_in_training = seen_in(held_out, train);
+    if !seen_in_training.is_empty() {
+        notes.push(format!(
+            "{} of the {} held-out questions also stand in the training pool{}, word for \
+             word: a fine-tune on it may recall their answers and retrieved few-shot can copy \
+             them, so on those the scores measure recall, not generalisation (first: {})",
+            seen_in_training.len(),
+            held_out.len(),
+            train
+                .first()
+                .map(|t| format!(" ({})", file_of(&t.origin)))
+                .unwrap_or_default(),
+            held_out[seen_in_training[0]].origin
         ));
     }
     let answers: Vec<&str> = if train.is_empty() {
@@ -251,6 +281,7 @@ pub fn compare(
         significance: None,
         verdict: String::new(),
         notes,
+        seen_in_training,
         scaling: None,
     };
     comparison.significance = significance(&comparison.variants, config.seed);
@@ -449,6 +480,19 @@ pub fn compare_files(
             "the base's linear weights were held quantized (--quantize {quantize})"
         ));
     }
+    if held_out_path
+        .file_name()
+        .is_some_and(|f| f == "valid.jsonl")
+    {
+        comparison.notes.push(format!(
+            "the held-out examples are {} ({} has no test.jsonl): a fine-tune trained on this \
+             folder was evaluated on them, so a run stopped early by --patience, or its best/ \
+             adapter, was chosen on them, which flatters it; keep examples no run has seen in \
+             test.jsonl",
+            held_out_path.display(),
+            data.display()
+        ));
+    }
     comparison.notes.extend(model.notes.iter().cloned());
     if let Some(scaling) = &config.scaling {
         let dataset = crate::data::Dataset::load(data)?;
@@ -485,5 +529,31 @@ mod tests {
         let plain = default_instruction(&["plain", "other"]);
         assert!(plain.contains("exactly the expected format"), "{plain}");
         assert!(plain.ends_with("For example:\nplain"), "{plain}");
+    }
+
+    /// A held-out prompt counts as seen when every turn before the answer
+    /// matches a training prompt's, up to whitespace; the answers do not matter.
+    #[test]
+    fn held_out_questions_seen_in_training_are_found() {
+        let held = |turns: &[(&str, &str)], answer: &str| HeldOut {
+            prompt: turns.iter().map(|&(r, c)| Message::new(r, c)).collect(),
+            reference: answer.into(),
+            origin: String::new(),
+        };
+        let train = [
+            held(&[("user", "Where is  my order?")], "shipping"),
+            held(&[("system", "Be brief."), ("user", "Refund me")], "billing"),
+        ];
+        let held_out = [
+            held(&[("user", "Where is my order? ")], "something else"),
+            held(&[("user", "Refund me")], "billing"),
+            held(
+                &[("system", "Be brief."), ("user", "Refund\nme")],
+                "billing",
+            ),
+            held(&[("assistant", "Where is my order?")], "shipping"),
+        ];
+        assert_eq!(seen_in(&held_out, &train), vec![0, 2]);
+        assert!(seen_in(&held_out, &[]).is_empty());
     }
 }

@@ -141,6 +141,10 @@ pub struct Comparison {
     pub verdict: String,
     /// What was skipped or limited, and why.
     pub notes: Vec<String>,
+    /// The held-out examples (indices into `examples`) whose prompt stands
+    /// in the training pool too, word for word: a fine-tune on that pool may
+    /// recall their answers, and retrieved few-shot can copy them.
+    pub seen_in_training: Vec<usize>,
     /// Accuracy against the number of training examples, when asked for.
     pub scaling: Option<super::scaling::Scaling>,
 }

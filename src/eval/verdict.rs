@@ -170,6 +170,14 @@ pub(super) fn verdict(c: &Comparison) -> String {
         p.n,
         points(p.detectable),
     ));
+    if !c.seen_in_training.is_empty() {
+        text.push_str(&format!(
+            " Caution: {} of these {} questions also stand in the training pool, word for \
+             word, so the scores flatter whatever saw them (see the notes).",
+            c.seen_in_training.len(),
+            c.examples.len()
+        ));
+    }
     let plain = c
         .variants
         .iter()

@@ -1,6 +1,6 @@
 //! `compare`: each flag's effect on the reports it writes (`report.json`).
 
-use crate::fixture::Fixture;
+use crate::fixture::{record, Fixture};
 use crate::run;
 use serde_json::Value;
 use std::path::Path;
@@ -84,6 +84,44 @@ pub fn data(fx: &Fixture) {
         &["--data", "no-such-data", "--model", fx.model_arg()],
     );
     assert!(err.contains("no-such-data"), "{err}");
+    let notes = |r: &Value| r["notes"].to_string();
+    assert_eq!(r["seen_in_training"], serde_json::json!([]));
+    assert!(!notes(&r).contains("test.jsonl"), "{}", notes(&r));
+
+    // A folder without test.jsonl falls back to valid.jsonl, and says what
+    // that costs; a held-out question that is also a training record is
+    // named in the notes, the verdict and report.json.
+    let folder = fx.path("compare-valid-only");
+    std::fs::create_dir_all(&folder).unwrap();
+    let lines = |ids: &[usize]| ids.iter().map(|&i| record(i) + "\n").collect::<String>();
+    std::fs::write(
+        folder.join("train.jsonl"),
+        lines(&(0..16).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    std::fs::write(folder.join("valid.jsonl"), lines(&[100, 101, 3, 102])).unwrap();
+    let r = compare(
+        fx,
+        "compare-valid-only-out",
+        &["--data", folder.to_str().unwrap(), "--limit", "100"],
+    );
+    assert!(
+        r["data"].as_str().unwrap().ends_with("valid.jsonl"),
+        "{}",
+        r["data"]
+    );
+    assert!(notes(&r).contains("has no test.jsonl"), "{}", notes(&r));
+    assert_eq!(r["seen_in_training"], serde_json::json!([2]));
+    assert!(
+        notes(&r).contains("1 of the 4 held-out questions also stand in the training pool"),
+        "{}",
+        notes(&r)
+    );
+    let verdict = r["verdict"].as_str().unwrap();
+    assert!(
+        verdict.contains("Caution: 1 of these 4 questions"),
+        "{verdict}"
+    );
 }
 
 pub fn adapter(fx: &Fixture) {
