@@ -71,8 +71,8 @@ pub struct TrainingCost {
 }
 
 impl TrainingCost {
-    /// Training compute in FLOPs per parameter of the base: `4·T` for `T`
-    /// trained tokens (the forward pass, `2·N·T`, and the frozen weights'
+    /// Training compute in FLOPs per parameter of the base: `4·T` for the
+    /// `T` [`tokens`](Self::tokens) it processed (the forward pass, `2·N·T`, and the frozen weights'
     /// input gradient, `2·N·T`; the frozen weights get no weight gradient),
     /// `6·T` with recompute. LoRA's own products are left out: they are a
     /// fraction of a percent at these ranks.
