@@ -28,6 +28,7 @@ use crate::pretrained::Model;
 use crate::quantize::{BaseDtype, Quantize};
 use crate::rng::Rng;
 use crate::train::metrics::Event;
+use crate::train::{run_folder_of, RunConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -90,9 +91,13 @@ impl Default for CompareConfig {
     }
 }
 
-/// The training cost recorded in an adapter's run folder, if it has one.
+/// The training cost recorded in an adapter's run folder, if it comes from
+/// one ([`run_folder_of`]: a `best/` adapter is charged its whole run).
 fn training_cost(adapter: &Path) -> Result<Option<TrainingCost>> {
-    let path = adapter.join("metrics.jsonl");
+    let Some(run) = run_folder_of(adapter) else {
+        return Ok(None);
+    };
+    let path = run.join("metrics.jsonl");
     if !path.is_file() {
         return Ok(None);
     }
@@ -116,7 +121,7 @@ fn training_cost(adapter: &Path) -> Result<Option<TrainingCost>> {
     }
     // A run folder without its settings (copied by hand) counts as trained
     // without recompute, the default.
-    let recompute = crate::train::RunConfig::read(adapter).is_ok_and(|run| run.train.recompute);
+    let recompute = RunConfig::read(&run).is_ok_and(|run| run.train.recompute);
     Ok(Some(TrainingCost {
         adapter: adapter.to_path_buf(),
         seconds,
@@ -454,7 +459,8 @@ pub fn compare_files(
     }
     let trained_as = adapters
         .first()
-        .and_then(|a| crate::train::RunConfig::read(a).ok())
+        .and_then(|a| run_folder_of(a))
+        .and_then(|run| RunConfig::read(&run).ok())
         .map(|run| (run.train.quantize, run.train.dtype));
     let quantize = config
         .quantize

@@ -12,7 +12,7 @@ use super::HeldOut;
 use crate::data::{Dataset, Record};
 use crate::pretrained::Model;
 use crate::rng::Rng;
-use crate::train::{holds_run, RunConfig, Trainer};
+use crate::train::{holds_run, run_folder_of, RunConfig, Trainer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -68,7 +68,8 @@ impl ScalingConfig {
         };
         Ok(Self {
             sizes: parse_sizes(sizes)?,
-            run: run.clone(),
+            // A run's best/ adapter trains with its run's settings.
+            run: run_folder_of(run).unwrap_or_else(|| run.clone()),
             dir: out.join("scaling"),
         })
     }

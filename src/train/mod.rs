@@ -36,8 +36,8 @@ mod update;
 
 pub use metrics::Event;
 pub use optim::AdamWConfig;
-pub use run_folder::holds_run;
 use run_folder::TrainState;
+pub use run_folder::{holds_run, run_folder_of};
 pub use schedule::Schedule;
 pub use settings::{RunConfig, TrainConfig};
 pub use update::{evaluate, step_gradients, summed_loss, Update};

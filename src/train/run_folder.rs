@@ -50,6 +50,23 @@ const RUN_FILES: [&str; 9] = [
     "best",
 ];
 
+/// The run folder an adapter folder comes from: the folder itself when it
+/// holds a run's `train_config.toml`, or the run around it when it is that
+/// run's `best/` or `checkpoint/` adapter. `None` for an adapter from
+/// elsewhere (a PEFT download, a copied folder).
+pub fn run_folder_of(adapter: &Path) -> Option<PathBuf> {
+    let holds_settings = |dir: &Path| dir.join("train_config.toml").is_file();
+    if holds_settings(adapter) {
+        return Some(adapter.to_path_buf());
+    }
+    let name = adapter.file_name()?;
+    let run = adapter.parent()?;
+    let inside = ["best", "checkpoint", "checkpoint.old"]
+        .iter()
+        .any(|n| name == *n);
+    (inside && holds_settings(run)).then(|| run.to_path_buf())
+}
+
 /// Whether `dir` already holds a training run.
 pub fn holds_run(dir: &Path) -> bool {
     RUN_FILES.iter().any(|f| dir.join(f).exists())
@@ -120,4 +137,27 @@ pub(super) fn save_checkpoint(
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder is found from itself and from its best/ and checkpoint/
+    /// adapters; an adapter folder outside a run has none.
+    #[test]
+    fn an_adapter_finds_its_run_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let run = root.path().join("run");
+        for dir in ["best", "checkpoint", "other"] {
+            std::fs::create_dir_all(run.join(dir)).unwrap();
+        }
+        assert_eq!(run_folder_of(&run), None, "no train_config.toml yet");
+        std::fs::write(run.join("train_config.toml"), "").unwrap();
+        assert_eq!(run_folder_of(&run), Some(run.clone()));
+        assert_eq!(run_folder_of(&run.join("best")), Some(run.clone()));
+        assert_eq!(run_folder_of(&run.join("checkpoint")), Some(run.clone()));
+        assert_eq!(run_folder_of(&run.join("other")), None);
+        assert_eq!(run_folder_of(root.path()), None);
+    }
 }

@@ -150,6 +150,22 @@ pub fn adapter(fx: &Fixture) {
         "{:?}",
         names(&two)
     );
+    // A run's best/ adapter is charged its whole run's training.
+    let best = fx.adapter.join("best");
+    let from_best = compare(
+        fx,
+        "compare-adapter-best",
+        &["--adapter", best.to_str().unwrap()],
+    );
+    let tokens = |r: &Value| r["training"][0]["tokens"].as_u64();
+    assert!(tokens(with).is_some_and(|t| t > 0), "{}", with["training"]);
+    assert_eq!(
+        tokens(&from_best),
+        tokens(with),
+        "{}",
+        from_best["training"]
+    );
+    assert!(!from_best["break_even"].as_array().unwrap().is_empty());
     let out = fx.path("compare-no-adapter");
     run::ok("compare", &args(fx, &out, &[]));
     assert!(names(&report(&out)).iter().all(|n| n.starts_with("base")));
