@@ -474,7 +474,7 @@ fn check_in_chromium(html: &Path) {
     let out = std::process::Command::new(chromium)
         .args(common)
         .arg(&profile)
-        .arg("--window-size=1200,2000")
+        .arg("--window-size=1200,4000")
         .arg(format!("--screenshot={}", shot.display()))
         .arg(&url)
         .output()

@@ -185,6 +185,21 @@ pub fn compare(
             held_out.len()
         ));
     }
+    let cap = config.generation.max_new_tokens;
+    let mut too_long = Vec::new();
+    for h in held_out {
+        if model.tokenizer.encode(&h.reference, false)?.len() > cap {
+            too_long.push(h.origin.as_str());
+        }
+    }
+    if let Some(first) = too_long.first() {
+        notes.push(format!(
+            "{} of the {} reference answers are longer than --max-tokens ({cap} tokens), so no \
+             variant can match them exactly: raise --max-tokens (first: {first})",
+            too_long.len(),
+            held_out.len()
+        ));
+    }
     let seen_in_training = seen_in(held_out, train);
     if !seen_in_training.is_empty() {
         notes.push(format!(

@@ -50,7 +50,8 @@ pub struct VariantReport {
     pub tokens_per_second: f64,
     /// Per query: prefill and decode, with and without the shared-prefix cache.
     pub cost: QueryCost,
-    /// What else to know about how it ran (fewer shots for long questions, ...).
+    /// What else to know about how it ran: fewer shots for long questions,
+    /// answers stopped by `--max-tokens`.
     pub note: Option<String>,
     /// Every answer, in held-out order.
     pub outputs: Vec<Output>,

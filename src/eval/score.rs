@@ -156,6 +156,21 @@ pub(super) fn score(
             bar.inc(1);
         }
     }
+    let cut_off = generations
+        .iter()
+        .flatten()
+        .filter(|g| !g.stopped_at_eos && config.generation.stop_at_eos)
+        .count();
+    let cap = (cut_off > 0).then(|| {
+        format!(
+            "{cut_off} of {n} answers stopped at --max-tokens ({}) before ending their turn",
+            config.generation.max_new_tokens
+        )
+    });
+    let note = match (v.note.clone(), cap) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
+    };
     let (mut outputs, mut f1, mut json) = (Vec::new(), Vec::new(), Vec::new());
     for (h, g) in held_out.iter().zip(generations.into_iter().flatten()) {
         f1.push(token_f1(&g.text, &h.reference));
@@ -194,7 +209,7 @@ pub(super) fn score(
         latency_s: cost.seconds(),
         tokens_per_second: cost.decode_tokens / cost.decode_s.max(1e-9),
         cost,
-        note: v.note.clone(),
+        note,
         outputs,
     })
 }

@@ -86,7 +86,7 @@ pub fn data(fx: &Fixture) {
     assert!(err.contains("no-such-data"), "{err}");
     let notes = |r: &Value| r["notes"].to_string();
     assert_eq!(r["seen_in_training"], serde_json::json!([]));
-    assert!(!notes(&r).contains("test.jsonl"), "{}", notes(&r));
+    assert!(!notes(&r).contains("has no test.jsonl"), "{}", notes(&r));
 
     // A folder without test.jsonl falls back to valid.jsonl, and says what
     // that costs; a held-out question that is also a training record is
@@ -301,6 +301,33 @@ pub fn max_tokens(fx: &Fixture) {
         answers(&short)
     );
     assert!(answers(baseline(fx)).iter().any(|a| a.len() > 2));
+    // References longer than the cap cannot be matched: the notes say so, and
+    // each variant says how many of its answers the cap stopped.
+    let notes = short["notes"].to_string();
+    assert!(
+        notes.contains("2 of the 2 reference answers are longer than --max-tokens (2 tokens)"),
+        "{notes}"
+    );
+    let variant_notes: Vec<&str> = short["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["note"].as_str())
+        .collect();
+    assert!(
+        variant_notes
+            .iter()
+            .any(|n| n.contains("of 2 answers stopped at --max-tokens (2)")),
+        "{variant_notes:?}"
+    );
+    let long = compare(fx, "compare-max-tokens-long", &["--max-tokens", "40"]);
+    assert!(
+        !long["notes"]
+            .to_string()
+            .contains("reference answers are longer"),
+        "{}",
+        long["notes"]
+    );
 }
 
 pub fn temperature(fx: &Fixture) {
