@@ -184,11 +184,19 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rng = Rng::new(20261124);
+    // No message twice, within a split or across them: a test question that
+    // is also a training one would measure recall (`compare` flags it).
+    let mut seen = std::collections::HashSet::new();
     for (name, count) in [("train", 400), ("valid", 48), ("test", 48)] {
         let mut text = String::new();
-        for _ in 0..count {
-            text.push_str(&example(&mut rng).to_string());
-            text.push('\n');
+        let mut written = 0;
+        while written < count {
+            let record = example(&mut rng);
+            if seen.insert(record["prompt"].to_string()) {
+                text.push_str(&record.to_string());
+                text.push('\n');
+                written += 1;
+            }
         }
         tuneforge::atomic::write(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
         println!(
