@@ -162,15 +162,16 @@ pub fn compare(
     if config.batch == 0 {
         bail!("--batch 0: the batch size must be at least 1");
     }
+    // The training pool's file, for messages: " in train.jsonl".
+    let pool_file = train
+        .first()
+        .map(|t| format!(" in {}", file_of(&t.origin)))
+        .unwrap_or_default();
     if config.shots > train.len() {
         bail!(
-            "--shots {} is larger than the training set ({} examples{}); lower --shots",
+            "--shots {} is larger than the training set ({} examples{pool_file}); lower --shots",
             config.shots,
             train.len(),
-            train
-                .first()
-                .map(|t| format!(" in {}", file_of(&t.origin)))
-                .unwrap_or_default()
         );
     }
     for adapter in adapters {
@@ -203,15 +204,11 @@ pub fn compare(
     let seen_in_training = seen_in(held_out, train);
     if !seen_in_training.is_empty() {
         notes.push(format!(
-            "{} of the {} held-out questions also stand in the training pool{}, word for \
-             word: a fine-tune on it may recall their answers and retrieved few-shot can copy \
-             them, so on those the scores measure recall, not generalisation (first: {})",
+            "{} of the {} held-out questions also stand in the training pool{pool_file}, word \
+             for word: a fine-tune on it may recall their answers and retrieved few-shot can \
+             copy them, so on those the scores measure recall, not generalisation (first: {})",
             seen_in_training.len(),
             held_out.len(),
-            train
-                .first()
-                .map(|t| format!(" ({})", file_of(&t.origin)))
-                .unwrap_or_default(),
             held_out[seen_in_training[0]].origin
         ));
     }

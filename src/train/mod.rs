@@ -136,7 +136,7 @@ impl Trainer {
         std::fs::create_dir_all(out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
         crate::atomic::write(
-            &out_dir.join("train_config.toml"),
+            &out_dir.join(settings::RUN_CONFIG_FILE),
             toml::to_string_pretty(&run)?.as_bytes(),
         )?;
         Self::assemble(model, run, out_dir, None)

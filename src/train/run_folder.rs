@@ -2,6 +2,7 @@
 //! that holds them, `--overwrite` removes only them), and the checkpoint,
 //! written whole or not at all.
 
+use super::settings::RUN_CONFIG_FILE;
 use crate::adapter;
 use crate::rng::Rng;
 use anyhow::{Context, Result};
@@ -39,7 +40,7 @@ impl TrainState {
 
 /// The files and folders a run writes.
 const RUN_FILES: [&str; 9] = [
-    "train_config.toml",
+    RUN_CONFIG_FILE,
     "metrics.jsonl",
     "loss.svg",
     adapter::WEIGHTS_FILE,
@@ -55,7 +56,7 @@ const RUN_FILES: [&str; 9] = [
 /// run's `best/` or `checkpoint/` adapter. `None` for an adapter from
 /// elsewhere (a PEFT download, a copied folder).
 pub fn run_folder_of(adapter: &Path) -> Option<PathBuf> {
-    let holds_settings = |dir: &Path| dir.join("train_config.toml").is_file();
+    let holds_settings = |dir: &Path| dir.join(RUN_CONFIG_FILE).is_file();
     if holds_settings(adapter) {
         return Some(adapter.to_path_buf());
     }

@@ -121,6 +121,9 @@ impl TrainConfig {
     }
 }
 
+/// The file in a run folder that holds its [`RunConfig`].
+pub(super) const RUN_CONFIG_FILE: &str = "train_config.toml";
+
 /// What a run folder's `train_config.toml` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -135,7 +138,7 @@ pub struct RunConfig {
 impl RunConfig {
     /// Reads the `train_config.toml` of the run in `out_dir`.
     pub fn read(out_dir: &Path) -> Result<Self> {
-        let path = out_dir.join("train_config.toml");
+        let path = out_dir.join(RUN_CONFIG_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
                 "reading {}: is {} a run folder?",
