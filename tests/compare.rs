@@ -171,6 +171,25 @@ fn every_variant_is_scored_and_reported() {
     let (lo, hi) = sig.comparison.interval;
     assert!(lo <= sig.comparison.difference && sig.comparison.difference <= hi);
     assert!((0.0..=1.0).contains(&sig.comparison.p_value));
+    // The leader, picked from its side's variants, is tested against each
+    // variant of the other side at 5% over its side's number.
+    let t = &sig.test;
+    let leader = c.variants.iter().find(|v| v.name == t.leader).unwrap();
+    let side = c
+        .variants
+        .iter()
+        .filter(|v| v.fine_tuned == leader.fine_tuned)
+        .count();
+    assert!((t.threshold - 0.05 / side as f64).abs() < 1e-12, "{t:?}");
+    assert!(c
+        .variants
+        .iter()
+        .any(|v| v.name == t.hardest && v.fine_tuned != leader.fine_tuned));
+    assert_eq!(t.passed, !sig.conclusion.starts_with("no clear"));
+    assert!(c.verdict.contains(&format!(
+        "the leader \"{}\" must beat each of the",
+        t.leader
+    )));
     assert!(
         c.verdict.contains(&format!("Verdict: {}.", sig.conclusion))
             && c.verdict.contains("McNemar")
@@ -197,6 +216,7 @@ fn every_variant_is_scored_and_reported() {
     assert_eq!(json["random_few_shot"]["draws"], 3);
     assert!(json["variants"][0]["exact_match_interval"].is_array());
     assert!(json["significance"]["comparison"]["p_value"].is_number());
+    assert!(json["significance"]["test"]["threshold"].is_number());
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(
         html.contains("<svg") && html.contains("class=\"wrong\"")

@@ -18,8 +18,9 @@ pub use super::variants::default_instruction;
 
 use super::scaling::ScalingConfig;
 use super::score::{progress_bar, score};
+use super::significance::significance;
 use super::variants::{constrained, many_shot, retrieved_few_shot, Shots, Variant};
-use super::verdict::{break_even, significance, verdict};
+use super::verdict::{break_even, verdict};
 use super::HeldOut;
 use crate::chat::Message;
 use crate::generate::json::JsonSchema;
@@ -314,11 +315,11 @@ fn file_of(origin: &str) -> &str {
     origin.rsplit_once(':').map_or(origin, |p| p.0)
 }
 
-/// The index of the best prompting variant so far ([`super::verdict::better`]).
+/// The index of the best prompting variant so far ([`super::significance::better`]).
 fn best_index(reports: &[VariantReport]) -> Option<usize> {
     (0..reports.len())
         .filter(|&i| !reports[i].fine_tuned)
-        .max_by(|&a, &b| super::verdict::better(&reports[a], &reports[b]).then(b.cmp(&a)))
+        .max_by(|&a, &b| super::significance::better(&reports[a], &reports[b]).then(b.cmp(&a)))
 }
 
 /// The prompting variants: zero-shot, the instruction, retrieved few-shot,

@@ -2,7 +2,7 @@
 //! cost, the break-even points, the verdict and the data-scaling curve, as the
 //! reports show them and `report.json` holds them.
 
-use super::verdict::Significance;
+use super::significance::Significance;
 use super::HeldOut;
 use crate::generate::json::JsonSchema;
 use serde::Serialize;

@@ -10,6 +10,7 @@ pub mod report;
 pub mod retrieve;
 pub mod scaling;
 mod score;
+pub mod significance;
 pub mod stats;
 pub mod variants;
 pub mod verdict;

@@ -5,21 +5,27 @@
 
 use crate::rng::Rng;
 use serde::Serialize;
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+
+/// The standard normal quantile of `p`.
+fn normal_quantile(p: f64) -> f64 {
+    Normal::standard().inverse_cdf(p)
+}
 
 /// The normal quantile of a two-sided 95% interval.
-const Z95: f64 = 1.959_963_984_540_054;
-/// The normal quantile of 80% power.
-const Z80: f64 = 0.841_621_233_572_914_4;
+fn z95() -> f64 {
+    normal_quantile(0.975)
+}
 
 /// The Wilson score 95% interval of `successes` out of `n` (`(0, 1)` for none).
 pub fn wilson(successes: usize, n: usize) -> (f64, f64) {
     if n == 0 {
         return (0.0, 1.0);
     }
-    let (n, p) = (n as f64, successes as f64 / n as f64);
-    let z2 = Z95 * Z95;
+    let (n, p, z) = (n as f64, successes as f64 / n as f64, z95());
+    let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
-    let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
     // At 0 or n successes the bound is exactly 0 or 1; rounding must not move it.
     let lo = if successes == 0 {
         0.0
@@ -37,21 +43,12 @@ pub fn wilson(successes: usize, n: usize) -> (f64, f64) {
 /// McNemar's exact two-sided p-value for `b` examples that only the first
 /// variant gets right and `c` that only the second does.
 pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
-    let n = b + c;
+    let n = (b + c) as u64;
     if n == 0 {
         return 1.0;
     }
-    // P(X ≤ min(b, c)) for X ~ Binomial(n, 1/2), summed in log space.
-    let ln_half_n = n as f64 * 0.5f64.ln();
-    let mut ln_choose = 0.0; // ln C(n, 0)
-    let mut tail = 0.0;
-    for k in 0..=b.min(c) {
-        if k > 0 {
-            ln_choose += ((n - k + 1) as f64).ln() - (k as f64).ln();
-        }
-        tail += (ln_choose + ln_half_n).exp();
-    }
-    (2.0 * tail).min(1.0)
+    let fair = Binomial::new(0.5, n).expect("p = 1/2 is a probability");
+    (2.0 * fair.cdf(b.min(c) as u64)).min(1.0)
 }
 
 /// Two variants' answers to the same examples, compared.
@@ -61,7 +58,11 @@ pub struct PairedComparison {
     pub n: usize,
     /// Accuracy of the first variant minus the second's.
     pub difference: f64,
-    /// The paired bootstrap 95% interval of the difference.
+    /// The confidence level of `interval`, and one minus the significance
+    /// level of [`Self::winner`]: 0.95, or more where a verdict allows for
+    /// picking the best of several variants.
+    pub level: f64,
+    /// The paired bootstrap interval of the difference, at `level`.
     pub interval: (f64, f64),
     /// Examples only the first variant gets right.
     pub only_first: usize,
@@ -69,15 +70,17 @@ pub struct PairedComparison {
     pub only_second: usize,
     /// McNemar's exact two-sided p-value.
     pub p_value: f64,
-    /// The smallest difference these examples could detect (two-sided 5%,
-    /// 80% power), at the share of examples on which the variants disagree.
+    /// The smallest difference these examples could detect (two-sided, at
+    /// `level`, 80% power), at the share of examples on which the variants
+    /// disagree.
     pub detectable: f64,
 }
 
 impl PairedComparison {
     /// Compares `first` and `second` (whether each got each example right),
-    /// with `resamples` bootstrap draws from `seed`.
-    pub fn new(first: &[bool], second: &[bool], resamples: usize, seed: u64) -> Self {
+    /// with `resamples` bootstrap draws from `seed`, at confidence `level`
+    /// (0.95 for the usual 5% test).
+    pub fn new(first: &[bool], second: &[bool], resamples: usize, seed: u64, level: f64) -> Self {
         let n = first.len().min(second.len());
         let diffs: Vec<i32> = (0..n).map(|i| first[i] as i32 - second[i] as i32).collect();
         let only_first = diffs.iter().filter(|&&d| d > 0).count();
@@ -97,6 +100,7 @@ impl PairedComparison {
                 .copied()
                 .unwrap_or(difference)
         };
+        let tail = (1.0 - level) / 2.0;
         // Connor's approximation for McNemar's test: δ = (z_α + z_β)·√(p_d / n),
         // with the discordant share p_d at least one example's worth.
         let discordant =
@@ -104,18 +108,21 @@ impl PairedComparison {
         Self {
             n,
             difference,
-            interval: (at(0.025), at(0.975)),
+            level,
+            interval: (at(tail), at(1.0 - tail)),
             only_first,
             only_second,
             p_value: mcnemar_exact(only_first, only_second),
-            detectable: (Z95 + Z80) * (discordant / n.max(1) as f64).sqrt(),
+            detectable: (normal_quantile(1.0 - tail) + normal_quantile(0.8))
+                * (discordant / n.max(1) as f64).sqrt(),
         }
     }
 
     /// Whether the first variant is better (+1), the second (-1), or neither is
-    /// clearly (0): the interval excludes zero and McNemar's p is below 0.05.
+    /// clearly (0): the interval excludes zero and McNemar's p is below one
+    /// minus `level` (0.05 at 95%).
     pub fn winner(&self) -> i32 {
-        let clear = self.p_value < 0.05;
+        let clear = self.p_value < 1.0 - self.level;
         match (self.interval.0 > 0.0, self.interval.1 < 0.0) {
             (true, _) if clear => 1,
             (_, true) if clear => -1,
@@ -157,7 +164,7 @@ mod tests {
         let n = 60;
         let second: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
         let first: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 3 != 0).collect();
-        let c = PairedComparison::new(&first, &second, 2000, 1);
+        let c = PairedComparison::new(&first, &second, 2000, 1, 0.95);
         assert_eq!((c.only_first, c.only_second), (20, 0));
         assert!((c.difference - 1.0 / 3.0).abs() < 1e-12);
         assert!(
@@ -166,12 +173,12 @@ mod tests {
             c.interval
         );
         assert_eq!(c.winner(), 1);
-        let reversed = PairedComparison::new(&second, &first, 2000, 1);
+        let reversed = PairedComparison::new(&second, &first, 2000, 1, 0.95);
         assert_eq!(reversed.winner(), -1);
         let mut close = second.clone();
         close[1] = true;
-        let c = PairedComparison::new(&close, &second, 2000, 1);
+        let c = PairedComparison::new(&close, &second, 2000, 1, 0.95);
         assert_eq!(c.winner(), 0);
-        assert!(c.p_value == 1.0 && c.detectable > c.difference);
+        assert!((c.p_value - 1.0).abs() < 1e-12 && c.detectable > c.difference);
     }
 }

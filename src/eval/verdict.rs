@@ -1,26 +1,9 @@
-//! The verdict: which variant scores highest, whether the best fine-tuned
-//! variant beats the best prompting variant beyond what chance explains on
-//! this many examples, and what the instruction and the break-even add.
+//! The verdict: which variant scores highest, whether fine-tuning beat
+//! prompting ([`super::significance`]), and what the instruction and the
+//! break-even add.
 
 use super::comparison::{BreakEven, Comparison, TrainingCost, VariantReport};
-use super::stats::PairedComparison;
-use serde::Serialize;
-
-/// The best fine-tuned variant against the best prompting variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct Significance {
-    /// The fine-tuned variant.
-    pub fine_tuned: String,
-    /// The prompting variant.
-    pub prompting: String,
-    /// Fine-tuned minus prompting, exact match, paired over the examples.
-    pub comparison: PairedComparison,
-    /// "fine-tuning is better", "prompting is better" or "no clear difference".
-    pub conclusion: String,
-}
-
-/// Paired bootstrap draws for the verdict's interval.
-const BOOTSTRAP_RESAMPLES: usize = 10_000;
+use super::significance::{best, better, p_is, winner_test_sentence};
 
 /// The query volume at which each fine-tune has paid for itself against each
 /// prompting variant.
@@ -85,49 +68,6 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-/// Orders variants by exact match, then field accuracy, then token F1; on a tie
-/// the cheaper one (fewer prompt tokens) ranks higher.
-pub(super) fn better(a: &VariantReport, b: &VariantReport) -> std::cmp::Ordering {
-    let key = |r: &VariantReport| {
-        (
-            r.exact_match,
-            r.field_accuracy.unwrap_or(0.0),
-            r.token_f1,
-            -r.prompt_tokens,
-        )
-    };
-    key(a)
-        .partial_cmp(&key(b))
-        .unwrap_or(std::cmp::Ordering::Equal)
-}
-
-/// The best variant of each kind, by [`better`].
-fn best(variants: &[VariantReport], fine_tuned: bool) -> Option<&VariantReport> {
-    variants
-        .iter()
-        .filter(|r| r.fine_tuned == fine_tuned)
-        .max_by(|a, b| better(a, b))
-}
-
-/// The best fine-tuned variant against the best prompting variant, paired
-/// over the examples both answered.
-pub(super) fn significance(variants: &[VariantReport], seed: u64) -> Option<Significance> {
-    let (ft, pr) = (best(variants, true)?, best(variants, false)?);
-    let right = |v: &VariantReport| v.outputs.iter().map(|o| o.correct).collect::<Vec<_>>();
-    let comparison = PairedComparison::new(&right(ft), &right(pr), BOOTSTRAP_RESAMPLES, seed);
-    let conclusion = match comparison.winner() {
-        1 => "fine-tuning is better".to_string(),
-        -1 => "prompting is better".to_string(),
-        _ => format!("no clear difference on {} examples", comparison.n),
-    };
-    Some(Significance {
-        fine_tuned: ft.name.clone(),
-        prompting: pr.name.clone(),
-        comparison,
-        conclusion,
-    })
-}
-
 pub(super) fn verdict(c: &Comparison) -> String {
     let winner = c
         .variants
@@ -155,7 +95,7 @@ pub(super) fn verdict(c: &Comparison) -> String {
         " Verdict: {}. The best fine-tuned variant (\"{}\", {}) against the best prompting \
          variant (\"{}\", {}): {} points of exact match (paired bootstrap 95% interval {} to \
          {}; {} examples right only when fine-tuned, {} only when prompted; McNemar's exact \
-         p = {:.3}). {} examples can detect a difference of about {} points (5% level, 80% power).",
+         {}). {} examples can detect a difference of about {} points (5% level, 80% power).",
         sig.conclusion,
         ft.name,
         pct(ft.exact_match),
@@ -166,10 +106,13 @@ pub(super) fn verdict(c: &Comparison) -> String {
         points(p.interval.1),
         p.only_first,
         p.only_second,
-        p.p_value,
+        p_is(p.p_value),
         p.n,
         points(p.detectable),
     ));
+    if let Some(sentence) = winner_test_sentence(sig) {
+        text.push_str(&sentence);
+    }
     if !c.seen_in_training.is_empty() {
         text.push_str(&format!(
             " Caution: {} of these {} questions also stand in the training pool, word for \
@@ -226,36 +169,8 @@ pub(super) fn verdict(c: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::comparison::{Output, QueryCost, TrainingCost};
-
-    fn variant(name: &str, fine_tuned: bool, right: &[bool]) -> VariantReport {
-        let share = right.iter().filter(|&&r| r).count() as f64 / right.len() as f64;
-        VariantReport {
-            name: name.into(),
-            adapter: None,
-            fine_tuned,
-            exact_match: share,
-            exact_match_interval: (0.0, 1.0),
-            json_valid: None,
-            field_accuracy: None,
-            field_accuracy_valid: None,
-            token_f1: share,
-            nll: 1.0,
-            perplexity: 1.0f64.exp(),
-            prompt_tokens: 10.0,
-            latency_s: 0.1,
-            tokens_per_second: 10.0,
-            cost: QueryCost::default(),
-            note: None,
-            outputs: right
-                .iter()
-                .map(|&correct| Output {
-                    answer: String::new(),
-                    correct,
-                })
-                .collect(),
-        }
-    }
+    use crate::eval::comparison::{QueryCost, TrainingCost};
+    use crate::eval::significance::tests::variant;
 
     /// A variant answering in `prompt` prompt tokens and `answer` generated
     /// tokens, at `(prefill, prefill without the cache, decode)` seconds.
@@ -335,40 +250,5 @@ mod tests {
         training.recompute = true;
         let b = &break_even(&reports, &[training])[0];
         assert!(close(b.queries_by_flops, 6000.0 / 260.0));
-    }
-
-    /// The three outcomes on constructed score vectors, each against the
-    /// best variant of the other kind.
-    #[test]
-    fn the_verdict_has_three_outcomes() {
-        let n = 60;
-        let half: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
-        let more: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 3 != 0).collect();
-        let mut one_more = half.clone();
-        one_more[1] = true;
-        let weak: Vec<bool> = vec![false; n];
-        for (tuned, prompted, want) in [
-            (&more, &half, "fine-tuning is better".to_string()),
-            (&half, &more, "prompting is better".to_string()),
-            (
-                &one_more,
-                &half,
-                format!("no clear difference on {n} examples"),
-            ),
-        ] {
-            let variants = [
-                variant("zero-shot", false, &weak),
-                variant("few-shot", false, prompted),
-                variant("fine-tuned", true, tuned),
-                variant("fine-tuned, worse", true, &weak),
-            ];
-            let s = significance(&variants, 3).unwrap();
-            assert_eq!(s.conclusion, want);
-            assert_eq!(
-                (s.fine_tuned.as_str(), s.prompting.as_str()),
-                ("fine-tuned", "few-shot")
-            );
-        }
-        assert!(significance(&[variant("zero-shot", false, &weak)], 3).is_none());
     }
 }
