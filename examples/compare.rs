@@ -70,6 +70,11 @@ struct Args {
     /// --adapter run trained it, else auto).
     #[arg(long)]
     dtype: Option<tuneforge::quantize::BaseDtype>,
+    /// The word-level ROUGE-L at which a held-out question counts as a
+    /// near-duplicate of a training question (scored apart in the report);
+    /// 1 counts only the same words in the same order.
+    #[arg(long, default_value_t = tuneforge::eval::overlap::DEFAULT_THRESHOLD)]
+    near_duplicate: f64,
     /// Where to write the reports.
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
@@ -100,6 +105,7 @@ fn main() -> Result<()> {
             .transpose()?,
         quantize: a.quantize,
         dtype: a.dtype,
+        near_duplicate: a.near_duplicate,
         ..CompareConfig::default()
     };
     let comparison = compare::compare_files(&a.model, a.device, &a.data, &a.adapter, &config)?;

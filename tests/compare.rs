@@ -197,7 +197,18 @@ fn every_variant_is_scored_and_reported() {
         "{}",
         c.verdict
     );
+    // "ticket 12 about billing" shares 3 of 4 words with "ticket 0 about
+    // billing": ROUGE-L 0.75, a near-duplicate at the default 0.7.
+    assert_eq!(c.near_duplicates.len(), 6);
+    assert!(c.near_duplicates.iter().all(|n| n.similarity == 0.75));
+    assert!(c
+        .verdict
+        .contains("Caution: every held-out question has a near-duplicate"));
     let md = report::markdown(&c);
+    assert!(
+        md.contains("| variant | near-duplicates (6) | the others (0) |"),
+        "{md}"
+    );
     assert!(md.contains("| variant | exact match (95% CI) |") && md.contains(&c.verdict));
     assert!(md.contains("| extra answer tokens/query |"), "{md}");
 
@@ -222,6 +233,7 @@ fn every_variant_is_scored_and_reported() {
         html.contains("<svg") && html.contains("class=\"wrong\"")
             || html.contains("class=\"right\"")
     );
+    assert!(html.contains("<table id=\"near-duplicates\">"));
     assert!(html.contains("id=\"costs\"") && html.contains("id=\"break-even-chart\"><svg"));
     check_in_chromium(&out.path().join("report.html"));
 }

@@ -16,10 +16,11 @@ pub use super::comparison::{
 };
 pub use super::variants::default_instruction;
 
+use super::overlap::{near_duplicates, seen_in};
 use super::scaling::ScalingConfig;
 use super::score::{progress_bar, score};
 use super::significance::significance;
-use super::variants::{constrained, many_shot, retrieved_few_shot, Shots, Variant};
+use super::variants::{constrained, fine_tuned_variants, prompting_variants, Variant};
 use super::verdict::{break_even, verdict};
 use super::HeldOut;
 use crate::chat::Message;
@@ -27,7 +28,6 @@ use crate::generate::json::JsonSchema;
 use crate::generate::{GenerationConfig, DEFAULT_BATCH};
 use crate::pretrained::Model;
 use crate::quantize::{BaseDtype, Quantize};
-use crate::rng::Rng;
 use crate::train::metrics::Event;
 use crate::train::{run_folder_of, RunConfig};
 use anyhow::{bail, Context, Result};
@@ -70,6 +70,10 @@ pub struct CompareConfig {
     /// The base's precision in [`compare_files`]; `None`: as the first
     /// adapter's run trained it, else `auto`.
     pub dtype: Option<BaseDtype>,
+    /// The word-level ROUGE-L at which a held-out question counts as a
+    /// near-duplicate of a training question ([`super::overlap`]); 1 counts
+    /// only the same words in the same order.
+    pub near_duplicate: f64,
 }
 
 impl Default for CompareConfig {
@@ -88,6 +92,7 @@ impl Default for CompareConfig {
             scaling: None,
             quantize: None,
             dtype: None,
+            near_duplicate: super::overlap::DEFAULT_THRESHOLD,
         }
     }
 }
@@ -131,21 +136,6 @@ fn training_cost(adapter: &Path) -> Result<Option<TrainingCost>> {
     }))
 }
 
-/// The indices of the `held_out` examples whose prompt (every turn before
-/// the answer, whitespace normalised) is also a prompt in `train`.
-fn seen_in(held_out: &[HeldOut], train: &[HeldOut]) -> Vec<usize> {
-    let key = |h: &HeldOut| -> Vec<(String, String)> {
-        h.prompt
-            .iter()
-            .map(|m| (m.role.clone(), super::normalize(&m.content)))
-            .collect()
-    };
-    let pool: std::collections::HashSet<_> = train.iter().map(key).collect();
-    (0..held_out.len())
-        .filter(|&i| pool.contains(&key(&held_out[i])))
-        .collect()
-}
-
 /// Runs every variant on `held_out` and scores it. `train` supplies the
 /// worked examples, the default instruction and the JSON shape. Adapters are
 /// loaded onto `model` in turn.
@@ -162,6 +152,12 @@ pub fn compare(
     }
     if config.batch == 0 {
         bail!("--batch 0: the batch size must be at least 1");
+    }
+    if !(config.near_duplicate > 0.0 && config.near_duplicate <= 1.0) {
+        bail!(
+            "--near-duplicate {}: the ROUGE-L threshold must be above 0 and at most 1",
+            config.near_duplicate
+        );
     }
     // The training pool's file, for messages: " in train.jsonl".
     let pool_file = train
@@ -211,6 +207,25 @@ pub fn compare(
             seen_in_training.len(),
             held_out.len(),
             held_out[seen_in_training[0]].origin
+        ));
+    }
+    let near = near_duplicates(held_out, train, config.near_duplicate);
+    if let Some(closest) = near
+        .iter()
+        .max_by(|a, b| a.similarity.total_cmp(&b.similarity))
+    {
+        notes.push(format!(
+            "{} of the {} held-out questions have a near-duplicate in the training pool{pool_file} \
+             (word-level ROUGE-L at least {}): a fine-tune may have learned those questions \
+             rather than the task, so the report scores the other {} apart (closest: {} and {}, \
+             {:.2})",
+            near.len(),
+            held_out.len(),
+            config.near_duplicate,
+            held_out.len() - near.len(),
+            closest.held_out,
+            closest.training,
+            closest.similarity
         ));
     }
     let answers: Vec<&str> = if train.is_empty() {
@@ -300,6 +315,8 @@ pub fn compare(
         verdict: String::new(),
         notes,
         seen_in_training,
+        near_duplicates: near,
+        near_duplicate_threshold: config.near_duplicate,
         scaling: None,
     };
     comparison.significance = significance(&comparison.variants, config.seed);
@@ -320,97 +337,6 @@ fn best_index(reports: &[VariantReport]) -> Option<usize> {
     (0..reports.len())
         .filter(|&i| !reports[i].fine_tuned)
         .max_by(|&a, &b| super::significance::better(&reports[a], &reports[b]).then(b.cmp(&a)))
-}
-
-/// The prompting variants: zero-shot, the instruction, retrieved few-shot,
-/// random few-shot over the draws, and many-shot; and the many-shot count.
-fn prompting_variants(
-    model: &Model,
-    held_out: &[HeldOut],
-    train: &[HeldOut],
-    config: &CompareConfig,
-    instruction: &str,
-    notes: &mut Vec<String>,
-) -> Result<(Vec<Variant>, Option<usize>)> {
-    let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
-    let none = || Shots::Fixed(Vec::new());
-    let mut variants = vec![
-        Variant::new("base, zero-shot".into(), None, None, none()),
-        Variant::new(
-            "base + instruction".into(),
-            None,
-            Some(instruction.to_string()),
-            none(),
-        ),
-    ];
-    let k = config.shots;
-    if k > 0 {
-        variants.push(retrieved_few_shot(
-            format!("base, retrieved few-shot (k={k}, BM25)"),
-            train,
-            held_out,
-            k,
-        ));
-        for draw in 0..config.random_draws {
-            let mut order: Vec<usize> = (0..train.len()).collect();
-            Rng::new(config.seed + draw as u64).shuffle(&mut order);
-            variants.push(Variant::new(
-                format!("base, random few-shot (k={k}, draw {})", draw + 1),
-                None,
-                None,
-                Shots::Fixed(order[..k].iter().map(|&i| example(i)).collect()),
-            ));
-        }
-    }
-    let mut many_shots = None;
-    if config.max_shots != Some(0) && !train.is_empty() {
-        let answer = config.generation.max_new_tokens;
-        match many_shot(
-            model,
-            train,
-            held_out,
-            config.max_shots,
-            answer,
-            config.seed,
-        )? {
-            Some(m) => {
-                many_shots = Some(m.shots);
-                variants.push(m.variant);
-            }
-            None => notes.push(
-                "many-shot skipped: not one training example fits the context beside the \
-                 median question and its answer"
-                    .to_string(),
-            ),
-        }
-    }
-    Ok((variants, many_shots))
-}
-
-/// Each adapter, alone and with the instruction.
-fn fine_tuned_variants(adapters: &[PathBuf], instruction: &str) -> Vec<Variant> {
-    let mut variants = Vec::new();
-    for (i, adapter) in adapters.iter().enumerate() {
-        let tag = match adapters.len() {
-            1 => String::new(),
-            _ => format!(" #{}", i + 1),
-        };
-        let none = || Shots::Fixed(Vec::new());
-        let a = Some(adapter.clone());
-        variants.push(Variant::new(
-            format!("fine-tuned{tag}"),
-            a.clone(),
-            None,
-            none(),
-        ));
-        variants.push(Variant::new(
-            format!("fine-tuned{tag} + instruction"),
-            a,
-            Some(instruction.to_string()),
-            none(),
-        ));
-    }
-    variants
 }
 
 /// Refuses a variant whose prompt, with room for the answer, exceeds the context.
@@ -548,31 +474,5 @@ mod tests {
         let plain = default_instruction(&["plain", "other"]);
         assert!(plain.contains("exactly the expected format"), "{plain}");
         assert!(plain.ends_with("For example:\nplain"), "{plain}");
-    }
-
-    /// A held-out prompt counts as seen when every turn before the answer
-    /// matches a training prompt's, up to whitespace; the answers do not matter.
-    #[test]
-    fn held_out_questions_seen_in_training_are_found() {
-        let held = |turns: &[(&str, &str)], answer: &str| HeldOut {
-            prompt: turns.iter().map(|&(r, c)| Message::new(r, c)).collect(),
-            reference: answer.into(),
-            origin: String::new(),
-        };
-        let train = [
-            held(&[("user", "Where is  my order?")], "shipping"),
-            held(&[("system", "Be brief."), ("user", "Refund me")], "billing"),
-        ];
-        let held_out = [
-            held(&[("user", "Where is my order? ")], "something else"),
-            held(&[("user", "Refund me")], "billing"),
-            held(
-                &[("system", "Be brief."), ("user", "Refund\nme")],
-                "billing",
-            ),
-            held(&[("assistant", "Where is my order?")], "shipping"),
-        ];
-        assert_eq!(seen_in(&held_out, &train), vec![0, 2]);
-        assert!(seen_in(&held_out, &[]).is_empty());
     }
 }

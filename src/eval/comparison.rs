@@ -146,6 +146,12 @@ pub struct Comparison {
     /// in the training pool too, word for word: a fine-tune on that pool may
     /// recall their answers, and retrieved few-shot can copy them.
     pub seen_in_training: Vec<usize>,
+    /// The held-out questions with a near-duplicate in the training pool
+    /// (word-level ROUGE-L at least `near_duplicate_threshold`), the
+    /// exact ones included ([`super::overlap`]).
+    pub near_duplicates: Vec<super::overlap::NearDuplicate>,
+    /// The ROUGE-L at which a question counted as a near-duplicate.
+    pub near_duplicate_threshold: f64,
     /// Accuracy against the number of training examples, when asked for.
     pub scaling: Option<super::scaling::Scaling>,
 }

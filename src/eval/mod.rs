@@ -6,6 +6,7 @@ mod charts;
 pub mod compare;
 pub mod comparison;
 pub mod metrics;
+pub mod overlap;
 pub mod report;
 pub mod retrieve;
 pub mod scaling;

@@ -4,6 +4,7 @@
 
 use super::charts::{bar_chart, line_chart, Line, Series};
 use super::comparison::Comparison;
+use super::overlap::split_exact_match;
 use anyhow::Result;
 use plotters::style::RGBColor;
 use std::path::Path;
@@ -119,6 +120,28 @@ pub fn markdown(c: &Comparison) -> String {
             ));
         }
     }
+    let near = near_duplicate_rows(c);
+    if let Some(first) = near.first() {
+        s.push_str(&format!(
+            "\nNear-duplicates: {} of the {} held-out questions have a training question at \
+             word-level ROUGE-L {} or more. Exact match on them and on the others:\n\n\
+             | variant | {} | {} |\n|---|---|---|\n",
+            c.near_duplicates.len(),
+            c.examples.len(),
+            c.near_duplicate_threshold,
+            first["near_header"].as_str().unwrap_or_default(),
+            first["others_header"].as_str().unwrap_or_default(),
+        ));
+        for r in &near {
+            let cell = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                cell("name"),
+                cell("near"),
+                cell("others")
+            ));
+        }
+    }
     for note in &c.notes {
         s.push_str(&format!("\nNote: {note}.\n"));
     }
@@ -167,6 +190,11 @@ figure { margin: 1em 0; }
 </table>
 <p>{% if c.scaling.crossover %}Fine-tuning is first ahead at n = {{ c.scaling.crossover }}.{% else %}Fine-tuning is not ahead at any n tried.{% endif %}</p>
 <figure id="scaling-chart">{{ scaling_svg|safe }}</figure>{% endif %}
+{% if near_rows %}<h2>Near-duplicates of training questions</h2>
+<p>{{ c.near_duplicates|length }} of the {{ c.examples|length }} held-out questions have a training question at word-level ROUGE-L {{ c.near_duplicate_threshold }} or more (the pairs are in <code>report.json</code>). Exact match on them and on the others:</p>
+<table id="near-duplicates"><tr><th>variant</th><th>{{ near_rows[0].near_header }}</th><th>{{ near_rows[0].others_header }}</th></tr>
+{% for r in near_rows %}<tr><td>{{ r.name }}</td><td>{{ r.near }}</td><td>{{ r.others }}</td></tr>{% endfor %}
+</table>{% endif %}
 {% if c.notes %}<h2>Notes</h2><ul id="notes">{% for n in c.notes %}<li>{{ n }}.</li>{% endfor %}</ul>{% endif %}
 <h2>Sample outputs</h2>
 <table id="samples"><tr><th>question</th><th>reference</th>{% for v in c.variants %}<th>{{ v.name }}</th>{% endfor %}</tr>
@@ -174,6 +202,27 @@ figure { margin: 1em 0; }
 {% endfor %}</table>
 </body></html>
 "#;
+
+/// Each variant's exact match on the near-duplicates and on the other
+/// questions, for both reports (none when there are no near-duplicates).
+fn near_duplicate_rows(c: &Comparison) -> Vec<serde_json::Value> {
+    if c.near_duplicates.is_empty() {
+        return Vec::new();
+    }
+    let n = c.near_duplicates.len();
+    let others = c.examples.len() - n;
+    c.variants
+        .iter()
+        .map(|v| {
+            let (near, rest) = split_exact_match(v, &c.near_duplicates);
+            serde_json::json!({
+                "name": v.name, "near": pct(near), "others": pct(rest),
+                "near_header": format!("near-duplicates ({n})"),
+                "others_header": format!("the others ({others})"),
+            })
+        })
+        .collect()
+}
 
 /// Line colors, in turn.
 const PALETTE: [RGBColor; 8] = [
@@ -358,6 +407,7 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
         .get_template("report.html")?
         .render(minijinja::context! {
             c => Serde(c), rows => Serde(rows), samples => Serde(samples),
+            near_rows => Serde(near_duplicate_rows(c)),
             accuracy_svg => accuracy_svg, cost_svg => cost_svg,
             break_even_svg => break_even_chart(c)?.unwrap_or_default(),
             scaling_svg => scaling_chart(c)?.unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! instruction, worked examples chosen one way or another, a JSON grammar)
 //! and with which adapter. Every option a variant takes is in its name.
 
+use super::compare::CompareConfig;
 use super::HeldOut;
 use crate::chat::Message;
 use crate::generate::json::JsonSchema;
@@ -281,4 +282,94 @@ pub fn default_instruction(answers: &[&str]) -> String {
     text.push_str(" Write nothing else.");
     text.push_str(&shown);
     text
+}
+/// The prompting variants: zero-shot, the instruction, retrieved few-shot,
+/// random few-shot over the draws, and many-shot; and the many-shot count.
+pub(super) fn prompting_variants(
+    model: &Model,
+    held_out: &[HeldOut],
+    train: &[HeldOut],
+    config: &CompareConfig,
+    instruction: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Variant>, Option<usize>)> {
+    let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
+    let none = || Shots::Fixed(Vec::new());
+    let mut variants = vec![
+        Variant::new("base, zero-shot".into(), None, None, none()),
+        Variant::new(
+            "base + instruction".into(),
+            None,
+            Some(instruction.to_string()),
+            none(),
+        ),
+    ];
+    let k = config.shots;
+    if k > 0 {
+        variants.push(retrieved_few_shot(
+            format!("base, retrieved few-shot (k={k}, BM25)"),
+            train,
+            held_out,
+            k,
+        ));
+        for draw in 0..config.random_draws {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            Rng::new(config.seed + draw as u64).shuffle(&mut order);
+            variants.push(Variant::new(
+                format!("base, random few-shot (k={k}, draw {})", draw + 1),
+                None,
+                None,
+                Shots::Fixed(order[..k].iter().map(|&i| example(i)).collect()),
+            ));
+        }
+    }
+    let mut many_shots = None;
+    if config.max_shots != Some(0) && !train.is_empty() {
+        let answer = config.generation.max_new_tokens;
+        match many_shot(
+            model,
+            train,
+            held_out,
+            config.max_shots,
+            answer,
+            config.seed,
+        )? {
+            Some(m) => {
+                many_shots = Some(m.shots);
+                variants.push(m.variant);
+            }
+            None => notes.push(
+                "many-shot skipped: not one training example fits the context beside the \
+                 median question and its answer"
+                    .to_string(),
+            ),
+        }
+    }
+    Ok((variants, many_shots))
+}
+
+/// Each adapter, alone and with the instruction.
+pub(super) fn fine_tuned_variants(adapters: &[PathBuf], instruction: &str) -> Vec<Variant> {
+    let mut variants = Vec::new();
+    for (i, adapter) in adapters.iter().enumerate() {
+        let tag = match adapters.len() {
+            1 => String::new(),
+            _ => format!(" #{}", i + 1),
+        };
+        let none = || Shots::Fixed(Vec::new());
+        let a = Some(adapter.clone());
+        variants.push(Variant::new(
+            format!("fine-tuned{tag}"),
+            a.clone(),
+            None,
+            none(),
+        ));
+        variants.push(Variant::new(
+            format!("fine-tuned{tag} + instruction"),
+            a,
+            Some(instruction.to_string()),
+            none(),
+        ));
+    }
+    variants
 }

@@ -3,7 +3,9 @@
 //! break-even add.
 
 use super::comparison::{BreakEven, Comparison, TrainingCost, VariantReport};
-use super::significance::{best, better, p_is, winner_test_sentence};
+use super::overlap::{split_exact_match, NearDuplicate};
+use super::significance::{best, better, p_is, probability, winner_test_sentence};
+use super::stats::mcnemar_exact;
 
 /// The query volume at which each fine-tune has paid for itself against each
 /// prompting variant.
@@ -121,6 +123,14 @@ pub(super) fn verdict(c: &Comparison) -> String {
             c.examples.len()
         ));
     }
+    let near = (
+        &c.near_duplicates[..],
+        c.examples.len(),
+        c.near_duplicate_threshold,
+    );
+    if let Some(sentence) = near_duplicate_sentence(near, ft, pr) {
+        text.push_str(&sentence);
+    }
     let plain = c
         .variants
         .iter()
@@ -166,6 +176,53 @@ pub(super) fn verdict(c: &Comparison) -> String {
     text
 }
 
+/// The caution on near-duplicates (`near` of `total` held-out questions at
+/// ROUGE-L `threshold`): how many, and the best fine-tuned and prompting
+/// variants on the other questions, paired.
+fn near_duplicate_sentence(
+    (near, total, threshold): (&[NearDuplicate], usize, f64),
+    ft: &VariantReport,
+    pr: &VariantReport,
+) -> Option<String> {
+    if near.is_empty() {
+        return None;
+    }
+    let n = near.len();
+    let at = probability(threshold);
+    if n == total {
+        return Some(format!(
+            " Caution: every held-out question has a near-duplicate in the training pool \
+             (word-level ROUGE-L at least {at}), so these scores cannot tell learning the task \
+             from learning those questions; hold out questions unlike the training ones."
+        ));
+    }
+    let others = |v: &VariantReport| -> Vec<bool> {
+        v.outputs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !near.iter().any(|d| d.example == *i))
+            .map(|(_, o)| o.correct)
+            .collect()
+    };
+    let (ft_right, pr_right) = (others(ft), others(pr));
+    let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
+    let p_value = mcnemar_exact(only(&ft_right, &pr_right), only(&pr_right, &ft_right));
+    let ft_share = split_exact_match(ft, near).1?;
+    let pr_share = split_exact_match(pr, near).1?;
+    Some(format!(
+        " {n} of the {total} held-out questions have a near-duplicate in the training pool \
+         (word-level ROUGE-L at least {at}); on the other {} alone, \"{}\" scores {} and \
+         \"{}\" {} ({:+.1} points, McNemar's exact {}).",
+        total - n,
+        ft.name,
+        pct(ft_share),
+        pr.name,
+        pct(pr_share),
+        100.0 * (ft_share - pr_share),
+        p_is(p_value)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +252,35 @@ mod tests {
             cost,
             ..variant(name, fine_tuned, &[true])
         }
+    }
+
+    /// The near-duplicate caution scores the other questions apart, paired.
+    #[test]
+    fn near_duplicates_are_set_apart_in_the_verdict() {
+        let near = |i: usize| NearDuplicate {
+            example: i,
+            held_out: format!("test.jsonl:{}", i + 1),
+            training: "train.jsonl:7".into(),
+            similarity: 0.8,
+        };
+        // Six questions, the first two near-duplicates; on the other four
+        // the fine-tune gets 4 right, prompting 1.
+        let ft = variant("fine-tuned", true, &[true, true, true, true, true, true]);
+        let pr = variant("few-shot", false, &[true, true, false, true, false, false]);
+        let sentence = near_duplicate_sentence((&[near(0), near(1)], 6, 0.7), &ft, &pr).unwrap();
+        assert_eq!(
+            sentence,
+            " 2 of the 6 held-out questions have a near-duplicate in the training pool \
+             (word-level ROUGE-L at least 0.7); on the other 4 alone, \"fine-tuned\" scores \
+             100.0% and \"few-shot\" 25.0% (+75.0 points, McNemar's exact p = 0.25)."
+        );
+        let all: Vec<NearDuplicate> = (0..6).map(near).collect();
+        let sentence = near_duplicate_sentence((&all, 6, 0.7), &ft, &pr).unwrap();
+        assert!(
+            sentence.contains("every held-out question has a near-duplicate"),
+            "{sentence}"
+        );
+        assert_eq!(near_duplicate_sentence((&[], 6, 0.7), &ft, &pr), None);
     }
 
     /// Each break-even divides the one-off training cost by what prompting

@@ -492,3 +492,36 @@ pub fn dtype(fx: &Fixture) {
     let f32 = compare(fx, "compare-dtype-f32", &["--dtype", "f32"]);
     assert_ne!(nlls(&r), nlls(&f32), "bf16 weights score otherwise");
 }
+
+/// The fixture's questions ("ticket N about LABEL") differ from training
+/// ones of the same label in one word of four: ROUGE-L 0.75, near-duplicates
+/// at the default 0.7, and none at 0.9.
+pub fn near_duplicate(fx: &Fixture) {
+    let r = baseline(fx);
+    let near = r["near_duplicates"].as_array().unwrap();
+    assert_eq!(near.len(), 2, "{near:?}");
+    assert_eq!(r["near_duplicate_threshold"], 0.7);
+    for n in near {
+        assert_eq!(n["similarity"], 0.75, "{n}");
+        assert!(
+            n["training"].as_str().unwrap().contains("train.jsonl:"),
+            "{n}"
+        );
+    }
+    assert!(
+        r["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("Caution: every held-out question has a near-duplicate"),
+        "{}",
+        r["verdict"]
+    );
+    let strict = compare(fx, "compare-near-duplicate", &["--near-duplicate", "0.9"]);
+    assert_eq!(strict["near_duplicates"], serde_json::json!([]));
+    assert!(!strict["notes"].to_string().contains("near-duplicate"));
+    let err = run::fails(
+        "compare",
+        &args(fx, &fx.path("compare-near-0"), &["--near-duplicate", "0"]),
+    );
+    assert!(err.contains("--near-duplicate 0"), "{err}");
+}

@@ -113,6 +113,7 @@ const ROWS: &[Row] = rows![
     "compare" "--out" => Runs(compare::out),
     "compare" "--quantize" => Runs(compare::quantize),
     "compare" "--dtype" => Runs(compare::dtype),
+    "compare" "--near-duplicate" => Runs(compare::near_duplicate),
     "merge" "--adapter" => Runs(merge::adapter),
     "merge" "--model" => Runs(merge::model),
     "merge" "--out" => Runs(merge::out),
