@@ -204,7 +204,32 @@ fn every_variant_is_scored_and_reported() {
     assert!(c
         .verdict
         .contains("Caution: every held-out question has a near-duplicate"));
+    // 4 of the 12 training answers are billing, the first of three equal
+    // labels; 2 of the 6 held-out ones are.
+    let m = c.majority_answer.as_ref().expect("answers repeat");
+    assert_eq!(
+        (m.answer.as_str(), m.count, m.of, m.exact_match),
+        ("{\"category\": \"billing\"}", 4, 12, 2.0 / 6.0)
+    );
+    // The tiny random base answers no question right: its variants are all
+    // below that floor, and the verdict names them.
+    let floor: Vec<&str> = c
+        .variants
+        .iter()
+        .filter(|v| v.exact_match <= m.exact_match)
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(floor.contains(&"base, zero-shot"), "{floor:?}");
+    assert!(
+        c.verdict.contains(&format!(
+            "Always giving the most common training answer would score 33.3%; {} variant",
+            floor.len()
+        )),
+        "{}",
+        c.verdict
+    );
     let md = report::markdown(&c);
+    assert!(md.contains("Always the most common training answer (4 of 12: `{\"category\": \"billing\"}`): 33.3% exact match"), "{md}");
     assert!(
         md.contains("| variant | near-duplicates (6) | the others (0) |"),
         "{md}"
@@ -234,6 +259,9 @@ fn every_variant_is_scored_and_reported() {
             || html.contains("class=\"right\"")
     );
     assert!(html.contains("<table id=\"near-duplicates\">"));
+    assert!(
+        html.contains("<li id=\"majority-answer\">Always the most common training answer (4 of 12")
+    );
     assert!(html.contains("id=\"costs\"") && html.contains("id=\"break-even-chart\"><svg"));
     check_in_chromium(&out.path().join("report.html"));
 }

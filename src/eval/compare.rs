@@ -16,6 +16,7 @@ pub use super::comparison::{
 };
 pub use super::variants::default_instruction;
 
+use super::baseline::majority_answer;
 use super::overlap::{near_duplicates, seen_in};
 use super::scaling::ScalingConfig;
 use super::score::{progress_bar, score};
@@ -317,6 +318,7 @@ pub fn compare(
         seen_in_training,
         near_duplicates: near,
         near_duplicate_threshold: config.near_duplicate,
+        majority_answer: majority_answer(train, held_out),
         scaling: None,
     };
     comparison.significance = significance(&comparison.variants, config.seed);

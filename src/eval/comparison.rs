@@ -152,6 +152,9 @@ pub struct Comparison {
     pub near_duplicates: Vec<super::overlap::NearDuplicate>,
     /// The ROUGE-L at which a question counted as a near-duplicate.
     pub near_duplicate_threshold: f64,
+    /// Always giving the training pool's most common answer, scored: the
+    /// floor every variant should clear (none when no answer repeats).
+    pub majority_answer: Option<super::baseline::MajorityAnswer>,
     /// Accuracy against the number of training examples, when asked for.
     pub scaling: Option<super::scaling::Scaling>,
 }

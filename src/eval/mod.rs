@@ -2,6 +2,7 @@
 //! answers ([`metrics`]), and the prompting-versus-fine-tuning comparison
 //! ([`compare`](mod@compare)) with its reports ([`report`]).
 
+pub mod baseline;
 mod charts;
 pub mod compare;
 pub mod comparison;

@@ -51,6 +51,17 @@ pub fn markdown(c: &Comparison) -> String {
             pct(Some(d.max))
         ));
     }
+    if let Some(m) = &c.majority_answer {
+        s.push_str(&format!(
+            "\nAlways the most common training answer ({} of {}: `{}`): {} exact match ({}-{}).\n",
+            m.count,
+            m.of,
+            m.answer,
+            pct(Some(m.exact_match)),
+            pct(Some(m.interval.0)),
+            pct(Some(m.interval.1))
+        ));
+    }
     s.push_str(&format!(
         "\nInstruction: {}\n",
         c.instruction.replace('\n', " ")
@@ -170,6 +181,7 @@ figure { margin: 1em 0; }
 {% endfor %}</table>
 <ul id="variant-notes">{% for v in c.variants %}{% if v.note %}<li><b>{{ v.name }}</b>: {{ v.note }}.</li>{% endif %}{% endfor %}
 {% if c.random_few_shot %}<li>Random few-shot over {{ c.random_few_shot.draws }} draws: median {{ "%.1f"|format(100 * c.random_few_shot.median) }}%, range {{ "%.1f"|format(100 * c.random_few_shot.min) }}% to {{ "%.1f"|format(100 * c.random_few_shot.max) }}%.</li>{% endif %}
+{% if c.majority_answer %}<li id="majority-answer">Always the most common training answer ({{ c.majority_answer.count }} of {{ c.majority_answer.of }}: <code>{{ c.majority_answer.answer }}</code>): {{ "%.1f"|format(100 * c.majority_answer.exact_match) }}% exact match ({{ "%.1f"|format(100 * c.majority_answer.interval[0]) }}-{{ "%.1f"|format(100 * c.majority_answer.interval[1]) }}%).</li>{% endif %}
 <li>Instruction prompt: <code>{{ c.instruction }}</code></li></ul>
 <figure id="accuracy-chart">{{ accuracy_svg|safe }}</figure>
 <h2>Cost per query</h2>

@@ -82,6 +82,9 @@ pub(super) fn verdict(c: &Comparison) -> String {
         winner.name,
         pct(winner.exact_match)
     );
+    if let Some(sentence) = majority_sentence(c) {
+        text.push_str(&sentence);
+    }
     let (Some(ft), Some(pr), Some(sig)) = (
         best(&c.variants, true),
         best(&c.variants, false),
@@ -174,6 +177,32 @@ pub(super) fn verdict(c: &Comparison) -> String {
         });
     }
     text
+}
+
+/// The variants that score no better than always giving the most common
+/// training answer, named.
+fn majority_sentence(c: &Comparison) -> Option<String> {
+    let m = c.majority_answer.as_ref()?;
+    let below: Vec<String> = c
+        .variants
+        .iter()
+        .filter(|v| v.exact_match <= m.exact_match)
+        .map(|v| format!("\"{}\"", v.name))
+        .collect();
+    if below.is_empty() {
+        return None;
+    }
+    let (verb, noun) = match below.len() {
+        1 => ("does", "variant"),
+        _ => ("do", "variants"),
+    };
+    Some(format!(
+        " Always giving the most common training answer would score {}; {} {noun} {verb} no \
+         better: {}.",
+        pct(m.exact_match),
+        below.len(),
+        below.join(", ")
+    ))
 }
 
 /// The caution on near-duplicates (`near` of `total` held-out questions at
