@@ -109,25 +109,37 @@ pub fn near_duplicates(
         .collect()
 }
 
+/// Whether `variant` got each question right, of the near-duplicates
+/// (`near_ones`) or of the others, in held-out order.
+pub fn correct_where(
+    variant: &VariantReport,
+    near: &[NearDuplicate],
+    near_ones: bool,
+) -> Vec<bool> {
+    variant
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| near.iter().any(|n| n.example == *i) == near_ones)
+        .map(|(_, o)| o.correct)
+        .collect()
+}
+
+/// The share of `right` that is true (`None` when empty).
+pub fn share(right: &[bool]) -> Option<f64> {
+    (!right.is_empty()).then(|| right.iter().filter(|&&c| c).count() as f64 / right.len() as f64)
+}
+
 /// A variant's exact match on the near-duplicates and on the other
 /// questions (`None` where there are none).
 pub fn split_exact_match(
     variant: &VariantReport,
     near: &[NearDuplicate],
 ) -> (Option<f64>, Option<f64>) {
-    let is_near = |i: usize| near.iter().any(|n| n.example == i);
-    let share = |want_near: bool| {
-        let picked: Vec<bool> = variant
-            .outputs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| is_near(*i) == want_near)
-            .map(|(_, o)| o.correct)
-            .collect();
-        (!picked.is_empty())
-            .then(|| picked.iter().filter(|&&c| c).count() as f64 / picked.len() as f64)
-    };
-    (share(true), share(false))
+    (
+        share(&correct_where(variant, near, true)),
+        share(&correct_where(variant, near, false)),
+    )
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! break-even add.
 
 use super::comparison::{BreakEven, Comparison, TrainingCost, VariantReport};
-use super::overlap::{split_exact_match, NearDuplicate};
+use super::overlap::{correct_where, share, NearDuplicate};
 use super::significance::{best, better, p_is, probability, winner_test_sentence};
 use super::stats::mcnemar_exact;
 
@@ -225,19 +225,13 @@ fn near_duplicate_sentence(
              from learning those questions; hold out questions unlike the training ones."
         ));
     }
-    let others = |v: &VariantReport| -> Vec<bool> {
-        v.outputs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !near.iter().any(|d| d.example == *i))
-            .map(|(_, o)| o.correct)
-            .collect()
-    };
-    let (ft_right, pr_right) = (others(ft), others(pr));
+    let (ft_right, pr_right) = (
+        correct_where(ft, near, false),
+        correct_where(pr, near, false),
+    );
     let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
     let p_value = mcnemar_exact(only(&ft_right, &pr_right), only(&pr_right, &ft_right));
-    let ft_share = split_exact_match(ft, near).1?;
-    let pr_share = split_exact_match(pr, near).1?;
+    let (ft_share, pr_share) = (share(&ft_right)?, share(&pr_right)?);
     Some(format!(
         " {n} of the {total} held-out questions have a near-duplicate in the training pool \
          (word-level ROUGE-L at least {at}); on the other {} alone, \"{}\" scores {} and \
