@@ -405,14 +405,23 @@ fn scaling_trains_each_size_and_reuses_its_run() {
         let (lo, hi) = p.fine_tuned.interval;
         assert!(lo <= p.fine_tuned.exact_match && p.fine_tuned.exact_match <= hi);
     }
-    assert_eq!(
-        first.crossover,
-        first
-            .points
-            .iter()
-            .find(|p| p.fine_tuned.exact_match > p.retrieved.exact_match)
-            .map(|p| p.n)
-    );
+    // The crossover is where fine-tuning's lead holds to the largest size,
+    // and a clear lead comes no earlier than a lead.
+    let lead_from = first
+        .points
+        .iter()
+        .rev()
+        .take_while(|p| p.fine_tuned.exact_match > p.retrieved.exact_match)
+        .last()
+        .map(|p| p.n);
+    assert_eq!(first.crossover, lead_from);
+    assert!(first
+        .clearly_from
+        .is_none_or(|n| first.crossover.is_some_and(|c| c <= n)));
+    for p in &first.points {
+        let d = p.fine_tuned.exact_match - p.retrieved.exact_match;
+        assert!((p.paired.difference - d).abs() < 1e-9, "{p:?}");
+    }
     let again = scaling(
         &mut model,
         &data,
@@ -438,7 +447,7 @@ fn scaling_trains_each_size_and_reuses_its_run() {
     c.scaling = Some(again);
     let md = report::markdown(&c);
     assert!(
-        md.contains("Data scaling") && md.contains("(reused)"),
+        md.contains("Data scaling") && md.contains("(reused)") && md.contains("| McNemar p |"),
         "{md}"
     );
     let html = report::html(&c, 4).unwrap();

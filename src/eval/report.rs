@@ -111,7 +111,7 @@ pub fn markdown(c: &Comparison) -> String {
         }
     }
     if let Some(sc) = &c.scaling {
-        s.push_str(&format!("\nData scaling (retrieved few-shot with k={}):\n\n| n | fine-tuned (95% CI) | retrieved few-shot (95% CI) | run folder |\n|---|---|---|---|\n", sc.shots));
+        s.push_str(&format!("\nData scaling (retrieved few-shot with k={}):\n\n| n | fine-tuned (95% CI) | retrieved few-shot (95% CI) | difference (paired 95% CI) | McNemar p | run folder |\n|---|---|---|---|---|---|\n", sc.shots));
         for p in &sc.points {
             let acc = |a: &super::scaling::Accuracy| {
                 format!(
@@ -121,11 +121,16 @@ pub fn markdown(c: &Comparison) -> String {
                     pct(Some(a.interval.1))
                 )
             };
+            let d = &p.paired;
             s.push_str(&format!(
-                "| {} | {} | {} | {}{} |\n",
+                "| {} | {} | {} | {:+.1} ({:+.1} to {:+.1}) | {:.3} | {}{} |\n",
                 p.n,
                 acc(&p.fine_tuned),
                 acc(&p.retrieved),
+                100.0 * d.difference,
+                100.0 * d.interval.0,
+                100.0 * d.interval.1,
+                d.p_value,
                 p.run.display(),
                 if p.reused { " (reused)" } else { "" }
             ));
@@ -197,10 +202,10 @@ figure { margin: 1em 0; }
 </table>
 <figure id="break-even-chart">{{ break_even_svg|safe }}</figure>{% else %}<p>No run folder with metrics was given, so the training cost is unknown.</p>{% endif %}
 {% if c.scaling %}<h2>How much data does fine-tuning need?</h2>
-<table id="scaling"><tr><th>training examples</th><th>fine-tuned (95% CI)</th><th>retrieved few-shot, k={{ c.scaling.shots }} (95% CI)</th><th>run folder</th></tr>
-{% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
+<table id="scaling"><tr><th>training examples</th><th>fine-tuned (95% CI)</th><th>retrieved few-shot, k={{ c.scaling.shots }} (95% CI)</th><th>difference (paired 95% CI)</th><th>McNemar p</th><th>run folder</th></tr>
+{% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td>{{ "%+.1f"|format(100 * p.paired.difference) }} ({{ "%+.1f"|format(100 * p.paired.interval[0]) }} to {{ "%+.1f"|format(100 * p.paired.interval[1]) }})</td><td>{{ "%.3f"|format(p.paired.p_value) }}</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
 </table>
-<p>{% if c.scaling.crossover %}Fine-tuning is first ahead at n = {{ c.scaling.crossover }}.{% else %}Fine-tuning is not ahead at any n tried.{% endif %}</p>
+<p>{% if c.scaling.crossover %}Fine-tuning is ahead from n = {{ c.scaling.crossover }} on{% if c.scaling.clearly_from %}, and clearly (paired, 5%) from n = {{ c.scaling.clearly_from }} on{% else %}, but not clearly (paired, 5%) at any n{% endif %}.{% else %}Fine-tuning is not ahead at the largest n tried.{% endif %}</p>
 <figure id="scaling-chart">{{ scaling_svg|safe }}</figure>{% endif %}
 {% if near_rows %}<h2>Near-duplicates of training questions</h2>
 <p>{{ c.near_duplicates|length }} of the {{ c.examples|length }} held-out questions have a training question at word-level ROUGE-L {{ c.near_duplicate_threshold }} or more (the pairs are in <code>report.json</code>). Exact match on them and on the others:</p>

@@ -7,6 +7,7 @@
 use super::compare::CompareConfig;
 use super::comparison::VariantReport;
 use super::score::score;
+use super::stats::PairedComparison;
 use super::variants::{retrieved_few_shot, Shots, Variant};
 use super::HeldOut;
 use crate::data::{Dataset, Record};
@@ -106,6 +107,9 @@ pub struct ScalingPoint {
     pub fine_tuned: Accuracy,
     /// Retrieved few-shot from the same n examples.
     pub retrieved: Accuracy,
+    /// Fine-tuned minus retrieved few-shot, paired over the held-out
+    /// examples (95%).
+    pub paired: PairedComparison,
 }
 
 /// Accuracy against the number of training examples.
@@ -115,8 +119,23 @@ pub struct Scaling {
     pub shots: usize,
     /// Each size, smallest first.
     pub points: Vec<ScalingPoint>,
-    /// The smallest n at which fine-tuning is ahead of retrieved few-shot.
+    /// The smallest n from which fine-tuning is ahead of retrieved few-shot
+    /// at every size tried (a lead that a larger n loses again is noise).
     pub crossover: Option<usize>,
+    /// The smallest n from which fine-tuning is clearly ahead (the paired
+    /// test at 5%) at every size tried.
+    pub clearly_from: Option<usize>,
+}
+
+/// The smallest n of the sizes from which `ahead` holds at every size up
+/// to the largest (`points` smallest first).
+fn ahead_from(points: &[ScalingPoint], ahead: impl Fn(&ScalingPoint) -> bool) -> Option<usize> {
+    points
+        .iter()
+        .rev()
+        .take_while(|p| ahead(p))
+        .last()
+        .map(|p| p.n)
 }
 
 /// What a size's run folder was trained from: reused only when it matches.
@@ -195,22 +214,30 @@ pub fn scaling(
         let tuned = score(model, &tuned, held_out, config, &bar)?;
         crate::lora::detach(&mut model.lm);
         bar.finish_and_clear();
+        let right = |v: &VariantReport| v.outputs.iter().map(|o| o.correct).collect::<Vec<_>>();
+        let paired = PairedComparison::new(
+            &right(&tuned),
+            &right(&retrieved),
+            10_000,
+            config.seed,
+            0.95,
+        );
         points.push(ScalingPoint {
             n,
             run: dir,
             reused,
             fine_tuned: (&tuned).into(),
             retrieved: (&retrieved).into(),
+            paired,
         });
     }
-    let crossover = points
-        .iter()
-        .find(|p| p.fine_tuned.exact_match > p.retrieved.exact_match)
-        .map(|p| p.n);
     Ok(Scaling {
         shots,
+        crossover: ahead_from(&points, |p| {
+            p.fine_tuned.exact_match > p.retrieved.exact_match
+        }),
+        clearly_from: ahead_from(&points, |p| p.paired.winner() == 1),
         points,
-        crossover,
     })
 }
 
@@ -266,6 +293,37 @@ fn train_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lead counts from the smallest n after which it never drops.
+    #[test]
+    fn the_crossover_is_where_the_lead_holds_to_the_largest_size() {
+        let point = |n: usize, tuned: f64, retrieved: f64| ScalingPoint {
+            n,
+            run: PathBuf::new(),
+            reused: false,
+            fine_tuned: Accuracy {
+                exact_match: tuned,
+                interval: (0.0, 1.0),
+            },
+            retrieved: Accuracy {
+                exact_match: retrieved,
+                interval: (0.0, 1.0),
+            },
+            paired: PairedComparison::new(&[], &[], 0, 0, 0.95),
+        };
+        let ahead = |p: &ScalingPoint| p.fine_tuned.exact_match > p.retrieved.exact_match;
+        // Ahead at 25 by chance, behind at 50, ahead from 100 on.
+        let points = [
+            point(25, 0.3, 0.2),
+            point(50, 0.2, 0.3),
+            point(100, 0.5, 0.3),
+            point(200, 0.7, 0.3),
+        ];
+        assert_eq!(ahead_from(&points, ahead), Some(100));
+        // Behind at the largest size: no crossover.
+        assert_eq!(ahead_from(&points[..2], ahead), None);
+        assert_eq!(ahead_from(&[], ahead), None);
+    }
 
     #[test]
     fn sizes_parse_and_bad_ones_are_named() {

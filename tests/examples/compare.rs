@@ -412,7 +412,21 @@ pub fn scaling(fx: &Fixture) {
         .unwrap()
         .iter()
         .any(|n| n.as_str().unwrap().contains("n=99 skipped")));
+    assert!(
+        r["scaling"].get("clearly_from").is_some(),
+        "{}",
+        r["scaling"]
+    );
+    assert!(
+        r["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("On the scaling curve (n = 4, 16), fine-tuning is"),
+        "{}",
+        r["verdict"]
+    );
     for p in points {
+        assert!(p["paired"]["p_value"].is_number(), "{p}");
         let run = std::path::PathBuf::from(p["run"].as_str().unwrap());
         assert!(run.starts_with(out.join("scaling")), "{run:?}");
         assert!(run.join("adapter_model.safetensors").is_file());
