@@ -452,6 +452,16 @@ fn scaling_trains_each_size_and_reuses_its_run() {
     );
     let html = report::html(&c, 4).unwrap();
     assert!(html.contains("id=\"scaling-chart\"><svg"));
+    // Each size's p-value through the template's `probability` filter.
+    let p = &c.scaling.as_ref().unwrap().points[0].paired.p_value;
+    assert!(
+        html.contains("<th>McNemar p</th>")
+            && html.contains(&format!(
+                "<td>{}</td><td><code>",
+                tuneforge::eval::significance::probability(*p)
+            )),
+        "{html}"
+    );
     report::write(&c, out.path()).unwrap();
     check_in_chromium(&out.path().join("report.html"));
 }

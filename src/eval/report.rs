@@ -5,6 +5,7 @@
 use super::charts::{bar_chart, line_chart, Line, Series};
 use super::comparison::Comparison;
 use super::overlap::split_exact_match;
+use super::significance::probability;
 use anyhow::Result;
 use plotters::style::RGBColor;
 use std::path::Path;
@@ -123,14 +124,14 @@ pub fn markdown(c: &Comparison) -> String {
             };
             let d = &p.paired;
             s.push_str(&format!(
-                "| {} | {} | {} | {:+.1} ({:+.1} to {:+.1}) | {:.3} | {}{} |\n",
+                "| {} | {} | {} | {:+.1} ({:+.1} to {:+.1}) | {} | {}{} |\n",
                 p.n,
                 acc(&p.fine_tuned),
                 acc(&p.retrieved),
                 100.0 * d.difference,
                 100.0 * d.interval.0,
                 100.0 * d.interval.1,
-                d.p_value,
+                probability(d.p_value),
                 p.run.display(),
                 if p.reused { " (reused)" } else { "" }
             ));
@@ -203,7 +204,7 @@ figure { margin: 1em 0; }
 <figure id="break-even-chart">{{ break_even_svg|safe }}</figure>{% else %}<p>No run folder with metrics was given, so the training cost is unknown.</p>{% endif %}
 {% if c.scaling %}<h2>How much data does fine-tuning need?</h2>
 <table id="scaling"><tr><th>training examples</th><th>fine-tuned (95% CI)</th><th>retrieved few-shot, k={{ c.scaling.shots }} (95% CI)</th><th>difference (paired 95% CI)</th><th>McNemar p</th><th>run folder</th></tr>
-{% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td>{{ "%+.1f"|format(100 * p.paired.difference) }} ({{ "%+.1f"|format(100 * p.paired.interval[0]) }} to {{ "%+.1f"|format(100 * p.paired.interval[1]) }})</td><td>{{ "%.3f"|format(p.paired.p_value) }}</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
+{% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td>{{ "%+.1f"|format(100 * p.paired.difference) }} ({{ "%+.1f"|format(100 * p.paired.interval[0]) }} to {{ "%+.1f"|format(100 * p.paired.interval[1]) }})</td><td>{{ p.paired.p_value|probability }}</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
 </table>
 <p>{% if c.scaling.crossover %}Fine-tuning is ahead from n = {{ c.scaling.crossover }} on{% if c.scaling.clearly_from %}, and clearly (paired, 5%) from n = {{ c.scaling.clearly_from }} on{% else %}, but not clearly (paired, 5%) at any n{% endif %}.{% else %}Fine-tuning is not ahead at the largest n tried.{% endif %}</p>
 <figure id="scaling-chart">{{ scaling_svg|safe }}</figure>{% endif %}
@@ -419,6 +420,7 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
         .collect();
     use minijinja::value::Serde;
     let mut env = minijinja::Environment::new();
+    env.add_filter("probability", probability);
     env.add_template("report.html", HTML)?;
     Ok(env
         .get_template("report.html")?

@@ -208,7 +208,7 @@ pub(super) fn winner_test_sentence(sig: &Significance) -> Option<String> {
 
 /// A probability to two significant digits (0.05, 0.025, 0.0071, 0.00012),
 /// or "< 0.0001" below that.
-pub(super) fn probability(x: f64) -> String {
+pub fn probability(x: f64) -> String {
     if x < 1e-4 {
         return "< 0.0001".to_string();
     }
