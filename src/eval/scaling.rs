@@ -7,6 +7,7 @@
 use super::compare::CompareConfig;
 use super::comparison::VariantReport;
 use super::score::score;
+use super::significance::{right, BOOTSTRAP_RESAMPLES};
 use super::stats::PairedComparison;
 use super::variants::{retrieved_few_shot, Shots, Variant};
 use super::HeldOut;
@@ -214,11 +215,10 @@ pub fn scaling(
         let tuned = score(model, &tuned, held_out, config, &bar)?;
         crate::lora::detach(&mut model.lm);
         bar.finish_and_clear();
-        let right = |v: &VariantReport| v.outputs.iter().map(|o| o.correct).collect::<Vec<_>>();
         let paired = PairedComparison::new(
             &right(&tuned),
             &right(&retrieved),
-            10_000,
+            BOOTSTRAP_RESAMPLES,
             config.seed,
             0.95,
         );

@@ -54,8 +54,8 @@ pub struct WinnerTest {
 /// The family-wise significance level of the verdict.
 const ALPHA: f64 = 0.05;
 
-/// Paired bootstrap draws for the verdict's interval.
-const BOOTSTRAP_RESAMPLES: usize = 10_000;
+/// Paired bootstrap draws for each interval of a difference.
+pub(super) const BOOTSTRAP_RESAMPLES: usize = 10_000;
 
 /// Orders variants by exact match, then field accuracy, then token F1; on a tie
 /// the cheaper one (fewer prompt tokens) ranks higher.
@@ -80,7 +80,7 @@ pub(super) fn best(variants: &[VariantReport], fine_tuned: bool) -> Option<&Vari
 }
 
 /// Whether each example was answered right.
-fn right(v: &VariantReport) -> Vec<bool> {
+pub(super) fn right(v: &VariantReport) -> Vec<bool> {
     v.outputs.iter().map(|o| o.correct).collect()
 }
 
