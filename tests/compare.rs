@@ -258,7 +258,9 @@ fn every_variant_is_scored_and_reported() {
         html.contains("<svg") && html.contains("class=\"wrong\"")
             || html.contains("class=\"right\"")
     );
-    assert!(html.contains("<table id=\"near-duplicates\">"));
+    assert!(html.contains(
+        "<table id=\"near-duplicates\"><tr><th>variant</th><th>near-duplicates (6)</th><th>the others (0)</th></tr>"
+    ));
     assert!(
         html.contains("<li id=\"majority-answer\">Always the most common training answer (4 of 12")
     );

@@ -93,11 +93,12 @@ fn winner_test(
     seed: u64,
 ) -> WinnerTest {
     let threshold = ALPHA / candidates.max(1) as f64;
+    let leader_right = right(leader);
     let (hardest, against_hardest) = others
         .iter()
         .map(|o| {
             let c = PairedComparison::new(
-                &right(leader),
+                &leader_right,
                 &right(o),
                 BOOTSTRAP_RESAMPLES,
                 seed,
@@ -162,13 +163,9 @@ pub(super) fn winner_test_sentence(sig: &Significance) -> Option<String> {
     if fine_tuned <= 1 && prompting <= 1 {
         return None;
     }
-    let (leader_side, candidates, others) = match t.leader == sig.fine_tuned {
-        true => ("fine-tuned", fine_tuned, prompting),
-        false => ("prompting", prompting, fine_tuned),
-    };
-    let other_side = match leader_side {
-        "fine-tuned" => "prompting",
-        _ => "fine-tuned",
+    let (leader_side, other_side, candidates, others) = match t.leader == sig.fine_tuned {
+        true => ("fine-tuned", "prompting", fine_tuned, prompting),
+        false => ("prompting", "fine-tuned", prompting, fine_tuned),
     };
     let c = &t.against_hardest;
     let outcome = match t.passed {

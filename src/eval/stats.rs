@@ -51,6 +51,13 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * fair.cdf(b.min(c) as u64)).min(1.0)
 }
 
+/// The examples only `first` gets right and those only `second` does (over
+/// the examples both answered): McNemar's discordant pairs.
+pub fn discordant(first: &[bool], second: &[bool]) -> (usize, usize) {
+    let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
+    (only(first, second), only(second, first))
+}
+
 /// Two variants' answers to the same examples, compared.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PairedComparison {
@@ -83,8 +90,7 @@ impl PairedComparison {
     pub fn new(first: &[bool], second: &[bool], resamples: usize, seed: u64, level: f64) -> Self {
         let n = first.len().min(second.len());
         let diffs: Vec<i32> = (0..n).map(|i| first[i] as i32 - second[i] as i32).collect();
-        let only_first = diffs.iter().filter(|&&d| d > 0).count();
-        let only_second = diffs.iter().filter(|&&d| d < 0).count();
+        let (only_first, only_second) = discordant(first, second);
         let difference = diffs.iter().sum::<i32>() as f64 / n.max(1) as f64;
         let mut rng = Rng::new(seed);
         let mut draws: Vec<f64> = (0..resamples)

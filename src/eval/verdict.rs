@@ -5,7 +5,7 @@
 use super::comparison::{BreakEven, Comparison, TrainingCost, VariantReport};
 use super::overlap::{correct_where, share, NearDuplicate};
 use super::significance::{best, better, p_is, probability, winner_test_sentence};
-use super::stats::mcnemar_exact;
+use super::stats::{discordant, mcnemar_exact};
 
 /// The query volume at which each fine-tune has paid for itself against each
 /// prompting variant.
@@ -233,8 +233,8 @@ fn near_duplicate_sentence(
         correct_where(ft, near, false),
         correct_where(pr, near, false),
     );
-    let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
-    let p_value = mcnemar_exact(only(&ft_right, &pr_right), only(&pr_right, &ft_right));
+    let (only_fine_tuned, only_prompted) = discordant(&ft_right, &pr_right);
+    let p_value = mcnemar_exact(only_fine_tuned, only_prompted);
     let (ft_share, pr_share) = (share(&ft_right)?, share(&pr_right)?);
     Some(format!(
         " {n} of the {total} held-out questions have a near-duplicate in the training pool \
