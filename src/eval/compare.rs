@@ -259,7 +259,7 @@ pub fn compare(
     // The best prompting arm again, its answers held to the JSON shape of
     // the training answers: a grammar's valid JSON is not fine-tuning's credit.
     let schema = JsonSchema::from_answers(&answers);
-    match (&schema, best_index(&reports)) {
+    match (&schema, super::significance::best_index(&reports, false)) {
         (Some(schema), Some(best)) if config.constrain_json => {
             let v = constrained(&prompting[best], schema);
             reports.push(score(model, &v, held_out, config, &bar)?);
@@ -332,13 +332,6 @@ const MIN_FOR_INTERVALS: usize = 20;
 /// The file part of a `file:line` origin.
 fn file_of(origin: &str) -> &str {
     origin.rsplit_once(':').map_or(origin, |p| p.0)
-}
-
-/// The index of the best prompting variant so far ([`super::significance::better`]).
-fn best_index(reports: &[VariantReport]) -> Option<usize> {
-    (0..reports.len())
-        .filter(|&i| !reports[i].fine_tuned)
-        .max_by(|&a, &b| super::significance::better(&reports[a], &reports[b]).then(b.cmp(&a)))
 }
 
 /// Refuses a variant whose prompt, with room for the answer, exceeds the context.

@@ -71,12 +71,17 @@ pub(super) fn better(a: &VariantReport, b: &VariantReport) -> Ordering {
     key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal)
 }
 
-/// The best variant of each kind, by [`better`].
+/// Where the best variant of a kind is, by [`better`]; of variants that
+/// tie on every count, the first.
+pub(super) fn best_index(variants: &[VariantReport], fine_tuned: bool) -> Option<usize> {
+    (0..variants.len())
+        .filter(|&i| variants[i].fine_tuned == fine_tuned)
+        .max_by(|&a, &b| better(&variants[a], &variants[b]).then(b.cmp(&a)))
+}
+
+/// The best variant of each kind ([`best_index`]).
 pub(super) fn best(variants: &[VariantReport], fine_tuned: bool) -> Option<&VariantReport> {
-    variants
-        .iter()
-        .filter(|r| r.fine_tuned == fine_tuned)
-        .max_by(|a, b| better(a, b))
+    best_index(variants, fine_tuned).map(|i| &variants[i])
 }
 
 /// Whether each example was answered right.
@@ -256,6 +261,30 @@ pub(super) mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// The best of a kind: the highest by [`better`] (fewer prompt tokens
+    /// break an exact-match tie), and of full ties the first, so that the
+    /// constrained variant and the verdict name the same one.
+    #[test]
+    fn the_best_variant_is_the_first_of_full_ties() {
+        let mut variants = vec![
+            variant("fine-tuned", true, &[true, true]),
+            variant("zero-shot", false, &[true, false]),
+            variant("few-shot", false, &[true, false]),
+            variant("long", false, &[true, false]),
+            variant("worse", false, &[false, false]),
+        ];
+        variants[3].prompt_tokens = 500.0;
+        assert_eq!(best_index(&variants, false), Some(1));
+        assert_eq!(
+            best(&variants, false).map(|v| v.name.as_str()),
+            Some("zero-shot")
+        );
+        variants[2].prompt_tokens = 5.0;
+        assert_eq!(best_index(&variants, false), Some(2));
+        assert_eq!(best_index(&variants, true), Some(0));
+        assert_eq!(best_index(&variants[1..], true), None);
     }
 
     /// The three outcomes on constructed score vectors, each against the
