@@ -454,6 +454,9 @@ fn scaling_trains_each_size_and_reuses_its_run() {
     );
     let html = report::html(&c, 4).unwrap();
     assert!(html.contains("id=\"scaling-chart\"><svg"));
+    // The curve's sentence, the same as the verdict's.
+    let summary = c.scaling.as_ref().unwrap().summary();
+    assert!(html.contains(&format!("<p>{summary}</p>")), "{html}");
     // Each size's p-value through the template's `probability` filter.
     let p = &c.scaling.as_ref().unwrap().points[0].paired.p_value;
     assert!(

@@ -205,7 +205,7 @@ figure { margin: 1em 0; }
 <table id="scaling"><tr><th>training examples</th><th>fine-tuned (95% CI)</th><th>retrieved few-shot, k={{ c.scaling.shots }} (95% CI)</th><th>difference (paired 95% CI)</th><th>McNemar p</th><th>run folder</th></tr>
 {% for p in c.scaling.points %}<tr><td>{{ p.n }}</td><td>{{ "%.1f"|format(100 * p.fine_tuned.exact_match) }}% ({{ "%.1f"|format(100 * p.fine_tuned.interval[0]) }}-{{ "%.1f"|format(100 * p.fine_tuned.interval[1]) }}%)</td><td>{{ "%.1f"|format(100 * p.retrieved.exact_match) }}% ({{ "%.1f"|format(100 * p.retrieved.interval[0]) }}-{{ "%.1f"|format(100 * p.retrieved.interval[1]) }}%)</td><td>{{ "%+.1f"|format(100 * p.paired.difference) }} ({{ "%+.1f"|format(100 * p.paired.interval[0]) }} to {{ "%+.1f"|format(100 * p.paired.interval[1]) }})</td><td>{{ p.paired.p_value|probability }}</td><td><code>{{ p.run }}</code>{{ " (reused)" if p.reused else "" }}</td></tr>{% endfor %}
 </table>
-<p>{% if c.scaling.crossover %}Fine-tuning is ahead from n = {{ c.scaling.crossover }} on{% if c.scaling.clearly_from %}, and clearly (paired, 5%) from n = {{ c.scaling.clearly_from }} on{% else %}, but not clearly (paired, 5%) at any n{% endif %}.{% else %}Fine-tuning is not ahead at the largest n tried.{% endif %}</p>
+<p>{{ scaling_summary }}</p>
 <figure id="scaling-chart">{{ scaling_svg|safe }}</figure>{% endif %}
 {% if near_rows %}<h2>Near-duplicates of training questions</h2>
 <p>{{ c.near_duplicates|length }} of the {{ c.examples|length }} held-out questions have a training question at word-level ROUGE-L {{ c.near_duplicate_threshold }} or more (the pairs are in <code>report.json</code>). Exact match on them and on the others:</p>
@@ -423,6 +423,7 @@ pub fn html(c: &Comparison, samples: usize) -> Result<String> {
             accuracy_svg => accuracy_svg, cost_svg => cost_svg,
             break_even_svg => break_even_chart(c)?.unwrap_or_default(),
             scaling_svg => scaling_chart(c)?.unwrap_or_default(),
+            scaling_summary => c.scaling.as_ref().map(|s| s.summary()),
         })?)
 }
 

@@ -128,6 +128,30 @@ pub struct Scaling {
     pub clearly_from: Option<usize>,
 }
 
+impl Scaling {
+    /// The curve in one sentence: the sizes tried and from which n on
+    /// fine-tuning is ahead of retrieved few-shot, and clearly so (the
+    /// verdict and the HTML report both say it this way).
+    pub fn summary(&self) -> String {
+        let tried: Vec<String> = self.points.iter().map(|p| p.n.to_string()).collect();
+        let tried = tried.join(", ");
+        let Some(n) = self.crossover else {
+            return format!(
+                "On the scaling curve (n = {tried}), fine-tuning is not ahead of retrieved \
+                 few-shot from the same examples at the largest n."
+            );
+        };
+        let clearly = match self.clearly_from {
+            Some(n) => format!(", and clearly (paired, 5%) from n = {n} on"),
+            None => ", but not clearly (paired, 5%) at any n".to_string(),
+        };
+        format!(
+            "On the scaling curve (n = {tried}), fine-tuning is ahead of retrieved few-shot \
+             from the same examples from n = {n} on{clearly}."
+        )
+    }
+}
+
 /// The smallest n of the sizes from which `ahead` holds at every size up
 /// to the largest (`points` smallest first).
 fn ahead_from(points: &[ScalingPoint], ahead: impl Fn(&ScalingPoint) -> bool) -> Option<usize> {
@@ -294,23 +318,26 @@ fn train_size(
 mod tests {
     use super::*;
 
-    /// A lead counts from the smallest n after which it never drops.
-    #[test]
-    fn the_crossover_is_where_the_lead_holds_to_the_largest_size() {
-        let point = |n: usize, tuned: f64, retrieved: f64| ScalingPoint {
+    /// A size's point with the two accuracies (intervals and the paired
+    /// test left empty).
+    fn point(n: usize, tuned: f64, retrieved: f64) -> ScalingPoint {
+        let accuracy = |exact_match| Accuracy {
+            exact_match,
+            interval: (0.0, 1.0),
+        };
+        ScalingPoint {
             n,
             run: PathBuf::new(),
             reused: false,
-            fine_tuned: Accuracy {
-                exact_match: tuned,
-                interval: (0.0, 1.0),
-            },
-            retrieved: Accuracy {
-                exact_match: retrieved,
-                interval: (0.0, 1.0),
-            },
+            fine_tuned: accuracy(tuned),
+            retrieved: accuracy(retrieved),
             paired: PairedComparison::new(&[], &[], 0, 0, 0.95),
-        };
+        }
+    }
+
+    /// A lead counts from the smallest n after which it never drops.
+    #[test]
+    fn the_crossover_is_where_the_lead_holds_to_the_largest_size() {
         let ahead = |p: &ScalingPoint| p.fine_tuned.exact_match > p.retrieved.exact_match;
         // Ahead at 25 by chance, behind at 50, ahead from 100 on.
         let points = [
@@ -323,6 +350,31 @@ mod tests {
         // Behind at the largest size: no crossover.
         assert_eq!(ahead_from(&points[..2], ahead), None);
         assert_eq!(ahead_from(&[], ahead), None);
+    }
+
+    /// The sentence names the sizes, the crossover and where the lead is
+    /// clear, or that there is none.
+    #[test]
+    fn the_summary_says_where_fine_tuning_leads() {
+        let mut curve = Scaling {
+            shots: 4,
+            points: vec![point(25, 0.5, 0.4), point(100, 0.6, 0.3)],
+            crossover: Some(25),
+            clearly_from: Some(100),
+        };
+        assert_eq!(
+            curve.summary(),
+            "On the scaling curve (n = 25, 100), fine-tuning is ahead of retrieved few-shot \
+             from the same examples from n = 25 on, and clearly (paired, 5%) from n = 100 on."
+        );
+        curve.clearly_from = None;
+        assert!(curve
+            .summary()
+            .ends_with(", but not clearly (paired, 5%) at any n."));
+        curve.crossover = None;
+        assert!(curve
+            .summary()
+            .contains("is not ahead of retrieved few-shot"));
     }
 
     #[test]

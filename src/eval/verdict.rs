@@ -162,23 +162,8 @@ pub(super) fn verdict(c: &Comparison) -> String {
         ));
     }
     if let Some(sc) = &c.scaling {
-        let tried: Vec<String> = sc.points.iter().map(|p| p.n.to_string()).collect();
-        let clearly = match sc.clearly_from {
-            Some(n) => format!(", and clearly (paired, 5%) from n = {n} on"),
-            None => ", but not clearly (paired, 5%) at any n".to_string(),
-        };
-        text.push_str(&match sc.crossover {
-            Some(n) => format!(
-                " On the scaling curve (n = {}), fine-tuning is ahead of retrieved few-shot \
-                 from the same examples from n = {n} on{clearly}.",
-                tried.join(", ")
-            ),
-            None => format!(
-                " On the scaling curve (n = {}), fine-tuning is not ahead of retrieved \
-                 few-shot from the same examples at the largest n.",
-                tried.join(", ")
-            ),
-        });
+        text.push(' ');
+        text.push_str(&sc.summary());
     }
     text
 }
