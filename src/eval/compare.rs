@@ -18,6 +18,7 @@ pub use super::variants::default_instruction;
 
 use super::baseline::majority_answer;
 use super::overlap::{near_duplicates, seen_in};
+use super::retrieve::Retriever;
 use super::scaling::ScalingConfig;
 use super::score::{progress_bar, score};
 use super::significance::significance;
@@ -210,7 +211,8 @@ pub fn compare(
             held_out[seen_in_training[0]].origin
         ));
     }
-    let near = near_duplicates(held_out, train, config.near_duplicate);
+    let retriever = Retriever::new(train);
+    let near = near_duplicates(held_out, &retriever, config.near_duplicate);
     if let Some(closest) = near
         .iter()
         .max_by(|a, b| a.similarity.total_cmp(&b.similarity))
@@ -240,8 +242,14 @@ pub fn compare(
         .system_prompt
         .clone()
         .unwrap_or_else(|| default_instruction(&answers));
-    let (prompting, many_shots) =
-        prompting_variants(model, held_out, train, config, &instruction, &mut notes)?;
+    let (prompting, many_shots) = prompting_variants(
+        model,
+        held_out,
+        &retriever,
+        config,
+        &instruction,
+        &mut notes,
+    )?;
     let fine_tuned = fine_tuned_variants(adapters, &instruction);
     for v in prompting.iter().chain(&fine_tuned) {
         check_context(model, v, held_out, config)?;

@@ -77,17 +77,18 @@ fn rouge_l(a: &[String], b: &[String]) -> f64 {
     similar::diff_ratio(&ops, a.len(), b.len()) as f64
 }
 
-/// The held-out questions whose closest training question (of the
-/// [`CANDIDATES`] BM25 ranks closest) reaches `threshold`, in held-out order.
+/// The held-out questions whose closest question in the retriever's pool
+/// (of the [`CANDIDATES`] BM25 ranks closest) reaches `threshold`, in
+/// held-out order.
 pub fn near_duplicates(
     held_out: &[HeldOut],
-    train: &[HeldOut],
+    retriever: &Retriever,
     threshold: f64,
 ) -> Vec<NearDuplicate> {
+    let train = retriever.pool();
     if train.is_empty() {
         return Vec::new();
     }
-    let retriever = Retriever::new(train);
     let train_words: Vec<Vec<String>> = train.iter().map(|t| words(t.question())).collect();
     held_out
         .iter()
@@ -216,7 +217,7 @@ mod tests {
             ),
             held("Please add a dark mode to the app.", "test.jsonl:3"),
         ];
-        let found = near_duplicates(&test, &train, DEFAULT_THRESHOLD);
+        let found = near_duplicates(&test, &Retriever::new(&train), DEFAULT_THRESHOLD);
         assert_eq!(found.len(), 2, "{found:?}");
         assert_eq!(
             (
@@ -234,7 +235,10 @@ mod tests {
         assert_eq!((found[1].example, found[1].similarity), (2, 1.0));
         assert_eq!(seen_in(&test, &train), vec![2]);
         // A threshold of 1 keeps only the same words in the same order.
-        assert_eq!(near_duplicates(&test, &train, 1.0).len(), 1);
-        assert!(near_duplicates(&test, &[], DEFAULT_THRESHOLD).is_empty());
+        assert_eq!(
+            near_duplicates(&test, &Retriever::new(&train), 1.0).len(),
+            1
+        );
+        assert!(near_duplicates(&test, &Retriever::new(&[]), DEFAULT_THRESHOLD).is_empty());
     }
 }

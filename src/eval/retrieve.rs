@@ -5,24 +5,31 @@
 use super::HeldOut;
 use bm25::{Document, Language, SearchEngine, SearchEngineBuilder};
 
-/// The training examples' questions, indexed for BM25 search.
-pub struct Retriever {
+/// A pool of training examples with their questions indexed for BM25
+/// search. One index serves every use of the pool in a comparison
+/// (retrieved few-shot and the near-duplicate check).
+pub struct Retriever<'a> {
+    pool: &'a [HeldOut],
     engine: SearchEngine<usize>,
-    size: usize,
 }
 
-impl Retriever {
-    /// Indexes the questions (the last user turns) of `train`.
-    pub fn new(train: &[HeldOut]) -> Self {
-        let documents: Vec<Document<usize>> = train
+impl<'a> Retriever<'a> {
+    /// Indexes the questions (the last user turns) of `pool`.
+    pub fn new(pool: &'a [HeldOut]) -> Self {
+        let documents: Vec<Document<usize>> = pool
             .iter()
             .enumerate()
             .map(|(i, t)| Document::new(i, t.question()))
             .collect();
         Self {
+            pool,
             engine: SearchEngineBuilder::with_documents(Language::English, documents).build(),
-            size: train.len(),
         }
+    }
+
+    /// The examples indexed; [`Self::nearest`] returns indices into it.
+    pub fn pool(&self) -> &'a [HeldOut] {
+        self.pool
     }
 
     /// The indices of the `k` training examples most similar to `query`, most
@@ -37,7 +44,7 @@ impl Retriever {
             .collect();
         hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut out: Vec<usize> = hits.into_iter().map(|(_, i)| i).take(k).collect();
-        for i in 0..self.size {
+        for i in 0..self.pool.len() {
             if out.len() >= k {
                 break;
             }

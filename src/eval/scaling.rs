@@ -6,6 +6,7 @@
 
 use super::compare::CompareConfig;
 use super::comparison::VariantReport;
+use super::retrieve::Retriever;
 use super::score::score;
 use super::significance::{right, BOOTSTRAP_RESAMPLES};
 use super::stats::PairedComparison;
@@ -224,7 +225,7 @@ pub fn scaling(
         crate::lora::detach(&mut model.lm);
         let retrieved = retrieved_few_shot(
             format!("retrieved few-shot (k={k}, BM25) from n={n}"),
-            &pool,
+            &Retriever::new(&pool),
             held_out,
             k,
         );

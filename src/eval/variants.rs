@@ -3,6 +3,7 @@
 //! and with which adapter. Every option a variant takes is in its name.
 
 use super::compare::CompareConfig;
+use super::retrieve::Retriever;
 use super::HeldOut;
 use crate::chat::Message;
 use crate::generate::json::JsonSchema;
@@ -105,14 +106,15 @@ fn prompt_with(system: Option<&str>, shots: &[Shot], held: &HeldOut) -> Vec<Mess
 }
 
 /// Retrieved few-shot: before each held-out question, the `k` examples of
-/// `pool` whose questions are most similar to it by BM25; named `name`.
+/// the retriever's pool whose questions are most similar to it by BM25;
+/// named `name`.
 pub(super) fn retrieved_few_shot(
     name: String,
-    pool: &[HeldOut],
+    retriever: &Retriever,
     held_out: &[HeldOut],
     k: usize,
 ) -> Variant {
-    let retriever = super::retrieve::Retriever::new(pool);
+    let pool = retriever.pool();
     let chosen = held_out
         .iter()
         .map(|h| {
@@ -288,11 +290,12 @@ pub fn default_instruction(answers: &[&str]) -> String {
 pub(super) fn prompting_variants(
     model: &Model,
     held_out: &[HeldOut],
-    train: &[HeldOut],
+    retriever: &Retriever,
     config: &CompareConfig,
     instruction: &str,
     notes: &mut Vec<String>,
 ) -> Result<(Vec<Variant>, Option<usize>)> {
+    let train = retriever.pool();
     let example = |i: usize| (train[i].question().to_string(), train[i].reference.clone());
     let none = || Shots::Fixed(Vec::new());
     let mut variants = vec![
@@ -308,7 +311,7 @@ pub(super) fn prompting_variants(
     if k > 0 {
         variants.push(retrieved_few_shot(
             format!("base, retrieved few-shot (k={k}, BM25)"),
-            train,
+            retriever,
             held_out,
             k,
         ));
