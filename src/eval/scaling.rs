@@ -135,20 +135,19 @@ impl Scaling {
     /// verdict and the HTML report both say it this way).
     pub fn summary(&self) -> String {
         let tried: Vec<String> = self.points.iter().map(|p| p.n.to_string()).collect();
-        let tried = tried.join(", ");
-        let Some(n) = self.crossover else {
-            return format!(
-                "On the scaling curve (n = {tried}), fine-tuning is not ahead of retrieved \
-                 few-shot from the same examples at the largest n."
-            );
-        };
-        let clearly = match self.clearly_from {
-            Some(n) => format!(", and clearly (paired, 5%) from n = {n} on"),
-            None => ", but not clearly (paired, 5%) at any n".to_string(),
+        let same = "retrieved few-shot from the same examples";
+        let lead = match (self.crossover, self.clearly_from) {
+            (None, _) => format!("is not ahead of {same} at the largest n"),
+            (Some(n), Some(clear)) => format!(
+                "is ahead of {same} from n = {n} on, and clearly (paired, 5%) from n = {clear} on"
+            ),
+            (Some(n), None) => {
+                format!("is ahead of {same} from n = {n} on, but not clearly (paired, 5%) at any n")
+            }
         };
         format!(
-            "On the scaling curve (n = {tried}), fine-tuning is ahead of retrieved few-shot \
-             from the same examples from n = {n} on{clearly}."
+            "On the scaling curve (n = {}), fine-tuning {lead}.",
+            tried.join(", ")
         )
     }
 }
